@@ -1,0 +1,42 @@
+"""The small public surface: analyse, apply a plan, rebuild a saved pruned model."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import fx, nn
+
+from fxprune.analysis import Analysis, analyze
+from fxprune.passes.prune import apply_plan
+from fxprune.plan import Plan
+
+__all__ = ["prune", "rebuild"]
+
+
+def prune(analysis: Analysis, plan: Plan) -> fx.GraphModule:
+    """The pruned GraphModule for ``plan``; the analysed model and the user's model are untouched."""
+    return apply_plan(analysis, plan)
+
+
+def rebuild(
+    model: nn.Module,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    plan: Plan | str | os.PathLike,
+    state_dict: dict[str, torch.Tensor] | str | os.PathLike | None = None,
+) -> fx.GraphModule:
+    """Re-create a saved pruned model from its original architecture, its plan and its weights.
+
+    This is the portable way to load a result (no pickled code): build the original model the
+    same way, pass the plan file and the pruned state dict written by ``save``.
+    """
+    if not isinstance(plan, Plan):
+        plan = Plan.load(plan)
+    pruned = apply_plan(analyze(model, example_inputs), plan)
+    if state_dict is not None:
+        if not isinstance(state_dict, dict):
+            state_dict = torch.load(Path(state_dict), map_location="cpu", weights_only=True)
+        pruned.load_state_dict(state_dict)
+    return pruned

@@ -1,0 +1,17 @@
+"""Typed errors. Every message says what went wrong *and* what the user can do next."""
+
+from __future__ import annotations
+
+__all__ = ["FxpruneError", "PlanError", "TraceError"]
+
+
+class FxpruneError(Exception):
+    """Base class of every error fxprune raises on purpose."""
+
+
+class TraceError(FxpruneError):
+    """The model could not be turned into an fx graph (or its shapes could not be propagated)."""
+
+
+class PlanError(FxpruneError):
+    """A Plan does not fit the analysed model (wrong architecture, bad indices, emptied group)."""

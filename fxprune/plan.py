@@ -1,0 +1,233 @@
+"""The Plan: which channels each coupling group keeps and which blocks are removed.
+
+A Plan is plain data. It names groups and blocks by stable names from the analysis, stores kept
+indices sorted, serialises to JSON, and is checked against an :class:`~fxprune.analysis.Analysis`
+before use. It carries the analysis signature so a plan made for another architecture is refused.
+
+Representation note (for unconstrained pruning, UCPE): kept sets are per coupling group today.
+Letting coupled consumers keep different input channels adds a ``consumers`` section keyed by
+layer node name in a version-2 file; version-1 files stay valid because every consumer then reads
+its group's kept set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fxprune.errors import PlanError
+from fxprune.io import write_text
+
+if TYPE_CHECKING:
+    from fxprune.analysis import Analysis
+
+__all__ = ["Plan", "random_plan"]
+
+_FORMAT = "fxprune.plan"
+_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Kept channel indices per coupling group (absent = keep all) and removed block names."""
+
+    kept: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    removed_blocks: tuple[str, ...] = ()
+    signature: str = ""
+    notes: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "kept", {k: tuple(sorted(int(i) for i in v)) for k, v in sorted(self.kept.items())}
+        )
+        object.__setattr__(self, "removed_blocks", tuple(sorted(self.removed_blocks)))
+
+    # ---- construction ------------------------------------------------------------------
+    @classmethod
+    def empty(cls, analysis: Analysis) -> Plan:
+        """The plan that prunes nothing."""
+        return cls({}, (), analysis.signature)
+
+    @classmethod
+    def from_keep_masks(
+        cls, analysis: Analysis, masks: Mapping[str, Iterable[bool]], removed: Iterable[str] = ()
+    ) -> Plan:
+        kept = {}
+        for name, mask in masks.items():
+            m = np.asarray(list(mask), dtype=bool)
+            if not m.all():
+                kept[name] = tuple(np.flatnonzero(m).tolist())
+        return cls(kept, tuple(removed), analysis.signature)
+
+    # ---- serialisation -----------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": _FORMAT,
+            "version": _VERSION,
+            "signature": self.signature,
+            "groups": {k: list(v) for k, v in self.kept.items()},
+            "removed_blocks": list(self.removed_blocks),
+            "notes": dict(self.notes),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
+        if data.get("format") != _FORMAT:
+            raise PlanError("Not an fxprune plan (missing 'format': 'fxprune.plan').")
+        if data.get("version") != _VERSION:
+            raise PlanError(
+                f"Plan version {data.get('version')} is not supported by this fxprune "
+                f"(reads version {_VERSION}); upgrade fxprune or re-create the plan."
+            )
+        groups = data.get("groups", {})
+        if not isinstance(groups, dict) or not all(isinstance(v, list) for v in groups.values()):
+            raise PlanError("Plan 'groups' must map group names to lists of kept indices.")
+        for name, idx in groups.items():
+            if not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
+                raise PlanError(f"Group '{name}': kept indices must be integers, got {idx[:5]}...")
+            if len(set(idx)) != len(idx):
+                dup = sorted({i for i in idx if idx.count(i) > 1})[:5]
+                raise PlanError(f"Group '{name}': duplicate kept indices {dup}.")
+        return cls(
+            {k: tuple(v) for k, v in groups.items()},
+            tuple(data.get("removed_blocks", ())),
+            str(data.get("signature", "")),
+            dict(data.get("notes", {})),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"Plan file is not valid JSON: {exc}") from exc
+        return cls.from_dict(data)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically: a crash never leaves a half-written plan behind."""
+        write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Plan:
+        return cls.from_json(Path(path).read_text())
+
+    # ---- checking ----------------------------------------------------------------------
+    def validate(self, analysis: Analysis) -> None:
+        """Raise :class:`PlanError` unless this plan can be applied to ``analysis``."""
+        if self.signature and self.signature != analysis.signature:
+            raise PlanError(
+                f"This plan was made for another architecture (plan signature {self.signature}, "
+                f"model signature {analysis.signature}). Re-create it for this model with "
+                "fxprune.analyze(model, ...)."
+            )
+        groups = {g.name: g for g in analysis.groups}
+        blocks = {b.name: b for b in analysis.blocks}
+        for name in self.removed_blocks:
+            if name not in blocks:
+                raise PlanError(
+                    f"Removed block '{name}' is not a removable block of this model "
+                    f"(known: {', '.join(list(blocks)[:8])}{'...' if len(blocks) > 8 else ''})."
+                )
+        internal = {g for b in self.removed_blocks for g in analysis.internal_groups(blocks[b])}
+        for name, idx in self.kept.items():
+            if name not in groups:
+                raise PlanError(f"Unknown group '{name}' (not a coupling group of this model).")
+            g = groups[name]
+            if g.frozen and len(idx) != g.size:
+                raise PlanError(f"Group '{name}' is frozen and cannot be pruned: {g.frozen[0]}")
+            if idx and (idx[0] < 0 or idx[-1] >= g.size):
+                raise PlanError(
+                    f"Group '{name}' has {g.size} channels; kept index "
+                    f"{idx[0] if idx[0] < 0 else idx[-1]} is out of range."
+                )
+            if len(set(idx)) != len(idx):
+                raise PlanError(f"Group '{name}' lists a kept index twice.")
+            if not idx and name not in internal:
+                raise PlanError(
+                    f"Group '{name}' keeps no channel but is not inside a removed block. Keep at "
+                    "least one channel, or remove the block that contains it."
+                )
+            for parts in g.equal_count:
+                mask = np.zeros(g.size, dtype=bool)
+                mask[list(idx)] = True
+                counts = {int(mask[p].sum()) for p in parts}
+                if len(counts) > 1:
+                    raise PlanError(
+                        f"Group '{name}' feeds a grouped op that needs the same number of kept "
+                        f"channels in each of its {len(parts)} groups; the plan keeps "
+                        f"{sorted(counts)}."
+                    )
+        dead = {n for b in self.removed_blocks for n in blocks[b].region}
+        keep_unit = analysis.spaces.keep_units(self.kept)
+        for node, (k_in, k_out) in analysis.layer_keep(keep_unit).items():
+            if node not in dead and (k_in == 0 or k_out == 0):
+                raise PlanError(
+                    f"Layer '{node}' would keep {k_in} input and {k_out} output channels; every "
+                    "layer outside a removed block must keep at least one of each."
+                )
+
+
+def random_plan(
+    analysis: Analysis,
+    seed: int,
+    *,
+    exact_only: bool = True,
+    block_prob: float = 0.3,
+    min_keep: float = 0.1,
+) -> Plan:
+    """A random valid plan, for tests and benchmarks: random kept sets and removed blocks.
+
+    Args:
+        exact_only: prune only groups whose pruning equals masking (no LayerNorm etc.).
+        block_prob: probability that each removable block is removed.
+        min_keep: smallest fraction of a group kept.
+    """
+    rng = np.random.default_rng(seed)
+    removed = tuple(b.name for b in analysis.blocks if rng.random() < block_prob)
+    internal = {g for b in removed for g in analysis.internal_groups(analysis.block(b))}
+    masks: dict[str, np.ndarray] = {}
+    for g in analysis.groups:
+        if g.frozen or (exact_only and g.inexact):
+            continue
+        mask = np.zeros(g.size, dtype=bool)
+        if g.name in internal and rng.random() < 0.5:
+            masks[g.name] = mask  # empty: allowed inside a removed block
+            continue
+        if g.equal_count:
+            parts = g.equal_count[0]
+            k = int(rng.integers(max(1, int(min_keep * len(parts[0]))), len(parts[0]) + 1))
+            for p in parts:
+                mask[rng.choice(np.unique(p), size=min(k, len(np.unique(p))), replace=False)] = True
+            if len({int(mask[p].sum()) for p in parts}) > 1:
+                mask[:] = True  # repeated indices made counts differ: keep the group whole
+        else:
+            k = int(rng.integers(max(1, int(np.ceil(min_keep * g.size))), g.size + 1))
+            mask[rng.choice(g.size, size=k, replace=False)] = True
+        masks[g.name] = mask
+    plan = Plan.from_keep_masks(analysis, masks, removed)
+    # A tensor whose channels all fell into pruned classes would leave a layer with no input or
+    # output: give such groups their channels back (only ever adds indices).
+    dead = {n for b in removed for n in analysis.block(b).region}
+    for _ in range(len(analysis.groups) + 1):
+        keep_unit = analysis.spaces.keep_units(plan.kept)
+        empty = [
+            rec for rec in analysis.spaces.layers
+            if rec.node not in dead and (not keep_unit[rec.in_units].any() or not keep_unit[rec.out_units].any())
+        ]
+        if not empty:
+            return plan
+        for rec in empty:
+            for units in (rec.in_units, rec.out_units):
+                for gid in analysis.spaces.groups_of(units):
+                    masks.pop(analysis.groups[gid].name, None)
+        plan = Plan.from_keep_masks(analysis, masks, removed)
+    return plan
