@@ -39,6 +39,9 @@ class Analysis:
         )
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
+    def group(self, name: str) -> Group:
+        return self.spaces.group(name)
+
     def block(self, name: str) -> Block:
         for b in self.blocks:
             if b.name == name:

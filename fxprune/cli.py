@@ -19,7 +19,9 @@ def _load_model(name: str, checkpoint: str | None) -> torch.nn.Module:
     try:
         import torchvision
     except ImportError as exc:  # pragma: no cover
-        raise SystemExit("The CLI builds torchvision models: pip install 'fxprune[vision]'") from exc
+        raise SystemExit(
+            "The CLI builds torchvision models: pip install 'fxprune[vision]'"
+        ) from exc
     model = torchvision.models.get_model(name, weights=None)
     if checkpoint:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -39,9 +41,14 @@ def _summary_table(report: dict) -> Table:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fxprune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    for name, help_ in (("analyze", "report groups and blocks"), ("prune", "apply a plan and write the result")):
+    for name, help_ in (
+        ("analyze", "report groups and blocks"),
+        ("prune", "apply a plan and write the result"),
+    ):
         s = sub.add_parser(name, help=help_)
-        s.add_argument("--model", default="resnet50", help="torchvision model name (random weights)")
+        s.add_argument(
+            "--model", default="resnet50", help="torchvision model name (random weights)"
+        )
         s.add_argument("--checkpoint", help="state dict to load into the model")
         s.add_argument("--size", type=int, default=224, help="input resolution (square)")
         s.add_argument("--batch", type=int, default=1)
@@ -63,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path("runs") / args.model
     x = torch.randn(args.batch, 3, args.size, args.size)
     timings: dict[str, float] = {}
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console) as progress:
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
+    ) as progress:
 
         def stage(desc: str):
             return progress.add_task(desc, total=1)
@@ -97,6 +106,12 @@ def main(argv: list[str] | None = None) -> int:
             plan.save(out / "plan.json")
             atomic_write(out / "pruned_state_dict.pt", lambda p: torch.save(pruned.state_dict(), p))
             atomic_write(out / "pruned_model.pt", lambda p: torch.save(pruned, p))
+            try:
+                from fxprune.plots import plot_widths
+
+                plot_widths(analysis, plan, out / "widths.png")
+            except ImportError:  # matplotlib is optional
+                pass
             if not args.no_onnx:
                 start = time.perf_counter()
                 fxprune.export_onnx(pruned, out / "pruned.onnx", x)

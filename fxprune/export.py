@@ -1,9 +1,12 @@
-"""ONNX export with a numerical check against ONNX Runtime."""
+"""ONNX export with a numerical check against ONNX Runtime.
+
+The export itself is the latency backend's (``fxprune.backends.onnxruntime.export_to_bytes``):
+the file a user deploys is the same graph fxprune measured.
+"""
 
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,50 +26,37 @@ def export_onnx(
     path: str | os.PathLike,
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
     *,
-    opset: int = 17,
     check: bool = True,
     rtol: float = 1e-3,
     atol: float = 1e-4,
 ) -> Path:
     """Export ``module`` to ONNX at ``path`` (atomically) and check ORT's outputs against torch.
 
+    The module's training flags are left as they were.
+
     Raises:
-        FxpruneError: if ONNX Runtime's outputs differ from torch's beyond the tolerance.
+        FxpruneError: if ONNX Runtime's outputs differ from torch's beyond the tolerance
+            (nothing is written then).
     """
+    from fxprune.backends.onnxruntime import OnnxRuntimeBackend, export_to_bytes
+
     inputs = as_input_tuple(example_inputs)
-    was_training = module.training
-
-    def write(tmp: str) -> None:
-        module.eval()
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                module, inputs, tmp, dynamo=False, opset_version=opset,
-                input_names=[f"input_{i}" for i in range(len(inputs))],
-            )
-        if check:
-            _check(module, tmp, inputs, rtol, atol)
-
-    try:
-        return atomic_write(path, write)
-    finally:
-        module.train(was_training)
-
-
-def _check(module: nn.Module, onnx_path: str, inputs, rtol: float, atol: float) -> None:
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-    feeds = {i.name: t.detach().cpu().numpy() for i, t in zip(sess.get_inputs(), inputs)}
-    got = sess.run(None, feeds)
-    with torch.no_grad():
-        want = module(*inputs)
-    want = [want] if isinstance(want, torch.Tensor) else list(want)
-    for g, w in zip(got, want):
-        w = w.detach().cpu().numpy()
-        if g.shape != w.shape or not np.allclose(g, w, rtol=rtol, atol=atol):
-            err = float(np.abs(g - w).max()) if g.shape == w.shape else float("nan")
-            raise FxpruneError(
-                f"ONNX Runtime's output differs from torch's (max abs error {err:.3g}, shapes "
-                f"{g.shape} vs {w.shape}); the ONNX file was not written. Please report this model."
-            )
+    data = export_to_bytes(module, inputs)
+    if check:
+        got = OnnxRuntimeBackend(provider="cpu").run(data, inputs)
+        was_training = module.training
+        try:
+            with torch.no_grad():
+                want = module.eval()(*inputs)
+        finally:
+            module.train(was_training)
+        want = [want] if isinstance(want, torch.Tensor) else list(want)
+        for g, w in zip(got, want, strict=True):
+            w = w.detach().cpu().numpy()
+            if g.shape != w.shape or not np.allclose(g, w, rtol=rtol, atol=atol):
+                err = float(np.abs(g - w).max()) if g.shape == w.shape else float("nan")
+                raise FxpruneError(
+                    f"ONNX Runtime's output differs from torch's (max abs error {err:.3g}, "
+                    f"shapes {g.shape} vs {w.shape}); nothing was written. Please report this model."
+                )
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))

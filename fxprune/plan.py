@@ -44,7 +44,9 @@ class Plan:
 
     def __post_init__(self) -> None:
         object.__setattr__(
-            self, "kept", {k: tuple(sorted(int(i) for i in v)) for k, v in sorted(self.kept.items())}
+            self,
+            "kept",
+            {k: tuple(sorted(int(i) for i in v)) for k, v in sorted(self.kept.items())},
         )
         object.__setattr__(self, "removed_blocks", tuple(sorted(self.removed_blocks)))
 
@@ -220,8 +222,10 @@ def random_plan(
     for _ in range(len(analysis.groups) + 1):
         keep_unit = analysis.spaces.keep_units(plan.kept)
         empty = [
-            rec for rec in analysis.spaces.layers
-            if rec.node not in dead and (not keep_unit[rec.in_units].any() or not keep_unit[rec.out_units].any())
+            rec
+            for rec in analysis.spaces.layers
+            if rec.node not in dead
+            and (not keep_unit[rec.in_units].any() or not keep_unit[rec.out_units].any())
         ]
         if not empty:
             return plan

@@ -71,7 +71,11 @@ def prunable_fraction(analysis: Analysis) -> dict[str, float]:
         seen.add(rec.target)
         numel = analysis.gm.get_submodule(rec.target).weight.numel()
         gids = spaces.groups_of(rec.in_units) + spaces.groups_of(rec.out_units)
-        groups = [spaces.groups[i] for i in gids if not spaces.groups[i].frozen and spaces.groups[i].size > 1]
+        groups = [
+            spaces.groups[i]
+            for i in gids
+            if not spaces.groups[i].frozen and spaces.groups[i].size > 1
+        ]
         if groups:
             prunable += numel
         if any(not g.inexact for g in groups):
@@ -162,5 +166,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines += ["", "## Removable blocks", "", "| block | shortcut | branch | nodes | removed |"]
     lines += ["|---|---|---|---:|---|"]
     for b in report["blocks"]:
-        lines.append(f"| {b['name']} | {b['shortcut']} | {b['branch']} | {b['nodes']} | {b['removed']} |")
+        lines.append(
+            f"| {b['name']} | {b['shortcut']} | {b['branch']} | {b['nodes']} | {b['removed']} |"
+        )
     return "\n".join(lines) + "\n"

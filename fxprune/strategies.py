@@ -23,7 +23,7 @@ __all__ = ["aligned_count", "uniform_plan"]
 
 def aligned_count(size: int, keep: float, multiple: int) -> int:
     """``keep·size`` rounded to a multiple of ``multiple`` (at least one multiple, at most size)."""
-    k = int(round(keep * size / multiple)) * multiple
+    k = round(keep * size / multiple) * multiple
     return int(min(size, max(k, min(multiple, size), 1)))
 
 
@@ -57,4 +57,9 @@ def uniform_plan(
             mask[np.argsort(-s, kind="stable")[:k]] = True
         masks[g.name] = mask
     plan = Plan.from_keep_masks(analysis, masks)
-    return Plan(plan.kept, (), analysis.signature, {"strategy": "uniform", "keep": keep, "multiple": multiple, "importance": "l2-magnitude"})
+    return Plan(
+        plan.kept,
+        (),
+        analysis.signature,
+        {"strategy": "uniform", "keep": keep, "multiple": multiple, "importance": "l2-magnitude"},
+    )

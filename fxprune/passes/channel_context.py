@@ -77,6 +77,15 @@ class ChannelContext:
         #: (units of one tensor's channel dim, number of equal segments, reason)
         self.equal_count: list[tuple[np.ndarray, int, str]] = []
         self._module_units: dict[tuple[str, str], np.ndarray] = {}
+        self._weight_owner: dict[int, str] = {}
+
+    def key(self, node: fx.Node, module: torch.nn.Module) -> str:
+        """Sharing key of a layer: modules that share a weight tensor (tied weights) share units,
+        like repeated calls of one module do."""
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            return self._weight_owner.setdefault(id(weight), str(node.target))
+        return str(node.target)
 
     # ---- reading the graph -------------------------------------------------------------
     def shape(self, arg: Any) -> tuple[int, ...] | None:
@@ -111,7 +120,9 @@ class ChannelContext:
         return found
 
     # ---- creating units ------------------------------------------------------------------
-    def root(self, node: fx.Node, name: str, kind: str, size: int, cdim: int, ndim: int) -> np.ndarray:
+    def root(
+        self, node: fx.Node, name: str, kind: str, size: int, cdim: int, ndim: int
+    ) -> np.ndarray:
         """Fresh units for an output channel dim; shared when the same module is called again."""
         key = ("out", name)
         if key in self._module_units:
@@ -232,7 +243,3 @@ class ChannelContext:
 def is_tensor_node(node: fx.Node) -> bool:
     meta = node.meta.get(TENSOR_META)
     return any(True for _ in _tensor_metas(meta))
-
-
-def tensor_shape(value: Any) -> tuple[int, ...] | None:
-    return tuple(value.shape) if isinstance(value, torch.Tensor) else None

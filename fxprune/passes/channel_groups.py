@@ -18,7 +18,13 @@ import torch
 from torch import fx
 
 from fxprune.meta import CHANNELS
-from fxprune.passes.channel_context import ChannelContext, LayerRecord, RootRecord, describe
+from fxprune.passes.channel_context import (
+    ChannelContext,
+    LayerRecord,
+    RootRecord,
+    describe,
+    is_tensor_node,
+)
 from fxprune.passes.channel_rules import lookup_rule
 
 __all__ = ["ChannelSpaces", "Group", "analyze_channels"]
@@ -111,8 +117,6 @@ def _visit(ctx: ChannelContext, node: fx.Node):
     if node.op == "output":
         ctx.freeze_args(node, "model output")
         return None
-    from fxprune.passes.channel_context import is_tensor_node
-
     if not is_tensor_node(node):
         return None  # sizes, shapes, asserts: they adapt to pruned tensors by themselves
     rule = lookup_rule(node, ctx.gm)
@@ -200,7 +204,10 @@ def _attach_equal_count(ctx, groups, unit_class, class_index) -> list[Group]:
         gid = owners.pop()
         idx = np.asarray([class_index[c][1] for c in classes.tolist()], dtype=np.int64)
         parts = tuple(np.array_split(idx, g))
-        if not any(all(np.array_equal(a, b) for a, b in zip(p, parts)) for p in extra.get(gid, [])):
+        if not any(
+            all(np.array_equal(a, b) for a, b in zip(p, parts, strict=False))
+            for p in extra.get(gid, [])
+        ):
             extra.setdefault(gid, []).append(parts)
     out = []
     for gid, grp in enumerate(groups):
@@ -208,7 +215,5 @@ def _attach_equal_count(ctx, groups, unit_class, class_index) -> list[Group]:
         frozen = grp.frozen + tuple(frozen_extra.get(gid, ()))
         if len(parts) > 1 and not frozen:
             frozen = (*frozen, "several different grouped-conv segmentations in one group")
-        out.append(
-            Group(grp.name, grp.size, grp.classes, grp.roots, frozen, grp.inexact, parts)
-        )
+        out.append(Group(grp.name, grp.size, grp.classes, grp.roots, frozen, grp.inexact, parts))
     return out

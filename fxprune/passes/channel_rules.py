@@ -71,7 +71,9 @@ def register_method_rule(*names: str) -> Callable[[FunctionRule], FunctionRule]:
     return deco
 
 
-def lookup_rule(node: fx.Node, gm: fx.GraphModule) -> Callable[[ChannelContext, fx.Node], Any] | None:
+def lookup_rule(
+    node: fx.Node, gm: fx.GraphModule
+) -> Callable[[ChannelContext, fx.Node], Any] | None:
     """The rule for a node, or None when the op is unknown."""
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
@@ -131,34 +133,116 @@ def spatial(ctx: ChannelContext, node: fx.Node, *_: Any) -> np.ndarray:
 
 
 _ACTIVATIONS = (
-    nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
-    nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.PReLU,
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.SiLU,
+    nn.GELU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.Mish,
+    nn.Softplus,
+    nn.Hardtanh,
+    nn.PReLU,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.Identity,
 )
 register_module_rule(*(a for a in _ACTIVATIONS if a is not nn.PReLU))(passthrough)
 register_module_rule(
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.Upsample,
+    nn.UpsamplingNearest2d,
     nn.UpsamplingBilinear2d,
 )(spatial)
 
 _UNARY_FUNCTIONS: list[Any] = [
-    F.relu, F.relu6, F.gelu, F.silu, F.hardswish, F.hardsigmoid, F.sigmoid, F.tanh, F.elu,
-    F.leaky_relu, F.hardtanh, F.mish, F.softplus, F.dropout, F.dropout1d, F.dropout2d,
-    F.dropout3d, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.abs, torch.sqrt,
-    torch.clamp, torch.nn.functional.relu_, operator.neg, torch.neg, torch.clone,
+    F.relu,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.hardswish,
+    F.hardsigmoid,
+    F.sigmoid,
+    F.tanh,
+    F.elu,
+    F.leaky_relu,
+    F.hardtanh,
+    F.mish,
+    F.softplus,
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+    torch.exp,
+    torch.abs,
+    torch.sqrt,
+    torch.clamp,
+    torch.nn.functional.relu_,
+    operator.neg,
+    torch.neg,
+    torch.clone,
 ]
 register_function_rule(*_UNARY_FUNCTIONS)(passthrough)
 register_method_rule(
-    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "exp", "abs", "sqrt", "clamp", "clamp_",
-    "contiguous", "clone", "float", "half", "double", "to", "type_as", "detach", "neg",
-    "hardtanh_", "gelu", "silu",
+    "relu",
+    "relu_",
+    "sigmoid",
+    "sigmoid_",
+    "tanh",
+    "exp",
+    "abs",
+    "sqrt",
+    "clamp",
+    "clamp_",
+    "contiguous",
+    "clone",
+    "float",
+    "half",
+    "double",
+    "to",
+    "type_as",
+    "detach",
+    "neg",
+    "hardtanh_",
+    "gelu",
+    "silu",
 )(passthrough)
 register_function_rule(
-    F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-    torch._C._nn.avg_pool2d, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
-    F.adaptive_avg_pool3d, F.adaptive_max_pool2d, F.interpolate,
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    torch._C._nn.avg_pool2d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.adaptive_max_pool2d,
+    F.interpolate,
 )(spatial)
 
 try:  # torchvision wraps stochastic depth so fx keeps it as one call: per-sample, per-channel ok
@@ -171,9 +255,21 @@ except ImportError:  # pragma: no cover - torchvision is optional
 
 # ---- elementwise between tensors -------------------------------------------------------------
 @register_function_rule(
-    operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd, operator.isub,
-    operator.imul, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum,
-    torch.minimum, torch.where,
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    torch.maximum,
+    torch.minimum,
+    torch.where,
 )
 @register_method_rule("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "expand_as")
 def elementwise(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
@@ -188,18 +284,19 @@ def elementwise(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
 def conv(ctx: ChannelContext, node: fx.Node, m: nn.Module) -> np.ndarray:
     x = node.args[0]
     out_shape = ctx.shape(node)
-    in_units = ctx.share_input(node.target, ctx.along(x, 1))
+    key = ctx.key(node, m)
+    in_units = ctx.share_input(key, ctx.along(x, 1))
     g = m.groups
     if g == 1:
-        out = ctx.root(node, node.target, "conv", m.out_channels, 1, len(out_shape))
+        out = ctx.root(node, key, "conv", m.out_channels, 1, len(out_shape))
     elif g == m.in_channels == m.out_channels:  # depthwise: output channel i reads input i
         out = in_units.reshape([1, -1] + [1] * (len(out_shape) - 2))
     elif g == m.in_channels:  # depthwise with a channel multiplier
         ctx.freeze(in_units, f"depthwise {describe(node, ctx.gm)} with a channel multiplier")
-        out = ctx.root(node, node.target, "conv", m.out_channels, 1, len(out_shape))
+        out = ctx.root(node, key, "conv", m.out_channels, 1, len(out_shape))
         ctx.freeze(out, f"depthwise {describe(node, ctx.gm)} with a channel multiplier")
     else:  # grouped: every group must keep the same number of inputs and of outputs
-        out = ctx.root(node, node.target, "conv", m.out_channels, 1, len(out_shape))
+        out = ctx.root(node, key, "conv", m.out_channels, 1, len(out_shape))
         why = f"grouped conv {describe(node, ctx.gm)} (groups={g})"
         ctx.equal_count.append((in_units, g, why))
         ctx.equal_count.append((out.reshape(-1), g, why))
@@ -211,8 +308,9 @@ def conv(ctx: ChannelContext, node: fx.Node, m: nn.Module) -> np.ndarray:
 def linear(ctx: ChannelContext, node: fx.Node, m: nn.Linear) -> np.ndarray:
     x = node.args[0]
     out_shape = ctx.shape(node)
-    in_units = ctx.share_input(node.target, ctx.along(x, -1))
-    out = ctx.root(node, node.target, "linear", m.out_features, len(out_shape) - 1, len(out_shape))
+    key = ctx.key(node, m)
+    in_units = ctx.share_input(key, ctx.along(x, -1))
+    out = ctx.root(node, key, "linear", m.out_features, len(out_shape) - 1, len(out_shape))
     ctx.add_layer(LayerRecord(node.name, node.target, "linear", in_units, out.reshape(-1)))
     return out
 
@@ -221,12 +319,14 @@ def linear(ctx: ChannelContext, node: fx.Node, m: nn.Linear) -> np.ndarray:
 @register_module_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm2d)
 def batch_norm(ctx: ChannelContext, node: fx.Node, m: nn.Module) -> np.ndarray:
     x = node.args[0]
-    units = ctx.share_input(node.target, ctx.along(x, 1))
+    units = ctx.share_input(ctx.key(node, m), ctx.along(x, 1))
     ctx.add_layer(LayerRecord(node.name, node.target, "norm", units, units))
     return units.reshape([1, -1] + [1] * (len(ctx.shape(node)) - 2))
 
 
-def _layer_norm(ctx: ChannelContext, node: fx.Node, name: str, normalized: tuple[int, ...]) -> np.ndarray:
+def _layer_norm(
+    ctx: ChannelContext, node: fx.Node, name: str, normalized: tuple[int, ...]
+) -> np.ndarray:
     x = node.args[0]
     shape = ctx.shape(node)
     if len(normalized) != 1:
@@ -240,7 +340,7 @@ def _layer_norm(ctx: ChannelContext, node: fx.Node, name: str, normalized: tuple
 
 @register_module_rule(nn.LayerNorm)
 def layer_norm_module(ctx: ChannelContext, node: fx.Node, m: nn.LayerNorm) -> np.ndarray:
-    return _layer_norm(ctx, node, node.target, tuple(m.normalized_shape))
+    return _layer_norm(ctx, node, ctx.key(node, m), tuple(m.normalized_shape))
 
 
 @register_function_rule(F.layer_norm)
@@ -258,7 +358,7 @@ def layer_norm_function(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
 @register_module_rule(nn.GroupNorm)
 def group_norm(ctx: ChannelContext, node: fx.Node, m: nn.GroupNorm) -> np.ndarray:
     x = node.args[0]
-    units = ctx.share_input(node.target, ctx.along(x, 1))
+    units = ctx.share_input(ctx.key(node, m), ctx.along(x, 1))
     why = f"GroupNorm {describe(node, ctx.gm)}: pruning changes its group statistics"
     ctx.inexact(units, why)
     ctx.equal_count.append((units, m.num_groups, why))
@@ -327,7 +427,7 @@ def cat(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
     maps = [ctx.map(t) for t in tensors]
     vary = {d for u in maps for d in varying_dims(u)}
     parts = []
-    for t, u in zip(tensors, maps):
+    for t, u in zip(tensors, maps, strict=False):
         target = [out_shape[d] if d in vary else 1 for d in range(nd)]
         target[dim] = ctx.shape(t)[dim]
         parts.append(np.broadcast_to(u, target))
@@ -372,7 +472,10 @@ def getitem(ctx: ChannelContext, node: fx.Node) -> Any:
     idx = index if isinstance(index, tuple) else (index,)
     if not all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in idx):
         return None  # advanced indexing: treated as unknown by the caller
-    if any(isinstance(i, slice) and any(isinstance(v, fx.Node) for v in (i.start, i.stop, i.step)) for i in idx):
+    if any(
+        isinstance(i, slice) and any(isinstance(v, fx.Node) for v in (i.start, i.stop, i.step))
+        for i in idx
+    ):
         return None
     n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
     expanded: list[Any] = []

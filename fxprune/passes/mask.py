@@ -42,7 +42,7 @@ class MaskingInterpreter(fx.Interpreter):
 
     def _mask(self, value: Any, u: Any) -> Any:
         if isinstance(value, (tuple, list)) and isinstance(u, tuple):
-            return type(value)(self._mask(v, m) for v, m in zip(value, u))
+            return type(value)(self._mask(v, m) for v, m in zip(value, u, strict=False))
         if not isinstance(value, torch.Tensor) or not isinstance(u, np.ndarray):
             return value
         if not varying_dims(u):
@@ -51,7 +51,9 @@ class MaskingInterpreter(fx.Interpreter):
         if keep.all():
             return value
         mask = torch.from_numpy(keep.reshape((1,) * (value.ndim - keep.ndim) + keep.shape))
-        return torch.where(mask.to(value.device), value, torch.zeros((), dtype=value.dtype, device=value.device))
+        return torch.where(
+            mask.to(value.device), value, torch.zeros((), dtype=value.dtype, device=value.device)
+        )
 
 
 def masked_forward(analysis: Analysis, plan: Plan, *inputs: torch.Tensor) -> Any:

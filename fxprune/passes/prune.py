@@ -47,6 +47,8 @@ def apply_plan(analysis: Analysis, plan: Plan) -> fx.GraphModule:
         while shortcut in replaced:
             shortcut = replaced[shortcut]
         add = nodes[block.name]
+        for user in list(add.users):
+            _out_of_place(gm, user)
         add.replace_all_uses_with(nodes[shortcut])
         gm.graph.erase_node(add)
         replaced[block.name] = shortcut
@@ -54,6 +56,7 @@ def apply_plan(analysis: Analysis, plan: Plan) -> fx.GraphModule:
     live = {n.name for n in gm.graph.nodes}
 
     done: set[str] = set()
+    tied: dict[int, nn.Parameter] = {}
     for rec in analysis.spaces.layers:
         if rec.node not in live or rec.target in done:
             continue
@@ -68,7 +71,12 @@ def apply_plan(analysis: Analysis, plan: Plan) -> fx.GraphModule:
         pruner = lookup_pruner(module)
         if pruner is None:
             raise PlanError(f"No pruner registered for {type(module).__name__} '{rec.target}'.")
-        _set_submodule(gm, rec.target, pruner(module, in_keep, out_keep))
+        new = pruner(module, in_keep, out_keep)
+        for pname, value in list(new.named_parameters(recurse=False)):
+            original = getattr(module, pname)
+            # modules that shared a parameter (tied weights) share its pruned version too
+            setattr(new, pname, tied.setdefault(id(original), value))
+        _set_submodule(gm, rec.target, new)
 
     for root in analysis.spaces.roots:
         if root.kind == "param":
@@ -85,6 +93,41 @@ def apply_plan(analysis: Analysis, plan: Plan) -> fx.GraphModule:
     return gm
 
 
+def _out_of_place(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Make an in-place op out-of-place.
+
+    The add wrote a fresh tensor; its shortcut is a tensor autograd still needs (e.g. the
+    previous ReLU's output), so an in-place ReLU that used to modify the add's result must not
+    modify the shortcut.
+    """
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if getattr(module, "inplace", False):
+            module = copy.deepcopy(module)
+            module.inplace = False
+            _set_submodule(gm, node.target, module)
+    elif node.kwargs.get("inplace", False):
+        node.kwargs = {**node.kwargs, "inplace": False}
+    elif (
+        node.op == "call_method"
+        and str(node.target).endswith("_")
+        and not str(node.target).endswith("__")
+    ):
+        node.target = str(node.target)[:-1]
+    elif node.op == "call_function" and node.target in _INPLACE_FUNCTIONS:
+        node.target = _INPLACE_FUNCTIONS[node.target]
+
+
+_INPLACE_FUNCTIONS = {
+    operator.iadd: operator.add,
+    operator.isub: operator.sub,
+    operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
+    torch.relu_: torch.relu,
+    torch.nn.functional.relu_: torch.nn.functional.relu,
+}
+
+
 def _set_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
     parent_name, _, attr = target.rpartition(".")
     setattr(gm.get_submodule(parent_name) if parent_name else gm, attr, module)
@@ -99,7 +142,9 @@ def _slice_parameter(gm: fx.GraphModule, target: str, keep: np.ndarray) -> None:
     if isinstance(value, nn.Parameter):
         setattr(owner, attr, nn.Parameter(sliced, requires_grad=value.requires_grad))
     else:
-        owner.register_buffer(attr, sliced) if attr in owner._buffers else setattr(owner, attr, sliced)
+        owner.register_buffer(attr, sliced) if attr in owner._buffers else setattr(
+            owner, attr, sliced
+        )
 
 
 def _keep_along(u: Any, keep_unit: np.ndarray) -> tuple[int, np.ndarray] | None:
@@ -110,12 +155,12 @@ def _keep_along(u: Any, keep_unit: np.ndarray) -> tuple[int, np.ndarray] | None:
     if not dims:
         return None
     mask = keep_unit[u.reshape(-1)]
-    return (None if mask.all() else (dims[0], mask))
+    return None if mask.all() else (dims[0], mask)
 
 
 def _rewrite_args(node: fx.Node, maps: dict[str, Any], keep_unit: np.ndarray) -> None:
     target = node.target
-    if node.op == "call_method" and target in ("view", "reshape", "expand") or (
+    if (node.op == "call_method" and target in ("view", "reshape", "expand")) or (
         node.op == "call_function" and target is torch.reshape
     ):
         got = _keep_along(maps.get(node.name), keep_unit)
@@ -144,8 +189,10 @@ def _rewrite_args(node: fx.Node, maps: dict[str, Any], keep_unit: np.ndarray) ->
         if dim != cdim:
             return
         sizes = []
-        for u, meta in zip(outs, node.meta["tensor_meta"]):
-            sizes.append(int(keep_unit[u.reshape(-1)].sum()) if u.shape[dim] > 1 else meta.shape[dim])
+        for u, meta in zip(outs, node.meta["tensor_meta"], strict=False):
+            sizes.append(
+                int(keep_unit[u.reshape(-1)].sum()) if u.shape[dim] > 1 else meta.shape[dim]
+            )
         node.args, node.kwargs = (src, sizes, dim), {}
         if node.op == "call_method":
             node.target = "split"

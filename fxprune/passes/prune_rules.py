@@ -42,7 +42,9 @@ def _param(t: torch.Tensor | None, index: torch.Tensor, dim: int = 0):
     if t is None:
         return None
     value = t.detach().index_select(dim, index).clone()
-    return nn.Parameter(value, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else value
+    return (
+        nn.Parameter(value, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else value
+    )
 
 
 def _idx(mask: np.ndarray) -> torch.Tensor:

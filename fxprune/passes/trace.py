@@ -28,6 +28,7 @@ class _PathTracer(fx.Tracer):
         self._leaf_types = leaf_types
         self._leaf_names = leaf_names
         self.path: list[str] = []
+        self.failed_at: str | None = None  # innermost module whose forward raised
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self._leaf_types) or module_qualified_name in self._leaf_names:
@@ -38,6 +39,10 @@ class _PathTracer(fx.Tracer):
         self.path.append(self.path_of_module(m))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_at is None:
+                self.failed_at = self.path[-1]
+            raise
         finally:
             self.path.pop()
 
@@ -47,7 +52,9 @@ class _PathTracer(fx.Tracer):
         return node
 
 
-def as_input_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def as_input_tuple(
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+) -> tuple[torch.Tensor, ...]:
     """Accept a single tensor or a sequence of tensors."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
@@ -83,14 +90,14 @@ def trace(
     try:
         graph = tracer.trace(root)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError...)
-        where = tracer.path[-1] if tracer.path else "<top level>"
-        kind = type(root.get_submodule(where)).__name__ if tracer.path else type(root).__name__
+        where = tracer.failed_at or "<top level>"
+        kind = type(root.get_submodule(where)).__name__ if tracer.failed_at else type(root).__name__
         raise TraceError(
             f"torch.fx could not trace {type(model).__name__}: inside module '{where}' ({kind}) "
             f"the forward did `{exc}` ({type(exc).__name__}). fx records operations on symbolic "
             f"values and cannot follow Python control flow or conversions that depend on tensor "
             f"values. Either keep that module opaque with "
-            f"`leaf_modules=[{'%r' % where if tracer.path else 'YourModule'}]` (fxprune then "
+            f"`leaf_modules=[{kind if tracer.failed_at else 'YourModule'}]` or `leaf_modules=['{where}']` (fxprune then "
             f"freezes the channels it touches) or make its forward traceable (e.g. use "
             f"torch.where instead of `if tensor:`)."
         ) from exc

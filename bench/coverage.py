@@ -1,0 +1,139 @@
+"""Coverage over every torchvision classifier: traced, prunable weights, groups, blocks, oracle.
+
+Writes ``bench/results/coverage.json`` and ``bench/results/coverage.md``.
+
+    python bench/coverage.py            # all models (large ones take a while)
+    python bench/coverage.py --plans 3 --models resnet50 mobilenet_v2
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torchvision
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+import fxprune
+from fxprune.io import write_json, write_text
+from fxprune.report import prunable_fraction
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import make_sensitive, rel_err
+
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def input_size(name: str) -> int:
+    if name.startswith(("vit_", "maxvit_")):
+        return 224
+    return 96 if name.startswith("inception") else 64
+
+
+def run_model(name: str, n_plans: int) -> dict:
+    row: dict = {"model": name}
+    t0 = time.perf_counter()
+    torch.manual_seed(0)
+    model = make_sensitive(torchvision.models.get_model(name, weights=None).eval())
+    row["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
+    s = input_size(name)
+    x = torch.randn(1, 3, s, s)
+    try:
+        t = time.perf_counter()
+        a = fxprune.analyze(model, x)
+        row["analyze_s"] = time.perf_counter() - t
+        row["traced"] = True
+    except Exception as exc:
+        row.update(traced=False, error=f"{type(exc).__name__}: {exc}"[:300])
+        return row
+    frac = prunable_fraction(a)
+    row.update(
+        prunable=frac["prunable"],
+        exact=frac["exact"],
+        groups=len(a.groups),
+        prunable_groups=sum(g.prunable for g in a.groups),
+        blocks=len(a.blocks),
+    )
+    errs = []
+    try:
+        with torch.no_grad():
+            row["empty_plan_bit_identical"] = bool(
+                torch.equal(fxprune.prune(a, fxprune.Plan.empty(a))(x), model(x))
+            )
+            for seed in range(n_plans):
+                plan = fxprune.random_plan(a, seed)
+                errs.append(rel_err(fxprune.prune(a, plan)(x), fxprune.masked_forward(a, plan, x)))
+        row["oracle_max_rel_err"] = max(errs) if errs else 0.0
+        row["oracle_equal"] = all(e <= 1e-4 for e in errs)
+    except Exception as exc:
+        row.update(oracle_equal=False, error=f"{type(exc).__name__}: {exc}"[:300])
+        traceback.print_exc()
+    row["total_s"] = time.perf_counter() - t0
+    return row
+
+
+def to_markdown(rows: list[dict]) -> str:
+    head = "| model | params (M) | traced | prunable | exact | groups (prunable) | blocks | oracle = pruned | max rel err | analyse (s) | total (s) |"
+    lines = [head, "|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        if not r.get("traced"):
+            lines.append(
+                f"| {r['model']} | {r['params_M']:.1f} | no: {r.get('error', '')[:60]} |||||||||"
+            )
+            continue
+        lines.append(
+            f"| {r['model']} | {r['params_M']:.1f} | yes | {r['prunable']:.1%} | {r['exact']:.1%} | "
+            f"{r['groups']} ({r['prunable_groups']}) | {r['blocks']} | "
+            f"{'yes' if r.get('oracle_equal') else 'NO'} | {r.get('oracle_max_rel_err', float('nan')):.1e} | "
+            f"{r['analyze_s']:.2f} | {r.get('total_s', float('nan')):.1f} |"
+        )
+    ok = [r for r in rows if r.get("traced")]
+    lines.append("")
+    lines.append(
+        f"{len(ok)}/{len(rows)} traced; oracle equality on {sum(bool(r.get('oracle_equal')) for r in ok)}/{len(ok)}; "
+        f"blocks found in {sum(r['blocks'] > 0 for r in ok)} models."
+    )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--models", nargs="*", default=None)
+    p.add_argument("--plans", type=int, default=3, help="random plans per model")
+    p.add_argument("--out", type=Path, default=OUT)
+    args = p.parse_args()
+    names = args.models or torchvision.models.list_models(module=torchvision.models)
+    rows = []
+    console = Console(stderr=True)
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as progress:
+        task = progress.add_task("coverage", total=len(names))
+        for name in names:
+            progress.update(task, description=f"coverage: {name}")
+            rows.append(run_model(name, args.plans))
+            gc.collect()
+            progress.advance(task)
+    args.out.mkdir(parents=True, exist_ok=True)
+    env = {
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "plans_per_model": args.plans,
+    }
+    write_json(args.out / "coverage.json", {"env": env, "rows": rows})
+    write_text(args.out / "coverage.md", to_markdown(rows))
+    console.print(to_markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Removable residual blocks: counts on real models and the single-entry/single-exit rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from helpers import check_plan, make_sensitive
+from torch import nn
+
+import fxprune
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("resnet50", 12),
+        ("resnet18", 5),
+        ("mobilenet_v2", 10),
+        ("convnext_tiny", 18),
+        ("efficientnet_b0", 9),
+    ],
+)
+def test_block_counts(name, expected):
+    a = fxprune.analyze(torchvision.models.get_model(name), torch.randn(1, 3, 64, 64))
+    assert len(a.blocks) == expected
+
+
+def test_resnet_blocks_have_identity_shortcut_and_internal_groups():
+    a = fxprune.analyze(torchvision.models.resnet50(), torch.randn(1, 3, 64, 64))
+    first = a.blocks[0]  # layer1.1: layer1.0 has a downsample branch, so it is not removable
+    assert "layer1_1_conv1" in first.region and "layer1_0_conv1" not in first.region
+    assert a.internal_groups(first) == ["layer1.1.conv1", "layer1.1.conv2"]
+
+
+class Projection(nn.Module):
+    """Shortcut through a conv: ``add(p(x), f(x))`` is not removable (no identity)."""
+
+    def __init__(self):
+        super().__init__()
+        self.f = nn.Conv2d(4, 4, 3, padding=1)
+        self.p = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.p(x) + self.f(x)
+
+
+class Leaky(nn.Module):
+    """A branch whose inner value is also used outside: not single-exit."""
+
+    def __init__(self):
+        super().__init__()
+        self.f1 = nn.Conv2d(4, 4, 1)
+        self.f2 = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        h = self.f1(x)
+        return x + self.f2(h), h
+
+
+class Nested(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.a = nn.Conv2d(4, 4, 1)
+        self.b = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        inner = x + self.a(x)
+        return x + self.b(inner)
+
+
+def test_projection_shortcut_is_not_a_block():
+    assert fxprune.analyze(Projection(), torch.randn(1, 4, 6, 6)).blocks == []
+
+
+def test_leaking_branch_is_not_a_block():
+    assert fxprune.analyze(Leaky(), torch.randn(1, 4, 6, 6)).blocks == []
+
+
+@pytest.mark.parametrize("removed", [(0,), (1,), (0, 1)])
+def test_nested_blocks_remove_exactly(removed):
+    model = Nested().eval()
+    x = torch.randn(1, 3, 6, 6)
+    a = fxprune.analyze(model, x)
+    assert len(a.blocks) == 2
+    plan = fxprune.Plan({}, tuple(a.blocks[i].name for i in removed), a.signature)
+    check_plan(a, plan, x, tol=1e-6)
+
+
+def test_removing_all_resnet_blocks_matches_oracle():
+    model = make_sensitive(torchvision.models.resnet18().eval())
+    x = torch.randn(1, 3, 64, 64)
+    a = fxprune.analyze(model, x)
+    plan = fxprune.Plan({}, tuple(b.name for b in a.blocks), a.signature)
+    pruned = check_plan(a, plan, x)
+    names = dict(pruned.named_modules())
+    assert "layer1.1.conv1" not in names and "layer1.1.bn2" not in names  # branch modules gone
+    assert "layer1.1.relu" in names  # the post-add ReLU is outside the block and stays

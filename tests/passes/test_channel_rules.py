@@ -1,0 +1,358 @@
+"""Each op rule on a small hand-built module: group structure, and pruned == masked numerics."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import check_plan, make_sensitive, rel_err
+from hypothesis import HealthCheck, given, settings
+from strategies import plans
+from torch import nn
+
+import fxprune
+
+SETTINGS = settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+class Concat(nn.Module):
+    """Concat offsets: the consumer's input columns are [a | b] with b offset by a's width."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 5, 3, padding=1)
+        self.b = nn.Conv2d(3, 7, 1)
+        self.bn = nn.BatchNorm2d(12)
+        self.c = nn.Conv2d(12, 4, 1)
+
+    def forward(self, x):
+        return self.c(F.relu(self.bn(torch.cat([self.a(x), self.b(x)], 1))))
+
+
+class SplitChunk(nn.Module):
+    """split and chunk of a produced tensor, each part consumed and re-joined by add."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 12, 1)
+        self.b = nn.Conv2d(6, 6, 1)
+        self.c = nn.Conv2d(6, 6, 1)
+        self.d = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        p, q = torch.split(y, [6, 6], dim=1)
+        r = self.b(p) + self.c(q)
+        s, t = r.chunk(2, dim=1)
+        u = torch.cat([s, t], 1)[:, 1:5]
+        return self.d(u)
+
+
+class FlattenLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=2, padding=1)
+        self.fc = nn.Linear(6 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.relu(self.conv(x)), 1))
+
+
+class ViewLinear(nn.Module):
+    """A literal channel count in view(): must be rewritten."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 1)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x):
+        y = F.adaptive_avg_pool2d(self.conv(x), 1)
+        return self.fc(y.view(x.shape[0], 6))
+
+
+class Grouped(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.g = nn.Conv2d(8, 12, 3, padding=1, groups=4)
+        self.dw = nn.Conv2d(12, 12, 3, padding=1, groups=12)
+        self.b = nn.Conv2d(12, 3, 1)
+
+    def forward(self, x):
+        return self.b(self.dw(self.g(self.a(x))))
+
+
+class SE(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc1 = nn.Conv2d(8, 4, 1)
+        self.fc2 = nn.Conv2d(4, 8, 1)
+        self.out = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        s = torch.sigmoid(self.fc2(F.relu(self.fc1(y.mean((2, 3), keepdim=True)))))
+        return self.out(y * s)
+
+
+class Shuffle(nn.Module):
+    """ShuffleNetV2's channel shuffle: view/transpose/view ties the two halves index-wise."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 4, 1)
+        self.c = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = torch.cat([self.a(x), self.b(x)], 1)
+        n, c, h, w = y.size()
+        y = y.view(n, 2, c // 2, h, w).transpose(1, 2).contiguous().view(n, -1, h, w)
+        return self.c(y)
+
+
+class SharedConv(nn.Module):
+    """One conv applied twice (shared weights): both call sites prune alike."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 1)
+        self.shared = nn.Conv2d(6, 6, 3, padding=1)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.head(self.shared(F.relu(self.shared(y))))
+
+
+class TiedWeights(nn.Module):
+    """Two modules holding one weight Parameter (tied weights): pruned alike, still tied."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 1)
+        self.a = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.b = nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.b.weight = self.a.weight
+        self.head = nn.Conv2d(12, 2, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.head(torch.cat([self.a(y), self.b(y)], 1))
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.c1 = nn.Conv2d(8, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.c2 = nn.Conv2d(6, 8, 1)
+        self.scale = nn.Parameter(torch.rand(8, 1, 1) + 0.5)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = y + self.scale * self.c2(F.relu(self.bn(self.c1(y))))
+        return self.head(y)
+
+
+class ChannelsLastLN(nn.Module):
+    """ConvNeXt style: permute to channels-last, LayerNorm + Linear MLP, permute back."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.ln = nn.LayerNorm(8)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 8)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.stem(x).permute(0, 2, 3, 1)
+        y = self.fc2(F.gelu(self.fc1(self.ln(y))))
+        return self.head(y.permute(0, 3, 1, 2))
+
+
+class Unknown(nn.Module):
+    """An op fxprune has no rule for (matmul over channels): what it touches is frozen."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 5, 1)
+        self.c = nn.Conv2d(5, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x).flatten(2)
+        z = torch.matmul(y.transpose(1, 2), y)  # (n, hw, hw)
+        return self.c(self.b(x)) + z.mean()
+
+
+CASES = {
+    "concat": (Concat, (1, 3, 8, 8)),
+    "split_chunk": (SplitChunk, (1, 3, 8, 8)),
+    "flatten_linear": (FlattenLinear, (2, 3, 8, 8)),
+    "view_linear": (ViewLinear, (2, 3, 8, 8)),
+    "grouped": (Grouped, (1, 3, 8, 8)),
+    "se": (SE, (1, 3, 8, 8)),
+    "shuffle": (Shuffle, (1, 3, 8, 8)),
+    "shared": (SharedConv, (1, 3, 8, 8)),
+    "residual": (Residual, (1, 3, 8, 8)),
+    "tied": (TiedWeights, (1, 3, 8, 8)),
+    "channels_last_ln": (ChannelsLastLN, (1, 3, 8, 8)),
+    "unknown": (Unknown, (1, 3, 8, 8)),
+}
+
+
+def _analysis(name):
+    cls, shape = CASES[name]
+    torch.manual_seed(0)
+    model = make_sensitive(cls().eval())
+    x = torch.randn(shape)
+    return model, x, fxprune.analyze(model, x)
+
+
+def _sizes(a):
+    return {g.name: (g.size, g.prunable, bool(g.inexact)) for g in a.groups}
+
+
+def test_concat_structure():
+    _, _, a = _analysis("concat")
+    sizes = _sizes(a)
+    assert sizes["a"] == (5, True, False) and sizes["b"] == (7, True, False)
+    rec = next(r for r in a.spaces.layers if r.target == "c")
+    # consumer input columns: the first five are a's units, the last seven b's
+    assert a.spaces.groups_of(rec.in_units[:5]) == [[g.name for g in a.groups].index("a")]
+    assert a.spaces.groups_of(rec.in_units[5:]) == [[g.name for g in a.groups].index("b")]
+
+
+def test_concat_offsets_exact():
+    _, x, a = _analysis("concat")
+    plan = fxprune.Plan({"a": (0, 4), "b": (1, 2, 6)}, (), a.signature)
+    pruned = check_plan(a, plan, x)
+    assert pruned.c.in_channels == 5 and pruned.bn.num_features == 5
+
+
+def test_split_chunk_slice_rewrite():
+    _, x, a = _analysis("split_chunk")
+    # b and c outputs are added: one group of 6; a is one group of 12 split into two halves
+    sizes = _sizes(a)
+    assert sizes["a"][0] == 12 and sizes["b"][0] == 6
+    plan = fxprune.Plan({"a": (0, 1, 7, 11), "b": (0, 2, 3, 5)}, (), a.signature)
+    pruned = check_plan(a, plan, x)
+    assert "split" in pruned.code
+
+
+def test_flatten_linear_maps_channel_to_hw_features():
+    _, x, a = _analysis("flatten_linear")
+    plan = fxprune.Plan({"conv": (1, 3, 4)}, (), a.signature)
+    pruned = check_plan(a, plan, x)
+    assert pruned.fc.in_features == 3 * 16
+
+
+def test_view_literal_rewritten():
+    _, x, a = _analysis("view_linear")
+    pruned = check_plan(a, fxprune.Plan({"conv": (0, 5)}, (), a.signature), x)
+    assert pruned.fc.in_features == 2
+
+
+def test_grouped_conv_equal_count_rule():
+    _, x, a = _analysis("grouped")
+    ga, gg = a.group("a"), a.group("g")
+    assert [len(p) for p in ga.equal_count[0]] == [2, 2, 2, 2]
+    assert [len(p) for p in gg.equal_count[0]] == [3] * 4
+    # one index per input group, two per output group; dw follows g's space
+    plan = fxprune.Plan({"a": (0, 3, 4, 7), "g": (0, 2, 3, 4, 7, 8, 10, 11)}, (), a.signature)
+    pruned = check_plan(a, plan, x)
+    assert (pruned.g.in_channels, pruned.g.out_channels, pruned.g.groups) == (4, 8, 4)
+    assert pruned.dw.groups == pruned.dw.in_channels == 8
+    with pytest.raises(fxprune.PlanError, match="same number of kept"):
+        fxprune.Plan({"a": (0, 1, 2, 3)}, (), a.signature).validate(a)
+
+
+def test_se_couples_gate_and_features():
+    _, x, a = _analysis("se")
+    names = [g.name for g in a.groups]
+    assert "fc2" not in names  # fc2's output joins conv's group through the multiply
+    assert set(a.group("conv").roots) == {"conv", "fc2"}
+    check_plan(a, fxprune.Plan({"conv": (1, 2, 5), "fc1": (0, 3)}, (), a.signature), x)
+
+
+def test_channel_shuffle_ties_halves():
+    _, x, a = _analysis("shuffle")
+    g = a.group("a")
+    assert set(g.roots) == {"a", "b"} and g.size == 4  # a[i] and b[i] kept together
+    pruned = check_plan(a, fxprune.Plan({"a": (0, 3)}, (), a.signature), x)
+    assert pruned.c.in_channels == 4
+
+
+def test_shared_module_prunes_consistently():
+    _model, x, a = _analysis("shared")
+    g = a.group("stem")
+    assert "shared" in g.roots  # input and output of the shared conv are one space
+    pruned = check_plan(a, fxprune.Plan({"stem": (0, 2, 5)}, (), a.signature), x)
+    assert pruned.shared.in_channels == pruned.shared.out_channels == 3
+
+
+def test_tied_weights_stay_tied():
+    _, x, a = _analysis("tied")
+    assert "b" not in [g.name for g in a.groups]  # b's output units are a's
+    pruned = check_plan(a, fxprune.Plan({"a": (1, 4), "stem": (0, 2, 3)}, (), a.signature), x)
+    assert pruned.a.weight is pruned.b.weight and pruned.a.weight.shape == (2, 3, 3, 3)
+
+
+def test_residual_layer_scale_and_block():
+    _, x, a = _analysis("residual")
+    assert [b.shortcut for b in a.blocks] == ["stem"]
+    assert a.internal_groups(a.blocks[0]) == ["c1"]
+    plan = fxprune.Plan({"stem": (0, 1, 6), "c1": ()}, (a.blocks[0].name,), a.signature)
+    pruned = check_plan(a, plan, x)
+    assert not hasattr(pruned, "c1") and pruned.head.in_channels == 3
+    plan = fxprune.Plan({"stem": (2, 3, 7)}, (), a.signature)
+    pruned = check_plan(a, plan, x)
+    assert pruned.scale.shape == (3, 1, 1)
+
+
+def test_layer_norm_is_prunable_but_inexact():
+    _, x, a = _analysis("channels_last_ln")
+    stem = a.group("stem")
+    assert stem.prunable and stem.inexact and not a.group("fc1").inexact
+    plan = fxprune.Plan({"stem": (0, 3, 4, 7)}, (), a.signature)
+    pruned = fxprune.prune(a, plan)
+    assert pruned.ln.normalized_shape == (4,) and pruned(x).shape == (1, 2, 8, 8)
+    check_plan(a, fxprune.Plan({"fc1": (1, 5, 9)}, (), a.signature), x)
+
+
+def test_unknown_op_freezes_what_it_touches():
+    _, _x, a = _analysis("unknown")
+    assert not a.group("a").prunable
+    assert any("matmul" in r for r in a.group("a").frozen)
+    assert a.group("b").prunable
+    with pytest.raises(fxprune.PlanError, match="frozen"):
+        fxprune.Plan({"a": (0,)}, (), a.signature).validate(a)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_random_plans_equal_masking(name):
+    _, x, a = _analysis(name)
+
+    @SETTINGS
+    @given(plan=plans(a))
+    def run(plan):
+        pruned = check_plan(a, plan, x)
+        out = pruned(x.requires_grad_(False))
+        out.float().sum().backward()  # the pruned model trains
+
+    run()
+
+
+def test_oracle_comparison_detects_a_wrong_rewrite():
+    """Negative control: the pruned model of one plan must not match another plan's oracle."""
+    _, x, a = _analysis("concat")
+    p1 = fxprune.Plan({"a": (0, 1)}, (), a.signature)
+    p2 = fxprune.Plan({"a": (2, 3)}, (), a.signature)
+    with torch.no_grad():
+        assert rel_err(fxprune.prune(a, p1)(x), fxprune.masked_forward(a, p2, x)) > 1e-3
