@@ -1,0 +1,428 @@
+"""The pruning problem and its solvers: MDP's MINLP (exactly linearised, SCIP) and baselines.
+
+The solver never sees an fx graph. A :class:`Problem` says, per coupling group, which kept counts
+are allowed and what keeping each is worth; per op, what it costs as a function of the counts of
+the (at most two) groups it touches; per removable block, which groups live inside it. MDP's
+problem (DESIGN.md §6)::
+
+    max  Σ_g Σ_k I_g[k]·y_g[k]
+    s.t. Σ_op y_in(op)ᵀ C_op y_out(op) + const ≤ budget,   Σ_k y_g[k] = 1,
+         y_g[0] = z_b for groups internal to block b (option 0 is "keep nothing")
+
+The bilinear latency term is linearised *exactly* with pair variables ``p[i, j] ≥ 0``,
+``Σ_j p[i, j] = y_in[i]`` and ``Σ_i p[i, j] = y_out[j]``: with one-hot ``y`` the only feasible
+``p`` is the outer product, so SCIP certifies a global optimum of the original problem (MDP's
+Outer Approximation could not). An op inside a removed block costs nothing: for an op that
+touches only groups outside the block, its cost is gated by ``q ≥ y − z_b``.
+
+Baselines in the same module: a HALP-style multiple-choice knapsack with latency linearised per
+group around the full model, and uniform width scaling found by bisection.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fxprune.errors import FxpruneError
+
+__all__ = [
+    "BlockSpec",
+    "GroupSpec",
+    "InfeasibleBudget",
+    "OpCost",
+    "Problem",
+    "Solution",
+    "brute_force",
+    "evaluate",
+    "min_latency",
+    "solve_knapsack",
+    "solve_minlp",
+    "solve_uniform",
+]
+
+
+class InfeasibleBudget(FxpruneError):
+    """No plan meets the budget; ``min_latency`` is the smallest reachable."""
+
+    def __init__(self, budget: float, min_latency: float) -> None:
+        super().__init__(
+            f"The latency budget {budget:.4g} cannot be met: the smallest latency this model can "
+            f"reach under the allowed channel counts is {min_latency:.4g}. Raise the budget to at "
+            "least that, or allow smaller counts / block removal."
+        )
+        self.budget = budget
+        self.min_latency = min_latency
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """A coupling group: allowed kept counts (ascending) and the value of keeping each."""
+
+    name: str
+    counts: tuple[int, ...]
+    importance: tuple[float, ...]
+    block: str | None = None  # the removable block this group lives in (then counts[0] == 0)
+
+    def __post_init__(self) -> None:
+        if len(self.counts) != len(self.importance) or not self.counts:
+            raise ValueError(f"group {self.name}: counts and importance must be equal, non-empty")
+        if list(self.counts) != sorted(set(self.counts)):
+            raise ValueError(f"group {self.name}: counts must be strictly ascending")
+        if self.block is not None and self.counts[0] != 0:
+            raise ValueError(f"group {self.name} is inside block {self.block}: counts[0] must be 0")
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """Cost of one op as a table over the options of its input and output groups.
+
+    ``table`` has shape ``(len(in.counts), len(out.counts))``; use ``None`` for a side that no
+    group touches (then that axis has length 1).
+    """
+
+    name: str
+    in_group: str | None
+    out_group: str | None
+    table: np.ndarray
+    block: str | None = None  # inside this removable block: costs nothing when it is removed
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    name: str
+
+
+@dataclass(frozen=True)
+class Problem:
+    groups: tuple[GroupSpec, ...]
+    ops: tuple[OpCost, ...]
+    blocks: tuple[BlockSpec, ...] = ()
+    const: float = 0.0  # latency of everything the groups do not change
+
+    def group(self, name: str) -> GroupSpec:
+        return next(g for g in self.groups if g.name == name)
+
+
+@dataclass(frozen=True)
+class Solution:
+    """Option index per group, removed blocks, and how the solver got there."""
+
+    choice: Mapping[str, int]
+    removed: frozenset[str]
+    objective: float
+    latency: float
+    status: str
+    gap: float = 0.0
+    time_s: float = 0.0
+    solver: str = ""
+    rounds: tuple[dict, ...] = field(default_factory=tuple)
+
+    def counts(self, problem: Problem) -> dict[str, int]:
+        return {g.name: g.counts[self.choice[g.name]] for g in problem.groups}
+
+
+def evaluate(
+    problem: Problem, choice: Mapping[str, int], removed: frozenset[str] | set[str]
+) -> tuple[float, float]:
+    """(importance, latency) of a choice under the exact (bilinear) model."""
+    value = sum(g.importance[choice[g.name]] for g in problem.groups)
+    latency = problem.const
+    for op in problem.ops:
+        if op.block is not None and op.block in removed:
+            continue
+        i = choice[op.in_group] if op.in_group else 0
+        j = choice[op.out_group] if op.out_group else 0
+        latency += float(op.table[i, j])
+    return value, latency
+
+
+def _check(problem: Problem) -> None:
+    names = {g.name for g in problem.groups}
+    blocks = {b.name for b in problem.blocks}
+    for op in problem.ops:
+        shape = (
+            len(problem.group(op.in_group).counts) if op.in_group else 1,
+            len(problem.group(op.out_group).counts) if op.out_group else 1,
+        )
+        if (op.in_group and op.in_group not in names) or (
+            op.out_group and op.out_group not in names
+        ):
+            raise ValueError(f"op {op.name} refers to an unknown group")
+        if np.shape(op.table) != shape:
+            raise ValueError(f"op {op.name}: table shape {np.shape(op.table)} != {shape}")
+        if op.block is not None and op.block not in blocks:
+            raise ValueError(f"op {op.name}: unknown block {op.block}")
+    for g in problem.groups:
+        if g.block is not None and g.block not in blocks:
+            raise ValueError(f"group {g.name}: unknown block {g.block}")
+
+
+def _build(problem: Problem, budget: float | None, objective: str):
+    """The exact MILP in SCIP. ``objective`` is "importance" (max) or "latency" (min)."""
+    from pyscipopt import Model, quicksum
+
+    _check(problem)
+    m = Model("fxprune")
+    m.hideOutput()
+    z = {b.name: m.addVar(f"z[{b.name}]", vtype="B") for b in problem.blocks}
+    y: dict[str, list] = {}
+    for g in problem.groups:
+        y[g.name] = [m.addVar(f"y[{g.name},{k}]", vtype="B") for k in range(len(g.counts))]
+        m.addCons(quicksum(y[g.name]) == 1)
+        if g.block is not None:
+            m.addCons(y[g.name][0] == z[g.block])  # a removed block keeps nothing, and only then
+    terms = []
+    for o, op in enumerate(problem.ops):
+        t = np.asarray(op.table, dtype=float)
+        internal = {g.name for g in problem.groups if g.block is not None and g.block == op.block}
+        # an op in a block that touches an internal group already costs 0 through y[g][0];
+        # one that touches only outside groups (e.g. a depthwise conv on the residual) is gated
+        gate = (
+            z[op.block]
+            if op.block is not None and not ({op.in_group, op.out_group} & internal)
+            else None
+        )
+        if op.in_group and op.out_group:
+            ins, outs = y[op.in_group], y[op.out_group]
+            p = [
+                [m.addVar(f"p[{o},{i},{j}]", lb=0.0, ub=1.0) for j in range(t.shape[1])]
+                for i in range(t.shape[0])
+            ]
+            for i in range(t.shape[0]):
+                m.addCons(quicksum(p[i]) == ins[i])
+            for j in range(t.shape[1]):
+                m.addCons(quicksum(p[i][j] for i in range(t.shape[0])) == outs[j])
+            cells = [(t[i, j], p[i][j]) for i in range(t.shape[0]) for j in range(t.shape[1])]
+        elif op.in_group:
+            cells = list(zip(t[:, 0], y[op.in_group], strict=True))
+        elif op.out_group:
+            cells = list(zip(t[0, :], y[op.out_group], strict=True))
+        else:
+            cells = [(t[0, 0], 1.0)]
+        for c, v in cells:
+            if c == 0:
+                continue
+            if gate is not None:  # cost only while the block is kept: q ≥ v − z, q ≥ 0
+                q = m.addVar(lb=0.0, ub=1.0)
+                m.addCons(q >= v - gate)
+                v = q
+            terms.append(c * v)
+    latency = quicksum(terms) + problem.const
+    value = quicksum(
+        g.importance[k] * y[g.name][k] for g in problem.groups for k in range(len(g.counts))
+    )
+    if budget is not None:
+        m.addCons(latency <= budget)
+    if objective == "importance":
+        m.setObjective(value, "maximize")
+    else:
+        m.setObjective(latency, "minimize")
+    return m, y, z
+
+
+def _read(problem: Problem, m, y, z) -> tuple[dict[str, int], frozenset[str]]:
+    choice = {name: int(np.argmax([m.getVal(v) for v in vs])) for name, vs in y.items()}
+    removed = frozenset(b for b, v in z.items() if m.getVal(v) > 0.5)
+    return choice, removed
+
+
+def min_latency(problem: Problem, time_limit: float = 30.0) -> float:
+    """The smallest latency any choice reaches (exact, by SCIP)."""
+    m, y, z = _build(problem, None, "latency")
+    m.setParam("limits/time", time_limit)
+    m.optimize()
+    choice, removed = _read(problem, m, y, z)
+    return evaluate(problem, choice, removed)[1]
+
+
+def solve_minlp(
+    problem: Problem,
+    budget: float,
+    *,
+    time_limit: float = 30.0,
+    gap: float = 1e-3,
+    warm_start: Solution | None = None,
+) -> Solution:
+    """MDP's problem, solved to a certified ``gap`` (or the time limit) by SCIP.
+
+    Raises:
+        InfeasibleBudget: with the smallest reachable latency.
+    """
+    start = time.perf_counter()
+    m, y, z = _build(problem, budget, "importance")
+    m.setParam("limits/time", time_limit)
+    m.setParam("limits/gap", gap)
+    if warm_start is not None:
+        sol = m.createPartialSol()
+        for name, k in warm_start.choice.items():
+            for i, v in enumerate(y[name]):
+                m.setSolVal(sol, v, 1.0 if i == k else 0.0)
+        for b, v in z.items():
+            m.setSolVal(sol, v, 1.0 if b in warm_start.removed else 0.0)
+        m.addSol(sol)
+    m.optimize()
+    status = m.getStatus()
+    if m.getNSols() == 0:
+        if status == "infeasible":
+            raise InfeasibleBudget(budget, min_latency(problem, time_limit))
+        raise FxpruneError(f"SCIP found no plan within {time_limit:.0f} s (status {status}).")
+    choice, removed = _read(problem, m, y, z)
+    value, latency = evaluate(problem, choice, removed)
+    return Solution(
+        choice,
+        removed,
+        value,
+        latency,
+        status,
+        float(m.getGap()),
+        time.perf_counter() - start,
+        "scip-minlp",
+    )
+
+
+def _linearised_costs(problem: Problem) -> dict[str, np.ndarray]:
+    """HALP's view: each group's latency as a vector, every other group held at full width."""
+    full = {g.name: len(g.counts) - 1 for g in problem.groups}
+    costs = {g.name: np.zeros(len(g.counts)) for g in problem.groups}
+    for op in problem.ops:
+        t = np.asarray(op.table, dtype=float)
+        i_full = full[op.in_group] if op.in_group else 0
+        j_full = full[op.out_group] if op.out_group else 0
+        if op.in_group:
+            costs[op.in_group] += t[:, j_full] - t[i_full, j_full]
+        if op.out_group:
+            costs[op.out_group] += t[i_full, :] - t[i_full, j_full]
+    return costs
+
+
+def solve_knapsack(
+    problem: Problem, budget: float, *, time_limit: float = 30.0, rounds: int = 20
+) -> Solution:
+    """HALP-style baseline: a multiple-choice knapsack on per-group linearised latency.
+
+    The linearised model ignores how a layer's cost depends on *both* its counts, so its choice
+    is re-evaluated exactly; the knapsack budget is tightened by bisection until the exact
+    latency fits. Blocks are never removed (HALP prunes channels only).
+    """
+    from pyscipopt import Model, quicksum
+
+    start = time.perf_counter()
+    _, full_latency = evaluate(problem, {g.name: len(g.counts) - 1 for g in problem.groups}, set())
+    costs = _linearised_costs(problem)
+
+    def knapsack(cap: float) -> dict[str, int] | None:
+        m = Model("knapsack")
+        m.hideOutput()
+        m.setParam("limits/time", time_limit)
+        y = {
+            g.name: {k: m.addVar(vtype="B") for k, c in enumerate(g.counts) if c > 0}
+            for g in problem.groups
+        }
+        for vs in y.values():
+            m.addCons(quicksum(vs.values()) == 1)
+        m.addCons(
+            quicksum(costs[n][k] * v for n, vs in y.items() for k, v in vs.items())
+            <= cap - full_latency
+        )
+        m.setObjective(
+            quicksum(
+                problem.group(n).importance[k] * v for n, vs in y.items() for k, v in vs.items()
+            ),
+            "maximize",
+        )
+        m.optimize()
+        if m.getNSols() == 0:
+            return None
+        return {n: max(vs, key=lambda k: m.getVal(vs[k])) for n, vs in y.items()}
+
+    best: tuple[float, dict[str, int], float] | None = None
+    lo, hi = full_latency + sum(c.min() for c in costs.values()), budget
+    for cap in [budget, *([None] * rounds)]:
+        if cap is None:
+            cap = (lo + hi) / 2
+        choice = knapsack(cap)
+        if choice is None:
+            lo = cap
+            continue
+        value, latency = evaluate(problem, choice, set())
+        if latency <= budget:
+            if best is None or value > best[0]:
+                best = (value, choice, latency)
+            if cap >= budget:
+                break  # the linearised budget itself holds exactly: nothing to tighten
+            lo = cap
+        else:
+            hi = cap
+    if best is None:
+        raise InfeasibleBudget(budget, min_latency(problem, time_limit))
+    value, choice, latency = best
+    return Solution(
+        choice,
+        frozenset(),
+        value,
+        latency,
+        "feasible",
+        0.0,
+        time.perf_counter() - start,
+        "knapsack",
+    )
+
+
+def solve_uniform(problem: Problem, budget: float, *, iters: int = 40) -> Solution:
+    """Uniform width scaling: the largest fraction f with every group at ≤ f of its width."""
+    start = time.perf_counter()
+
+    def choice_at(f: float) -> dict[str, int]:
+        out = {}
+        for g in problem.groups:
+            target = f * g.counts[-1]
+            ks = [k for k, c in enumerate(g.counts) if c > 0 and c <= target + 1e-9]
+            out[g.name] = ks[-1] if ks else next(k for k, c in enumerate(g.counts) if c > 0)
+        return out
+
+    lo, hi = 0.0, 1.0
+    if evaluate(problem, choice_at(1.0), set())[1] <= budget:
+        lo = 1.0
+    else:
+        for _ in range(iters):
+            mid = (lo + hi) / 2
+            if evaluate(problem, choice_at(mid), set())[1] <= budget:
+                lo = mid
+            else:
+                hi = mid
+    choice = choice_at(lo)
+    value, latency = evaluate(problem, choice, set())
+    if latency > budget:
+        raise InfeasibleBudget(budget, min_latency(problem))
+    return Solution(
+        choice, frozenset(), value, latency, "feasible", 0.0, time.perf_counter() - start, "uniform"
+    )
+
+
+def brute_force(problem: Problem, budget: float) -> Solution:
+    """Enumerate every choice (tiny problems only): the reference optimum for tests."""
+    import itertools
+
+    names = [g.name for g in problem.groups]
+    blocks = [b.name for b in problem.blocks]
+    best = None
+    for removed_bits in itertools.product((0, 1), repeat=len(blocks)):
+        removed = frozenset(b for b, r in zip(blocks, removed_bits, strict=True) if r)
+        ranges = []
+        for g in problem.groups:
+            if g.block is not None and g.block in removed:
+                ranges.append([0])
+            else:
+                ranges.append([k for k, c in enumerate(g.counts) if c > 0])
+        for combo in itertools.product(*ranges):
+            choice = dict(zip(names, combo, strict=True))
+            value, latency = evaluate(problem, choice, removed)
+            if latency <= budget + 1e-9 and (best is None or value > best.objective + 1e-12):
+                best = Solution(choice, removed, value, latency, "optimal", solver="brute-force")
+    if best is None:
+        raise InfeasibleBudget(budget, float("nan"))
+    return best
