@@ -11,8 +11,8 @@ import fxprune
 def make_sensitive(model: nn.Module, seed: int = 0) -> nn.Module:
     """Randomise BN statistics/affines and layer scales in place.
 
-    Fresh torchvision models have BN at identity and ConvNeXt layer scales at 1e-6, which hides
-    channel-mixing bugs; after this every channel carries a distinct, sizeable signal.
+    Fresh torchvision models have BN at identity, ConvNeXt layer scales at 1e-6 and ViT heads at
+    zero, which hides channel-mixing bugs; after this every channel carries a distinct, sizeable signal.
     """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -24,6 +24,12 @@ def make_sensitive(model: nn.Module, seed: int = 0) -> nn.Module:
                 if m.affine:
                     m.weight.copy_(torch.rand(n, generator=g) + 0.5)
                     m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+        for m in model.modules():
+            # zero-initialised heads (torchvision ViT) would make every output equal
+            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and not m.weight.any():
+                m.weight.normal_(0.0, 0.02, generator=g)
+                if m.bias is not None:
+                    m.bias.normal_(0.0, 0.02, generator=g)
         for name, p in model.named_parameters():
             if name.endswith("layer_scale"):
                 p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
