@@ -163,7 +163,10 @@ def alignment_classes(
 
 
 def _fit(
-    raw: np.ndarray, mono: list[tuple[int, int]], smooth: list[tuple[int, int, int]]
+    raw: np.ndarray,
+    mono: list[tuple[int, int]],
+    smooth: list[tuple[int, int, int]],
+    smooth_w: list[tuple[float, float, float]] | None = None,
 ) -> np.ndarray:
     """Huber fit of ``raw`` (NaN = unmeasured) with f[j] >= f[i] for (i, j) in ``mono``."""
     n = raw.size
@@ -180,7 +183,10 @@ def _fit(
     if smooth:
         rows = np.repeat(np.arange(len(smooth)), 3)
         cols = np.asarray(smooth).ravel()
-        vals = np.tile([1.0, -2.0, 1.0], len(smooth))
+        if smooth_w is None:
+            vals = np.tile([1.0, -2.0, 1.0], len(smooth))
+        else:
+            vals = np.asarray(smooth_w, dtype=np.float64).ravel()
         d2 = sp.csr_matrix((vals, (rows, cols)), shape=(len(smooth), n))
         objective = objective + _SMOOTH / _HUBER_M * cp.sum_squares(d2 @ f)
     constraints = []
@@ -233,6 +239,23 @@ def _pairs(chain: list[int]) -> list[tuple[int, int]]:
     return list(itertools.pairwise(chain))
 
 
+def _second_difference(x0: float, x1: float, x2: float) -> tuple[float, float, float]:
+    """Weights of a second difference at unevenly spaced counts, scaled to (1, -2, 1).
+
+    ``h·[(f2 - f1)/(x2 - x1) - (f1 - f0)/(x1 - x0)]`` with ``h`` half the span: zero for any
+    linear function whatever the spacing (plain (1, -2, 1) would penalise a straight line
+    measured at uneven counts, biasing a coarse grid), and exactly (1, -2, 1) when even.
+    """
+    a, c, h = 1.0 / (x1 - x0), 1.0 / (x2 - x1), (x2 - x0) / 2.0
+    return a * h, -(a + c) * h, c * h
+
+
+def _smooth_weights(
+    triples: list[tuple[int, int, int]], x: np.ndarray
+) -> list[tuple[float, float, float]]:
+    return [_second_difference(*(float(x[i]) for i in t)) for t in triples]
+
+
 def _triples(chain: list[int]) -> list[tuple[int, int, int]]:
     return list(zip(chain[:-2], chain[1:-1], chain[2:], strict=True))
 
@@ -281,7 +304,8 @@ def denoise(
     classes, blocks = _chains(c, period)
     mono = [pair for chain in classes for pair in _pairs(chain)]
     smooth = [tri for chain in blocks for tri in _triples(chain)]
-    return DenoisedCurve(counts=c, raw=raw, fitted=_fit(raw, mono, smooth), period=period)
+    fitted = _fit(raw, mono, smooth, _smooth_weights(smooth, c))
+    return DenoisedCurve(counts=c, raw=raw, fitted=fitted, period=period)
 
 
 @dataclass(frozen=True, eq=False)
@@ -319,13 +343,18 @@ def denoise_2d(
     out_classes, out_blocks = _chains(co, period_out)
     mono: list[tuple[int, int]] = []
     smooth: list[tuple[int, int, int]] = []
+    weights: list[tuple[float, float, float]] = []
     for j in range(len(co)):  # along c_in, for every column
         mono += [(idx[a, j], idx[b, j]) for ch in in_classes for a, b in _pairs(ch)]
-        smooth += [tuple(idx[list(t), j]) for ch in in_blocks for t in _triples(ch)]
+        tris = [t for ch in in_blocks for t in _triples(ch)]
+        smooth += [tuple(idx[list(t), j]) for t in tris]
+        weights += _smooth_weights(tris, ci)
     for i in range(len(ci)):  # along c_out, for every row
         mono += [(idx[i, a], idx[i, b]) for ch in out_classes for a, b in _pairs(ch)]
-        smooth += [tuple(idx[i, list(t)]) for ch in out_blocks for t in _triples(ch)]
-    fitted = _fit(raw.ravel(), mono, smooth).reshape(raw.shape)  # type: ignore[arg-type]
+        tris = [t for ch in out_blocks for t in _triples(ch)]
+        smooth += [tuple(idx[i, list(t)]) for t in tris]
+        weights += _smooth_weights(tris, co)
+    fitted = _fit(raw.ravel(), mono, smooth, weights).reshape(raw.shape)  # type: ignore[arg-type]
     return DenoisedGrid(ci, co, raw, fitted, period_in, period_out)
 
 
