@@ -40,10 +40,14 @@ def run_model(name: str, n_plans: int) -> dict:
     row: dict = {"model": name}
     t0 = time.perf_counter()
     torch.manual_seed(0)
-    model = make_sensitive(torchvision.models.get_model(name, weights=None).eval())
-    row["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
     s = input_size(name)
     x = torch.randn(1, 3, s, s)
+    model = make_sensitive(torchvision.models.get_model(name, weights=None), x).eval()
+    row["params_M"] = sum(p.numel() for p in model.parameters()) / 1e6
+    with torch.no_grad():  # an output that ignores the input would make the oracle check vacuous
+        row["input_sensitive"] = not torch.allclose(
+            model(x), model(torch.randn_like(x)), rtol=1e-3, atol=1e-6
+        )
     try:
         t = time.perf_counter()
         a = fxprune.analyze(model, x)

@@ -42,10 +42,10 @@ def params(name):
 @pytest.mark.parametrize("name", [params(n) for n in ALL])
 def test_model(name):
     torch.manual_seed(0)
-    model = make_sensitive(torchvision.models.get_model(name, weights=None).eval())
-    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
     s = input_size(name)
     x = torch.randn(1, 3, s, s)
+    model = make_sensitive(torchvision.models.get_model(name, weights=None), x).eval()
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
 
     a = fxprune.analyze(model, x)
     frac = prunable_fraction(a)["prunable"]
