@@ -101,7 +101,9 @@ def to_markdown(rows: list[dict]) -> str:
     lines.append("")
     lines.append(
         f"{len(ok)}/{len(rows)} traced; oracle equality on {sum(bool(r.get('oracle_equal')) for r in ok)}/{len(ok)}; "
-        f"blocks found in {sum(r['blocks'] > 0 for r in ok)} models."
+        f"blocks found in {sum(r['blocks'] > 0 for r in ok)} models; "
+        f"output depends on the input (so the oracle check is meaningful) in "
+        f"{sum(bool(r.get('input_sensitive')) for r in rows)}/{len(rows)}."
     )
     return "\n".join(lines) + "\n"
 
