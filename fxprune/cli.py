@@ -78,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
             return progress.add_task(desc, total=1)
 
         t = stage(f"building {args.model}")
-        start = time.perf_counter()
         model = _load_model(args.model, args.checkpoint)
         progress.update(t, completed=1)
         t = stage("tracing and analysing channel groups and blocks")

@@ -68,8 +68,3 @@ def check_plan(analysis: fxprune.Analysis, plan: fxprune.Plan, x: torch.Tensor, 
     assert got.shape == want.shape
     assert rel_err(got, want) <= tol, f"pruned != oracle: rel err {rel_err(got, want):.2e}"
     return pruned
-
-
-def params_equal(a: nn.Module, b: nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)

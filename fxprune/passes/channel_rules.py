@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxprune.passes.channel_context import ChannelContext, LayerRecord, describe
-from fxprune.passes.units import varying_dims
+from fxprune.passes.units import expand_index, varying_dims
 
 __all__ = [
     "FunctionRule",
@@ -477,14 +477,7 @@ def getitem(ctx: ChannelContext, node: fx.Node) -> Any:
         for i in idx
     ):
         return None
-    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
-    expanded: list[Any] = []
-    for i in idx:
-        if i is Ellipsis:
-            expanded.extend([slice(None)] * (len(shape) - n_real))
-        else:
-            expanded.append(i)
-    expanded.extend([slice(None)] * (len(shape) - sum(1 for i in expanded if i is not None)))
+    expanded = expand_index(idx, len(shape))
     c = cdim_of(u)
     out_index: list[Any] = []
     d = 0

@@ -21,7 +21,7 @@ from torch import fx, nn
 from fxprune.errors import PlanError
 from fxprune.meta import CHANNELS
 from fxprune.passes.prune_rules import lookup_pruner
-from fxprune.passes.units import varying_dims
+from fxprune.passes.units import expand_index, varying_dims
 
 if TYPE_CHECKING:
     from fxprune.analysis import Analysis
@@ -218,12 +218,7 @@ def _rewrite_slice(node: fx.Node, maps: dict[str, Any], keep_unit: np.ndarray) -
     if got is None:
         return
     cdim, mask = got
-    idx = index if isinstance(index, tuple) else (index,)
-    ndim = maps[src.name].ndim
-    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
-    expanded: list[Any] = []
-    for i in idx:
-        expanded.extend([slice(None)] * (ndim - n_real) if i is Ellipsis else [i])
+    expanded = expand_index(index, maps[src.name].ndim)
     d = 0
     for pos, i in enumerate(expanded):
         if i is None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["UnitTable", "compact", "normalize", "varying_dims"]
+__all__ = ["UnitTable", "compact", "expand_index", "normalize", "varying_dims"]
 
 
 @dataclass
@@ -93,6 +93,21 @@ class UnitTable:
 
     def reasons(self, flags: dict[int, list[str]], u: int) -> list[str]:
         return flags.get(self.find(u), [])
+
+
+def expand_index(index: object, ndim: int) -> list:
+    """A basic index (ints, slices, None, ``...``) as one entry per dim plus the ``None``s.
+
+    ``...`` is replaced by full slices and trailing dims get full slices, so position ``d`` among
+    the non-None entries is the index applied to tensor dim ``d`` (same meaning as the original).
+    """
+    idx = index if isinstance(index, tuple) else (index,)
+    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    out: list = []
+    for i in idx:
+        out.extend([slice(None)] * (ndim - n_real) if i is Ellipsis else [i])
+    out.extend([slice(None)] * (ndim - sum(1 for i in out if i is not None)))
+    return out
 
 
 def varying_dims(u: np.ndarray) -> list[int]:
