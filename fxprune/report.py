@@ -154,7 +154,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     lines = [f"# fxprune report — {report['model']}", ""]
     lines += ["| quantity | value |", "|---|---|"]
     for k, v in s.items():
-        lines.append(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v:,} |")
+        if isinstance(v, float):
+            lines.append(f"| {k} | {v:.4g} |")
+        elif isinstance(v, int) and not isinstance(v, bool):
+            lines.append(f"| {k} | {v:,} |")
+        else:
+            lines.append(f"| {k} | {v} |")
     lines += ["", "## Coupling groups", "", "| group | size | kept | status | members | why |"]
     lines += ["|---|---:|---:|---|---|---|"]
     for g in report["groups"]:

@@ -37,6 +37,8 @@ __all__ = [
     "Problem",
     "Solution",
     "brute_force",
+    "complete",
+    "derived_option",
     "evaluate",
     "min_latency",
     "solve_knapsack",
@@ -48,14 +50,18 @@ __all__ = [
 class InfeasibleBudget(FxpruneError):
     """No plan meets the budget; ``min_latency`` is the smallest reachable."""
 
-    def __init__(self, budget: float, min_latency: float) -> None:
+    def __init__(self, budget: float, min_latency: float, dense: float | None = None) -> None:
+        def show(v: float) -> str:
+            return f"{v:.4g}" if dense is None else f"{v:.4g} ms ({v / dense:.1%} of dense)"
+
         super().__init__(
-            f"The latency budget {budget:.4g} cannot be met: the smallest latency this model can "
-            f"reach under the allowed channel counts is {min_latency:.4g}. Raise the budget to at "
-            "least that, or allow smaller counts / block removal."
+            f"The latency budget {show(budget)} cannot be met: the smallest latency this model "
+            f"can reach under the allowed channel counts is {show(min_latency)}. Raise the "
+            "budget to at least that, or allow smaller counts / block removal."
         )
         self.budget = budget
         self.min_latency = min_latency
+        self.dense = dense
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,10 @@ class GroupSpec:
     counts: tuple[int, ...]
     importance: tuple[float, ...]
     block: str | None = None  # the removable block this group lives in (then counts[0] == 0)
+    #: a *derived* group (an op reading several groups, e.g. a DenseNet concatenation): its
+    #: count is the smallest option ≥ ``offset + Σ coef·count(member)``; not chosen freely
+    sum_of: tuple[tuple[str, float], ...] = ()
+    offset: float = 0.0
 
     def __post_init__(self) -> None:
         if len(self.counts) != len(self.importance) or not self.counts:
@@ -122,13 +132,35 @@ class Solution:
     rounds: tuple[dict, ...] = field(default_factory=tuple)
 
     def counts(self, problem: Problem) -> dict[str, int]:
-        return {g.name: g.counts[self.choice[g.name]] for g in problem.groups}
+        choice = complete(problem, self.choice)
+        return {g.name: g.counts[choice[g.name]] for g in problem.groups}
+
+
+def derived_option(problem: Problem, group: GroupSpec, choice: Mapping[str, int]) -> int:
+    """The option of a derived group: the smallest count covering its members' total."""
+    total = group.offset + sum(
+        coef * problem.group(m).counts[choice[m]] for m, coef in group.sum_of
+    )
+    for k, c in enumerate(group.counts):
+        if c >= total - 1e-9:
+            return k
+    return len(group.counts) - 1
+
+
+def complete(problem: Problem, choice: Mapping[str, int]) -> dict[str, int]:
+    """``choice`` with every derived group's option filled in from its members."""
+    out = dict(choice)
+    for g in problem.groups:
+        if g.sum_of:
+            out[g.name] = derived_option(problem, g, out)
+    return out
 
 
 def evaluate(
     problem: Problem, choice: Mapping[str, int], removed: frozenset[str] | set[str]
 ) -> tuple[float, float]:
     """(importance, latency) of a choice under the exact (bilinear) model."""
+    choice = complete(problem, choice)
     value = sum(g.importance[choice[g.name]] for g in problem.groups)
     latency = problem.const
     for op in problem.ops:
@@ -138,6 +170,15 @@ def evaluate(
         j = choice[op.out_group] if op.out_group else 0
         latency += float(op.table[i, j])
     return value, latency
+
+
+def _free(problem: Problem) -> list[GroupSpec]:
+    """The groups a solver chooses (derived groups follow their members)."""
+    return [g for g in problem.groups if not g.sum_of]
+
+
+def _full_choice(problem: Problem) -> dict[str, int]:
+    return {g.name: len(g.counts) - 1 for g in _free(problem)}
 
 
 def _check(problem: Problem) -> None:
@@ -159,6 +200,9 @@ def _check(problem: Problem) -> None:
     for g in problem.groups:
         if g.block is not None and g.block not in blocks:
             raise ValueError(f"group {g.name}: unknown block {g.block}")
+        for member, _ in g.sum_of:
+            if member not in names or problem.group(member).sum_of:
+                raise ValueError(f"derived group {g.name}: {member} is not a free group")
 
 
 def _build(problem: Problem, budget: float | None, objective: str):
@@ -175,6 +219,20 @@ def _build(problem: Problem, budget: float | None, objective: str):
         m.addCons(quicksum(y[g.name]) == 1)
         if g.block is not None:
             m.addCons(y[g.name][0] == z[g.block])  # a removed block keeps nothing, and only then
+    for g in problem.groups:
+        if not g.sum_of:
+            continue
+        # exactly the smallest option covering the members' total:
+        #   counts[k-1] < total ≤ counts[k]  ⇔  Σ (counts[k-1]+1)·y_k ≤ total ≤ Σ counts[k]·y_k
+        total = g.offset + quicksum(
+            coef * c * y[member][k]
+            for member, coef in g.sum_of
+            for k, c in enumerate(problem.group(member).counts)
+        )
+        ys = y[g.name]
+        m.addCons(quicksum(c * v for c, v in zip(g.counts, ys, strict=True)) >= total - 1e-6)
+        lower = [0.0, *(c + 1e-3 for c in g.counts[:-1])]
+        m.addCons(quicksum(c * v for c, v in zip(lower, ys, strict=True)) <= total)
     terms = []
     for o, op in enumerate(problem.ops):
         t = np.asarray(op.table, dtype=float)
@@ -258,7 +316,7 @@ def solve_minlp(
     m.setParam("limits/gap", gap)
     if warm_start is not None:
         sol = m.createPartialSol()
-        for name, k in warm_start.choice.items():
+        for name, k in complete(problem, warm_start.choice).items():
             for i, v in enumerate(y[name]):
                 m.setSolVal(sol, v, 1.0 if i == k else 0.0)
         for b, v in z.items():
@@ -285,8 +343,12 @@ def solve_minlp(
 
 
 def _linearised_costs(problem: Problem) -> dict[str, np.ndarray]:
-    """HALP's view: each group's latency as a vector, every other group held at full width."""
-    full = {g.name: len(g.counts) - 1 for g in problem.groups}
+    """HALP's view: each free group's latency as a vector, every other group at full width.
+
+    A derived group's cost is charged to its members through its count: a member at count
+    ``c`` shrinks the derived total by ``coef·(full − c)``.
+    """
+    full = complete(problem, _full_choice(problem))
     costs = {g.name: np.zeros(len(g.counts)) for g in problem.groups}
     for op in problem.ops:
         t = np.asarray(op.table, dtype=float)
@@ -296,7 +358,15 @@ def _linearised_costs(problem: Problem) -> dict[str, np.ndarray]:
             costs[op.in_group] += t[:, j_full] - t[i_full, j_full]
         if op.out_group:
             costs[op.out_group] += t[i_full, :] - t[i_full, j_full]
-    return costs
+    for g in problem.groups:
+        if not g.sum_of:
+            continue
+        for member, _ in g.sum_of:
+            spec = problem.group(member)
+            for k in range(len(spec.counts)):
+                option = derived_option(problem, g, {**full, member: k})
+                costs[member][k] += costs[g.name][option]
+    return {name: c for name, c in costs.items() if not problem.group(name).sum_of}
 
 
 def solve_knapsack(
@@ -311,7 +381,7 @@ def solve_knapsack(
     from pyscipopt import Model, quicksum
 
     start = time.perf_counter()
-    _, full_latency = evaluate(problem, {g.name: len(g.counts) - 1 for g in problem.groups}, set())
+    _, full_latency = evaluate(problem, _full_choice(problem), set())
     costs = _linearised_costs(problem)
 
     def knapsack(cap: float) -> dict[str, int] | None:
@@ -321,6 +391,7 @@ def solve_knapsack(
         y = {
             g.name: {k: m.addVar(vtype="B") for k, c in enumerate(g.counts) if c > 0}
             for g in problem.groups
+            if not g.sum_of
         }
         for vs in y.values():
             m.addCons(quicksum(vs.values()) == 1)
@@ -378,7 +449,7 @@ def solve_uniform(problem: Problem, budget: float, *, iters: int = 40) -> Soluti
 
     def choice_at(f: float) -> dict[str, int]:
         out = {}
-        for g in problem.groups:
+        for g in _free(problem):
             target = f * g.counts[-1]
             ks = [k for k, c in enumerate(g.counts) if c > 0 and c <= target + 1e-9]
             out[g.name] = ks[-1] if ks else next(k for k, c in enumerate(g.counts) if c > 0)
@@ -407,13 +478,13 @@ def brute_force(problem: Problem, budget: float) -> Solution:
     """Enumerate every choice (tiny problems only): the reference optimum for tests."""
     import itertools
 
-    names = [g.name for g in problem.groups]
+    names = [g.name for g in _free(problem)]
     blocks = [b.name for b in problem.blocks]
     best = None
     for removed_bits in itertools.product((0, 1), repeat=len(blocks)):
         removed = frozenset(b for b, r in zip(blocks, removed_bits, strict=True) if r)
         ranges = []
-        for g in problem.groups:
+        for g in _free(problem):
             if g.block is not None and g.block in removed:
                 ranges.append([0])
             else:

@@ -14,6 +14,7 @@ from fxprune.solver import (
     OpCost,
     Problem,
     brute_force,
+    complete,
     evaluate,
     solve_knapsack,
     solve_minlp,
@@ -55,14 +56,30 @@ def problems(draw):
     ops.append(
         OpCost("const_in_block", None, None, np.array([[0.7]]), "b0" if with_block else None)
     )
+    if draw(st.booleans()):
+        # a concatenation of g0 and the last group read by one conv (DenseNet): a derived group
+        # over totals on a coarse grid, with a non-monotone cost
+        last = groups[-1]
+        coef = float(draw(st.sampled_from([1.0, 2.0])))
+        top = 7 + coef * (groups[0].counts[-1] + last.counts[-1])
+        totals = tuple(sorted({*rng.integers(1, int(top), size=3).tolist(), int(np.ceil(top))}))
+        cat = GroupSpec(
+            "cat", totals, (0.0,) * len(totals), sum_of=(("g0", 1.0), (last.name, coef)), offset=7
+        )
+        groups.append(cat)
+        ops.append(OpCost("reader", "cat", None, rng.random((len(totals), 1)) + 0.1))
     blocks = (BlockSpec("b0"),) if with_block else ()
     return Problem(tuple(groups), tuple(ops), blocks, const=1.0)
+
+
+def _full(problem: Problem) -> dict[str, int]:
+    return {g.name: len(g.counts) - 1 for g in problem.groups if not g.sum_of}
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=problems(), frac=st.floats(0.2, 1.0))
 def test_minlp_matches_brute_force(problem, frac):
-    full = evaluate(problem, {g.name: len(g.counts) - 1 for g in problem.groups}, set())[1]
+    full = evaluate(problem, _full(problem), set())[1]
     budget = frac * full
     try:
         want = brute_force(problem, budget)
@@ -72,6 +89,7 @@ def test_minlp_matches_brute_force(problem, frac):
         return
     got = solve_minlp(problem, budget, gap=0.0)
     assert got.latency <= budget + 1e-6
+    assert got.choice == complete(problem, got.choice)  # derived groups are exact, not slack
     assert got.objective == pytest.approx(want.objective, rel=1e-6, abs=1e-9)
     assert got.status == "optimal"
 
@@ -118,7 +136,7 @@ def test_warm_start_and_statistics():
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=problems(), frac=st.floats(0.4, 1.0))
 def test_baselines_feasible_and_never_better_than_minlp(problem, frac):
-    full = evaluate(problem, {g.name: len(g.counts) - 1 for g in problem.groups}, set())[1]
+    full = evaluate(problem, _full(problem), set())[1]
     budget = frac * full
     try:
         best = solve_minlp(problem, budget, gap=0.0)

@@ -15,6 +15,7 @@ from fxprune.backends.base import (
     Measurement,
     UnstableMeasurementWarning,
     identity_label,
+    measure_side_by_side,
     time_callable,
 )
 from fxprune.backends.cache import LatencyCache, default_cache_dir, key_digest
@@ -35,6 +36,7 @@ __all__ = [
     "get_backend",
     "identity_label",
     "key_digest",
+    "measure_side_by_side",
     "time_callable",
 ]
 

@@ -21,7 +21,7 @@ import os
 import platform
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
@@ -41,6 +41,7 @@ __all__ = [
     "eval_mode",
     "host_identity",
     "identity_label",
+    "measure_side_by_side",
     "time_callable",
 ]
 
@@ -297,3 +298,30 @@ def time_callable(
         stable=stable,
         backend_id=backend_id,
     )
+
+
+def measure_side_by_side(
+    backend: Backend,
+    modules: Sequence[torch.nn.Module],
+    example_inputs: tuple[torch.Tensor, ...],
+    config: MeasureConfig | None = None,
+    sessions: int = 3,
+) -> list[Measurement]:
+    """Measure ``modules`` alternately, so host drift is common to all (ratios are honest).
+
+    Uses the backend's ``measure_interleaved`` when it has one (ONNX Runtime: one export per
+    module, fresh sessions alternating); otherwise alternates :meth:`Backend.measure` calls and
+    reports, per module, the median-figure round.
+    """
+    interleaved = getattr(backend, "measure_interleaved", None)
+    if interleaved is not None:
+        return interleaved(modules, example_inputs, config, sessions)
+    runs: list[list[Measurement]] = [[] for _ in modules]
+    for _ in range(max(1, sessions)):
+        for i, m in enumerate(modules):
+            runs[i].append(backend.measure(m, example_inputs, config))
+    out = []
+    for per in runs:
+        per.sort(key=lambda m: m.median_ms)
+        out.append(per[len(per) // 2])
+    return out

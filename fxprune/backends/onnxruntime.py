@@ -21,7 +21,7 @@ import json
 import os
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import numpy as np
@@ -248,21 +248,40 @@ class OnnxRuntimeBackend:
         placement, thread placement on a shared host); the session with the median figure is
         reported, so one unlucky session cannot make a whole-model reference.
         """
-        onnx_bytes = export_to_bytes(module, example_inputs)
+        return self.measure_interleaved([module], example_inputs, config, sessions)[0]
+
+    def measure_interleaved(
+        self,
+        modules: Sequence[torch.nn.Module],
+        example_inputs: tuple[torch.Tensor, ...],
+        config: MeasureConfig | None = None,
+        sessions: int = 3,
+    ) -> list[Measurement]:
+        """Time several modules side by side: sessions alternate between them.
+
+        A ratio of two models' latencies measured minutes apart on a shared host is off by
+        the host's drift (±15–30% here); alternating fresh sessions of each export makes the
+        drift common to both. Per module, the session with the median figure is reported.
+        """
+        exports = [export_to_bytes(m, example_inputs) for m in modules]
         label = identity_label(self.identity())
-        runs = []
+        runs: list[list[Measurement]] = [[] for _ in modules]
         for _ in range(max(1, sessions)):
-            sess = self.session(onnx_bytes)
-            feeds = _feeds(sess, example_inputs)
-            run_once: Callable[[], object] = (
-                _cuda_runner(sess, feeds)
-                if self.provider == _CUDA
-                else partial(sess.run, None, feeds)
-            )
-            runs.append(time_callable(run_once, config, backend_id=label, label="model"))
-            del sess
-        runs.sort(key=lambda m: m.median_ms)
-        return runs[len(runs) // 2]
+            for i, onnx_bytes in enumerate(exports):
+                sess = self.session(onnx_bytes)
+                feeds = _feeds(sess, example_inputs)
+                run_once: Callable[[], object] = (
+                    _cuda_runner(sess, feeds)
+                    if self.provider == _CUDA
+                    else partial(sess.run, None, feeds)
+                )
+                runs[i].append(time_callable(run_once, config, backend_id=label, label="model"))
+                del sess
+        out = []
+        for per in runs:
+            per.sort(key=lambda m: m.median_ms)
+            out.append(per[len(per) // 2])
+        return out
 
     def measure_kernels(
         self,

@@ -1,0 +1,476 @@
+"""``fxprune.compile``: prune a model to a latency budget that holds when measured.
+
+Stages (each timed in the result): trace and analyse → importance → latency tables on the
+target runtime → build the problem → solve (SCIP) → rewrite → measure. The measured latency,
+not the prediction, decides: if the pruned model misses the budget by more than ``tolerance``,
+the latency model is re-calibrated on what was just measured (``a·Σ tables + b`` refitted on
+every pruned model measured so far and the dense model) and the problem re-solved; if it lands
+far under the budget the same refit loosens it. At most ``max_rounds`` rounds; the result keeps
+the most important plan that met the budget, and every round's figures.
+
+Budgets: a float in ``(0, 1]`` is a fraction of the dense model's latency *measured side by side*
+with the pruned one in the same round (sessions alternate, so host drift cancels); a string with
+a unit (``"25ms"``, ``"0.025s"``, ``"800us"``) or :meth:`Budget.ms` is an absolute time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from fxprune.analysis import Analysis, analyze
+from fxprune.api import prune
+from fxprune.backends import (
+    Backend,
+    LatencyCache,
+    MeasureConfig,
+    get_backend,
+    identity_label,
+    measure_side_by_side,
+)
+from fxprune.latency.predictor import LatencyModel
+from fxprune.passes.importance import channel_importance
+from fxprune.passes.latency import LatencyConfig, LatencyTables, annotate_latency
+from fxprune.passes.trace import as_input_tuple
+from fxprune.plan import Plan
+from fxprune.problem import PruningProblem, build_problem, solution_from_plan
+from fxprune.solver import (
+    InfeasibleBudget,
+    Solution,
+    min_latency,
+    solve_knapsack,
+    solve_minlp,
+    solve_uniform,
+)
+
+__all__ = ["Budget", "CompileResult", "compile"]
+
+_UNITS = {"s": 1000.0, "ms": 1.0, "us": 1e-3, "µs": 1e-3}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A latency budget: a fraction of the dense model's latency, or an absolute time (ms)."""
+
+    fraction: float | None = None
+    ms_: float | None = None
+
+    @classmethod
+    def of_dense(cls, fraction: float) -> Budget:
+        return cls(fraction=fraction)
+
+    @classmethod
+    def ms(cls, value: float) -> Budget:
+        return cls(ms_=value)
+
+    @classmethod
+    def parse(cls, budget: float | str | Budget) -> Budget:
+        """``0.5`` → half the dense latency; ``"25ms"`` / ``"0.025s"`` / ``"800us"`` → absolute."""
+        if isinstance(budget, Budget):
+            return budget
+        if isinstance(budget, str):
+            m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(s|ms|us|µs|x)?\s*", budget)
+            if m is None or m.group(2) is None:
+                raise ValueError(
+                    f"latency budget {budget!r}: give a time with a unit ('25ms', '0.025s', "
+                    "'800us') or a fraction of the dense latency as a float (0.5) or '0.5x'"
+                )
+            if m.group(2) == "x":
+                return cls.parse(float(m.group(1)))
+            return cls(ms_=float(m.group(1)) * _UNITS[m.group(2)])
+        value = float(budget)
+        if not 0 < value <= 1:
+            raise ValueError(
+                f"latency budget {value}: a number is a fraction of the dense model's latency and "
+                "must be in (0, 1]; for an absolute time pass a string with a unit, e.g. '25ms'"
+            )
+        return cls(fraction=value)
+
+    def resolve(self, dense_ms: float) -> float:
+        """The budget in ms given the dense model's latency."""
+        return self.fraction * dense_ms if self.fraction is not None else float(self.ms_)
+
+    def __str__(self) -> str:
+        return f"{self.fraction:g}× dense" if self.fraction is not None else f"{self.ms_:g} ms"
+
+
+@dataclass
+class CompileResult:
+    """What :func:`compile` produced, and the evidence that it meets the budget.
+
+    ``model`` is the pruned GraphModule. Latencies are in ms on ``backend``; ``dense_ms`` and
+    ``measured_ms`` were measured side by side in the chosen round; ``predicted_ms`` is the
+    calibrated latency model's figure for the plan. ``importance_kept`` is the fraction of the
+    prunable groups' total importance the plan keeps (``importance_method`` says which scores).
+    """
+
+    model: fx.GraphModule
+    plan: Plan
+    analysis: Analysis
+    budget: Budget
+    budget_ms: float
+    dense_ms: float
+    predicted_ms: float
+    measured_ms: float
+    budget_met: bool
+    importance_kept: float
+    importance_method: str
+    solver: dict[str, Any]
+    rounds: list[dict[str, Any]]
+    timings: dict[str, float]
+    backend: str
+    params: tuple[int, int] = (0, 0)
+    macs: tuple[int, int] = (0, 0)
+    tables: LatencyTables | None = field(default=None, repr=False)
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_ms / self.measured_ms
+
+    def summary(self) -> dict[str, Any]:
+        """The headline figures, JSON-ready."""
+        return {
+            "budget": str(self.budget),
+            "budget_ms": self.budget_ms,
+            "dense_ms": self.dense_ms,
+            "predicted_ms": self.predicted_ms,
+            "measured_ms": self.measured_ms,
+            "measured_over_budget": self.measured_ms / self.budget_ms,
+            "budget_met": self.budget_met,
+            "speedup": self.speedup,
+            "importance_kept": self.importance_kept,
+            "importance_method": self.importance_method,
+            "removed_blocks": len(self.plan.removed_blocks),
+            "params_before": self.params[0],
+            "params_after": self.params[1],
+            "macs_before": self.macs[0],
+            "macs_after": self.macs[1],
+            "rounds": len(self.rounds),
+            "backend": self.backend,
+        }
+
+    def report(self) -> dict[str, Any]:
+        """The analysis report of the plan plus the compile section (JSON-ready)."""
+        from fxprune.report import analysis_report
+
+        report = analysis_report(self.analysis, self.plan, self.model)
+        report["summary"].update(self.summary())
+        report["solver"] = self.solver
+        report["rounds"] = self.rounds
+        report["timings"] = self.timings
+        return report
+
+    def save(self, directory: str | Path, *, onnx: bool = True) -> Path:
+        """Write the result so it can be inspected, rebuilt and deployed.
+
+        Files: ``plan.json``; ``pruned_state_dict.pt`` (with the original architecture and the
+        plan, :func:`fxprune.rebuild` re-creates the model — no pickled code needed);
+        ``pruned_model.pt`` (a pickled GraphModule, for convenience); ``pruned.onnx`` (checked
+        against ONNX Runtime); ``report.md`` / ``report.json``; ``widths.png`` when matplotlib
+        is installed. Every file is written atomically.
+        """
+        from fxprune.export import export_onnx
+        from fxprune.io import atomic_write, write_json, write_text
+        from fxprune.report import render_markdown
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.plan.save(out / "plan.json")
+        state = self.model.state_dict()
+        atomic_write(out / "pruned_state_dict.pt", lambda p: torch.save(state, p))
+        atomic_write(out / "pruned_model.pt", lambda p: torch.save(self.model, p))
+        if onnx:
+            export_onnx(self.model, out / "pruned.onnx", self.analysis.example_inputs)
+        report = self.report()
+        write_json(out / "report.json", report)
+        write_text(out / "report.md", render_markdown(report) + _rounds_markdown(self.rounds))
+        try:
+            from fxprune.plots import plot_widths
+
+            plot_widths(self.analysis, self.plan, out / "widths.png")
+        except ImportError:  # matplotlib is optional
+            pass
+        return out
+
+
+def _rounds_markdown(rounds: Sequence[dict[str, Any]]) -> str:
+    lines = ["", "## Budget rounds", ""]
+    lines += ["| round | target ms | predicted ms | measured ms | dense ms | budget ms | met |"]
+    lines += ["|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rounds:
+        lines.append(
+            f"| {r['round']} | {r['target_ms']:.3f} | {r['predicted_ms']:.3f} | "
+            f"{r['measured_ms']:.3f} | {r['dense_ms']:.3f} | {r['budget_ms']:.3f} | {r['met']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+_SOLVERS: dict[str, Callable[..., Solution]] = {
+    "minlp": solve_minlp,
+    "knapsack": solve_knapsack,
+    "uniform": solve_uniform,
+}
+
+
+def _solve(
+    name: str, pp: PruningProblem, target: float, warm: Solution | None, opts: dict
+) -> Solution:
+    if name == "minlp":
+        return solve_minlp(pp.problem, target, warm_start=warm, **opts)
+    if name == "knapsack":
+        return solve_knapsack(pp.problem, target, time_limit=opts.get("time_limit", 30.0))
+    return solve_uniform(pp.problem, target)
+
+
+def compile(
+    model: nn.Module,
+    latency_budget: float | str | Budget,
+    *,
+    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    data: Iterable[Any] | None = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    max_batches: int | None = None,
+    backend: str | Backend = "onnxruntime",
+    cache: LatencyCache | str | Path | None = None,
+    solver: str = "minlp",
+    time_limit: float = 30.0,
+    gap: float = 1e-3,
+    tolerance: float = 0.02,
+    margin: float = 0.01,
+    slack: float = 0.05,
+    max_rounds: int = 4,
+    allow_block_removal: bool = True,
+    latency_config: LatencyConfig | None = None,
+    measure_config: MeasureConfig | None = None,
+    sessions: int = 3,
+    leaf_modules: Iterable[type | str] | None = None,
+    progress: bool = True,
+) -> CompileResult:
+    """Prune ``model`` so that it runs within ``latency_budget`` on ``backend``.
+
+    Args:
+        model: the model (copied; never modified).
+        latency_budget: ``0.5`` = half the dense latency; ``"25ms"`` = an absolute time.
+        example_inputs: inputs at the deployment batch size and resolution.
+        data, loss_fn: batches ``(inputs, target)`` and ``loss_fn(output, target)`` for
+            first-order Taylor importance; without them, L2 magnitude (the result says which).
+        backend: ``"onnxruntime"`` (CUDA where present, else CPU), ``"torch"``, or a backend.
+        cache: latency cache (a :class:`LatencyCache` or a directory); default location else.
+        solver: ``"minlp"`` (exact, SCIP), or the baselines ``"knapsack"`` / ``"uniform"``.
+        time_limit, gap: SCIP's time limit (s) and relative gap.
+        tolerance: a measured latency up to ``budget·(1 + tolerance)`` meets the budget.
+        margin: the solver aims at ``budget·(1 − margin)`` to leave room for noise.
+        slack: a plan measured under ``budget·(1 − slack)`` is loosened in a further round.
+        max_rounds: solve–measure rounds at most.
+        allow_block_removal: let the solver remove residual blocks (MDP); else channels only.
+        latency_config: how tables are built (grid, sweeps, timing).
+        measure_config, sessions: how whole models are timed (per session, and sessions).
+        leaf_modules: module classes or names to keep opaque (their channels freeze).
+        progress: rich progress output.
+
+    Raises:
+        InfeasibleBudget: with the smallest latency the model can reach.
+    """
+    if solver not in _SOLVERS:
+        raise ValueError(f"solver must be one of {sorted(_SOLVERS)}, got {solver!r}")
+    if max_rounds < 1:
+        raise ValueError("max_rounds must be at least 1")
+    budget = Budget.parse(latency_budget)
+    be = get_backend(backend) if isinstance(backend, str) else backend
+    if cache is not None and not isinstance(cache, LatencyCache):
+        cache = LatencyCache(cache)
+    inputs = as_input_tuple(example_inputs)
+    measure_config = measure_config or MeasureConfig(warmup=5, repeats=20)
+    latency_config = latency_config or LatencyConfig(progress=progress)
+    log = _Log(progress)
+    timings: dict[str, float] = {}
+
+    with log.stage("trace and analyse", timings, "analyze_s"):
+        analysis = analyze(model, inputs, leaf_modules=leaf_modules)
+    with log.stage("importance", timings, "importance_s"):
+        importance = channel_importance(analysis, data, loss_fn, max_batches=max_batches)
+    with log.stage("latency tables", timings, "tables_s", spin=False):  # has its own bar
+        tables = annotate_latency(analysis, be, cache=cache, config=latency_config)
+    latency = LatencyModel(analysis, tables, be, measure_config=measure_config, sessions=sessions)
+
+    def problem() -> PruningProblem:
+        return build_problem(
+            analysis,
+            latency,
+            importance.scores,
+            importance_method=importance.method,
+            allow_block_removal=allow_block_removal,
+        )
+
+    with log.stage("build problem", timings, "problem_s"):
+        pp = problem()
+    opts = {"time_limit": time_limit, "gap": gap}
+    budget_ms = budget.resolve(tables.dense_ms)
+    dense_ms = tables.dense_ms
+    rounds: list[dict[str, Any]] = []
+    points: list[tuple[Plan, float]] = []
+    history: list[tuple[Plan, fx.GraphModule, Solution, dict]] = []
+    warm: Solution | None = None
+    timings.update(solve_s=0.0, rewrite_s=0.0, measure_s=0.0)
+    for r in range(max_rounds):
+        target = budget_ms * (1 - margin)
+        start = time.perf_counter()
+        try:
+            sol = _solve(solver, pp, target, warm, opts)
+        except InfeasibleBudget as exc:
+            if r > 0:
+                log.say(f"round {r}: the re-calibrated target {target:.3f} ms is out of reach")
+                break
+            lowest = exc.min_latency
+            if not lowest <= budget_ms:  # also catches NaN
+                lowest = min_latency(pp.problem, time_limit)
+                raise InfeasibleBudget(budget_ms, lowest, dense_ms) from None
+            sol = _solve(solver, pp, budget_ms, warm, opts)  # reachable, just not with margin
+        timings["solve_s"] += time.perf_counter() - start
+        start = time.perf_counter()
+        plan = pp.plan(sol, _notes(analysis, importance.method, budget, solver))
+        pruned = prune(analysis, plan)
+        timings["rewrite_s"] += time.perf_counter() - start
+        start = time.perf_counter()
+        with log.spinner(f"round {r}: measuring pruned and dense side by side"):
+            m_p, m_d = measure_side_by_side(
+                be, [pruned, analysis.gm], analysis.example_inputs, measure_config, sessions
+            )
+        timings["measure_s"] += time.perf_counter() - start
+        dense_ms = m_d.median_ms
+        budget_ms = budget.resolve(dense_ms)
+        met = m_p.median_ms <= budget_ms * (1 + tolerance)
+        record = {
+            "round": r,
+            "target_ms": target,
+            "predicted_ms": sol.latency,
+            "measured_ms": m_p.median_ms,
+            "measured_stable": m_p.stable,
+            "dense_ms": dense_ms,
+            "budget_ms": budget_ms,
+            "measured_over_budget": m_p.median_ms / budget_ms,
+            "met": met,
+            "importance_kept": sol.objective,
+            "removed_blocks": len(sol.removed),
+            "solver": sol.solver,
+            "status": sol.status,
+            "gap": sol.gap,
+            "solve_s": sol.time_s,
+        }
+        rounds.append(record)
+        history.append((plan, pruned, sol, record))
+        log.say(
+            f"round {r}: predicted {sol.latency:.3f} ms, measured {m_p.median_ms:.3f} ms "
+            f"(budget {budget_ms:.3f} ms, dense {dense_ms:.3f} ms) → "
+            f"{'met' if met else 'missed'}; importance kept {sol.objective:.1%}"
+        )
+        if met and m_p.median_ms >= budget_ms * (1 - slack):
+            break
+        points.append((plan, m_p.median_ms))
+        if r + 1 < max_rounds:  # refit on everything measured, dense at its latest figure
+            latency.calibrate(
+                [p for p, _ in points] + [Plan.empty(analysis)],
+                [m for _, m in points] + [dense_ms],
+                include_dense=False,
+                per_layer=False,
+            )
+            pp = problem()
+            warm = solution_from_plan(pp, plan) if met else None
+    met_rounds = [h for h in history if h[3]["met"]]
+    if met_rounds:  # the most important plan that met the budget
+        plan, pruned, sol, record = max(met_rounds, key=lambda h: h[2].objective)
+    else:
+        plan, pruned, sol, record = min(history, key=lambda h: h[3]["measured_over_budget"])
+        warnings.warn(
+            f"fxprune.compile: no round met the budget {budget} within {tolerance:.0%} after "
+            f"{len(rounds)} rounds (closest: {record['measured_over_budget']:.3f}× budget). "
+            "Returning the closest plan; raise max_rounds or the budget.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    from fxprune.report import count_macs, count_params
+
+    return CompileResult(
+        model=pruned,
+        plan=plan,
+        analysis=analysis,
+        budget=budget,
+        budget_ms=record["budget_ms"],
+        dense_ms=record["dense_ms"],
+        predicted_ms=record["predicted_ms"],
+        measured_ms=record["measured_ms"],
+        budget_met=bool(record["met"]),
+        importance_kept=pp.importance_kept(plan),
+        importance_method=importance.method,
+        solver={
+            "name": sol.solver,
+            "status": sol.status,
+            "gap": sol.gap,
+            "objective": sol.objective,
+            "time_s": sol.time_s,
+            "variables_groups": len(pp.problem.groups),
+            "ops": len(pp.problem.ops),
+            "removable_blocks": len(pp.problem.blocks),
+        },
+        rounds=rounds,
+        timings={**timings, "total_s": sum(timings.values())},
+        backend=identity_label(be.identity()),
+        params=(count_params(analysis.gm), count_params(pruned)),
+        macs=(
+            count_macs(analysis.gm),
+            count_macs(pruned, analysis.example_inputs),
+        ),
+        tables=tables,
+    )
+
+
+def _notes(analysis: Analysis, method: str, budget: Budget, solver: str) -> dict[str, Any]:
+    return {
+        "strategy": f"compile/{solver}",
+        "budget": str(budget),
+        "importance": method,
+        "input_shapes": [list(t.shape) for t in analysis.example_inputs],
+    }
+
+
+class _Log:
+    """Stage timing plus rich output (silent when ``progress`` is off)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.console = None
+        if enabled:
+            from rich.console import Console
+
+            self.console = Console(stderr=True)
+
+    def say(self, text: str) -> None:
+        if self.console is not None:
+            self.console.log(text)
+
+    @contextlib.contextmanager
+    def spinner(self, text: str) -> Iterator[None]:
+        if self.console is None:
+            yield
+            return
+        with self.console.status(text):
+            yield
+
+    @contextlib.contextmanager
+    def stage(
+        self, text: str, timings: dict[str, float], key: str, spin: bool = True
+    ) -> Iterator[None]:
+        start = time.perf_counter()
+        with self.spinner(text) if spin else contextlib.nullcontext():
+            yield
+        timings[key] = time.perf_counter() - start
+        self.say(f"{text}: {timings[key]:.1f} s")
