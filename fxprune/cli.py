@@ -1,4 +1,9 @@
-"""Command line: ``fxprune analyze`` and ``fxprune prune`` on torchvision models or checkpoints."""
+"""Command line: ``fxprune compile | prune | analyze`` on torchvision models or checkpoints.
+
+``compile`` is the main job: prune to a latency budget measured on ONNX Runtime and write the
+pruned model, its ONNX file and a report. ``prune`` applies a given plan (or a uniform one);
+``analyze`` reports coupling groups and blocks.
+"""
 
 from __future__ import annotations
 
@@ -34,7 +39,12 @@ def _summary_table(report: dict) -> Table:
     table.add_column("quantity")
     table.add_column("value", justify="right")
     for k, v in report["summary"].items():
-        table.add_row(k, f"{v:.3f}" if isinstance(v, float) else f"{v:,}")
+        if isinstance(v, float):
+            table.add_row(k, f"{v:.3f}")
+        elif isinstance(v, int) and not isinstance(v, bool):
+            table.add_row(k, f"{v:,}")
+        else:
+            table.add_row(k, str(v))
     return table
 
 
@@ -42,8 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fxprune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_ in (
+        ("compile", "prune to a latency budget measured on the runtime"),
         ("analyze", "report groups and blocks"),
-        ("prune", "apply a plan and write the result"),
+        ("prune", "apply a plan (or a uniform one) and write the result"),
     ):
         s = sub.add_parser(name, help=help_)
         s.add_argument(
@@ -53,6 +64,19 @@ def _parser() -> argparse.ArgumentParser:
         s.add_argument("--size", type=int, default=224, help="input resolution (square)")
         s.add_argument("--batch", type=int, default=1)
         s.add_argument("--out", type=Path, default=None, help="output directory")
+    co = sub.choices["compile"]
+    co.add_argument(
+        "--budget",
+        default="0.5",
+        help="latency budget: a fraction of the dense latency (0.5, '0.5x') or a time ('25ms')",
+    )
+    co.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) or torch")
+    co.add_argument("--solver", default="minlp", choices=["minlp", "knapsack", "uniform"])
+    co.add_argument("--time-limit", type=float, default=30.0, help="SCIP time limit (s)")
+    co.add_argument("--max-rounds", type=int, default=4, help="solve-measure rounds at most")
+    co.add_argument("--no-blocks", action="store_true", help="never remove residual blocks")
+    co.add_argument("--cache", type=Path, help="latency cache directory")
+    co.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
     pr = sub.choices["prune"]
     pr.add_argument("--keep", type=float, default=0.5, help="fraction of channels kept per group")
     pr.add_argument("--multiple", type=int, default=8, help="round kept counts to this multiple")
@@ -69,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(stderr=True)
     out = args.out or Path("runs") / args.model
     x = torch.randn(args.batch, 3, args.size, args.size)
+    if args.command == "compile":
+        return _compile(args, console, out, x)
     timings: dict[str, float] = {}
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
@@ -124,6 +150,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.out or args.command == "prune":
         console.print(f"wrote {out}/ (plan.json, pruned model, ONNX, report.md, report.json)")
     return 0
+
+
+def _compile(args: argparse.Namespace, console: Console, out: Path, x: torch.Tensor) -> int:
+    import fxprune
+
+    budget = args.budget  # "0.5", "0.5x" or "25ms": Budget.parse reads all of them
+    model = _load_model(args.model, args.checkpoint)
+    console.log(f"compiling {args.model} ({args.batch}×3×{args.size}×{args.size}) to {budget}")
+    try:
+        result = fxprune.compile(
+            model,
+            budget,
+            example_inputs=x,
+            backend=args.backend,
+            cache=args.cache,
+            solver=args.solver,
+            time_limit=args.time_limit,
+            max_rounds=args.max_rounds,
+            allow_block_removal=not args.no_blocks,
+        )
+    except fxprune.InfeasibleBudget as exc:
+        console.print(f"[red]{exc}")
+        return 2
+    result.save(out, onnx=not args.no_onnx)
+    report = {"model": args.model, "summary": result.summary()}
+    console.print(_summary_table(report))
+    console.print(
+        f"wrote {out}/ (plan.json, pruned_state_dict.pt, pruned_model.pt"
+        f"{'' if args.no_onnx else ', pruned.onnx'}, report.md, report.json, widths.png)"
+    )
+    return 0 if result.budget_met else 1
 
 
 if __name__ == "__main__":

@@ -74,17 +74,18 @@ class Budget:
 
     @classmethod
     def parse(cls, budget: float | str | Budget) -> Budget:
-        """``0.5`` → half the dense latency; ``"25ms"`` / ``"0.025s"`` / ``"800us"`` → absolute."""
+        """``0.5`` / ``"0.5"`` / ``"0.5x"`` → half the dense latency; ``"25ms"``, ``"0.025s"``,
+        ``"800us"`` → an absolute time."""
         if isinstance(budget, Budget):
             return budget
         if isinstance(budget, str):
             m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e-?[0-9]+)?)\s*(s|ms|us|µs|x)?\s*", budget)
-            if m is None or m.group(2) is None:
+            if m is None:
                 raise ValueError(
                     f"latency budget {budget!r}: give a time with a unit ('25ms', '0.025s', "
-                    "'800us') or a fraction of the dense latency as a float (0.5) or '0.5x'"
+                    "'800us') or a fraction of the dense latency (0.5, '0.5' or '0.5x')"
                 )
-            if m.group(2) == "x":
+            if m.group(2) in (None, "x"):
                 return cls.parse(float(m.group(1)))
             return cls(ms_=float(m.group(1)) * _UNITS[m.group(2)])
         value = float(budget)

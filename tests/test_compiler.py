@@ -121,7 +121,8 @@ def test_budget_spellings():
     assert Budget.parse("0.025s").ms_ == pytest.approx(25)
     assert Budget.parse("800us").ms_ == pytest.approx(0.8)
     assert Budget.parse(0.5).resolve(40.0) == 20.0
-    for bad in (1.5, 0, -0.2, "25", "fast"):
+    assert Budget.parse("0.5").fraction == 0.5
+    for bad in (1.5, 0, -0.2, "25", "fast", "3 hours"):
         with pytest.raises(ValueError, match="budget"):
             Budget.parse(bad)
 

@@ -71,7 +71,7 @@ def test_dense_choice_is_the_dense_prediction(built):
 
 
 def test_random_solutions_round_trip(built):
-    name, analysis, latency, pp, x = built
+    _, analysis, latency, pp, x = built
     rng = np.random.default_rng(1)
     derived = any(g.sum_of for g in pp.problem.groups)
     for _ in range(3):

@@ -1,0 +1,249 @@
+"""Benchmark ``fxprune.compile`` against its baselines on ONNX Runtime CPU, batch 1, 224×224.
+
+For each model (random weights, L2-magnitude importance) and each budget (a fraction of the
+dense latency, measured side by side with the pruned model):
+
+* **ours** — ``compile(solver="minlp")``: measured latency / budget, importance kept, blocks
+  removed, SCIP status/gap/time, time per stage. The first budget of each model runs on a
+  fresh latency cache (cold), the others reuse it (warm).
+* **knapsack**, **uniform** — the same budget loop with the baseline solvers.
+* **torch-pruning** — ``torch_pruning.MetaPruner`` with ``MagnitudeImportance(p=2)`` (its
+  default, per-layer uniform ratio, no rounding), the ratio bisected until its measured latency
+  (side by side with dense) is at most ours; importance kept is scored with *our* scores on the
+  channels it keeps, so all four columns are comparable.
+
+Writes ``bench/results/compile.json`` after every case, ``compile.md`` (tables) and a widths
+plot per model. Run: ``python -m bench.compile`` (about an hour here; ``--models``,
+``--budgets``, ``--no-tp`` to narrow it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision
+
+import fxprune
+from fxprune.backends import MeasureConfig, get_backend, measure_side_by_side
+from fxprune.io import write_json
+from fxprune.passes.importance import magnitude_scores
+from fxprune.passes.latency import LatencyConfig
+
+MODELS = ["resnet50", "mobilenet_v2", "efficientnet_b0", "regnet_y_800mf", "convnext_tiny"]
+BUDGETS = [0.5, 0.3, 0.7]  # the first one runs cold
+RESULTS = Path(__file__).parent / "results"
+MEASURE = MeasureConfig(warmup=5, repeats=20)
+
+
+def _kept_fraction(analysis, scores: dict[str, np.ndarray], kept: dict[str, np.ndarray]) -> float:
+    """Our importance metric for any kept-index sets (groups absent from ``kept`` keep all)."""
+    total = kept_sum = 0.0
+    for name, s in scores.items():
+        g = analysis.group(name)
+        if g.frozen or g.size < 2:
+            continue
+        total += float(s.sum())
+        kept_sum += float(s[kept[name]].sum()) if name in kept else float(s.sum())
+    return kept_sum / total if total else 1.0
+
+
+def torch_pruning_plan(model, x, ratio: float, analysis):
+    """Prune a copy with Torch-Pruning; return it and our groups' kept indices under it."""
+    import torch_pruning as tp
+
+    m = copy.deepcopy(model).eval()
+    names = {id(mod): n for n, mod in m.named_modules()}
+    heads = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)][-1:]
+    pruner = tp.pruner.MetaPruner(
+        m,
+        x,
+        importance=tp.importance.MagnitudeImportance(p=2),
+        pruning_ratio=ratio,
+        ignored_layers=heads,
+    )
+    records = {rec.target: rec for rec in analysis.spaces.layers}
+    spaces = analysis.spaces
+    removed: dict[str, set[int]] = {}
+    for group in pruner.step(interactive=True):
+        for item in group:
+            dep, idxs = item.dep, item.idxs
+            if getattr(dep.handler, "__name__", "") != "prune_out_channels":
+                continue
+            rec = records.get(names.get(id(dep.target.module), ""))
+            if rec is None or rec.kind not in ("conv", "linear"):
+                continue
+            for i in idxs:
+                hit = spaces.class_index.get(int(spaces.unit_class[rec.out_units[int(i)]]))
+                if hit is not None:
+                    removed.setdefault(analysis.groups[hit[0]].name, set()).add(hit[1])
+        group.prune()
+    kept = {
+        name: np.setdiff1d(np.arange(analysis.group(name).size), sorted(r))
+        for name, r in removed.items()
+    }
+    return m, kept
+
+
+def bench_torch_pruning(model, x, analysis, scores, backend, target_ratio, steps=6):
+    """Bisect TP's pruning ratio until its measured latency / dense ≤ ``target_ratio``."""
+    lo, hi = 0.0, 0.95
+    best = None
+    trials = []
+    for _ in range(steps):
+        ratio = (lo + hi) / 2
+        pruned, kept = torch_pruning_plan(model, x, ratio, analysis)
+        m_p, m_d = measure_side_by_side(backend, [pruned, analysis.gm], (x,), MEASURE, 2)
+        r = m_p.median_ms / m_d.median_ms
+        imp = _kept_fraction(analysis, scores, kept)
+        trials.append({"ratio": ratio, "latency_ratio": r, "importance_kept": imp})
+        if r <= target_ratio:
+            hi = ratio
+            if best is None or imp > best["importance_kept"]:
+                best = {**trials[-1], "measured_ms": m_p.median_ms, "dense_ms": m_d.median_ms}
+        else:
+            lo = ratio
+    return {"best": best, "trials": trials}
+
+
+def run_case(name, model, x, budget, solver, cache, backend):
+    start = time.perf_counter()
+    res = fxprune.compile(
+        model,
+        budget,
+        example_inputs=x,
+        backend=backend,
+        cache=cache,
+        solver=solver,
+        measure_config=MEASURE,
+        latency_config=LatencyConfig(progress=False),
+        progress=False,
+    )
+    wall = time.perf_counter() - start
+    counts = {g: len(idx) for g, idx in res.plan.kept.items()}
+    return res, {
+        **res.summary(),
+        "wall_s": wall,
+        "timings": res.timings,
+        "solver": res.solver,
+        "rounds": res.rounds,
+        "kept_counts": counts,
+        "removed_blocks_names": list(res.plan.removed_blocks),
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="*", default=MODELS)
+    p.add_argument("--budgets", nargs="*", type=float, default=BUDGETS)
+    p.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
+    p.add_argument("--baselines", nargs="*", default=["knapsack", "uniform"])
+    p.add_argument("--out", type=Path, default=RESULTS / "compile.json")
+    args = p.parse_args(argv)
+    backend = get_backend("ort", provider="cpu")
+    x = torch.randn(1, 3, 224, 224)
+    out: dict = {
+        "backend": repr(backend),
+        "measure": MEASURE.__dict__,
+        "budgets": args.budgets,
+        "models": {},
+    }
+    if args.out.exists():  # keep models benchmarked by an earlier (partial) run
+        out["models"] = json.loads(args.out.read_text()).get("models", {})
+    for name in args.models:
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, weights=None).eval()
+        cache_dir = Path(tempfile.mkdtemp(prefix=f"fxprune-bench-{name}-"))
+        entry: dict = {"cases": {}}
+        out["models"][name] = entry
+        try:
+            for i, budget in enumerate(args.budgets):
+                case: dict = {"cold": i == 0}
+                ours, case["ours"] = run_case(name, model, x, budget, "minlp", cache_dir, backend)
+                print(
+                    f"{name} @ {budget}: ours {case['ours']['measured_over_budget']:.3f}× "
+                    f"budget, importance {ours.importance_kept:.3f}",
+                    flush=True,
+                )
+                for solver in args.baselines:
+                    try:
+                        _, case[solver] = run_case(
+                            name, model, x, budget, solver, cache_dir, backend
+                        )
+                    except fxprune.InfeasibleBudget as exc:
+                        case[solver] = {"error": str(exc)}
+                if not args.no_tp:
+                    scores = magnitude_scores(ours.analysis)
+                    target = ours.measured_ms / ours.dense_ms
+                    case["torch_pruning"] = bench_torch_pruning(
+                        model, x, ours.analysis, scores, backend, target
+                    )
+                if i == 0:
+                    try:
+                        from fxprune.plots import plot_widths
+
+                        plot_widths(ours.analysis, ours.plan, RESULTS / f"compile_{name}.png")
+                    except ImportError:
+                        pass
+                entry["cases"][str(budget)] = case
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                write_json(args.out, out)
+        finally:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+    (args.out.with_suffix(".md")).write_text(render(out))
+    print(render(out))
+    return 0
+
+
+def render(out: dict) -> str:
+    lines = ["# compile benchmark (ONNX Runtime CPU, batch 1, 224×224, random weights)", ""]
+    lines += [
+        "| model | budget | ours meas/budget | ours imp | knapsack imp (meas/budget) "
+        "| uniform imp (meas/budget) | TP imp (lat ratio) | blocks removed | SCIP s / gap "
+        "| rounds | total s (cold?) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+
+    def base(c, k):
+        b = c.get(k)
+        if not b:
+            return "—"
+        if "error" in b:
+            return "infeasible"
+        return f"{b['importance_kept']:.3f} ({b['measured_over_budget']:.3f})"
+
+    for name, entry in out["models"].items():
+        for budget, c in entry["cases"].items():
+            o = c["ours"]
+            tp = (c.get("torch_pruning") or {}).get("best")
+            tps = f"{tp['importance_kept']:.3f} ({tp['latency_ratio']:.3f})" if tp else "—"
+            lines.append(
+                f"| {name} | {budget} | {o['measured_over_budget']:.3f} | "
+                f"{o['importance_kept']:.3f} | {base(c, 'knapsack')} | {base(c, 'uniform')} | "
+                f"{tps} | {o['removed_blocks']} | {o['solver']['time_s']:.1f} / "
+                f"{o['solver']['gap']:.1e} | {o['rounds']} | {o['timings']['total_s']:.0f}"
+                f"{' (cold)' if c['cold'] else ''} |"
+            )
+    lines += ["", "Stage timings of ours (s):", ""]
+    lines += ["| model | budget | analyze | importance | tables | solve | rewrite | measure |"]
+    lines += ["|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, entry in out["models"].items():
+        for budget, c in entry["cases"].items():
+            t = c["ours"]["timings"]
+            lines.append(
+                f"| {name} | {budget} | {t['analyze_s']:.1f} | {t['importance_s']:.1f} | "
+                f"{t['tables_s']:.1f} | {t['solve_s']:.1f} | {t['rewrite_s']:.1f} | "
+                f"{t['measure_s']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
