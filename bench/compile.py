@@ -128,8 +128,19 @@ def run_case(name, model, x, budget, solver, cache, backend):
     )
     wall = time.perf_counter() - start
     counts = {g: len(idx) for g, idx in res.plan.kept.items()}
+    (RESULTS / "compile_plans").mkdir(parents=True, exist_ok=True)
+    res.plan.save(RESULTS / "compile_plans" / f"{name}_{budget}_{solver}.json")
+    # The loop stops at the first measurement under budget·1.02, which favours lucky draws on
+    # a noisy host; an independent side-by-side re-measurement (5 sessions) shows the truth.
+    v_p, v_d = measure_side_by_side(
+        backend, [res.model, res.analysis.gm], res.analysis.example_inputs, MEASURE, 5
+    )
+    verified = (v_p.median_ms / v_d.median_ms) / budget
     return res, {
         **res.summary(),
+        "verified_over_budget": verified,
+        "verified_ms": v_p.median_ms,
+        "verified_dense_ms": v_d.median_ms,
         "wall_s": wall,
         "timings": res.timings,
         "solver": res.solver,
@@ -146,7 +157,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
     p.add_argument("--baselines", nargs="*", default=["knapsack", "uniform"])
     p.add_argument("--out", type=Path, default=RESULTS / "compile.json")
+    p.add_argument("--render", action="store_true", help="only re-render the Markdown")
     args = p.parse_args(argv)
+    if args.render:
+        args.out.with_suffix(".md").write_text(render(json.loads(args.out.read_text())))
+        return 0
     backend = get_backend("ort", provider="cpu")
     x = torch.randn(1, 3, 224, 224)
     out: dict = {
@@ -205,9 +220,9 @@ def main(argv=None) -> int:
 def render(out: dict) -> str:
     lines = ["# compile benchmark (ONNX Runtime CPU, batch 1, 224×224, random weights)", ""]
     lines += [
-        "| model | budget | ours meas/budget | ours imp | knapsack imp (meas/budget) "
-        "| uniform imp (meas/budget) | TP imp (lat ratio) | blocks removed | SCIP s / gap "
-        "| rounds | total s (cold?) |",
+        "| model | budget | ours meas/budget (re-measured) | ours imp "
+        "| knapsack imp (meas/budget) | uniform imp (meas/budget) | TP imp (lat ratio) "
+        "| blocks removed | SCIP s / gap | rounds | total s (cold?) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
@@ -224,11 +239,13 @@ def render(out: dict) -> str:
             o = c["ours"]
             tp = (c.get("torch_pruning") or {}).get("best")
             tps = f"{tp['importance_kept']:.3f} ({tp['latency_ratio']:.3f})" if tp else "—"
+            verified = o.get("verified_over_budget")
+            again = f" ({verified:.3f})" if verified else ""
             lines.append(
-                f"| {name} | {budget} | {o['measured_over_budget']:.3f} | "
+                f"| {name} | {budget} | {o['measured_over_budget']:.3f}{again} | "
                 f"{o['importance_kept']:.3f} | {base(c, 'knapsack')} | {base(c, 'uniform')} | "
                 f"{tps} | {o['removed_blocks']} | {o['solver']['time_s']:.1f} / "
-                f"{o['solver']['gap']:.1e} | {o['rounds']} | {o['timings']['total_s']:.0f}"
+                f"{o['solver']['gap']:.1e} | {len(o['rounds'])} | {o['timings']['total_s']:.0f}"
                 f"{' (cold)' if c['cold'] else ''} |"
             )
     lines += ["", "Stage timings of ours (s):", ""]

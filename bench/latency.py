@@ -2,8 +2,10 @@
 
 For each model at 224×224, batch 1: build the tables cold (a fresh temporary cache) and warm
 (the same cache again), draw random sub-networks whose kept counts lie on the candidate grid
-(and random removed blocks), measure each whole on ONNX Runtime, calibrate our model and the
-FLOPs-proportional one on a few of them, and report |predicted / measured − 1| on the others.
+(and random removed blocks), measure each whole on ONNX Runtime side by side with the dense
+model (alternating sessions; figures scaled by the dense model's drift between rounds, raw
+figures kept), calibrate our model and the FLOPs-proportional one on a few of them, and report
+|predicted / measured − 1| on the others.
 Writes ``bench/results/latency.json``, ``latency.md`` and plots.
 
     python -m bench.latency [--models resnet50 mobilenet_v2] [--eval 20] [--calib 5]
@@ -30,7 +32,12 @@ from rich.console import Console
 from rich.table import Table
 
 import fxprune
-from fxprune.backends import LatencyCache, OnnxRuntimeBackend, UnstableMeasurementWarning
+from fxprune.backends import (
+    LatencyCache,
+    OnnxRuntimeBackend,
+    UnstableMeasurementWarning,
+    measure_side_by_side,
+)
 from fxprune.latency.plots import plot_layer_curve, plot_layer_surface, plot_predictions
 from fxprune.latency.predictor import LatencyModel, MacsModel, relative_errors
 from fxprune.latency.sampling import random_aligned_plan
@@ -78,7 +85,6 @@ def run_model(name: str, args: argparse.Namespace, console: Console) -> dict[str
     )
 
     lm = LatencyModel(analysis, tables, backend)
-    macs = MacsModel(analysis, tables.dense_ms)
     calib = [
         random_aligned_plan(analysis, tables.group_grids, s, block_prob=args.block_prob)
         for s in range(args.calib)
@@ -87,31 +93,50 @@ def run_model(name: str, args: argparse.Namespace, console: Console) -> dict[str
         random_aligned_plan(analysis, tables.group_grids, 1000 + s, block_prob=args.block_prob)
         for s in range(args.eval)
     ]
-    measured: list[float] = []
+    # Each sub-network is timed side by side with the dense model (alternating sessions), and
+    # its figure is scaled by (median dense / this round's dense): the host drifts by ±10–30%
+    # over minutes here, which would otherwise be charged to the predictor. Raw figures too.
+    raw: list[float] = []
+    dense_rounds: list[float] = []
     stable: list[bool] = []
     t0 = time.perf_counter()
     for i, plan in enumerate(calib + evals):
-        m = lm.measure(plan)
-        measured.append(m.median_ms)
-        stable.append(m.stable)
+        m, d = measure_side_by_side(
+            backend, [fxprune.prune(analysis, plan), analysis.gm], (x,), lm.measure_config, 3
+        )
+        raw.append(m.median_ms)
+        dense_rounds.append(d.median_ms)
+        stable.append(m.stable and d.stable)
         console.print(
             f"  {'calib' if i < len(calib) else 'eval'} {i:2d}: measured {m.median_ms:7.2f} ms"
-            f" (spread {m.rel_spread:.2f}), tables {lm.predict(plan):7.2f}, "
-            f"MACs {macs.macs(plan) / 1e6:7.1f} M, blocks removed {len(plan.removed_blocks)}"
+            f" (dense beside it {d.median_ms:6.2f}), tables {lm.predict(plan):7.2f}, "
+            f"blocks removed {len(plan.removed_blocks)}"
         )
     measure_s = time.perf_counter() - t0
     load.append(os.getloadavg()[0])
+    dense_ref = float(np.median(dense_rounds))
+    measured = [r * dense_ref / d for r, d in zip(raw, dense_rounds, strict=True)]
     m_cal, m_eval = measured[: len(calib)], np.asarray(measured[len(calib) :])
+    raw_eval = np.asarray(raw[len(calib) :])
+    macs = MacsModel(analysis, dense_ref)
+    dense_plan = fxprune.Plan.empty(analysis)
 
     uncal = [lm.predict(p) for p in evals]
     prop = [macs.predict(p) for p in evals]
-    cal_ours = lm.calibrate(calib, m_cal)
+    cal_ours = lm.calibrate([*calib, dense_plan], [*m_cal, dense_ref], include_dense=False)
     cal_macs = macs.calibrate(calib, m_cal)
     ours = [lm.predict(p) for p in evals]
     lm_pl = LatencyModel(analysis, tables, backend)
-    cal_pl = lm_pl.calibrate(calib, m_cal, per_layer=True)
+    cal_pl = lm_pl.calibrate(
+        [*calib, dense_plan], [*m_cal, dense_ref], include_dense=False, per_layer=True
+    )
     ours_pl = [lm_pl.predict(p) for p in evals]
     flops = [macs.predict(p) for p in evals]
+    # the same fits on the raw figures (no drift correction), for comparison
+    lm_raw = LatencyModel(analysis, tables, backend)
+    lm_raw.calibrate(calib, raw[: len(calib)])
+    macs_raw = MacsModel(analysis, tables.dense_ms)
+    macs_raw.calibrate(calib, raw[: len(calib)])
     off_grid = sum(len(lm.off_grid(p)) for p in calib + evals)
 
     out = Path(args.out)
@@ -146,7 +171,8 @@ def run_model(name: str, args: argparse.Namespace, console: Console) -> dict[str
     }
     return {
         "model": name,
-        "dense_ms": tables.dense_ms,
+        "dense_ms": dense_ref,
+        "dense_ms_tables": tables.dense_ms,
         "table_sum_full_ms": tables.full_sum(),
         "constant_ms": tables.constant_ms,
         "cold_build_s": cold_s,
@@ -172,10 +198,19 @@ def run_model(name: str, args: argparse.Namespace, console: Console) -> dict[str
             "tables_uncalibrated": _stats(relative_errors(uncal, m_eval)),
             "flops_calibrated": _stats(relative_errors(flops, m_eval)),
             "flops_proportional": _stats(relative_errors(prop, m_eval)),
+            "raw_tables_calibrated": _stats(
+                relative_errors([lm_raw.predict(p) for p in evals], raw_eval)
+            ),
+            "raw_flops_calibrated": _stats(
+                relative_errors([macs_raw.predict(p) for p in evals], raw_eval)
+            ),
         },
+        "dense_beside_ms": dense_rounds,
+        "dense_drift": float(np.max(dense_rounds) / np.min(dense_rounds) - 1),
         "eval": [
             {
                 "measured_ms": float(mm),
+                "raw_ms": float(rr),
                 "tables_ms": float(o),
                 "tables_per_layer_ms": float(q),
                 "tables_uncal_ms": float(u),
@@ -184,8 +219,16 @@ def run_model(name: str, args: argparse.Namespace, console: Console) -> dict[str
                 "removed_blocks": len(p.removed_blocks),
                 "stable": s,
             }
-            for mm, o, q, u, f, p, s in zip(
-                m_eval, ours, ours_pl, uncal, flops, evals, stable[len(calib) :], strict=True
+            for mm, rr, o, q, u, f, p, s in zip(
+                m_eval,
+                raw_eval,
+                ours,
+                ours_pl,
+                uncal,
+                flops,
+                evals,
+                stable[len(calib) :],
+                strict=True,
             )
         ],
         "calib_measured_ms": m_cal,
@@ -208,20 +251,25 @@ def _markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         f"Latency tables, ONNX Runtime {meta['ort']} CPU ({meta['threads']} threads), {meta['size']}², "
         f"batch 1, {meta['cpu']}; {meta['eval']} random aligned sub-networks per model, "
-        f"calibrated on {meta['calib']} others. Errors: median / p90 of |pred/meas − 1|.",
+        f"calibrated on {meta['calib']} others. Errors: median / p90 of |pred/meas − 1|, with "
+        "every sub-network timed side by side with the dense model and scaled by the dense "
+        "model's drift; the last two columns use the raw figures.",
         "",
-        "| model | dense ms | cold build s | warm build s | points | tables a·Σ+c·n+b "
-        "| tables a·Σ+b | tables uncalibrated | FLOPs a·MACs+b | FLOPs proportional |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | dense ms (drift) | cold build s | warm build s | points | tables a·Σ+c·n+b "
+        "| tables a·Σ+b | tables uncalibrated | FLOPs a·MACs+b | FLOPs proportional "
+        "| raw: tables a·Σ+b | raw: FLOPs a·MACs+b |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         e = r["errors"]
         lines.append(
-            f"| {r['model']} | {r['dense_ms']:.2f} | {r['cold_build_s']:.1f} | "
+            f"| {r['model']} | {r['dense_ms']:.2f} ({r['dense_drift']:.0%}) | "
+            f"{r['cold_build_s']:.1f} | "
             f"{r['warm_build_s']:.2f} | {r['points']} | "
             f"{pair(e['tables_calibrated_per_layer'])} | {pair(e['tables_calibrated'])} | "
             f"{pair(e['tables_uncalibrated'])} | {pair(e['flops_calibrated'])} | "
-            f"{pair(e['flops_proportional'])} |"
+            f"{pair(e['flops_proportional'])} | {pair(e['raw_tables_calibrated'])} | "
+            f"{pair(e['raw_flops_calibrated'])} |"
         )
     return "\n".join(lines) + "\n"
 
