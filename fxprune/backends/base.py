@@ -43,6 +43,7 @@ __all__ = [
     "identity_label",
     "measure_side_by_side",
     "time_callable",
+    "time_interleaved",
 ]
 
 # The clock; a module attribute so tests can script it.
@@ -241,6 +242,53 @@ def _summarise(samples: np.ndarray) -> tuple[float, float, float, float]:
     return median, p10, p90, spread
 
 
+def time_interleaved(
+    fns: Sequence[Sequence[Callable[[], object]]],
+    config: MeasureConfig | None = None,
+    *,
+    backend_id: str,
+    sync: Callable[[], None] | None = None,
+) -> list[Measurement]:
+    """Time several models run by run in turn: ``fns[m][s]`` runs model ``m`` in session ``s``.
+
+    After warming every session, each repeat runs every session of every model once, so a burst
+    of interference on a shared host lands on all models alike and their ratio stays honest;
+    spreading each model over several sessions averages out session placement. Per model, the
+    figure is the median over all its runs (``repeats × sessions`` samples); no re-measuring.
+    """
+    config = config or MeasureConfig()
+    for per_model in fns:
+        for fn in per_model:
+            for _ in range(config.warmup):
+                fn()
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(config.repeats):
+        for m, per_model in enumerate(fns):
+            for fn in per_model:
+                if sync is not None:
+                    sync()
+                start = _clock()
+                fn()
+                if sync is not None:
+                    sync()
+                samples[m].append((_clock() - start) / 1e6)
+    out = []
+    for per in samples:
+        median, p10, p90, spread = _summarise(np.asarray(per))
+        out.append(
+            Measurement(
+                median_ms=median,
+                p10_ms=p10,
+                p90_ms=p90,
+                rel_spread=spread,
+                samples=tuple(per),
+                stable=spread <= config.max_rel_spread,
+                backend_id=backend_id,
+            )
+        )
+    return out
+
+
 def time_callable(
     fn: Callable[[], object],
     config: MeasureConfig | None = None,
@@ -310,7 +358,7 @@ def measure_side_by_side(
     """Measure ``modules`` alternately, so host drift is common to all (ratios are honest).
 
     Uses the backend's ``measure_interleaved`` when it has one (ONNX Runtime: one export per
-    module, fresh sessions alternating); otherwise alternates :meth:`Backend.measure` calls and
+    module, runs going round every session of every module); otherwise alternates :meth:`Backend.measure` calls and
     reports, per module, the median-figure round.
     """
     interleaved = getattr(backend, "measure_interleaved", None)

@@ -23,6 +23,7 @@ import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -38,6 +39,7 @@ from fxprune.backends.base import (
     host_identity,
     identity_label,
     time_callable,
+    time_interleaved,
 )
 
 __all__ = ["LAYOUT_OPS", "OPSET", "OnnxRuntimeBackend", "export_to_bytes"]
@@ -245,8 +247,8 @@ class OnnxRuntimeBackend:
         """Like :meth:`measure`, over ``sessions`` fresh sessions of one export.
 
         Figures of one model differ by several percent from session to session here (buffer
-        placement, thread placement on a shared host); the session with the median figure is
-        reported, so one unlucky session cannot make a whole-model reference.
+        placement, thread placement on a shared host); runs go round the sessions and the
+        median over all of them is reported, so one unlucky session cannot make a reference.
         """
         return self.measure_interleaved([module], example_inputs, config, sessions)[0]
 
@@ -257,30 +259,78 @@ class OnnxRuntimeBackend:
         config: MeasureConfig | None = None,
         sessions: int = 3,
     ) -> list[Measurement]:
-        """Time several modules side by side: sessions alternate between them.
+        """Time several modules side by side, run by run (:func:`time_interleaved`).
 
         A ratio of two models' latencies measured minutes apart on a shared host is off by
-        the host's drift (±15–30% here); alternating fresh sessions of each export makes the
-        drift common to both. Per module, the session with the median figure is reported.
+        the host's drift (±15–30% here), and even alternating whole sessions lets a burst of
+        interference hit one model only. So every module gets ``sessions`` fresh sessions of
+        one export, and each repeat runs every session of every module once; per module the
+        median over all its runs is reported.
         """
         exports = [export_to_bytes(m, example_inputs) for m in modules]
         label = identity_label(self.identity())
-        runs: list[list[Measurement]] = [[] for _ in modules]
-        for _ in range(max(1, sessions)):
-            for i, onnx_bytes in enumerate(exports):
+        runners: list[list[Callable[[], object]]] = []
+        keep = []  # the sessions must outlive their runners
+        for onnx_bytes in exports:
+            per = []
+            for _ in range(max(1, sessions)):
                 sess = self.session(onnx_bytes)
                 feeds = _feeds(sess, example_inputs)
-                run_once: Callable[[], object] = (
+                keep.append(sess)
+                per.append(
                     _cuda_runner(sess, feeds)
                     if self.provider == _CUDA
                     else partial(sess.run, None, feeds)
                 )
-                runs[i].append(time_callable(run_once, config, backend_id=label, label="model"))
-                del sess
+            runners.append(per)
+        return time_interleaved(runners, config, backend_id=label)
+
+    def profile_kernels(
+        self,
+        module: torch.nn.Module,
+        example_inputs: tuple[torch.Tensor, ...],
+        config: MeasureConfig | None = None,
+    ) -> list[dict[str, Any]]:
+        """Per compute kernel of one session, in execution order: what ORT ran and its time.
+
+        Each entry: ``op`` (ORT op after fusion, e.g. ``"Conv"``), ``output_shape``,
+        ``input_shapes`` and ``median_ms`` over the timed runs. Layout conversions are left
+        out. Used to see what a layer costs *inside* the whole model (see
+        :mod:`fxprune.latency.in_model`).
+        """
+        config = config or MeasureConfig()
+        onnx_bytes = export_to_bytes(module, example_inputs)
+        with tempfile.TemporaryDirectory(prefix="fxprune-ort-prof-") as tmp:
+            so = self.session_options()
+            so.enable_profiling = True
+            so.profile_file_prefix = os.path.join(tmp, "model")
+            sess = ort.InferenceSession(onnx_bytes, sess_options=so, providers=[self.provider])
+            feeds = _feeds(sess, example_inputs)
+            for _ in range(config.warmup + config.repeats):
+                sess.run(None, feeds)
+            with open(sess.end_profiling(), encoding="utf-8") as f:
+                events = _kernel_events(json.load(f))
+        per: dict[str, list[dict]] = {}
+        for e in events:
+            if e.get("args", {}).get("op_name") not in LAYOUT_OPS:
+                per.setdefault(e["name"], []).append(e)
         out = []
-        for per in runs:
-            per.sort(key=lambda m: m.median_ms)
-            out.append(per[len(per) // 2])
+        for runs in per.values():
+            args = runs[0]["args"]
+            out.append(
+                {
+                    "op": args.get("op_name", ""),
+                    "output_shape": [
+                        next(iter(t.values())) for t in args.get("output_type_shape", [])
+                    ],
+                    "input_shapes": [
+                        next(iter(t.values())) for t in args.get("input_type_shape", [])
+                    ],
+                    "median_ms": float(
+                        np.median([float(r["dur"]) / 1e3 for r in runs[-config.repeats :]])
+                    ),
+                }
+            )
         return out
 
     def measure_kernels(
@@ -312,9 +362,7 @@ class OnnxRuntimeBackend:
             with open(sess.end_profiling(), encoding="utf-8") as f:
                 events = json.load(f)
         per_node: dict[str, list[float]] = {}
-        for e in events:
-            if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
-                continue
+        for e in _kernel_events(events):
             if e.get("args", {}).get("op_name") in exclude:
                 continue
             per_node.setdefault(e["name"], []).append(float(e["dur"]) / 1e3)
@@ -332,6 +380,14 @@ class OnnxRuntimeBackend:
             stable=spread <= config.max_rel_spread,
             backend_id=identity_label(self.identity()) + "/kernels",
         )
+
+
+def _kernel_events(events: list[dict]) -> list[dict]:
+    return [
+        e
+        for e in events
+        if e.get("cat") == "Node" and str(e.get("name", "")).endswith("_kernel_time")
+    ]
 
 
 def _feeds(

@@ -312,6 +312,7 @@ class _Measurer:
             "format": _FORMAT,
             "what": "model",
             "sessions": 3,
+            "protocol": "runs-round-sessions",  # figures of the older per-session protocol differ
             "model": model_fingerprint(gm, inputs),
             "measure": asdict(config),
             "backend": self.identity,
