@@ -38,6 +38,7 @@ from fxprune.backends import (
     UnstableMeasurementWarning,
     measure_side_by_side,
 )
+from fxprune.latency.in_model import in_model_factors
 from fxprune.latency.plots import plot_layer_curve, plot_layer_surface, plot_predictions
 from fxprune.latency.predictor import LatencyModel, MacsModel, relative_errors
 from fxprune.latency.sampling import random_aligned_plan
@@ -137,6 +138,13 @@ def run_model(name: str, args: argparse.Namespace, console: Console) -> dict[str
     lm_raw.calibrate(calib, raw[: len(calib)])
     macs_raw = MacsModel(analysis, tables.dense_ms)
     macs_raw.calibrate(calib, raw[: len(calib)])
+    # per-layer scales from one profiled run of the dense model (fxprune.latency.in_model)
+    lm_im = LatencyModel(analysis, tables, backend)
+    factors = in_model_factors(analysis, tables, backend)
+    lm_im.set_scales(factors)
+    uncal_im = [lm_im.predict(p) for p in evals]
+    lm_im.calibrate([*calib, dense_plan], [*m_cal, dense_ref], include_dense=False)
+    ours_im = [lm_im.predict(p) for p in evals]
     off_grid = sum(len(lm.off_grid(p)) for p in calib + evals)
 
     out = Path(args.out)
@@ -184,6 +192,7 @@ def run_model(name: str, args: argparse.Namespace, console: Console) -> dict[str
         "group_grids": {k: list(v) for k, v in tables.group_grids.items()},
         "calibration": {
             "tables": {"a": cal_ours.a, "b": cal_ours.b, "fit_errors": list(cal_ours.errors_after)},
+            "in_model": {"a": lm_im.a, "b": lm_im.b},
             "tables_per_layer": {
                 "a": cal_pl.a,
                 "per_layer_ms": cal_pl.per_layer,
@@ -198,6 +207,8 @@ def run_model(name: str, args: argparse.Namespace, console: Console) -> dict[str
             "tables_uncalibrated": _stats(relative_errors(uncal, m_eval)),
             "flops_calibrated": _stats(relative_errors(flops, m_eval)),
             "flops_proportional": _stats(relative_errors(prop, m_eval)),
+            "in_model_uncalibrated": _stats(relative_errors(uncal_im, m_eval)),
+            "in_model_calibrated": _stats(relative_errors(ours_im, m_eval)),
             "raw_tables_calibrated": _stats(
                 relative_errors([lm_raw.predict(p) for p in evals], raw_eval)
             ),
@@ -206,6 +217,7 @@ def run_model(name: str, args: argparse.Namespace, console: Console) -> dict[str
             ),
         },
         "dense_beside_ms": dense_rounds,
+        "in_model_factors": factors,
         "dense_drift": float(np.max(dense_rounds) / np.min(dense_rounds) - 1),
         "eval": [
             {
@@ -255,10 +267,11 @@ def _markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "every sub-network timed side by side with the dense model and scaled by the dense "
         "model's drift; the last two columns use the raw figures.",
         "",
-        "| model | dense ms (drift) | cold build s | warm build s | points | tables a·Σ+c·n+b "
+        "| model | dense ms (drift) | cold build s | warm build s | points "
+        "| in-model tables a·Σ+b | in-model tables uncalibrated | tables a·Σ+c·n+b "
         "| tables a·Σ+b | tables uncalibrated | FLOPs a·MACs+b | FLOPs proportional "
         "| raw: tables a·Σ+b | raw: FLOPs a·MACs+b |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         e = r["errors"]
@@ -266,6 +279,7 @@ def _markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {r['model']} | {r['dense_ms']:.2f} ({r['dense_drift']:.0%}) | "
             f"{r['cold_build_s']:.1f} | "
             f"{r['warm_build_s']:.2f} | {r['points']} | "
+            f"{pair(e['in_model_calibrated'])} | {pair(e['in_model_uncalibrated'])} | "
             f"{pair(e['tables_calibrated_per_layer'])} | {pair(e['tables_calibrated'])} | "
             f"{pair(e['tables_uncalibrated'])} | {pair(e['flops_calibrated'])} | "
             f"{pair(e['flops_proportional'])} | {pair(e['raw_tables_calibrated'])} | "
@@ -310,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
         "model",
         "cold s",
         "warm s",
+        "in-model cal",
+        "tables cal/layer",
         "tables cal",
         "tables uncal",
         "FLOPs cal",
@@ -325,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
             *(
                 f"{e[k]['median']:.1%} / {e[k]['p90']:.1%}"
                 for k in (
+                    "in_model_calibrated",
                     "tables_calibrated_per_layer",
                     "tables_calibrated",
                     "tables_uncalibrated",

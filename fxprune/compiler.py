@@ -250,6 +250,7 @@ def compile(
     slack: float = 0.05,
     max_rounds: int = 4,
     allow_block_removal: bool = True,
+    in_model_scales: bool = False,
     latency_config: LatencyConfig | None = None,
     measure_config: MeasureConfig | None = None,
     sessions: int = 3,
@@ -273,6 +274,8 @@ def compile(
         slack: a plan measured under ``budget·(1 − slack)`` is loosened in a further round.
         max_rounds: solve–measure rounds at most.
         allow_block_removal: let the solver remove residual blocks (MDP); else channels only.
+        in_model_scales: scale each layer's table to its kernel time inside the profiled dense
+            model (:mod:`fxprune.latency.in_model`; ONNX Runtime only).
         latency_config: how tables are built (grid, sweeps, timing).
         measure_config, sessions: how whole models are timed (per session, and sessions).
         leaf_modules: module classes or names to keep opaque (their channels freeze).
@@ -302,6 +305,11 @@ def compile(
     with log.stage("latency tables", timings, "tables_s", spin=False):  # has its own bar
         tables = annotate_latency(analysis, be, cache=cache, config=latency_config)
     latency = LatencyModel(analysis, tables, be, measure_config=measure_config, sessions=sessions)
+    if in_model_scales:
+        from fxprune.latency.in_model import in_model_factors
+
+        with log.stage("in-model layer scales", timings, "in_model_s"):
+            latency.set_scales(in_model_factors(analysis, tables, be))
 
     def problem() -> PruningProblem:
         return build_problem(
@@ -378,12 +386,7 @@ def compile(
             break
         points.append((plan, m_p.median_ms))
         if r + 1 < max_rounds:  # refit on everything measured, dense at its latest figure
-            latency.calibrate(
-                [p for p, _ in points] + [Plan.empty(analysis)],
-                [m for _, m in points] + [dense_ms],
-                include_dense=False,
-                per_layer=False,
-            )
+            _recalibrate(latency, analysis, points, dense_ms)
             pp = problem()
             warm = solution_from_plan(pp, plan) if met else None
     met_rounds = [h for h in history if h[3]["met"]]
@@ -432,6 +435,31 @@ def compile(
         ),
         tables=tables,
     )
+
+
+def _recalibrate(
+    latency: LatencyModel, analysis: Analysis, points: list[tuple[Plan, float]], dense_ms: float
+) -> None:
+    """Refit ``a·Σ + b`` on every measured plan and the dense model's latest figure.
+
+    With few points on a noisy host the fit can turn absurd (a slope near 0 or negative);
+    then the slope is kept and only the offset moves so the last plan is predicted as measured.
+    """
+    a = latency.a
+    latency.calibrate(
+        [p for p, _ in points] + [Plan.empty(analysis)],
+        [m for _, m in points] + [dense_ms],
+        include_dense=False,
+        per_layer=False,
+    )
+    if not 0.2 <= latency.a <= 5.0:
+        plan, measured = points[-1]
+        latency.a = a
+        latency.b = (
+            measured
+            - a * latency.feature(plan)
+            - latency.per_layer * len(latency.layer_costs(plan))
+        )
 
 
 def _notes(analysis: Analysis, method: str, budget: Budget, solver: str) -> dict[str, Any]:

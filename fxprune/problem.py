@@ -264,7 +264,7 @@ def _op(
             if ci == 0 or co == 0:
                 continue
             k_in = co if depthwise else ci
-            table[i, j] = latency.a * lat.cost(k_in, co) + latency.per_layer
+            table[i, j] = latency.a * latency.layer_cost(node, k_in, co) + latency.per_layer
     return OpCost(node, in_group, out_group, table, block_of_node.get(node))
 
 

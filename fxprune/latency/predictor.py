@@ -160,6 +160,18 @@ class LatencyModel(_Linear):
         self.b = tables.constant_ms
         self.per_layer = 0.0
         self.calibration: Calibration | None = None
+        #: per layer, in-model time / alone time (:mod:`fxprune.latency.in_model`); default 1
+        self.scales: dict[str, float] = {}
+
+    def set_scales(self, scales: Mapping[str, float]) -> None:
+        """Scale layers to their in-model cost; the constant is re-derived from the dense model."""
+        self.scales = dict(scales)
+        self.a, self.per_layer = 1.0, 0.0
+        self.b = self.tables.dense_ms - self.feature(Plan.empty(self.analysis))
+
+    def layer_cost(self, name: str, k_in: int, k_out: int) -> float:
+        """One layer's cost (ms) at the given counts: its table, times its in-model scale."""
+        return self.scales.get(name, 1.0) * self.tables.layers[name].cost(k_in, k_out)
 
     def predict(self, plan: Plan) -> float:
         """Predicted latency (ms): ``a·Σ tables + per_layer·(live layers) + b``."""
@@ -170,8 +182,8 @@ class LatencyModel(_Linear):
         """Table cost (ms) of every live conv/linear layer at the plan's kept counts."""
         counts = live_layer_counts(self.analysis, plan)
         return {
-            name: lat.cost(*counts[name])
-            for name, lat in self.tables.layers.items()
+            name: self.layer_cost(name, *counts[name])
+            for name in self.tables.layers
             if name in counts
         }
 
@@ -226,14 +238,15 @@ class LatencyModel(_Linear):
         if measured is None:
             measured = [self.measure(p).median_ms for p in plans]
         if not per_layer:
-            extra = [(self.tables.full_sum(), self.tables.dense_ms)] if include_dense else []
+            dense = self.feature(Plan.empty(self.analysis))
+            extra = [(dense, self.tables.dense_ms)] if include_dense else []
             self.per_layer = 0.0
             self.calibration = self.fit(plans, measured, extra)
             return self.calibration
         rows = [(self.feature(p), len(self.layer_costs(p))) for p in plans]
         ys = list(measured)
         if include_dense:
-            rows.append((self.tables.full_sum(), len(self.tables.layers)))
+            rows.append((self.feature(Plan.empty(self.analysis)), len(self.tables.layers)))
             ys.append(self.tables.dense_ms)
         if len(ys) < 4:
             raise ValueError(f"per-layer calibration needs at least 4 points, got {len(ys)}")
