@@ -40,7 +40,8 @@ from fxprune.passes.latency import LatencyConfig
 MODELS = ["resnet50", "mobilenet_v2", "efficientnet_b0", "regnet_y_800mf", "convnext_tiny"]
 BUDGETS = [0.5, 0.3, 0.7]  # the first one runs cold
 RESULTS = Path(__file__).parent / "results"
-MEASURE = MeasureConfig(warmup=5, repeats=20)
+MEASURE = MeasureConfig(warmup=5, repeats=30)
+VERIFY = MeasureConfig(warmup=5, repeats=60)
 
 
 def _kept_fraction(analysis, scores: dict[str, np.ndarray], kept: dict[str, np.ndarray]) -> float:
@@ -100,7 +101,7 @@ def bench_torch_pruning(model, x, analysis, scores, backend, target_ratio, steps
     for _ in range(steps):
         ratio = (lo + hi) / 2
         pruned, kept = torch_pruning_plan(model, x, ratio, analysis)
-        m_p, m_d = measure_side_by_side(backend, [pruned, analysis.gm], (x,), MEASURE, 2)
+        m_p, m_d = measure_side_by_side(backend, [pruned, analysis.gm], (x,), MEASURE, 1)
         r = m_p.median_ms / m_d.median_ms
         imp = _kept_fraction(analysis, scores, kept)
         trials.append({"ratio": ratio, "latency_ratio": r, "importance_kept": imp})
@@ -131,9 +132,9 @@ def run_case(name, model, x, budget, solver, cache, backend):
     (RESULTS / "compile_plans").mkdir(parents=True, exist_ok=True)
     res.plan.save(RESULTS / "compile_plans" / f"{name}_{budget}_{solver}.json")
     # The loop stops at the first measurement under budget·1.02, which favours lucky draws on
-    # a noisy host; an independent side-by-side re-measurement (5 sessions) shows the truth.
+    # a noisy host; an independent side-by-side re-measurement (twice the runs) shows the truth.
     v_p, v_d = measure_side_by_side(
-        backend, [res.model, res.analysis.gm], res.analysis.example_inputs, MEASURE, 5
+        backend, [res.model, res.analysis.gm], res.analysis.example_inputs, VERIFY, 1
     )
     verified = (v_p.median_ms / v_d.median_ms) / budget
     return res, {

@@ -103,7 +103,7 @@ def run_model(name: str, args: argparse.Namespace, console: Console) -> dict[str
     t0 = time.perf_counter()
     for i, plan in enumerate(calib + evals):
         m, d = measure_side_by_side(
-            backend, [fxprune.prune(analysis, plan), analysis.gm], (x,), lm.measure_config, 3
+            backend, [fxprune.prune(analysis, plan), analysis.gm], (x,), lm.measure_config, 1
         )
         raw.append(m.median_ms)
         dense_rounds.append(d.median_ms)

@@ -9,7 +9,7 @@ far under the budget the same refit loosens it. At most ``max_rounds`` rounds; t
 the most important plan that met the budget, and every round's figures.
 
 Budgets: a float in ``(0, 1]`` is a fraction of the dense model's latency *measured side by side*
-with the pruned one in the same round (sessions alternate, so host drift cancels); a string with
+with the pruned one in the same round (runs alternate in short bursts, so host drift cancels); a string with
 a unit (``"25ms"``, ``"0.025s"``, ``"800us"``) or :meth:`Budget.ms` is an absolute time.
 """
 
@@ -253,7 +253,7 @@ def compile(
     in_model_scales: bool = False,
     latency_config: LatencyConfig | None = None,
     measure_config: MeasureConfig | None = None,
-    sessions: int = 3,
+    sessions: int = 1,
     leaf_modules: Iterable[type | str] | None = None,
     progress: bool = True,
 ) -> CompileResult:
@@ -293,7 +293,7 @@ def compile(
     if cache is not None and not isinstance(cache, LatencyCache):
         cache = LatencyCache(cache)
     inputs = as_input_tuple(example_inputs)
-    measure_config = measure_config or MeasureConfig(warmup=5, repeats=20)
+    measure_config = measure_config or MeasureConfig(warmup=5, repeats=30)
     latency_config = latency_config or LatencyConfig(progress=progress)
     log = _Log(progress)
     timings: dict[str, float] = {}

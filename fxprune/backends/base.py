@@ -248,30 +248,37 @@ def time_interleaved(
     *,
     backend_id: str,
     sync: Callable[[], None] | None = None,
+    burst: int = 5,
 ) -> list[Measurement]:
-    """Time several models run by run in turn: ``fns[m][s]`` runs model ``m`` in session ``s``.
+    """Time several models in short alternating bursts: ``fns[m][s]`` runs model ``m`` in
+    session ``s``.
 
-    After warming every session, each repeat runs every session of every model once, so a burst
-    of interference on a shared host lands on all models alike and their ratio stays honest;
-    spreading each model over several sessions averages out session placement. Per model, the
-    figure is the median over all its runs (``repeats × sessions`` samples); no re-measuring.
+    Each round visits every session of every model: one untimed run (its caches warm again
+    after the previous model evicted them — per-run alternation measured cold caches and
+    tripled a small model's figure here), then ``burst`` timed runs. Rounds are short (a
+    fraction of a second), so a burst of interference on a shared host lands on all models
+    alike and their ratio stays honest; several sessions average out session placement. Per
+    model, the figure is the median of all its timed runs (about ``repeats × sessions``).
     """
     config = config or MeasureConfig()
     for per_model in fns:
         for fn in per_model:
             for _ in range(config.warmup):
                 fn()
+    burst = max(1, min(burst, config.repeats))
     samples: list[list[float]] = [[] for _ in fns]
-    for _ in range(config.repeats):
+    for _ in range(-(-config.repeats // burst)):
         for m, per_model in enumerate(fns):
             for fn in per_model:
-                if sync is not None:
-                    sync()
-                start = _clock()
-                fn()
-                if sync is not None:
-                    sync()
-                samples[m].append((_clock() - start) / 1e6)
+                fn()  # untimed: back to this model's caches
+                for _ in range(burst):
+                    if sync is not None:
+                        sync()
+                    start = _clock()
+                    fn()
+                    if sync is not None:
+                        sync()
+                    samples[m].append((_clock() - start) / 1e6)
     out = []
     for per in samples:
         median, p10, p90, spread = _summarise(np.asarray(per))

@@ -137,9 +137,8 @@ class LatencyModel(_Linear):
         tables: from :func:`fxprune.passes.latency.annotate_latency`.
         backend: measures whole (pruned) models; the tables' backend.
         measure_config: timing settings for whole-model measurements.
-        sessions: whole models are timed in this many fresh sessions and the median session
-            reported, where the backend supports it (ONNX Runtime): session-to-session
-            differences of 5–10% were seen on this host.
+        sessions: whole models are timed over this many fresh sessions (runs go round them
+            in short bursts) where the backend supports it (ONNX Runtime).
     """
 
     def __init__(
@@ -149,7 +148,7 @@ class LatencyModel(_Linear):
         backend: Backend | None = None,
         *,
         measure_config: MeasureConfig | None = None,
-        sessions: int = 3,
+        sessions: int = 1,
     ) -> None:
         self.analysis = analysis
         self.sessions = sessions
