@@ -40,8 +40,8 @@ from fxprune.passes.latency import LatencyConfig
 MODELS = ["resnet50", "mobilenet_v2", "efficientnet_b0", "regnet_y_800mf", "convnext_tiny"]
 BUDGETS = [0.5, 0.3, 0.7]  # the first one runs cold
 RESULTS = Path(__file__).parent / "results"
-MEASURE = MeasureConfig(warmup=5, repeats=30)
-VERIFY = MeasureConfig(warmup=5, repeats=60)
+MEASURE = MeasureConfig(warmup=5, repeats=30, min_seconds=1.5)
+VERIFY = MeasureConfig(warmup=5, repeats=60, min_seconds=3.0)
 
 
 def _kept_fraction(analysis, scores: dict[str, np.ndarray], kept: dict[str, np.ndarray]) -> float:
@@ -93,7 +93,7 @@ def torch_pruning_plan(model, x, ratio: float, analysis):
     return m, kept
 
 
-def bench_torch_pruning(model, x, analysis, scores, backend, target_ratio, steps=6):
+def bench_torch_pruning(model, x, analysis, scores, backend, target_ratio, steps=5):
     """Bisect TP's pruning ratio until its measured latency / dense ≤ ``target_ratio``."""
     lo, hi = 0.0, 0.95
     best = None

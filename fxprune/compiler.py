@@ -293,7 +293,7 @@ def compile(
     if cache is not None and not isinstance(cache, LatencyCache):
         cache = LatencyCache(cache)
     inputs = as_input_tuple(example_inputs)
-    measure_config = measure_config or MeasureConfig(warmup=5, repeats=30)
+    measure_config = measure_config or MeasureConfig(warmup=5, repeats=30, min_seconds=1.5)
     latency_config = latency_config or LatencyConfig(progress=progress)
     log = _Log(progress)
     timings: dict[str, float] = {}

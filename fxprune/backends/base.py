@@ -71,12 +71,16 @@ class MeasureConfig:
         repeats: timed runs per round; the figure is their median.
         max_rel_spread: accept a round when (p90 - p10) / median is at most this.
         max_rounds: re-measure at most this many times before reporting ``stable=False``.
+        min_seconds: side-by-side timing (:func:`time_interleaved`) adds repeats until every
+            model has run at least this long: a 7 ms model needs hundreds of runs before its
+            median is steady to a few percent on a shared host.
     """
 
     warmup: int = 10
     repeats: int = 30
     max_rel_spread: float = 0.1
     max_rounds: int = 3
+    min_seconds: float = 0.0
 
     def __post_init__(self) -> None:
         if self.warmup < 0:
@@ -242,6 +246,16 @@ def _summarise(samples: np.ndarray) -> tuple[float, float, float, float]:
     return median, p10, p90, spread
 
 
+def _one_run_s(fn: Callable[[], object], sync: Callable[[], None] | None) -> float:
+    if sync is not None:
+        sync()
+    start = _clock()
+    fn()
+    if sync is not None:
+        sync()
+    return (_clock() - start) / 1e9
+
+
 def time_interleaved(
     fns: Sequence[Sequence[Callable[[], object]]],
     config: MeasureConfig | None = None,
@@ -258,7 +272,8 @@ def time_interleaved(
     tripled a small model's figure here), then ``burst`` timed runs. Rounds are short (a
     fraction of a second), so a burst of interference on a shared host lands on all models
     alike and their ratio stays honest; several sessions average out session placement. Per
-    model, the figure is the median of all its timed runs (about ``repeats × sessions``).
+    model, the figure is the median of all its timed runs (about ``repeats × sessions``, more
+    when ``config.min_seconds`` asks for it).
     """
     config = config or MeasureConfig()
     for per_model in fns:
@@ -266,8 +281,12 @@ def time_interleaved(
             for _ in range(config.warmup):
                 fn()
     burst = max(1, min(burst, config.repeats))
+    rounds = -(-config.repeats // burst)
+    if config.min_seconds > 0:  # enough rounds for the fastest model to run min_seconds
+        fastest = min(_one_run_s(fn, sync) for per_model in fns for fn in per_model[:1])
+        rounds = max(rounds, int(np.ceil(config.min_seconds / (burst * max(fastest, 1e-6)))))
     samples: list[list[float]] = [[] for _ in fns]
-    for _ in range(-(-config.repeats // burst)):
+    for _ in range(rounds):
         for m, per_model in enumerate(fns):
             for fn in per_model:
                 fn()  # untimed: back to this model's caches
