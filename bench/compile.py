@@ -23,6 +23,7 @@ import argparse
 import copy
 import json
 import shutil
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -177,7 +178,10 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         model = torchvision.models.get_model(name, weights=None).eval()
         cache_dir = Path(tempfile.mkdtemp(prefix=f"fxprune-bench-{name}-"))
-        entry: dict = {"cases": {}}
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip()
+        entry: dict = {"cases": {}, "commit": commit}
         out["models"][name] = entry
         try:
             for i, budget in enumerate(args.budgets):

@@ -268,8 +268,7 @@ def time_interleaved(
     session ``s``.
 
     Each round visits every session of every model: one untimed run (its caches warm again
-    after the previous model evicted them — per-run alternation measured cold caches and
-    tripled a small model's figure here), then ``burst`` timed runs. Rounds are short (a
+    after the previous model evicted them), then ``burst`` timed runs. Rounds are short (a
     fraction of a second), so a burst of interference on a shared host lands on all models
     alike and their ratio stays honest; several sessions average out session placement. Per
     model, the figure is the median of all its timed runs (about ``repeats × sessions``, more
@@ -290,14 +289,7 @@ def time_interleaved(
         for m, per_model in enumerate(fns):
             for fn in per_model:
                 fn()  # untimed: back to this model's caches
-                for _ in range(burst):
-                    if sync is not None:
-                        sync()
-                    start = _clock()
-                    fn()
-                    if sync is not None:
-                        sync()
-                    samples[m].append((_clock() - start) / 1e6)
+                samples[m].extend(_one_run_s(fn, sync) * 1e3 for _ in range(burst))
     out = []
     for per in samples:
         median, p10, p90, spread = _summarise(np.asarray(per))

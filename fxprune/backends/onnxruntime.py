@@ -296,6 +296,25 @@ class OnnxRuntimeBackend:
             runners.append(per)
         return time_interleaved(runners, config, backend_id=label)
 
+    def _profile(
+        self,
+        module: torch.nn.Module,
+        example_inputs: tuple[torch.Tensor, ...],
+        config: MeasureConfig,
+    ) -> list[dict]:
+        """Kernel events of ``warmup + repeats`` runs of one profiled session."""
+        onnx_bytes = export_to_bytes(module, example_inputs)
+        with tempfile.TemporaryDirectory(prefix="fxprune-ort-prof-") as tmp:
+            so = self.session_options()
+            so.enable_profiling = True
+            so.profile_file_prefix = os.path.join(tmp, "profile")
+            sess = ort.InferenceSession(onnx_bytes, sess_options=so, providers=[self.provider])
+            feeds = _feeds(sess, example_inputs)
+            for _ in range(config.warmup + config.repeats):
+                sess.run(None, feeds)
+            with open(sess.end_profiling(), encoding="utf-8") as f:
+                return _kernel_events(json.load(f))
+
     def profile_kernels(
         self,
         module: torch.nn.Module,
@@ -310,17 +329,7 @@ class OnnxRuntimeBackend:
         :mod:`fxprune.latency.in_model`).
         """
         config = config or MeasureConfig()
-        onnx_bytes = export_to_bytes(module, example_inputs)
-        with tempfile.TemporaryDirectory(prefix="fxprune-ort-prof-") as tmp:
-            so = self.session_options()
-            so.enable_profiling = True
-            so.profile_file_prefix = os.path.join(tmp, "model")
-            sess = ort.InferenceSession(onnx_bytes, sess_options=so, providers=[self.provider])
-            feeds = _feeds(sess, example_inputs)
-            for _ in range(config.warmup + config.repeats):
-                sess.run(None, feeds)
-            with open(sess.end_profiling(), encoding="utf-8") as f:
-                events = _kernel_events(json.load(f))
+        events = self._profile(module, example_inputs, config)
         per: dict[str, list[dict]] = {}
         for e in events:
             if e.get("args", {}).get("op_name") not in LAYOUT_OPS:
@@ -361,19 +370,8 @@ class OnnxRuntimeBackend:
         in ``exclude``. One round; ``stable`` says whether the spread met the limit.
         """
         config = config or MeasureConfig()
-        onnx_bytes = export_to_bytes(module, example_inputs)
-        with tempfile.TemporaryDirectory(prefix="fxprune-ort-prof-") as tmp:
-            so = self.session_options()
-            so.enable_profiling = True
-            so.profile_file_prefix = os.path.join(tmp, "unit")
-            sess = ort.InferenceSession(onnx_bytes, sess_options=so, providers=[self.provider])
-            feeds = _feeds(sess, example_inputs)
-            for _ in range(config.warmup + config.repeats):
-                sess.run(None, feeds)
-            with open(sess.end_profiling(), encoding="utf-8") as f:
-                events = json.load(f)
         per_node: dict[str, list[float]] = {}
-        for e in _kernel_events(events):
+        for e in self._profile(module, example_inputs, config):
             if e.get("args", {}).get("op_name") in exclude:
                 continue
             per_node.setdefault(e["name"], []).append(float(e["dur"]) / 1e3)
