@@ -181,11 +181,12 @@ def main(argv=None) -> int:
         commit = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
         ).stdout.strip()
-        entry: dict = {"cases": {}, "commit": commit}
+        entry = out["models"].get(name) or {"cases": {}}  # add to cases of an earlier run
+        entry["commit"] = commit
         out["models"][name] = entry
         try:
             for i, budget in enumerate(args.budgets):
-                case: dict = {"cold": i == 0}
+                case: dict = {"cold": i == 0, "commit": commit}
                 ours, case["ours"] = run_case(name, model, x, budget, "minlp", cache_dir, backend)
                 print(
                     f"{name} @ {budget}: ours {case['ours']['measured_over_budget']:.3f}× "

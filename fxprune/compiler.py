@@ -46,7 +46,6 @@ from fxprune.problem import PruningProblem, build_problem, solution_from_plan
 from fxprune.solver import (
     InfeasibleBudget,
     Solution,
-    min_latency,
     solve_knapsack,
     solve_minlp,
     solve_uniform,
@@ -339,11 +338,12 @@ def compile(
             if r > 0:
                 log.say(f"round {r}: the re-calibrated target {target:.3f} ms is out of reach")
                 break
-            lowest = exc.min_latency
-            if not lowest <= budget_ms:  # also catches NaN
-                lowest = min_latency(pp.problem, time_limit)
-                raise InfeasibleBudget(budget_ms, lowest, dense_ms) from None
-            sol = _solve(solver, pp, budget_ms, warm, opts)  # reachable, just not with margin
+            try:  # the minimum may lie between the target and the budget: try the budget
+                if not exc.min_latency <= budget_ms:  # (also catches NaN)
+                    raise
+                sol = _solve(solver, pp, budget_ms, warm, opts)
+            except InfeasibleBudget as again:
+                raise InfeasibleBudget(budget_ms, again.min_latency, dense_ms) from None
         timings["solve_s"] += time.perf_counter() - start
         start = time.perf_counter()
         plan = pp.plan(sol, _notes(analysis, importance.method, budget, solver))

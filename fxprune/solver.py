@@ -37,6 +37,7 @@ __all__ = [
     "Problem",
     "Solution",
     "brute_force",
+    "channels_only",
     "complete",
     "derived_option",
     "evaluate",
@@ -288,6 +289,25 @@ def _read(problem: Problem, m, y, z) -> tuple[dict[str, int], frozenset[str]]:
     return choice, removed
 
 
+def channels_only(problem: Problem) -> Problem:
+    """The problem without block removal (what the channel-only baselines can reach)."""
+    groups = tuple(
+        GroupSpec(g.name, g.counts[1:], g.importance[1:], None, g.sum_of, g.offset)
+        if g.block is not None
+        else g
+        for g in problem.groups
+    )
+    ops = []
+    for op in problem.ops:
+        t = np.asarray(op.table, dtype=float)
+        if op.in_group and problem.group(op.in_group).block is not None:
+            t = t[1:, :]
+        if op.out_group and problem.group(op.out_group).block is not None:
+            t = t[:, 1:]
+        ops.append(OpCost(op.name, op.in_group, op.out_group, t, None))
+    return Problem(groups, tuple(ops), (), problem.const)
+
+
 def min_latency(problem: Problem, time_limit: float = 30.0) -> float:
     """The smallest latency any choice reaches (exact, by SCIP)."""
     m, y, z = _build(problem, None, "latency")
@@ -429,7 +449,7 @@ def solve_knapsack(
         else:
             hi = cap
     if best is None:
-        raise InfeasibleBudget(budget, min_latency(problem, time_limit))
+        raise InfeasibleBudget(budget, min_latency(channels_only(problem), time_limit))
     value, choice, latency = best
     return Solution(
         choice,
@@ -468,7 +488,7 @@ def solve_uniform(problem: Problem, budget: float, *, iters: int = 40) -> Soluti
     choice = choice_at(lo)
     value, latency = evaluate(problem, choice, set())
     if latency > budget:
-        raise InfeasibleBudget(budget, min_latency(problem))
+        raise InfeasibleBudget(budget, min_latency(channels_only(problem)))
     return Solution(
         choice, frozenset(), value, latency, "feasible", 0.0, time.perf_counter() - start, "uniform"
     )

@@ -14,8 +14,10 @@ from fxprune.solver import (
     OpCost,
     Problem,
     brute_force,
+    channels_only,
     complete,
     evaluate,
+    min_latency,
     solve_knapsack,
     solve_minlp,
     solve_uniform,
@@ -124,6 +126,16 @@ def test_infeasible_budget_reports_minimum():
     with pytest.raises(InfeasibleBudget, match=r"smallest latency .* is 3") as info:
         solve_minlp(p, budget=2.0)
     assert info.value.min_latency == pytest.approx(3.0)
+
+
+def test_baselines_report_the_channel_only_minimum():
+    p = _tiny()  # 1.5 ms is reachable only by removing the block
+    assert min_latency(p) == pytest.approx(1.0)
+    for solver in (solve_knapsack, solve_uniform):
+        with pytest.raises(InfeasibleBudget) as info:
+            solver(p, budget=1.5)
+        assert info.value.min_latency == pytest.approx(min_latency(channels_only(p)))
+        assert info.value.min_latency == pytest.approx(3.0)  # stem 8 × inner 4
 
 
 def test_warm_start_and_statistics():
