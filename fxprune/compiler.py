@@ -214,11 +214,7 @@ def _rounds_markdown(rounds: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-_SOLVERS: dict[str, Callable[..., Solution]] = {
-    "minlp": solve_minlp,
-    "knapsack": solve_knapsack,
-    "uniform": solve_uniform,
-}
+_SOLVERS = ("minlp", "knapsack", "uniform")
 
 
 def _solve(

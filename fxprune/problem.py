@@ -100,10 +100,11 @@ class PruningProblem:
 
     def importance_kept(self, plan: Plan) -> float:
         """Fraction of the problem's total importance a plan keeps (removed blocks keep 0)."""
-        removed = {g for b in plan.removed_blocks for g in self.block_groups.get(b, ())}
-        if plan.removed_blocks:
-            for b in plan.removed_blocks:
-                removed.update(self.analysis.internal_groups(self.analysis.block(b)))
+        removed = {
+            g
+            for b in plan.removed_blocks
+            for g in self.analysis.internal_groups(self.analysis.block(b))
+        }
         kept = 0.0
         for name in self.group_names:
             if name in removed:
@@ -177,6 +178,7 @@ def build_problem(
 
     # ---- ops: one per layer table
     records = {rec.node: rec for rec in spaces.layers}
+    all_specs: dict[str, GroupSpec] = dict(specs)  # free groups, then derived ones as they appear
     ops: list[OpCost] = []
     derived: dict[tuple, GroupSpec] = {}
 
@@ -205,8 +207,9 @@ def build_problem(
         )
         key = (tuple(grid), members, fixed)
         if key not in derived:
-            derived[key] = GroupSpec(
-                f"sum#{len(derived)}",
+            name = f"sum#{len(derived)}"
+            derived[key] = all_specs[name] = GroupSpec(
+                name,
                 tuple(int(c) for c in grid),
                 (0.0,) * len(grid),
                 sum_of=members,
@@ -214,7 +217,6 @@ def build_problem(
             )
         return derived[key].name
 
-    all_specs = dict(specs)
     for node, lat in tables.layers.items():
         rec = records[node]
         in_group = axis(rec.in_units, lat.in_grid) if "in" in lat.axes else None
@@ -222,7 +224,6 @@ def build_problem(
             out_group = axis(rec.out_units, lat.out_grid)
         else:
             out_group = axis(rec.out_units, lat.out_grid) if "out" in lat.axes else None
-        all_specs.update({d.name: d for d in derived.values()})
         ops.append(_op(node, lat, in_group, out_group, all_specs, latency, block_of_node))
     problem = Problem(
         groups=(*specs.values(), *derived.values()),

@@ -223,6 +223,17 @@ def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
             m.training = training
 
 
+def _one_run_s(fn: Callable[[], object], sync: Callable[[], None] | None) -> float:
+    """One timed run (s); with ``sync``, asynchronous work is inside the timed region."""
+    if sync is not None:
+        sync()
+    start = _clock()
+    fn()
+    if sync is not None:
+        sync()
+    return (_clock() - start) / 1e9
+
+
 def _one_round(
     fn: Callable[[], object], config: MeasureConfig, sync: Callable[[], None] | None
 ) -> np.ndarray:
@@ -244,16 +255,6 @@ def _summarise(samples: np.ndarray) -> tuple[float, float, float, float]:
     p10, median, p90 = (float(v) for v in np.percentile(samples, [10, 50, 90]))
     spread = (p90 - p10) / median if median > 0 else float("inf")
     return median, p10, p90, spread
-
-
-def _one_run_s(fn: Callable[[], object], sync: Callable[[], None] | None) -> float:
-    if sync is not None:
-        sync()
-    start = _clock()
-    fn()
-    if sync is not None:
-        sync()
-    return (_clock() - start) / 1e9
 
 
 def time_interleaved(
