@@ -22,6 +22,7 @@ from fxprune.plan import Plan, random_plan
 from fxprune.report import analysis_report, render_markdown
 from fxprune.solver import InfeasibleBudget
 from fxprune.strategies import uniform_plan
+from fxprune.unconstrained import magnitude_masks, masks_from_zeros, unconstrained_plan
 
 __version__ = "0.1.0"
 
@@ -38,7 +39,9 @@ __all__ = [
     "analyze",
     "compile",
     "export_onnx",
+    "magnitude_masks",
     "masked_forward",
+    "masks_from_zeros",
     "prune",
     "random_plan",
     "rebuild",
@@ -47,5 +50,6 @@ __all__ = [
     "register_module_rule",
     "register_pruner",
     "render_markdown",
+    "unconstrained_plan",
     "uniform_plan",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import fx, nn
@@ -16,9 +17,14 @@ from fxprune.plan import Plan
 __all__ = ["prune", "rebuild"]
 
 
-def prune(analysis: Analysis, plan: Plan) -> fx.GraphModule:
-    """The pruned GraphModule for ``plan``; the analysed model and the user's model are untouched."""
-    return apply_plan(analysis, plan)
+def prune(analysis: Analysis, plan: Plan, **options: Any) -> fx.GraphModule:
+    """The pruned GraphModule for ``plan``; the analysed model and the user's model are untouched.
+
+    Options (unconstrained plans): ``reorder=True`` (permute channels so consumers read slices),
+    ``reads="exact" | "auto" | "full"`` and ``read_cost`` — see
+    :func:`fxprune.passes.prune.rewrite`.
+    """
+    return apply_plan(analysis, plan, **options)
 
 
 def rebuild(

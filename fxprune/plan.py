@@ -4,10 +4,11 @@ A Plan is plain data. It names groups and blocks by stable names from the analys
 indices sorted, serialises to JSON, and is checked against an :class:`~fxprune.analysis.Analysis`
 before use. It carries the analysis signature so a plan made for another architecture is refused.
 
-Representation note (for unconstrained pruning, UCPE): kept sets are per coupling group today.
-Letting coupled consumers keep different input channels adds a ``consumers`` section keyed by
-layer node name in a version-2 file; version-1 files stay valid because every consumer then reads
-its group's kept set.
+Unconstrained pruning (UCPE, DESIGN.md §7): a plan may also name, per *consumer* (a conv or
+linear layer call with ``groups=1``), the input positions that consumer keeps — a subset of what
+its input tensor keeps under the group plan. Coupled consumers may then keep different channels;
+the tensor they share keeps the union (see :mod:`fxprune.unconstrained`). Such plans are written
+as version 2; plans without consumers are still written and read as version 1.
 """
 
 from __future__ import annotations
@@ -31,24 +32,35 @@ __all__ = ["Plan", "random_plan"]
 
 _FORMAT = "fxprune.plan"
 _VERSION = 1
+_VERSIONS = (1, 2)
 
 
 @dataclass(frozen=True)
 class Plan:
-    """Kept channel indices per coupling group (absent = keep all) and removed block names."""
+    """Kept channel indices per coupling group (absent = keep all) and removed block names.
+
+    ``consumers`` (unconstrained plans) maps a consumer layer's node name to the positions of its
+    input channel dim it keeps (absent = it reads everything its input tensor keeps).
+    """
 
     kept: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     removed_blocks: tuple[str, ...] = ()
     signature: str = ""
     notes: Mapping[str, Any] = field(default_factory=dict)
+    consumers: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(
-            self,
-            "kept",
-            {k: tuple(sorted(int(i) for i in v)) for k, v in sorted(self.kept.items())},
-        )
+        for name in ("kept", "consumers"):
+            value = getattr(self, name)
+            object.__setattr__(
+                self, name, {k: tuple(sorted(int(i) for i in v)) for k, v in sorted(value.items())}
+            )
         object.__setattr__(self, "removed_blocks", tuple(sorted(self.removed_blocks)))
+
+    @property
+    def unconstrained(self) -> bool:
+        """True when some consumer keeps its own input channels (a version-2 plan)."""
+        return bool(self.consumers)
 
     # ---- construction ------------------------------------------------------------------
     @classmethod
@@ -69,14 +81,17 @@ class Plan:
 
     # ---- serialisation -----------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "format": _FORMAT,
-            "version": _VERSION,
+            "version": 2 if self.consumers else _VERSION,
             "signature": self.signature,
             "groups": {k: list(v) for k, v in self.kept.items()},
             "removed_blocks": list(self.removed_blocks),
             "notes": dict(self.notes),
         }
+        if self.consumers:
+            out["consumers"] = {k: list(v) for k, v in self.consumers.items()}
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)
@@ -85,25 +100,20 @@ class Plan:
     def from_dict(cls, data: Mapping[str, Any]) -> Plan:
         if data.get("format") != _FORMAT:
             raise PlanError("Not an fxprune plan (missing 'format': 'fxprune.plan').")
-        if data.get("version") != _VERSION:
+        if data.get("version") not in _VERSIONS:
             raise PlanError(
                 f"Plan version {data.get('version')} is not supported by this fxprune "
-                f"(reads version {_VERSION}); upgrade fxprune or re-create the plan."
+                f"(reads versions {', '.join(map(str, _VERSIONS))}); upgrade fxprune or "
+                "re-create the plan."
             )
-        groups = data.get("groups", {})
-        if not isinstance(groups, dict) or not all(isinstance(v, list) for v in groups.values()):
-            raise PlanError("Plan 'groups' must map group names to lists of kept indices.")
-        for name, idx in groups.items():
-            if not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
-                raise PlanError(f"Group '{name}': kept indices must be integers, got {idx[:5]}...")
-            if len(set(idx)) != len(idx):
-                dup = sorted({i for i in idx if idx.count(i) > 1})[:5]
-                raise PlanError(f"Group '{name}': duplicate kept indices {dup}.")
+        groups = _index_lists(data.get("groups", {}), "groups", "Group")
+        consumers = _index_lists(data.get("consumers", {}), "consumers", "Consumer")
         return cls(
             {k: tuple(v) for k, v in groups.items()},
             tuple(data.get("removed_blocks", ())),
             str(data.get("signature", "")),
             dict(data.get("notes", {})),
+            {k: tuple(v) for k, v in consumers.items()},
         )
 
     @classmethod
@@ -170,12 +180,30 @@ class Plan:
                     )
         dead = {n for b in self.removed_blocks for n in blocks[b].region}
         keep_unit = analysis.spaces.keep_units(self.kept)
-        for node, (k_in, k_out) in analysis.layer_keep(keep_unit).items():
+        counts = analysis.layer_keep(keep_unit)
+        if self.consumers:
+            from fxprune.unconstrained import check_consumers  # avoids an import cycle
+
+            counts = check_consumers(analysis, self, keep_unit, counts)
+        for node, (k_in, k_out) in counts.items():
             if node not in dead and (k_in == 0 or k_out == 0):
                 raise PlanError(
                     f"Layer '{node}' would keep {k_in} input and {k_out} output channels; every "
                     "layer outside a removed block must keep at least one of each."
                 )
+
+
+def _index_lists(value: Any, key: str, what: str) -> dict[str, list[int]]:
+    """Check a JSON section mapping names to lists of distinct integer indices."""
+    if not isinstance(value, dict) or not all(isinstance(v, list) for v in value.values()):
+        raise PlanError(f"Plan '{key}' must map names to lists of kept indices.")
+    for name, idx in value.items():
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
+            raise PlanError(f"{what} '{name}': kept indices must be integers, got {idx[:5]}...")
+        if len(set(idx)) != len(idx):
+            dup = sorted({i for i in idx if idx.count(i) > 1})[:5]
+            raise PlanError(f"{what} '{name}': duplicate kept indices {dup}.")
+    return value
 
 
 def random_plan(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -56,6 +57,7 @@ def make_sensitive(
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / (b.abs().max() + 1e-12))
 
 
@@ -68,3 +70,43 @@ def check_plan(analysis: fxprune.Analysis, plan: fxprune.Plan, x: torch.Tensor, 
     assert got.shape == want.shape
     assert rel_err(got, want) <= tol, f"pruned != oracle: rel err {rel_err(got, want):.2e}"
     return pruned
+
+
+def random_input_masks(analysis: fxprune.Analysis, seed: int, min_keep: float = 0.3) -> dict:
+    """A random kept subset of inputs for every consumer that may keep its own."""
+    from fxprune.unconstrained import consumers
+
+    rng = np.random.default_rng(seed)
+    masks = {}
+    for c in consumers(analysis).values():
+        k = int(rng.integers(max(1, int(min_keep * c.n_in)), c.n_in + 1))
+        m = np.zeros(c.n_in, dtype=bool)
+        m[rng.choice(c.n_in, size=k, replace=False)] = True
+        masks[c.node] = m
+    return masks
+
+
+def check_unconstrained(analysis: fxprune.Analysis, x: torch.Tensor, seed: int, tol: float = 1e-4):
+    """Random unconstrained masks: the reordered export equals the oracle and needs no more
+    gathers than the naive export (consumers whose kept positions are not one range)."""
+    from fxprune.passes.prune import rewrite
+    from fxprune.passes.reorder import Layout
+    from fxprune.unconstrained import consumers
+
+    plan = fxprune.unconstrained_plan(analysis, random_input_masks(analysis, seed))
+    with torch.no_grad():
+        want = fxprune.masked_forward(analysis, plan, x)
+    gm, info = rewrite(analysis, plan, reorder=True, reads="exact")
+    with torch.no_grad():
+        got = gm(x)
+    err = rel_err(got, want)
+    assert err <= tol, f"pruned != oracle ({err:.2e})"
+    assert set(info.reads) == set(plan.consumers)
+    table = consumers(analysis)
+    naive = Layout(analysis.spaces.keep_units(plan.kept), analysis.spaces.unit_class)
+    naive_gathers = 0
+    for name, kept in plan.consumers.items():
+        local = np.flatnonzero(np.isin(naive.positions(table[name].units), kept))
+        naive_gathers += int(local[-1] - local[0] + 1 != local.size)
+    assert info.counts()["gather"] <= naive_gathers
+    return plan

@@ -3,7 +3,8 @@
 For any plan, the pruned model must equal this interpreter's output (up to float summation
 order) wherever the pruned groups are exact (DESIGN.md §2): every tensor that carries a pruned
 unit has those positions set to zero right after it is computed, and the output of a removed
-block's branch is zeroed. ``torch.where`` is used rather than a multiply so that NaN/inf produced
+block's branch is zeroed. In an unconstrained plan, each consumer with its own kept inputs also
+sees its dropped input positions zeroed (in its copy of the input only). ``torch.where`` is used rather than a multiply so that NaN/inf produced
 at pruned positions (e.g. by a division) are cleared too.
 """
 
@@ -33,9 +34,31 @@ class MaskingInterpreter(fx.Interpreter):
         plan.validate(analysis)
         self.keep_unit = analysis.spaces.keep_units(plan.kept)
         self.zeroed = {analysis.block(b).branch for b in plan.removed_blocks}
+        self.own_inputs: dict[str, tuple[int, torch.Tensor]] = {}
+        if plan.consumers:
+            from fxprune.unconstrained import consumers
+
+            table = consumers(analysis)
+            for name, idx in plan.consumers.items():
+                keep = torch.zeros(table[name].n_in, dtype=torch.bool)
+                keep[list(idx)] = True
+                self.own_inputs[name] = (table[name].dim, keep)
 
     def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
+        if n.name in self.own_inputs:
+            dim, keep = self.own_inputs[n.name]
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            x = args[0]
+            shape = [1] * x.ndim
+            shape[dim] = keep.numel()
+            mask = keep.reshape(shape).to(x.device)
+            args = (
+                torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)),
+                *args[1:],
+            )
+            result = getattr(self, n.op)(n.target, args, kwargs)
+        else:
+            result = super().run_node(n)
         if n.name in self.zeroed:
             return torch.zeros_like(result)
         return self._mask(result, n.meta.get(CHANNELS))

@@ -5,13 +5,17 @@ Steps: (1) removed blocks — each add is rewired to its shortcut and the dead b
 ``groups`` updated); (3) parameters used directly in the graph (layer scale, class tokens,
 ``F.layer_norm`` weights) are sliced along their channel dim; (4) literal channel counts in
 ``view``/``reshape``/``expand``, split sizes, ``chunk`` and channel slices are recomputed for the
-kept channels; (5) lint, dead-module removal, recompile. The analysed graph is not modified.
+kept channels; (5) in unconstrained plans, consumers with their own kept inputs read them with a
+slice, a gather or a zero-padded read (:mod:`fxprune.passes.reads`), after each group's channels
+were put in the order that makes the most of those reads slices (:mod:`fxprune.passes.reorder`);
+(6) lint, dead-module removal, recompile. The analysed graph is not modified.
 """
 
 from __future__ import annotations
 
 import copy
 import operator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,22 +25,66 @@ from torch import fx, nn
 from fxprune.errors import PlanError
 from fxprune.meta import CHANNELS
 from fxprune.passes.prune_rules import lookup_pruner
+from fxprune.passes.reads import ConsumerRead, ReadCost, choose_read
+from fxprune.passes.reorder import Layout, channel_layout
 from fxprune.passes.units import expand_index, varying_dims
 
 if TYPE_CHECKING:
     from fxprune.analysis import Analysis
     from fxprune.plan import Plan
 
-__all__ = ["apply_plan"]
+__all__ = ["RewriteInfo", "apply_plan", "rewrite"]
 
 
-def apply_plan(analysis: Analysis, plan: Plan) -> fx.GraphModule:
-    """Build the pruned GraphModule for ``plan`` (validated first)."""
+@dataclass
+class RewriteInfo:
+    """What the rewrite decided for an unconstrained plan: orders and consumer reads."""
+
+    layout: Layout
+    reads: dict[str, ConsumerRead] = field(default_factory=dict)
+
+    def counts(self) -> dict[str, int]:
+        """How many consumers read by slice / gather / span / full, and gathered channels."""
+        out = {k: 0 for k in ("slice", "gather", "span", "full")}
+        for r in self.reads.values():
+            out[r.kind] += 1
+        out["gathered_channels"] = sum(r.length for r in self.reads.values() if r.kind == "gather")
+        return out
+
+
+def apply_plan(analysis: Analysis, plan: Plan, **options: Any) -> fx.GraphModule:
+    """Build the pruned GraphModule for ``plan`` (validated first); options as :func:`rewrite`."""
+    return rewrite(analysis, plan, **options)[0]
+
+
+def rewrite(
+    analysis: Analysis,
+    plan: Plan,
+    *,
+    reorder: bool = True,
+    reads: str = "exact",
+    read_cost: ReadCost | None = None,
+) -> tuple[fx.GraphModule, RewriteInfo]:
+    """The pruned GraphModule and what was decided on the way.
+
+    Args:
+        reorder: permute groups' channels so consumer subsets become slices (unconstrained plans).
+        reads: how consumers with their own kept inputs read them: "exact" (slice or gather),
+            "auto" (cheapest of slice/gather/zero-padded span/full read under ``read_cost``), or
+            "full" (never copy: read everything, zero weight columns for dropped inputs).
+    """
     plan.validate(analysis)
     gm = copy.deepcopy(analysis.gm)
     maps = {n.name: n.meta.get(CHANNELS) for n in analysis.gm.graph.nodes}
     keep_unit = analysis.spaces.keep_units(plan.kept)
     nodes = {n.name: n for n in gm.graph.nodes}
+    table = None
+    if plan.consumers:
+        from fxprune.unconstrained import consumers
+
+        table = consumers(analysis)
+    layout = channel_layout(analysis, plan, keep_unit, table, reorder=reorder)
+    info = RewriteInfo(layout)
 
     replaced: dict[str, str] = {}  # removed add -> the node now standing for it
     removed = set(plan.removed_blocks)
@@ -61,8 +109,16 @@ def apply_plan(analysis: Analysis, plan: Plan) -> fx.GraphModule:
         if rec.node not in live or rec.target in done:
             continue
         done.add(rec.target)
-        in_keep, out_keep = keep_unit[rec.in_units], keep_unit[rec.out_units]
-        if in_keep.all() and out_keep.all():
+        in_idx, out_idx = layout.positions(rec.in_units), layout.positions(rec.out_units)
+        read = None
+        if rec.node in plan.consumers:
+            read = _consumer_read(
+                table[rec.node], plan.consumers[rec.node], in_idx, reads, read_cost
+            )
+            info.reads[rec.node] = read
+            in_idx = in_idx[read.local]
+        unchanged = _identity(in_idx, rec.in_units) and _identity(out_idx, rec.out_units)
+        if unchanged and (read is None or not read.zero.any()):
             continue
         try:
             module = gm.get_submodule(rec.target)
@@ -71,18 +127,23 @@ def apply_plan(analysis: Analysis, plan: Plan) -> fx.GraphModule:
         pruner = lookup_pruner(module)
         if pruner is None:
             raise PlanError(f"No pruner registered for {type(module).__name__} '{rec.target}'.")
-        new = pruner(module, in_keep, out_keep)
+        new = pruner(module, in_idx, out_idx)
+        if read is not None and read.zero.any():
+            with torch.no_grad():
+                new.weight[:, torch.from_numpy(np.flatnonzero(read.zero))] = 0.0
         for pname, value in list(new.named_parameters(recurse=False)):
             original = getattr(module, pname)
             # modules that shared a parameter (tied weights) share its pruned version too
             setattr(new, pname, tied.setdefault(id(original), value))
         _set_submodule(gm, rec.target, new)
+        if read is not None:
+            _insert_read(gm, nodes[rec.node], table[rec.node].dim, read)
 
     for root in analysis.spaces.roots:
         if root.kind == "param":
-            keep = keep_unit[root.units]
-            if not keep.all():
-                _slice_parameter(gm, root.name, keep)
+            idx = layout.positions(root.units)
+            if not _identity(idx, root.units):
+                _slice_parameter(gm, root.name, idx)
 
     for node in gm.graph.nodes:
         _rewrite_args(node, maps, keep_unit)
@@ -90,7 +151,42 @@ def apply_plan(analysis: Analysis, plan: Plan) -> fx.GraphModule:
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
-    return gm
+    return gm, info
+
+
+def _identity(idx: np.ndarray, units: np.ndarray) -> bool:
+    return idx.size == np.asarray(units).size and bool(np.all(idx == np.arange(idx.size)))
+
+
+def _consumer_read(
+    consumer: Any, kept: tuple[int, ...], in_idx: np.ndarray, policy: str, cost: ReadCost | None
+) -> ConsumerRead:
+    """Where the consumer's kept inputs sit in its rewritten input, and how it reads them."""
+    local = np.flatnonzero(np.isin(in_idx, np.asarray(kept, dtype=np.int64)))
+    return choose_read(
+        local,
+        in_idx.size,
+        spatial=consumer.spatial,
+        macs_per_input=consumer.macs_per_input,
+        policy=policy,
+        cost=cost,
+    )
+
+
+def _insert_read(gm: fx.GraphModule, node: fx.Node, dim: int, read: ConsumerRead) -> None:
+    """Feed ``node`` a slice or gather of its input (a full read needs nothing)."""
+    if read.kind == "full":
+        return
+    x = node.args[0]
+    with gm.graph.inserting_before(node):
+        if read.kind in ("slice", "span"):
+            new = gm.graph.call_function(torch.narrow, (x, dim, read.start, read.length))
+        else:
+            name = f"_fxprune_read_{node.name}"
+            gm.register_buffer(name, torch.from_numpy(read.local.astype(np.int64)))
+            index = gm.graph.get_attr(name)
+            new = gm.graph.call_function(torch.index_select, (x, dim, index))
+    node.args = (new, *node.args[1:])
 
 
 def _out_of_place(gm: fx.GraphModule, node: fx.Node) -> None:
@@ -133,12 +229,12 @@ def _set_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
     setattr(gm.get_submodule(parent_name) if parent_name else gm, attr, module)
 
 
-def _slice_parameter(gm: fx.GraphModule, target: str, keep: np.ndarray) -> None:
+def _slice_parameter(gm: fx.GraphModule, target: str, idx: np.ndarray) -> None:
     parent_name, _, attr = target.rpartition(".")
     owner = gm.get_submodule(parent_name) if parent_name else gm
     value = getattr(owner, attr)
     dim = max(range(value.ndim), key=lambda d: (value.shape[d], d))
-    sliced = value.detach().index_select(dim, torch.from_numpy(np.flatnonzero(keep)).long()).clone()
+    sliced = value.detach().index_select(dim, torch.from_numpy(idx.astype(np.int64))).clone()
     if isinstance(value, nn.Parameter):
         setattr(owner, attr, nn.Parameter(sliced, requires_grad=value.requires_grad))
     else:

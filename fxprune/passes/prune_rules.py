@@ -1,8 +1,10 @@
 """Pruners: how a module with channel-sized state is shrunk to kept input/output channels.
 
-A pruner is ``pruner(module, in_keep, out_keep) -> new module`` where the masks are boolean
-arrays over the module's input and output channels. Register one for any module class that has
-a channel rule creating a :class:`~fxprune.passes.channel_context.LayerRecord`.
+A pruner is ``pruner(module, in_idx, out_idx) -> new module`` where the index arrays list the
+original input and output channels the new module keeps, *in the order it keeps them* (the
+rewrite may permute channels to turn gathers into slices, see :mod:`fxprune.passes.reorder`).
+Register one for any module class that has a channel rule creating a
+:class:`~fxprune.passes.channel_context.LayerRecord`.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ _PRUNERS: dict[type, Pruner] = {}
 
 
 def register_pruner(*types: type) -> Callable[[Pruner], Pruner]:
-    """Register ``pruner(module, in_keep, out_keep)`` for these module classes."""
+    """Register ``pruner(module, in_idx, out_idx)`` for these module classes."""
 
     def deco(fn: Pruner) -> Pruner:
         for t in types:
@@ -47,52 +49,52 @@ def _param(t: torch.Tensor | None, index: torch.Tensor, dim: int = 0):
     )
 
 
-def _idx(mask: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.flatnonzero(mask)).long()
+def _idx(index: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(index, dtype=np.int64))
 
 
 @register_pruner(nn.Conv1d, nn.Conv2d, nn.Conv3d)
-def prune_conv(m: nn.Module, in_keep: np.ndarray, out_keep: np.ndarray) -> nn.Module:
+def prune_conv(m: nn.Module, in_idx: np.ndarray, out_idx: np.ndarray) -> nn.Module:
     new = copy.deepcopy(m)
     g = m.groups
+    keep = _idx(out_idx)
     if g == m.in_channels == m.out_channels and g > 1:  # depthwise: in and out are one space
-        keep = _idx(out_keep)
         new.weight = _param(m.weight, keep)
         new.groups = new.in_channels = new.out_channels = len(keep)
     else:
         cin_g, cout_g = m.in_channels // g, m.out_channels // g
-        rows, blocks = [], []
+        in_idx, out_idx = np.asarray(in_idx), np.asarray(out_idx)
+        blocks = []
         for gi in range(g):
-            o = np.flatnonzero(out_keep[gi * cout_g : (gi + 1) * cout_g]) + gi * cout_g
-            i = np.flatnonzero(in_keep[gi * cin_g : (gi + 1) * cin_g])
-            w = m.weight.detach()[torch.from_numpy(o).long()][:, torch.from_numpy(i).long()]
-            rows.append(o)
-            blocks.append(w)
+            o = out_idx[(out_idx >= gi * cout_g) & (out_idx < (gi + 1) * cout_g)]
+            i = in_idx[(in_idx >= gi * cin_g) & (in_idx < (gi + 1) * cin_g)] - gi * cin_g
+            blocks.append(m.weight.detach()[_idx(o)][:, _idx(i)])
+        if g > 1 and np.any(np.diff(out_idx) < 0):  # blocks are stacked group by group
+            raise ValueError(f"grouped conv outputs must stay in order, got {out_idx[:8]}...")
         weight = torch.cat(blocks, 0).clone()
         new.weight = nn.Parameter(weight, requires_grad=m.weight.requires_grad)
-        new.in_channels = int(in_keep.sum())
-        new.out_channels = int(out_keep.sum())
-        keep = _idx(out_keep)
+        new.in_channels = len(in_idx)
+        new.out_channels = len(out_idx)
     if m.bias is not None:
         new.bias = _param(m.bias, keep)
     return new
 
 
 @register_pruner(nn.Linear)
-def prune_linear(m: nn.Linear, in_keep: np.ndarray, out_keep: np.ndarray) -> nn.Module:
+def prune_linear(m: nn.Linear, in_idx: np.ndarray, out_idx: np.ndarray) -> nn.Module:
     new = copy.deepcopy(m)
-    w = m.weight.detach()[_idx(out_keep)][:, _idx(in_keep)].clone()
+    w = m.weight.detach()[_idx(out_idx)][:, _idx(in_idx)].clone()
     new.weight = nn.Parameter(w, requires_grad=m.weight.requires_grad)
     if m.bias is not None:
-        new.bias = _param(m.bias, _idx(out_keep))
+        new.bias = _param(m.bias, _idx(out_idx))
     new.in_features, new.out_features = w.shape[1], w.shape[0]
     return new
 
 
 @register_pruner(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm2d)
-def prune_batch_norm(m: nn.Module, in_keep: np.ndarray, out_keep: np.ndarray) -> nn.Module:
+def prune_batch_norm(m: nn.Module, in_idx: np.ndarray, out_idx: np.ndarray) -> nn.Module:
     new = copy.deepcopy(m)
-    keep = _idx(out_keep)
+    keep = _idx(out_idx)
     for name in ("weight", "bias", "running_mean", "running_var"):
         value = getattr(m, name, None)
         if value is not None:
@@ -102,9 +104,9 @@ def prune_batch_norm(m: nn.Module, in_keep: np.ndarray, out_keep: np.ndarray) ->
 
 
 @register_pruner(nn.LayerNorm)
-def prune_layer_norm(m: nn.LayerNorm, in_keep: np.ndarray, out_keep: np.ndarray) -> nn.Module:
+def prune_layer_norm(m: nn.LayerNorm, in_idx: np.ndarray, out_idx: np.ndarray) -> nn.Module:
     new = copy.deepcopy(m)
-    keep = _idx(out_keep)
+    keep = _idx(out_idx)
     for name in ("weight", "bias"):
         if getattr(m, name, None) is not None:
             setattr(new, name, _param(getattr(m, name), keep))
@@ -113,9 +115,9 @@ def prune_layer_norm(m: nn.LayerNorm, in_keep: np.ndarray, out_keep: np.ndarray)
 
 
 @register_pruner(nn.GroupNorm)
-def prune_group_norm(m: nn.GroupNorm, in_keep: np.ndarray, out_keep: np.ndarray) -> nn.Module:
+def prune_group_norm(m: nn.GroupNorm, in_idx: np.ndarray, out_idx: np.ndarray) -> nn.Module:
     new = copy.deepcopy(m)
-    keep = _idx(out_keep)
+    keep = _idx(out_idx)
     if m.affine:
         new.weight, new.bias = _param(m.weight, keep), _param(m.bias, keep)
     new.num_channels = len(keep)

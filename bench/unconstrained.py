@@ -1,0 +1,206 @@
+"""Unconstrained pruning export: gathers and measured latency against constrained pruning, the
+naive export and the UPSCALE authors' exporter (ONNX Runtime CPU, batch 1, 224×224, random init).
+
+For each model and per-layer L2 input sparsity: every conv/linear with groups=1 (except the stem)
+keeps its (1 - s) largest input columns; the shared tensors keep the union. Variants, measured
+side by side in one run (medians; ratios are to the dense model of the same run):
+
+- ``constrained``: every coupling group keeps its top (1 - s) channels (uniform, L2), no gathers;
+  ``constrained_matched``: the uniform keep ratio whose stored parameters match ``ours``.
+- ``naive``: the unconstrained plan, every non-contiguous consumer gathers, no reordering.
+- ``ours_exact``: reordered, consumers read exactly their inputs (slice or gather).
+- ``ours``: reordered, each consumer reads by the cheapest of slice/gather/zero-padded span/full
+  read under copy and MAC prices measured on the backend (fxprune.backends.probe).
+- ``authors``: apple-upscale 0.1.1 (is_not_ane=True) where it is installed and runs.
+
+Gathers are counted the same way for every variant (aten-level dispatch during one forward:
+index/index_select/gather on activations, bench/_upscale.py). Writes
+``bench/results/unconstrained.{json,md}``.
+
+    python bench/unconstrained.py [--models resnet18 ...] [--sparsity 0.3 0.5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import _upscale
+
+import fxprune
+from fxprune.backends import MeasureConfig, get_backend, measure_side_by_side
+from fxprune.backends.probe import measure_read_cost
+from fxprune.io import write_json
+from fxprune.passes.prune import rewrite
+from fxprune.unconstrained import consumers
+
+RESULTS = Path(__file__).parent / "results"
+MODELS = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_v2_s", "densenet121"]
+MEASURE = MeasureConfig(warmup=5, repeats=30, min_seconds=1.5)
+
+
+def stored_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def nonzero_params(m: torch.nn.Module) -> int:
+    return sum(int((p != 0).sum()) for p in m.parameters())
+
+
+def matched_constrained(analysis, target: int) -> tuple[float, torch.nn.Module]:
+    """The uniform keep ratio whose pruned model stores about ``target`` parameters (bisection)."""
+    lo, hi = 0.05, 1.0
+    best = None
+    for _ in range(10):
+        mid = (lo + hi) / 2
+        m = fxprune.prune(analysis, fxprune.uniform_plan(analysis, mid, multiple=1))
+        best = (mid, m)
+        if stored_params(m) < target:
+            lo = mid
+        else:
+            hi = mid
+    return best
+
+
+def run_case(name, model, analysis, x, sparsity, backend, read_cost) -> dict:
+    masks = fxprune.magnitude_masks(analysis, sparsity, criterion="l2")
+    t0 = time.perf_counter()
+    plan = fxprune.unconstrained_plan(analysis, masks)
+    plan_s = time.perf_counter() - t0
+    variants: dict[str, torch.nn.Module] = {"dense": analysis.gm}
+    info: dict[str, dict] = {}
+    variants["constrained"] = fxprune.prune(
+        analysis, fxprune.uniform_plan(analysis, 1 - sparsity, multiple=1)
+    )
+    for key, reorder, reads in (
+        ("naive", False, "exact"),
+        ("ours_exact", True, "exact"),
+        ("ours", True, "auto"),
+    ):
+        t0 = time.perf_counter()
+        gm, rw = rewrite(analysis, plan, reorder=reorder, reads=reads, read_cost=read_cost)
+        info[key] = {"rewrite_s": time.perf_counter() - t0, "reads": rw.counts()}
+        if key == "ours":
+            info[key]["orders"] = [o.__dict__ for o in rw.layout.orders]
+        variants[key] = gm
+    ratio, variants["constrained_matched"] = matched_constrained(
+        analysis, stored_params(variants["ours"])
+    )
+    info["constrained_matched"] = {"keep": ratio}
+    if _upscale.available():
+        table = consumers(analysis)
+        target_masks = {table[n].target: m for n, m in masks.items()}
+        try:
+            t0 = time.perf_counter()
+            variants["authors"] = _upscale.authors_export(model, x, target_masks)
+            info["authors"] = {"export_s": time.perf_counter() - t0}
+        except RuntimeError as exc:
+            info["authors"] = {"error": str(exc)[:300]}
+    want = fxprune.masked_forward(analysis, plan, x)
+    out: dict = {"plan_s": plan_s, "consumers": len(plan.consumers), "variants": {}}
+    keys = list(variants)
+    with torch.no_grad():
+        meas = measure_side_by_side(backend, [variants[k] for k in keys], (x,), MEASURE, 1)
+    dense_ms = meas[0].median_ms
+    for k, m in zip(keys, meas, strict=True):
+        v = variants[k]
+        with torch.no_grad():
+            y = v(x)
+        err = None
+        if k in ("naive", "ours_exact", "ours", "authors"):
+            err = float((y - want).abs().max() / want.abs().max())
+        out["variants"][k] = {
+            **_upscale.count_gathers(v, x),
+            "ms": m.median_ms,
+            "stable": m.stable,
+            "vs_dense": m.median_ms / dense_ms,
+            "stored_params": stored_params(v),
+            "nonzero_params": nonzero_params(v),
+            "rel_err_vs_oracle": err,
+            **info.get(k, {}),
+        }
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="*", default=MODELS)
+    p.add_argument("--sparsity", nargs="*", type=float, default=[0.3, 0.5])
+    p.add_argument("--out", type=Path, default=RESULTS / "unconstrained.json")
+    p.add_argument("--render", action="store_true", help="only re-render the Markdown")
+    args = p.parse_args(argv)
+    if args.render:
+        args.out.with_suffix(".md").write_text(render(json.loads(args.out.read_text())))
+        return 0
+    backend = get_backend("ort", provider="cpu")
+    read_cost = measure_read_cost(backend)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    out: dict = {"backend": repr(backend), "commit": commit, "read_cost": read_cost.__dict__}
+    out["models"] = json.loads(args.out.read_text()).get("models", {}) if args.out.exists() else {}
+    x = torch.randn(1, 3, 224, 224)
+    for name in args.models:
+        torch.manual_seed(0)
+        model = torchvision.models.get_model(name, weights=None).eval()
+        analysis = fxprune.analyze(model, x)
+        entry = out["models"].setdefault(name, {})
+        for s in args.sparsity:
+            entry[str(s)] = run_case(name, model, analysis, x, s, backend, read_cost)
+            v = entry[str(s)]["variants"]
+            print(
+                f"{name} @ {s}: gathers naive {v['naive']['gathers']} ours_exact "
+                f"{v['ours_exact']['gathers']} ours {v['ours']['gathers']} authors "
+                f"{v.get('authors', {}).get('gathers')}; ours {v['ours']['vs_dense']:.3f}× dense, "
+                f"matched constrained {v['constrained_matched']['vs_dense']:.3f}×",
+                flush=True,
+            )
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            write_json(args.out, out)
+    args.out.with_suffix(".md").write_text(render(out))
+    print(render(out))
+    return 0
+
+
+def render(out: dict) -> str:
+    cols = ["constrained", "constrained_matched", "naive", "ours_exact", "ours", "authors"]
+    lines = [
+        "# unconstrained export (ONNX Runtime CPU, batch 1, 224×224, random init)",
+        "",
+        f"commit {out.get('commit')}; read cost probe: {out.get('read_cost')}",
+        "",
+        "Cells: gathers / gathered channels / latency × dense (same run). "
+        "`ours`: reads chosen by measured cost; params stored (M).",
+        "",
+        "| model | sparsity | " + " | ".join(cols) + " | ours ms vs matched |",
+        "|---" * (len(cols) + 3) + "|",
+    ]
+    for name, cases in out["models"].items():
+        for s, case in cases.items():
+            v = case["variants"]
+            cells = []
+            for c in cols:
+                if c not in v:
+                    err = case["variants"].get(c, {}).get("error")
+                    cells.append("—" if not err else "failed")
+                    continue
+                cells.append(
+                    f"{v[c]['gathers']} / {v[c]['gathered_channels']} / "
+                    f"{v[c]['vs_dense']:.3f}× ({v[c]['stored_params'] / 1e6:.2f}M)"
+                )
+            rel = v["ours"]["ms"] / v["constrained_matched"]["ms"]
+            lines.append(f"| {name} | {s} | " + " | ".join(cells) + f" | {rel:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,312 @@
+"""Unconstrained channel pruning (UCPE): every consumer keeps its own input channels.
+
+Constrained pruning makes every tensor joined by a residual add or a concat keep the same channel
+indices. Unconstrained pruning lifts that: each *consumer* — a conv or linear call with
+``groups=1`` — keeps its own subset of input positions, and the tensor it reads keeps the union
+of what its readers use (a producer channel goes only when nothing reads it). The pruned model
+equals the original with every consumer's dropped inputs zeroed (the masking oracle does exactly
+that), so masks from any source are valid: per-layer magnitude or FPGM heuristics at a target
+sparsity (:func:`magnitude_masks`), the zero columns of a model someone already pruned by
+masking (:func:`masks_from_zeros`), or a user's own boolean masks.
+
+How consumers read their subset in the exported model (slice, gather, or a zero-padded read) is
+the rewrite's business (:mod:`fxprune.passes.reorder`, :mod:`fxprune.passes.prune`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from fxprune.errors import PlanError
+from fxprune.meta import CHANNELS, TENSOR_META
+from fxprune.plan import Plan
+
+if TYPE_CHECKING:
+    from fxprune.analysis import Analysis
+    from fxprune.passes.channel_context import LayerRecord
+
+__all__ = [
+    "Consumer",
+    "check_consumers",
+    "consumers",
+    "magnitude_masks",
+    "masks_from_zeros",
+    "unconstrained_plan",
+]
+
+_CRITERIA = ("l1", "l2", "fpgm")
+
+
+@dataclass(frozen=True)
+class Consumer:
+    """A layer call that may keep its own input channels.
+
+    Attributes:
+        node: fx node name (the key in ``Plan.consumers``).
+        target: module qualified name.
+        units: unit id of each input position (length ``n_in``).
+        dim: the input's channel dim (1 for conv, last for linear).
+        n_in: number of input positions.
+        spatial: elements per input channel at batch 1 (H·W for a 2-d conv).
+        macs_per_input: multiply-accumulates one input channel costs the layer at batch 1.
+    """
+
+    node: str
+    target: str
+    units: np.ndarray
+    dim: int
+    n_in: int
+    spatial: int
+    macs_per_input: int
+    input_node: str
+
+
+def consumers(analysis: Analysis) -> dict[str, Consumer]:
+    """The layer calls an unconstrained plan may give their own input channels, by node name.
+
+    A conv with ``groups > 1`` keeps its groups' channels together and a module called more than
+    once would need one set for all calls, so both read what their input tensor keeps.
+    """
+    gm = analysis.gm
+    nodes = {n.name: n for n in gm.graph.nodes}
+    calls: dict[str, int] = {}
+    for rec in analysis.spaces.layers:
+        calls[rec.target] = calls.get(rec.target, 0) + 1
+    out: dict[str, Consumer] = {}
+    for rec in analysis.spaces.layers:
+        c = _consumer(gm, nodes, rec, calls)
+        if c is not None:
+            out[c.node] = c
+    return out
+
+
+def _consumer(gm, nodes, rec: LayerRecord, calls: Mapping[str, int]) -> Consumer | None:
+    node = nodes.get(rec.node)
+    if node is None or node.op != "call_module" or calls[rec.target] != 1:
+        return None
+    module = gm.get_submodule(rec.target)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        if module.groups != 1 or module.transposed:
+            return None
+        n_in, dim = module.in_channels, 1
+        out_meta = node.meta.get(TENSOR_META)
+        out_spatial = int(np.prod(out_meta.shape[2:])) if out_meta is not None else 1
+        macs = module.out_channels * int(np.prod(module.kernel_size)) * out_spatial
+    elif isinstance(module, nn.Linear):
+        n_in, dim = module.in_features, -1
+        out_meta = node.meta.get(TENSOR_META)
+        rows = int(np.prod(out_meta.shape[1:-1])) if out_meta is not None else 1
+        macs = module.out_features * rows
+    else:
+        return None
+    units = np.asarray(rec.in_units).reshape(-1)
+    if units.size == 1:
+        units = np.repeat(units, n_in)
+    if units.size != n_in or n_in < 2 or not node.args:
+        return None
+    src = node.args[0]
+    meta = src.meta.get(TENSOR_META) if hasattr(src, "meta") else None
+    if meta is None:
+        return None
+    shape = tuple(meta.shape)
+    dim = dim % len(shape)
+    spatial = int(np.prod(shape[1:])) // n_in if len(shape) > 1 else 1
+    return Consumer(rec.node, rec.target, units, dim, n_in, spatial, macs, src.name)
+
+
+def check_consumers(
+    analysis: Analysis,
+    plan: Plan,
+    keep_unit: np.ndarray,
+    counts: dict[str, tuple[int, int]],
+) -> dict[str, tuple[int, int]]:
+    """Validate ``plan.consumers``; return layer (in, out) counts with consumers' own inputs."""
+    table = consumers(analysis)
+    counts = dict(counts)
+    for name, idx in plan.consumers.items():
+        c = table.get(name)
+        if c is None:
+            raise PlanError(
+                f"'{name}' cannot keep its own input channels: only conv/linear calls with "
+                "groups=1 whose module is called once can (others read what their input keeps)."
+            )
+        if idx and (idx[0] < 0 or idx[-1] >= c.n_in):
+            raise PlanError(
+                f"Consumer '{name}' has {c.n_in} inputs; index out of range in {idx[:5]}."
+            )
+        dropped = [i for i in idx if not keep_unit[c.units[i]]]
+        if dropped:
+            raise PlanError(
+                f"Consumer '{name}' keeps input positions {dropped[:5]} that the group plan "
+                "removes from its input tensor. A shared tensor keeps the union of what its "
+                "consumers read: build the plan with fxprune.unconstrained_plan()."
+            )
+        counts[name] = (len(idx), counts[name][1])
+    return counts
+
+
+def unconstrained_plan(
+    analysis: Analysis,
+    input_masks: Mapping[str, Iterable[bool]],
+    *,
+    removed_blocks: Iterable[str] = (),
+    include_inexact: bool = False,
+    notes: Mapping[str, object] | None = None,
+) -> Plan:
+    """The plan in which each named consumer keeps the input positions its mask marks True.
+
+    Args:
+        input_masks: consumer (node name or module qualified name) -> boolean mask over its input
+            positions. Consumers not named read everything.
+        removed_blocks: blocks to remove as well (their layers' masks are ignored).
+        include_inexact: let groups whose pruning is not equal to masking (LayerNorm over
+            channels) drop unread channels too.
+
+    A group keeps a channel iff something reads it: a masked consumer at a kept position, any
+    other layer, or any op that takes the channel in without passing it on (a channel-wise sum,
+    the model output). Groups that are frozen (or inexact) keep all channels; their consumers
+    may still read subsets.
+    """
+    table = consumers(analysis)
+    by_target = {c.target: c for c in table.values()}
+    masks: dict[str, np.ndarray] = {}
+    for key, mask in input_masks.items():
+        c = table.get(key) or by_target.get(key)
+        if c is None:
+            raise PlanError(
+                f"'{key}' is not a consumer that can keep its own input channels (conv/linear "
+                "with groups=1, called once); known consumers include "
+                f"{', '.join(list(by_target)[:5])}..."
+            )
+        m = np.asarray(list(mask) if not isinstance(mask, np.ndarray) else mask, dtype=bool)
+        if m.shape != (c.n_in,):
+            raise PlanError(
+                f"Mask for '{key}' has shape {m.shape}; '{c.target}' has {c.n_in} inputs."
+            )
+        if not m.any():
+            raise PlanError(f"Mask for '{key}' keeps no input channel; keep at least one.")
+        masks[c.node] = m
+
+    removed = tuple(removed_blocks)
+    dead = {n for b in removed for n in analysis.block(b).region}
+    read = _read_classes(analysis, masks, dead, table)
+    kept: dict[str, tuple[int, ...]] = {}
+    for g in analysis.groups:
+        if g.frozen or g.equal_count or (g.inexact and not include_inexact):
+            continue  # grouped ops need equal counts per group: keep such groups whole
+        keep = np.isin(g.classes, read)
+        if not keep.all():
+            kept[g.name] = tuple(np.flatnonzero(keep).tolist())
+    keep_unit = analysis.spaces.keep_units(kept)
+    own: dict[str, tuple[int, ...]] = {}
+    for name, m in masks.items():
+        if name in dead:
+            continue
+        available = keep_unit[table[name].units]
+        if (m & available).sum() < available.sum():  # reads less than its tensor keeps
+            own[name] = tuple(np.flatnonzero(m & available).tolist())
+    plan = Plan(kept, removed, analysis.signature, dict(notes or {}), own)
+    plan.validate(analysis)
+    return plan
+
+
+def _read_classes(
+    analysis: Analysis,
+    masks: Mapping[str, np.ndarray],
+    dead: set[str],
+    table: Mapping[str, Consumer],
+) -> np.ndarray:
+    """Unit classes some live node reads (takes in without passing on)."""
+    unit_class = analysis.spaces.unit_class
+    read: set[int] = set()
+    for node in analysis.gm.graph.nodes:
+        if node.name in dead or node.op in ("placeholder", "get_attr"):
+            continue
+        if node.name in masks:
+            c = table[node.name]
+            read.update(np.unique(unit_class[c.units[masks[node.name]]]).tolist())
+            continue
+        if node.meta.get(CHANNELS) is None and node.op != "output":
+            continue  # sizes and shapes read no channel values
+        out = _classes(node.meta.get(CHANNELS), unit_class)
+        for src in node.all_input_nodes:
+            if src.name in dead:
+                continue
+            read.update(_classes(src.meta.get(CHANNELS), unit_class) - out)
+    return np.fromiter(read, dtype=np.int64, count=len(read))
+
+
+def _classes(u: object, unit_class: np.ndarray) -> set[int]:
+    if isinstance(u, (tuple, list)):
+        return set().union(*(_classes(v, unit_class) for v in u)) if u else set()
+    if isinstance(u, np.ndarray):
+        return set(np.unique(unit_class[u]).tolist())
+    return set()
+
+
+def _column_scores(weight: torch.Tensor, criterion: str) -> np.ndarray:
+    """Importance of each input column of a conv/linear weight (higher = keep)."""
+    w = weight.detach().float().transpose(0, 1).reshape(weight.shape[1], -1)
+    if criterion == "l1":
+        return w.abs().sum(1).numpy()
+    if criterion == "l2":
+        return w.norm(dim=1).numpy()
+    # FPGM: a column close to the geometric median of the others is the most replaceable
+    return torch.cdist(w[None], w[None])[0].sum(1).numpy()
+
+
+def magnitude_masks(
+    analysis: Analysis,
+    sparsity: float,
+    *,
+    criterion: str = "l2",
+    skip_model_inputs: bool = True,
+) -> dict[str, np.ndarray]:
+    """Per-layer input-channel masks: each consumer drops its ``sparsity`` least important inputs.
+
+    This is UPSCALE's post-training setting: every conv/linear with ``groups=1`` ranks its input
+    columns by norm (``"l1"``, ``"l2"``) or by distance to the others (``"fpgm"``, Filter
+    Pruning via Geometric Median) and keeps ``max(1, round((1 - sparsity) * n_in))``.
+
+    Args:
+        skip_model_inputs: leave layers that read a model input (the stem conv on RGB) whole.
+    """
+    if criterion not in _CRITERIA:
+        raise ValueError(f"criterion must be one of {_CRITERIA}, got {criterion!r}")
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+    placeholders = {n.name for n in analysis.gm.graph.nodes if n.op == "placeholder"}
+    out: dict[str, np.ndarray] = {}
+    for c in consumers(analysis).values():
+        if skip_model_inputs and c.input_node in placeholders:
+            continue
+        n_keep = max(1, round((1.0 - sparsity) * c.n_in))
+        if n_keep >= c.n_in:
+            continue
+        scores = _column_scores(analysis.gm.get_submodule(c.target).weight, criterion)
+        mask = np.zeros(c.n_in, dtype=bool)
+        mask[np.argsort(-scores, kind="stable")[:n_keep]] = True
+        out[c.node] = mask
+    return out
+
+
+def masks_from_zeros(analysis: Analysis, *, atol: float = 0.0) -> dict[str, np.ndarray]:
+    """The input masks of a model pruned by zeroing: a consumer drops each all-zero input column.
+
+    Use it to turn a model whose pruned weights were zeroed in place (by another tool, or by
+    training with masks) into a genuinely smaller one: ``unconstrained_plan(a, masks_from_zeros(a))``.
+    """
+    out: dict[str, np.ndarray] = {}
+    for c in consumers(analysis).values():
+        w = analysis.gm.get_submodule(c.target).weight.detach()
+        cols = w.transpose(0, 1).reshape(c.n_in, -1).abs().amax(1)
+        mask = (cols > atol).numpy()
+        if not mask.all() and mask.any():
+            out[c.node] = mask
+    return out

@@ -1,0 +1,53 @@
+"""choose_read: every read covers exactly the kept positions with non-zero columns."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fxprune.passes.reads import ReadCost, choose_read
+
+
+@st.composite
+def kept_sets(draw):
+    n = draw(st.integers(2, 40))
+    kept = draw(st.sets(st.integers(0, n - 1), min_size=1, max_size=n - 1))
+    return n, np.array(sorted(kept))
+
+
+@given(
+    kept_sets(),
+    st.sampled_from(["exact", "auto", "full"]),
+    st.integers(1, 64),
+    st.integers(1, 10_000),
+)
+def test_read_covers_kept_exactly(case, policy, spatial, macs):
+    n, kept = case
+    r = choose_read(kept, n, spatial=spatial, macs_per_input=macs, policy=policy)
+    assert np.array_equal(r.local[~r.zero], kept)  # non-zero columns = kept, in order
+    assert np.all(np.diff(r.local) > 0) and r.local[0] >= 0 and r.local[-1] < n
+    contiguous = kept[-1] - kept[0] + 1 == kept.size
+    if policy == "exact":
+        assert r.kind == ("slice" if contiguous else "gather") and not r.zero.any()
+    if r.kind in ("slice", "span", "full"):
+        assert np.array_equal(r.local, np.arange(r.start, r.start + r.length))
+    if policy == "full":
+        assert r.kind == "full" and r.length == n
+
+
+def test_auto_follows_the_cost():
+    kept = np.array([0, 2, 3, 4, 5, 6, 7, 9])
+    copies_cheap = ReadCost(slice_s_per_element=1e-12, gather_s_per_element=1e-12, mac_s=1e-9)
+    macs_cheap = ReadCost(slice_s_per_element=1e-6, gather_s_per_element=1e-6, mac_s=1e-15)
+    gathers_dear = ReadCost(slice_s_per_element=1e-12, gather_s_per_element=1e-3, mac_s=1e-12)
+    args = dict(spatial=100, macs_per_input=1000, policy="auto")
+    assert choose_read(kept, 12, cost=copies_cheap, **args).kind == "gather"
+    assert choose_read(kept, 12, cost=macs_cheap, **args).kind == "full"
+    assert choose_read(kept, 12, cost=gathers_dear, **args).kind == "span"
+
+
+def test_bad_policy():
+    with pytest.raises(ValueError, match="policy"):
+        choose_read(np.array([1]), 3, spatial=1, macs_per_input=1, policy="fast")

@@ -1,0 +1,181 @@
+"""Unconstrained plans: masks from any source, the union rule, validation, v2 files, and exports
+equal to the oracle on hand-built models (every torchvision CNN is in test_torchvision.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from helpers import check_unconstrained, random_input_masks, rel_err
+from torch import nn
+
+import fxprune
+from fxprune.errors import PlanError
+from fxprune.passes.prune import rewrite
+from fxprune.unconstrained import consumers
+
+
+class Fan(nn.Module):
+    """One producer read by three consumers, plus a residual add (a coupled segment)."""
+
+    def __init__(self, c: int = 12):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.a = nn.Conv2d(c, c, 1)
+        self.b = nn.Conv2d(c, 5, 3, padding=1)
+        self.c = nn.Conv2d(c, 4, 1)
+        self.head = nn.Linear(c + 9, 7)
+
+    def forward(self, x):
+        s = torch.relu(self.bn(self.stem(x)))
+        r = s + self.a(s)  # the residual joins stem and a: one group
+        y = torch.cat([r, self.b(s), self.c(r)], 1)
+        return self.head(y.mean((2, 3)))
+
+
+@pytest.fixture
+def fan():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    model = Fan().eval()
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 1.5)
+    return model, x, fxprune.analyze(model, x)
+
+
+def mask(n, keep):
+    m = np.zeros(n, dtype=bool)
+    m[list(keep)] = True
+    return m
+
+
+def test_consumers_are_groups1_convs_and_linears(fan):
+    _, _, a = fan
+    table = consumers(a)
+    assert {c.target for c in table.values()} == {"stem", "a", "b", "c", "head"}
+    assert table["head"].dim == 1 and table["a"].dim == 1
+    assert table["b"].spatial == 64 and table["b"].macs_per_input == 5 * 9 * 64
+
+
+def test_union_rule_and_oracle(fan):
+    model, x, a = fan
+    masks = {"a": mask(12, range(0, 8)), "b": mask(12, range(2, 10)), "c": mask(12, [0, 5])}
+    plan = fxprune.unconstrained_plan(a, masks)
+    (group,) = [g for g in a.groups if "stem" in g.roots]
+    # channels 10, 11 are read by nobody... except the head, which reads all of cat's first block
+    assert group.name not in plan.kept
+    assert set(plan.consumers) == {"a", "b", "c"}
+    # head drops the residual block's channels 10, 11 too: now nothing reads them
+    masks["head"] = mask(21, [*range(10), *range(12, 21)])
+    plan = fxprune.unconstrained_plan(a, masks)
+    assert plan.kept[group.name] == tuple(range(10))
+    with torch.no_grad():
+        want = fxprune.masked_forward(a, plan, x)
+        # the oracle is the model with each consumer's dropped inputs zeroed
+        ref = dict(model.named_modules())
+
+        def zero_dropped(keep):
+            t = torch.from_numpy(keep)
+            return lambda mod, args: (args[0] * (t.view(1, -1, 1, 1) if args[0].ndim == 4 else t),)
+
+        hooks = [ref[n].register_forward_pre_hook(zero_dropped(m)) for n, m in masks.items()]
+        direct = model(x)
+        for h in hooks:
+            h.remove()
+    assert rel_err(want, direct) < 1e-5
+    check_unconstrained(a, x, seed=3)
+
+
+def test_known_zero_copy_order_is_found(fan):
+    _, x, a = fan
+    # {0,3,6,9}, {3,6,9,1}, {9,1,4}: C1P (order 0 3 6 9 1 4 ...), but no set is a range now
+    masks = {"a": mask(12, [0, 3, 6, 9]), "b": mask(12, [3, 6, 9, 1]), "c": mask(12, [9, 1, 4])}
+    plan = fxprune.unconstrained_plan(a, masks)
+    naive, info0 = rewrite(a, plan, reorder=False)
+    gm, info = rewrite(a, plan, reorder=True)
+    assert info0.counts()["gather"] == 3
+    assert info.counts()["gather"] == 0 and info.counts()["slice"] == 3
+    (order,) = info.layout.orders
+    assert order.exact and order.contiguous == 3 and order.identity_contiguous == 0
+    with torch.no_grad():
+        want = fxprune.masked_forward(a, plan, x)
+        assert rel_err(gm(x), want) < 1e-5 and rel_err(naive(x), want) < 1e-5
+    narrows = [n for n in gm.graph.nodes if n.target is torch.narrow]
+    assert len(narrows) == 3 and not [n for n in gm.graph.nodes if n.target is torch.index_select]
+
+
+def test_reads_full_and_auto_equal_oracle(fan):
+    _, x, a = fan
+    plan = fxprune.unconstrained_plan(a, random_input_masks(a, 5))
+    with torch.no_grad():
+        want = fxprune.masked_forward(a, plan, x)
+    for reads in ("exact", "auto", "full"):
+        gm, info = rewrite(a, plan, reads=reads)
+        with torch.no_grad():
+            assert rel_err(gm(x), want) < 1e-5, reads
+    assert info.counts()["full"] == len(plan.consumers)
+
+
+def test_masks_from_zeros_finds_the_pattern(fan):
+    model, x, _a = fan
+    masks = {"a": mask(12, [1, 2, 7]), "b": mask(12, range(6))}
+    zeroed = Fan().eval()
+    zeroed.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for name, m in masks.items():
+            getattr(zeroed, name).weight[:, torch.from_numpy(~m)] = 0.0
+    az = fxprune.analyze(zeroed, x)
+    found = fxprune.masks_from_zeros(az)
+    assert set(found) == {"a", "b"}
+    assert all(np.array_equal(found[k], masks[k]) for k in masks)
+    pruned = fxprune.prune(az, fxprune.unconstrained_plan(az, found))
+    with torch.no_grad():
+        assert rel_err(pruned(x), zeroed(x)) < 1e-5
+    assert pruned.a.in_channels == 3 and pruned.b.in_channels == 6
+
+
+@pytest.mark.parametrize("criterion", ["l1", "l2", "fpgm"])
+def test_magnitude_masks(fan, criterion):
+    _, _x, a = fan
+    masks = fxprune.magnitude_masks(a, 0.5, criterion=criterion)
+    assert "stem" not in masks  # reads the model input
+    assert {k: int(m.sum()) for k, m in masks.items()} == {"a": 6, "b": 6, "c": 6, "head": 10}
+    if criterion == "l2":
+        w = a.gm.get_submodule("b").weight.detach()
+        norms = w.transpose(0, 1).reshape(12, -1).norm(dim=1).numpy()
+        assert norms[masks["b"]].min() >= norms[~masks["b"]].max()
+    check_plan_roundtrip(a, fxprune.unconstrained_plan(a, masks))
+
+
+def check_plan_roundtrip(a, plan):
+    again = fxprune.Plan.from_json(plan.to_json())
+    assert again == plan and again.to_dict()["version"] == 2
+    again.validate(a)
+
+
+def test_validation_errors(fan):
+    _, _, a = fan
+    plan = fxprune.unconstrained_plan(a, {"a": mask(12, range(6))})
+    with pytest.raises(PlanError, match="not a consumer"):
+        fxprune.unconstrained_plan(a, {"bn": mask(12, range(6))})
+    with pytest.raises(PlanError, match="shape"):
+        fxprune.unconstrained_plan(a, {"a": mask(11, range(6))})
+    with pytest.raises(PlanError, match="keeps no input"):
+        fxprune.unconstrained_plan(a, {"a": np.zeros(12, dtype=bool)})
+    (group,) = [g for g in a.groups if "stem" in g.roots]
+    bad = fxprune.Plan({group.name: tuple(range(4))}, (), a.signature, {}, {"a": (0, 5)})
+    with pytest.raises(PlanError, match="union"):
+        bad.validate(a)
+    with pytest.raises(PlanError, match="cannot keep its own"):
+        fxprune.Plan({}, (), a.signature, {}, {"bn": (0,)}).validate(a)
+    assert plan.unconstrained and not fxprune.Plan.empty(a).unconstrained
+    assert fxprune.Plan.empty(a).to_dict()["version"] == 1
+
+
+def test_user_model_untouched(fan):
+    model, _x, a = fan
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fxprune.prune(a, fxprune.unconstrained_plan(a, fxprune.magnitude_masks(a, 0.3)))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
