@@ -9,8 +9,8 @@ side by side in one run (medians; ratios are to the dense model of the same run)
   ``constrained_matched``: the uniform keep ratio whose stored parameters match ``ours``.
 - ``naive``: the unconstrained plan, every non-contiguous consumer gathers, no reordering.
 - ``ours_exact``: reordered, consumers read exactly their inputs (slice or gather).
-- ``ours``: reordered, each consumer reads by the cheapest of slice/gather/zero-padded span/full
-  read under copy and MAC prices measured on the backend (fxprune.backends.probe).
+- ``ours``: reordered, each consumer reads by the fastest of slice/gather/zero-padded span/full
+  read, timed per consumer on the backend (``reads="measure"``, what ``fxprune.compile`` uses).
 - ``authors``: apple-upscale 0.1.1 (is_not_ane=True) where it is installed and runs.
 
 Gathers are counted the same way for every variant (aten-level dispatch during one forward:
@@ -38,9 +38,9 @@ import _upscale
 
 import fxprune
 from fxprune.backends import MeasureConfig, get_backend, measure_side_by_side
-from fxprune.backends.probe import measure_read_cost
 from fxprune.io import write_json
 from fxprune.passes.prune import rewrite
+from fxprune.passes.reads import MeasuredReads
 from fxprune.unconstrained import consumers
 
 RESULTS = Path(__file__).parent / "results"
@@ -56,13 +56,13 @@ def nonzero_params(m: torch.nn.Module) -> int:
     return sum(int((p != 0).sum()) for p in m.parameters())
 
 
-def matched_constrained(analysis, target: int) -> tuple[float, torch.nn.Module]:
+def matched_constrained(analysis, target: int, multiple: int) -> tuple[float, torch.nn.Module]:
     """The uniform keep ratio whose pruned model stores about ``target`` parameters (bisection)."""
     lo, hi = 0.05, 1.0
     best = None
     for _ in range(10):
         mid = (lo + hi) / 2
-        m = fxprune.prune(analysis, fxprune.uniform_plan(analysis, mid, multiple=1))
+        m = fxprune.prune(analysis, fxprune.uniform_plan(analysis, mid, multiple=multiple))
         best = (mid, m)
         if stored_params(m) < target:
             lo = mid
@@ -71,29 +71,31 @@ def matched_constrained(analysis, target: int) -> tuple[float, torch.nn.Module]:
     return best
 
 
-def run_case(name, model, analysis, x, sparsity, backend, read_cost) -> dict:
-    masks = fxprune.magnitude_masks(analysis, sparsity, criterion="l2")
+def run_case(name, model, analysis, x, sparsity, backend, multiple) -> dict:
+    masks = fxprune.magnitude_masks(analysis, sparsity, criterion="l2", multiple=multiple)
     t0 = time.perf_counter()
-    plan = fxprune.unconstrained_plan(analysis, masks)
+    plan = fxprune.unconstrained_plan(analysis, masks, align=multiple if multiple > 1 else None)
     plan_s = time.perf_counter() - t0
     variants: dict[str, torch.nn.Module] = {"dense": analysis.gm}
     info: dict[str, dict] = {}
     variants["constrained"] = fxprune.prune(
-        analysis, fxprune.uniform_plan(analysis, 1 - sparsity, multiple=1)
+        analysis, fxprune.uniform_plan(analysis, 1 - sparsity, multiple=multiple)
     )
     for key, reorder, reads in (
         ("naive", False, "exact"),
         ("ours_exact", True, "exact"),
-        ("ours", True, "auto"),
+        ("ours", True, "measure"),
     ):
         t0 = time.perf_counter()
-        gm, rw = rewrite(analysis, plan, reorder=reorder, reads=reads, read_cost=read_cost)
+        cost = MeasuredReads(backend) if reads == "measure" else None
+        gm, rw = rewrite(analysis, plan, reorder=reorder, reads=reads, read_cost=cost)
         info[key] = {"rewrite_s": time.perf_counter() - t0, "reads": rw.counts()}
         if key == "ours":
             info[key]["orders"] = [o.__dict__ for o in rw.layout.orders]
+            info[key]["read_ms"] = cost.decisions
         variants[key] = gm
     ratio, variants["constrained_matched"] = matched_constrained(
-        analysis, stored_params(variants["ours"])
+        analysis, stored_params(variants["ours"]), multiple
     )
     info["constrained_matched"] = {"keep": ratio}
     if _upscale.available():
@@ -135,6 +137,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="*", default=MODELS)
     p.add_argument("--sparsity", nargs="*", type=float, default=[0.3, 0.5])
+    p.add_argument(
+        "--multiple",
+        type=int,
+        default=1,
+        help="round kept counts (per-layer masks, unions, constrained groups) to this multiple",
+    )
     p.add_argument("--out", type=Path, default=RESULTS / "unconstrained.json")
     p.add_argument("--render", action="store_true", help="only re-render the Markdown")
     args = p.parse_args(argv)
@@ -142,11 +150,11 @@ def main(argv=None) -> int:
         args.out.with_suffix(".md").write_text(render(json.loads(args.out.read_text())))
         return 0
     backend = get_backend("ort", provider="cpu")
-    read_cost = measure_read_cost(backend)
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
     ).stdout.strip()
-    out: dict = {"backend": repr(backend), "commit": commit, "read_cost": read_cost.__dict__}
+    out: dict = {"backend": repr(backend), "commit": commit}
+    out["multiple"] = args.multiple
     out["models"] = json.loads(args.out.read_text()).get("models", {}) if args.out.exists() else {}
     x = torch.randn(1, 3, 224, 224)
     for name in args.models:
@@ -155,7 +163,7 @@ def main(argv=None) -> int:
         analysis = fxprune.analyze(model, x)
         entry = out["models"].setdefault(name, {})
         for s in args.sparsity:
-            entry[str(s)] = run_case(name, model, analysis, x, s, backend, read_cost)
+            entry[str(s)] = run_case(name, model, analysis, x, s, backend, args.multiple)
             v = entry[str(s)]["variants"]
             print(
                 f"{name} @ {s}: gathers naive {v['naive']['gathers']} ours_exact "
@@ -176,10 +184,10 @@ def render(out: dict) -> str:
     lines = [
         "# unconstrained export (ONNX Runtime CPU, batch 1, 224×224, random init)",
         "",
-        f"commit {out.get('commit')}; read cost probe: {out.get('read_cost')}",
+        f"commit {out.get('commit')}; kept counts rounded to multiples of {out.get('multiple', 1)}",
         "",
         "Cells: gathers / gathered channels / latency × dense (same run). "
-        "`ours`: reads chosen by measured cost; params stored (M).",
+        "`ours`: each consumer's read timed on the backend; params stored (M).",
         "",
         "| model | sparsity | " + " | ".join(cols) + " | ours ms vs matched |",
         "|---" * (len(cols) + 3) + "|",

@@ -40,7 +40,8 @@ def rebuild(
     """
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
-    pruned = apply_plan(analyze(model, example_inputs), plan)
+    options = {"reads": plan.notes["reads"]} if "reads" in plan.notes else {}
+    pruned = apply_plan(analyze(model, example_inputs), plan, **options)
     if state_dict is not None:
         if not isinstance(state_dict, dict):
             state_dict = torch.load(Path(state_dict), map_location="cpu", weights_only=True)

@@ -75,6 +75,12 @@ def _parser() -> argparse.ArgumentParser:
     co.add_argument("--time-limit", type=float, default=30.0, help="SCIP time limit (s)")
     co.add_argument("--max-rounds", type=int, default=4, help="solve-measure rounds at most")
     co.add_argument("--no-blocks", action="store_true", help="never remove residual blocks")
+    co.add_argument(
+        "--coupling",
+        default="constrained",
+        choices=["constrained", "unconstrained"],
+        help="unconstrained: each conv keeps its own input channels (UPSCALE), reordered",
+    )
     co.add_argument("--cache", type=Path, help="latency cache directory")
     co.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
     co.add_argument("--strict", action="store_true", help="exit 1 if the budget was missed")
@@ -170,6 +176,7 @@ def _compile(args: argparse.Namespace, console: Console, out: Path, x: torch.Ten
             time_limit=args.time_limit,
             max_rounds=args.max_rounds,
             allow_block_removal=not args.no_blocks,
+            coupling=args.coupling,
         )
     except fxprune.InfeasibleBudget as exc:
         console.print(f"[red]{exc}")

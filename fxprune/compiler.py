@@ -16,6 +16,7 @@ a unit (``"25ms"``, ``"0.025s"``, ``"800us"``) or :meth:`Budget.ms` is an absolu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import time
 import warnings
@@ -40,6 +41,7 @@ from fxprune.backends import (
 from fxprune.latency.predictor import LatencyModel
 from fxprune.passes.importance import channel_importance
 from fxprune.passes.latency import LatencyConfig, LatencyTables, annotate_latency
+from fxprune.passes.prune import rewrite
 from fxprune.passes.trace import as_input_tuple
 from fxprune.plan import Plan
 from fxprune.problem import PruningProblem, build_problem, solution_from_plan
@@ -250,6 +252,8 @@ def compile(
     measure_config: MeasureConfig | None = None,
     sessions: int = 1,
     leaf_modules: Iterable[type | str] | None = None,
+    coupling: str = "constrained",
+    reads: str = "measure",
     progress: bool = True,
 ) -> CompileResult:
     """Prune ``model`` so that it runs within ``latency_budget`` on ``backend``.
@@ -274,6 +278,14 @@ def compile(
         latency_config: how tables are built (grid, sweeps, timing).
         measure_config, sessions: how whole models are timed (per session, and sessions).
         leaf_modules: module classes or names to keep opaque (their channels freeze).
+        coupling: ``"constrained"`` (coupled tensors keep the same channels) or
+            ``"unconstrained"`` (UCPE: each conv/linear keeps as many inputs as the solved plan
+            gives it, but its own best ones; shared tensors keep the union, channels are
+            reordered, and the budget is met by the measured exported model, copies included).
+        reads: how unconstrained consumers read their inputs: ``"measure"`` (time each
+            consumer's slice / gather / zero-padded candidates on the backend, keep the
+            fastest), ``"auto"`` (one probed copy and MAC price), ``"exact"``, ``"full"``; see
+            :mod:`fxprune.passes.reads`.
         progress: rich progress output.
 
     Raises:
@@ -283,6 +295,8 @@ def compile(
         raise ValueError(f"solver must be one of {sorted(_SOLVERS)}, got {solver!r}")
     if max_rounds < 1:
         raise ValueError("max_rounds must be at least 1")
+    if coupling not in ("constrained", "unconstrained"):
+        raise ValueError(f"coupling must be 'constrained' or 'unconstrained', got {coupling!r}")
     budget = Budget.parse(latency_budget)
     be = get_backend(backend) if isinstance(backend, str) else backend
     if cache is not None and not isinstance(cache, LatencyCache):
@@ -317,12 +331,25 @@ def compile(
 
     with log.stage("build problem", timings, "problem_s"):
         pp = problem()
+    rewrite_options: dict[str, Any] = {}
+    if coupling == "unconstrained":
+        rewrite_options["reads"] = reads
+        if reads == "measure":
+            from fxprune.passes.reads import MeasuredReads
+
+            rewrite_options["read_cost"] = MeasuredReads(be)
+        elif reads == "auto":
+            from fxprune.backends.probe import measure_read_cost
+
+            with log.stage("copy and MAC prices", timings, "probe_s"):
+                rewrite_options["read_cost"] = measure_read_cost(be)
     opts = {"time_limit": time_limit, "gap": gap}
     budget_ms = budget.resolve(tables.dense_ms)
     dense_ms = tables.dense_ms
     rounds: list[dict[str, Any]] = []
     points: list[tuple[Plan, float, float]] = []  # plan, its figure, dense beside it
     history: list[tuple[Plan, fx.GraphModule, Solution, dict]] = []
+    solved_for: dict[int, Plan] = {}  # id(plan) -> the solved (constrained) plan it lifts
     warm: Solution | None = None
     timings.update(solve_s=0.0, rewrite_s=0.0, measure_s=0.0)
     for r in range(max_rounds):
@@ -342,8 +369,19 @@ def compile(
                 raise InfeasibleBudget(budget_ms, again.min_latency, dense_ms) from None
         timings["solve_s"] += time.perf_counter() - start
         start = time.perf_counter()
-        plan = pp.plan(sol, _notes(analysis, importance.method, budget, solver))
-        pruned = prune(analysis, plan)
+        solved = plan = pp.plan(sol, _notes(analysis, importance.method, budget, solver))
+        if coupling == "unconstrained":
+            from fxprune.unconstrained import consumer_choice
+
+            allowed = {g.name: g.counts for g in pp.problem.groups}  # the tables' candidates
+            plan = consumer_choice(analysis, solved, align=allowed)
+        if coupling == "unconstrained":
+            pruned, info = rewrite(analysis, plan, **rewrite_options)
+            # record the reads taken so rebuild() reproduces this exact structure
+            plan = dataclasses.replace(plan, notes={**plan.notes, "reads": info.kinds()})
+        else:
+            pruned = prune(analysis, plan)
+        solved_for[id(plan)] = solved
         timings["rewrite_s"] += time.perf_counter() - start
         start = time.perf_counter()
         with log.spinner(f"round {r}: measuring pruned and dense side by side"):
@@ -380,11 +418,13 @@ def compile(
         )
         if met and m_p.median_ms >= budget_ms * (1 - slack):
             break
-        points.append((plan, m_p.median_ms, dense_ms))
+        # the tables price the solved plan: an unconstrained export's extra cost (the union,
+        # copies) is learnt by the refit like any other model error
+        points.append((solved, m_p.median_ms, dense_ms))
         if r + 1 < max_rounds:  # refit on everything measured, dense at its latest figure
             _recalibrate(latency, analysis, points, dense_ms)
             pp = problem()
-            warm = solution_from_plan(pp, plan) if met else None
+            warm = solution_from_plan(pp, solved) if met else None
     met_rounds = [h for h in history if h[3]["met"]]
     if met_rounds:  # the most important plan that met the budget
         plan, pruned, sol, record = max(met_rounds, key=lambda h: h[2].objective)
@@ -409,7 +449,9 @@ def compile(
         predicted_ms=record["predicted_ms"],
         measured_ms=record["measured_ms"],
         budget_met=bool(record["met"]),
-        importance_kept=pp.importance_kept(plan),
+        # unconstrained: the solved plan's share (each consumer then keeps its own best inputs,
+        # so this is a lower bound; the group-level union would overstate it)
+        importance_kept=pp.importance_kept(solved_for[id(plan)]),
         importance_method=importance.method,
         solver={
             "name": sol.solver,

@@ -15,7 +15,7 @@ the rewrite's business (:mod:`fxprune.passes.reorder`, :mod:`fxprune.passes.prun
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Consumer",
     "check_consumers",
+    "consumer_choice",
     "consumers",
     "magnitude_masks",
     "masks_from_zeros",
@@ -55,6 +56,7 @@ class Consumer:
         n_in: number of input positions.
         spatial: elements per input channel at batch 1 (H·W for a 2-d conv).
         macs_per_input: multiply-accumulates one input channel costs the layer at batch 1.
+        input_node: the node the layer reads; in_shape: that input's shape.
     """
 
     node: str
@@ -65,6 +67,7 @@ class Consumer:
     spatial: int
     macs_per_input: int
     input_node: str
+    in_shape: tuple[int, ...] = ()
 
 
 def consumers(analysis: Analysis) -> dict[str, Consumer]:
@@ -117,7 +120,7 @@ def _consumer(gm, nodes, rec: LayerRecord, calls: Mapping[str, int]) -> Consumer
     shape = tuple(meta.shape)
     dim = dim % len(shape)
     spatial = int(np.prod(shape[1:])) // n_in if len(shape) > 1 else 1
-    return Consumer(rec.node, rec.target, units, dim, n_in, spatial, macs, src.name)
+    return Consumer(rec.node, rec.target, units, dim, n_in, spatial, macs, src.name, shape)
 
 
 def check_consumers(
@@ -157,6 +160,7 @@ def unconstrained_plan(
     *,
     removed_blocks: Iterable[str] = (),
     include_inexact: bool = False,
+    align: int | Mapping[str, Sequence[int]] | None = None,
     notes: Mapping[str, object] | None = None,
 ) -> Plan:
     """The plan in which each named consumer keeps the input positions its mask marks True.
@@ -167,6 +171,10 @@ def unconstrained_plan(
         removed_blocks: blocks to remove as well (their layers' masks are ignored).
         include_inexact: let groups whose pruning is not equal to masking (LayerNorm over
             channels) drop unread channels too.
+        align: round each group's kept count *up* to a count the runtime runs well — a
+            multiple, or per group the allowed counts (a latency table's candidates). The
+            channels added back are read by no consumer, so the output does not change; a
+            union of 254 of 256 channels can run slower than all 256 on aligned kernels.
 
     A group keeps a channel iff something reads it: a masked consumer at a kept position, any
     other layer, or any op that takes the channel in without passing it on (a channel-wise sum,
@@ -196,11 +204,17 @@ def unconstrained_plan(
     removed = tuple(removed_blocks)
     dead = {n for b in removed for n in analysis.block(b).region}
     read = _read_classes(analysis, masks, dead, table)
+    internal = {g for b in removed for g in analysis.internal_groups(analysis.block(b))}
     kept: dict[str, tuple[int, ...]] = {}
     for g in analysis.groups:
         if g.frozen or g.equal_count or (g.inexact and not include_inexact):
             continue  # grouped ops need equal counts per group: keep such groups whole
         keep = np.isin(g.classes, read)
+        if not keep.any() and g.name not in internal:
+            continue  # read only inside removed blocks: the tensor itself stays
+        if align is not None and keep.any():
+            target = _aligned_up(int(keep.sum()), g.size, align, g.name)
+            keep[np.flatnonzero(~keep)[: target - int(keep.sum())]] = True
         if not keep.all():
             kept[g.name] = tuple(np.flatnonzero(keep).tolist())
     keep_unit = analysis.spaces.keep_units(kept)
@@ -214,6 +228,48 @@ def unconstrained_plan(
     plan = Plan(kept, removed, analysis.signature, dict(notes or {}), own)
     plan.validate(analysis)
     return plan
+
+
+def consumer_choice(
+    analysis: Analysis,
+    plan: Plan,
+    *,
+    criterion: str = "l2",
+    align: int | Mapping[str, Sequence[int]] | None = None,
+) -> Plan:
+    """Lift a constrained plan: each consumer keeps as many inputs, but its own best ones.
+
+    Every consumer keeps the number of input channels ``plan`` gives it, chosen by its own weight
+    columns (``criterion`` as in :func:`magnitude_masks`) instead of the group's joint score; the
+    tensors keep the union. Latency rises where the union outgrows the plan's kept sets, which
+    ``fxprune.compile(coupling="unconstrained")`` measures and corrects over its rounds.
+    ``align`` rounds the unions up to runtime-friendly counts (see :func:`unconstrained_plan`).
+    """
+    if criterion not in _CRITERIA:
+        raise ValueError(f"criterion must be one of {_CRITERIA}, got {criterion!r}")
+    keep_unit = analysis.spaces.keep_units(plan.kept)
+    dead = {n for b in plan.removed_blocks for n in analysis.block(b).region}
+    masks: dict[str, np.ndarray] = {}
+    for c in consumers(analysis).values():
+        k = int(keep_unit[c.units].sum())
+        if c.node in dead or k >= c.n_in or k == 0:
+            continue
+        scores = _column_scores(analysis.gm.get_submodule(c.target).weight, criterion)
+        mask = np.zeros(c.n_in, dtype=bool)
+        mask[np.argsort(-scores, kind="stable")[:k]] = True
+        masks[c.node] = mask
+    notes = {**plan.notes, "coupling": "unconstrained", "consumer_criterion": criterion}
+    return unconstrained_plan(
+        analysis, masks, removed_blocks=plan.removed_blocks, notes=notes, align=align
+    )
+
+
+def _aligned_up(k: int, size: int, align: int | Mapping[str, Sequence[int]], name: str) -> int:
+    """The smallest allowed count ≥ k (the group's size if none is)."""
+    if isinstance(align, int):
+        return min(size, -(-k // align) * align)
+    allowed = [c for c in align.get(name, ()) if k <= c <= size]
+    return min(allowed) if allowed else size
 
 
 def _read_classes(
@@ -266,6 +322,7 @@ def magnitude_masks(
     sparsity: float,
     *,
     criterion: str = "l2",
+    multiple: int = 1,
     skip_model_inputs: bool = True,
 ) -> dict[str, np.ndarray]:
     """Per-layer input-channel masks: each consumer drops its ``sparsity`` least important inputs.
@@ -275,6 +332,7 @@ def magnitude_masks(
     Pruning via Geometric Median) and keeps ``max(1, round((1 - sparsity) * n_in))``.
 
     Args:
+        multiple: round each kept count to a multiple of this (at least one multiple).
         skip_model_inputs: leave layers that read a model input (the stem conv on RGB) whole.
     """
     if criterion not in _CRITERIA:
@@ -286,7 +344,8 @@ def magnitude_masks(
     for c in consumers(analysis).values():
         if skip_model_inputs and c.input_node in placeholders:
             continue
-        n_keep = max(1, round((1.0 - sparsity) * c.n_in))
+        n_keep = round((1.0 - sparsity) * c.n_in / multiple) * multiple
+        n_keep = min(c.n_in, max(n_keep, min(multiple, c.n_in), 1))
         if n_keep >= c.n_in:
             continue
         scores = _column_scores(analysis.gm.get_submodule(c.target).weight, criterion)

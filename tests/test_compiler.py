@@ -208,3 +208,31 @@ def test_onnxruntime_integration(tmp_path):
         assert rel_err(result.model(x), want) < 1e-4
     result.save(tmp_path / "run")
     assert (tmp_path / "run" / "pruned.onnx").stat().st_size > 0
+
+
+@pytest.mark.parametrize("reads", ["measure", "auto", "full"])
+def test_unconstrained_coupling(resnet, reads, tmp_path):
+    """The lifted plan: consumers keep their own inputs, the measured export meets the budget,
+    equals the oracle, and save/rebuild reproduces the same reads."""
+    result = _compile(resnet, 0.6, tmp_path, coupling="unconstrained", reads=reads)
+    plan = result.plan
+    assert plan.unconstrained and plan.notes["coupling"] == "unconstrained"
+    assert result.budget_met and result.measured_ms <= result.budget_ms * 1.02
+    assert set(plan.notes["reads"]) == set(plan.consumers)
+    if reads == "full":
+        assert set(plan.notes["reads"].values()) == {"full"}
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        want = fxprune.masked_forward(result.analysis, plan, x)
+        assert rel_err(result.model(x), want) < 1e-4
+    out = result.save(tmp_path / "run", onnx=False)
+    rebuilt = fxprune.rebuild(
+        torchvision.models.resnet18(), x, out / "plan.json", out / "pruned_state_dict.pt"
+    )
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x), result.model(x), atol=1e-5)
+
+
+def test_bad_coupling(resnet, tmp_path):
+    with pytest.raises(ValueError, match="coupling"):
+        _compile(resnet, 0.6, tmp_path, coupling="loose")

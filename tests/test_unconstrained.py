@@ -179,3 +179,41 @@ def test_user_model_untouched(fan):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fxprune.prune(a, fxprune.unconstrained_plan(a, fxprune.magnitude_masks(a, 0.3)))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_align_rounds_unions_up_without_changing_the_output(fan):
+    _, x, a = fan
+    (group,) = [g for g in a.groups if "stem" in g.roots]
+    masks = {"a": mask(12, range(5)), "b": mask(12, range(1, 6)), "head": mask(21, range(12, 21))}
+    masks["c"] = mask(12, [0, 2])
+    plain = fxprune.unconstrained_plan(a, masks)
+    assert len(plain.kept[group.name]) == 6  # 0..5
+    aligned = fxprune.unconstrained_plan(a, masks, align=4)
+    assert len(aligned.kept[group.name]) == 8
+    assert set(plain.kept[group.name]) < set(aligned.kept[group.name])
+    allowed = fxprune.unconstrained_plan(a, masks, align={group.name: (3, 7, 10)})
+    assert len(allowed.kept[group.name]) == 7
+    with torch.no_grad():
+        want = fxprune.masked_forward(a, plain, x)
+        for plan in (aligned, allowed):
+            assert rel_err(fxprune.prune(a, plan)(x), want) < 1e-5
+
+
+def test_magnitude_masks_multiple(fan):
+    _, _, a = fan
+    masks = fxprune.magnitude_masks(a, 0.3, multiple=4)
+    assert {k: int(m.sum()) for k, m in masks.items()} == {"a": 8, "b": 8, "c": 8, "head": 16}
+
+
+def test_consumer_choice_keeps_counts(fan):
+    _, x, a = fan
+    plan = fxprune.uniform_plan(a, 0.5, multiple=2)
+    lifted = fxprune.unconstrained.consumer_choice(a, plan)
+    keep = a.spaces.keep_units(plan.kept)
+    table = consumers(a)
+    for name, idx in lifted.consumers.items():
+        assert len(idx) == int(keep[table[name].units].sum())
+    assert lifted.notes["coupling"] == "unconstrained"
+    with torch.no_grad():
+        want = fxprune.masked_forward(a, lifted, x)
+        assert rel_err(fxprune.prune(a, lifted)(x), want) < 1e-5

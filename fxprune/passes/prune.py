@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import operator
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,13 @@ from torch import fx, nn
 from fxprune.errors import PlanError
 from fxprune.meta import CHANNELS
 from fxprune.passes.prune_rules import lookup_pruner
-from fxprune.passes.reads import ConsumerRead, ReadCost, choose_read
+from fxprune.passes.reads import (
+    POLICY_OF_KIND,
+    ConsumerRead,
+    MeasuredReads,
+    ReadCost,
+    choose_read,
+)
 from fxprune.passes.reorder import Layout, channel_layout
 from fxprune.passes.units import expand_index, varying_dims
 
@@ -51,6 +58,10 @@ class RewriteInfo:
         out["gathered_channels"] = sum(r.length for r in self.reads.values() if r.kind == "gather")
         return out
 
+    def kinds(self) -> dict[str, str]:
+        """Consumer -> read kind; pass as ``reads=`` to rebuild exactly this structure."""
+        return {name: r.kind for name, r in sorted(self.reads.items())}
+
 
 def apply_plan(analysis: Analysis, plan: Plan, **options: Any) -> fx.GraphModule:
     """Build the pruned GraphModule for ``plan`` (validated first); options as :func:`rewrite`."""
@@ -62,16 +73,20 @@ def rewrite(
     plan: Plan,
     *,
     reorder: bool = True,
-    reads: str = "exact",
-    read_cost: ReadCost | None = None,
+    reads: str | Mapping[str, str] = "exact",
+    read_cost: ReadCost | MeasuredReads | None = None,
 ) -> tuple[fx.GraphModule, RewriteInfo]:
     """The pruned GraphModule and what was decided on the way.
 
     Args:
         reorder: permute groups' channels so consumer subsets become slices (unconstrained plans).
         reads: how consumers with their own kept inputs read them: "exact" (slice or gather),
-            "auto" (cheapest of slice/gather/zero-padded span/full read under ``read_cost``), or
-            "full" (never copy: read everything, zero weight columns for dropped inputs).
+            "auto" (cheapest of slice/gather/zero-padded span/full read under ``read_cost``),
+            "span", "full" (never copy: read everything, zero columns for dropped inputs),
+            "measure" (time the candidates on the backend of ``read_cost``, a
+            :class:`~fxprune.passes.reads.MeasuredReads`, keep the fastest); or
+            a mapping consumer -> read kind, as recorded in ``RewriteInfo.kinds()`` (so a saved
+            model is rebuilt with the reads it was measured with).
     """
     plan.validate(analysis)
     gm = copy.deepcopy(analysis.gm)
@@ -112,8 +127,18 @@ def rewrite(
         in_idx, out_idx = layout.positions(rec.in_units), layout.positions(rec.out_units)
         read = None
         if rec.node in plan.consumers:
+            policy = (
+                reads if isinstance(reads, str) else POLICY_OF_KIND[reads.get(rec.node, "gather")]
+            )
             read = _consumer_read(
-                table[rec.node], plan.consumers[rec.node], in_idx, reads, read_cost
+                gm,
+                rec,
+                table[rec.node],
+                plan.consumers[rec.node],
+                in_idx,
+                out_idx,
+                policy,
+                read_cost,
             )
             info.reads[rec.node] = read
             in_idx = in_idx[read.local]
@@ -124,13 +149,7 @@ def rewrite(
             module = gm.get_submodule(rec.target)
         except AttributeError:
             continue  # functional layer (F.layer_norm): its parameters are sliced below
-        pruner = lookup_pruner(module)
-        if pruner is None:
-            raise PlanError(f"No pruner registered for {type(module).__name__} '{rec.target}'.")
-        new = pruner(module, in_idx, out_idx)
-        if read is not None and read.zero.any():
-            with torch.no_grad():
-                new.weight[:, torch.from_numpy(np.flatnonzero(read.zero))] = 0.0
+        new = _pruned(module, rec.target, in_idx, out_idx, read)
         for pname, value in list(new.named_parameters(recurse=False)):
             original = getattr(module, pname)
             # modules that shared a parameter (tied weights) share its pruned version too
@@ -158,19 +177,59 @@ def _identity(idx: np.ndarray, units: np.ndarray) -> bool:
     return idx.size == np.asarray(units).size and bool(np.all(idx == np.arange(idx.size)))
 
 
+def _pruned(
+    module: nn.Module,
+    target: str,
+    in_idx: np.ndarray,
+    out_idx: np.ndarray,
+    read: ConsumerRead | None = None,
+) -> nn.Module:
+    """The module shrunk to these channels, with zero weight columns where ``read`` says."""
+    pruner = lookup_pruner(module)
+    if pruner is None:
+        raise PlanError(f"No pruner registered for {type(module).__name__} '{target}'.")
+    new = pruner(module, in_idx, out_idx)
+    if read is not None and read.zero.any():
+        with torch.no_grad():
+            new.weight[:, torch.from_numpy(np.flatnonzero(read.zero))] = 0.0
+    return new
+
+
 def _consumer_read(
-    consumer: Any, kept: tuple[int, ...], in_idx: np.ndarray, policy: str, cost: ReadCost | None
+    gm: fx.GraphModule,
+    rec: Any,
+    consumer: Any,
+    kept: tuple[int, ...],
+    in_idx: np.ndarray,
+    out_idx: np.ndarray,
+    policy: str,
+    cost: ReadCost | MeasuredReads | None,
 ) -> ConsumerRead:
-    """Where the consumer's kept inputs sit in its rewritten input, and how it reads them."""
+    """Where the consumer's kept inputs sit in its rewritten input, and how it reads them.
+
+    ``policy="measure"`` times the candidate reads (each with its pruned consumer) on the
+    backend of ``cost`` (a :class:`MeasuredReads`) and keeps the fastest.
+    """
     local = np.flatnonzero(np.isin(in_idx, np.asarray(kept, dtype=np.int64)))
-    return choose_read(
-        local,
-        in_idx.size,
-        spatial=consumer.spatial,
-        macs_per_input=consumer.macs_per_input,
-        policy=policy,
-        cost=cost,
-    )
+    sizes = {"spatial": consumer.spatial, "macs_per_input": consumer.macs_per_input}
+    if policy != "measure":
+        if isinstance(cost, MeasuredReads):
+            raise ValueError("a MeasuredReads read_cost needs reads='measure'")
+        return choose_read(local, in_idx.size, policy=policy, cost=cost, **sizes)
+    if not isinstance(cost, MeasuredReads):
+        raise ValueError("reads='measure' needs read_cost=MeasuredReads(backend)")
+    candidates: dict[str, ConsumerRead] = {}
+    for p in ("exact", "span", "full"):
+        r = choose_read(local, in_idx.size, policy=p, **sizes)
+        candidates.setdefault(r.kind, r)
+    module = gm.get_submodule(rec.target)
+    shape = list(consumer.in_shape)
+    shape[consumer.dim] = in_idx.size
+    units = {
+        kind: (r, _pruned(module, rec.target, in_idx[r.local], out_idx, r))
+        for kind, r in candidates.items()
+    }
+    return cost.choose(rec.node, tuple(shape), consumer.dim, units)
 
 
 def _insert_read(gm: fx.GraphModule, node: fx.Node, dim: int, read: ConsumerRead) -> None:

@@ -11,20 +11,35 @@ tensor. Four ways to read them, all equal to the masked model:
 - ``full``: read the whole tensor (no copy) with zero columns for every dropped position.
 
 Which is fastest depends on the runtime: a copy costs memory traffic, a zero column costs
-multiply-adds. :class:`ReadCost` prices both from figures measured on the backend
-(:func:`fxprune.backends.probe.measure_read_cost`) and :func:`choose_read` takes the cheapest.
+multiply-adds. :class:`MeasuredReads` decides by timing each consumer's candidates (the read
+followed by its pruned layer) side by side on the backend — what ``fxprune.compile`` uses.
+:class:`ReadCost` is the cheap analytic alternative: one price per copied element and per MAC
+(:func:`fxprune.backends.probe.measure_read_cost`); on ONNX Runtime CPU it mispriced zero-padded
+reads on DenseNet-121 and EfficientNetV2-S (a MAC's cost varies too much between layers).
 ``policy="exact"`` always reads exactly what the plan keeps (slice or gather).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
-__all__ = ["POLICIES", "ConsumerRead", "ReadCost", "choose_read"]
+__all__ = [
+    "POLICIES",
+    "POLICY_OF_KIND",
+    "ConsumerRead",
+    "MeasuredReads",
+    "ReadCost",
+    "choose_read",
+]
 
-POLICIES = ("exact", "auto", "full")
+POLICIES = ("exact", "auto", "span", "full", "measure")
+#: the policy that reproduces a recorded read kind (plans record them so rebuilds match)
+POLICY_OF_KIND = {"slice": "exact", "gather": "exact", "span": "span", "full": "full"}
 
 
 @dataclass(frozen=True)
@@ -83,7 +98,7 @@ def choose_read(
         spatial: elements per channel (what a copy of one channel moves).
         macs_per_input: multiply-accumulates one read input channel costs the consumer.
     """
-    if policy not in POLICIES:
+    if policy not in POLICIES or policy == "measure":
         raise ValueError(f"read policy must be one of {POLICIES}, got {policy!r}")
     kept_local = np.asarray(kept_local, dtype=np.int64)
     k = kept_local.size
@@ -96,14 +111,80 @@ def choose_read(
     full = ConsumerRead("full", full_local, ~np.isin(full_local, kept_local))
     if policy == "full":
         return full
-    cost = cost or ReadCost()
-    options = [exact, full]
+    span = exact
     if not contiguous and (a, b) != (0, n_local):
         span_local = np.arange(a, b)
-        options.append(ConsumerRead("span", span_local, ~np.isin(span_local, kept_local)))
+        span = ConsumerRead("span", span_local, ~np.isin(span_local, kept_local))
+    if policy == "span":
+        return span
+    cost = cost or ReadCost()
+    options = [exact, full, span]
 
     def seconds(r: ConsumerRead) -> float:
         copied = 0 if r.kind == "full" else r.length * spatial
         return cost.time(r.kind, copied, r.length * macs_per_input)
 
     return min(options, key=seconds)
+
+
+class _ReadUnit(nn.Module):
+    """A consumer behind its read: what one candidate costs on the runtime."""
+
+    def __init__(self, read: ConsumerRead, layer: nn.Module, dim: int) -> None:
+        super().__init__()
+        self.kind, self.dim, self.layer = read.kind, dim, layer
+        self.start, self.length = read.start, read.length
+        self.register_buffer("index", torch.from_numpy(read.local.astype(np.int64)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind in ("slice", "span"):
+            x = torch.narrow(x, self.dim, self.start, self.length)
+        elif self.kind == "gather":
+            x = torch.index_select(x, self.dim, self.index)
+        return self.layer(x)
+
+
+@dataclass
+class MeasuredReads:
+    """Choose each consumer's read by timing its candidates side by side on ``backend``.
+
+    Decisions are remembered per (consumer, input shape, candidates), so a compile that
+    re-solves in rounds re-times only consumers whose kept sets changed. ``decisions`` keeps
+    every figure (ms per candidate kind) for the report.
+    """
+
+    backend: Any
+    config: Any = None
+    seed: int = 0
+    decisions: dict[str, dict[str, float]] = field(default_factory=dict)
+    _memo: dict[tuple, str] = field(default_factory=dict, repr=False)
+
+    def choose(
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        dim: int,
+        candidates: dict[str, tuple[ConsumerRead, nn.Module]],
+    ) -> ConsumerRead:
+        if len(candidates) == 1:
+            return next(iter(candidates.values()))[0]
+        key = (
+            name,
+            shape,
+            tuple(
+                (k, r.local.tobytes(), r.zero.tobytes()) for k, (r, _) in sorted(candidates.items())
+            ),
+        )
+        if key not in self._memo:
+            from fxprune.backends import MeasureConfig, measure_side_by_side
+
+            config = self.config or MeasureConfig(warmup=3, repeats=20, min_seconds=0.3)
+            kinds = sorted(candidates)
+            units = [_ReadUnit(candidates[k][0], candidates[k][1], dim).eval() for k in kinds]
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(self.seed))
+            with torch.no_grad():
+                figures = measure_side_by_side(self.backend, units, (x,), config, 1)
+            ms = {k: f.median_ms for k, f in zip(kinds, figures, strict=True)}
+            self.decisions[name] = ms
+            self._memo[key] = min(kinds, key=lambda k: (ms[k], k != "slice", k))
+        return candidates[self._memo[key]][0]
