@@ -29,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision
 
@@ -54,6 +55,22 @@ def stored_params(m: torch.nn.Module) -> int:
 
 def nonzero_params(m: torch.nn.Module) -> int:
     return sum(int((p != 0).sum()) for p in m.parameters())
+
+
+def macs(m: torch.nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of every conv/linear call (hooks: works on any module)."""
+    total = [0]
+
+    def hook(mod, args, out):
+        total[0] += out.numel() * int(np.prod(mod.weight.shape[1:]))
+
+    layers = (torch.nn.modules.conv._ConvNd, torch.nn.Linear)
+    handles = [h.register_forward_hook(hook) for h in m.modules() if isinstance(h, layers)]
+    with torch.no_grad():
+        m(x)
+    for h in handles:
+        h.remove()
+    return total[0]
 
 
 def matched_constrained(analysis, target: int, multiple: int) -> tuple[float, torch.nn.Module]:
@@ -127,6 +144,7 @@ def run_case(name, model, analysis, x, sparsity, backend, multiple) -> dict:
             "vs_dense": m.median_ms / dense_ms,
             "stored_params": stored_params(v),
             "nonzero_params": nonzero_params(v),
+            "macs": macs(v, x),
             "rel_err_vs_oracle": err,
             **info.get(k, {}),
         }
@@ -187,7 +205,7 @@ def render(out: dict) -> str:
         f"commit {out.get('commit')}; kept counts rounded to multiples of {out.get('multiple', 1)}",
         "",
         "Cells: gathers / gathered channels / latency × dense (same run). "
-        "`ours`: each consumer's read timed on the backend; params stored (M).",
+        "`ours`: each consumer's read timed on the backend; stored params, MACs.",
         "",
         "| model | sparsity | " + " | ".join(cols) + " | ours ms vs matched |",
         "|---" * (len(cols) + 3) + "|",
@@ -201,9 +219,10 @@ def render(out: dict) -> str:
                     err = case["variants"].get(c, {}).get("error")
                     cells.append("—" if not err else "failed")
                     continue
+                gmacs = f", {v[c]['macs'] / 1e9:.2f} GMAC" if "macs" in v[c] else ""
                 cells.append(
                     f"{v[c]['gathers']} / {v[c]['gathered_channels']} / "
-                    f"{v[c]['vs_dense']:.3f}× ({v[c]['stored_params'] / 1e6:.2f}M)"
+                    f"{v[c]['vs_dense']:.3f}× ({v[c]['stored_params'] / 1e6:.2f}M{gmacs})"
                 )
             rel = v["ours"]["ms"] / v["constrained_matched"]["ms"]
             lines.append(f"| {name} | {s} | " + " | ".join(cells) + f" | {rel:.3f} |")

@@ -148,7 +148,8 @@ class _ReadUnit(nn.Module):
 class MeasuredReads:
     """Choose each consumer's read by timing its candidates side by side on ``backend``.
 
-    Decisions are remembered per (consumer, input shape, candidates), so a compile that
+    The exact read (slice or gather) is kept unless another is faster by more than
+    ``min_gain``. Decisions are remembered per (consumer, input shape, candidates), so a compile that
     re-solves in rounds re-times only consumers whose kept sets changed. ``decisions`` keeps
     every figure (ms per candidate kind) for the report.
     """
@@ -156,6 +157,7 @@ class MeasuredReads:
     backend: Any
     config: Any = None
     seed: int = 0
+    min_gain: float = 0.05
     decisions: dict[str, dict[str, float]] = field(default_factory=dict)
     _memo: dict[tuple, str] = field(default_factory=dict, repr=False)
 
@@ -186,5 +188,9 @@ class MeasuredReads:
                 figures = measure_side_by_side(self.backend, units, (x,), config, 1)
             ms = {k: f.median_ms for k, f in zip(kinds, figures, strict=True)}
             self.decisions[name] = ms
-            self._memo[key] = min(kinds, key=lambda k: (ms[k], k != "slice", k))
+            best = min(kinds, key=lambda k: ms[k])
+            exact = next(k for k in kinds if k in ("slice", "gather"))
+            # a zero-padded read must win clearly: unit timings carry a few % of noise, and
+            # the exact read also saves parameters and multiply-adds in the whole model
+            self._memo[key] = exact if ms[exact] <= ms[best] * (1 + self.min_gain) else best
         return candidates[self._memo[key]][0]

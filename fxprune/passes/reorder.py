@@ -159,6 +159,8 @@ def reorder_blockers(analysis: Analysis) -> dict[int, str]:
         if g.frozen or g.equal_count:
             blocked[gid] = "frozen" if g.frozen else "feeds a grouped op"
     for node in analysis.gm.graph.nodes:
+        if node.meta.get(CHANNELS) is None and node.op != "output":
+            continue  # sizes and shapes: unchanged by a permutation
         maps = _maps(node.meta.get(CHANNELS))
         for src in node.all_input_nodes:
             maps += _maps(src.meta.get(CHANNELS))

@@ -1,0 +1,65 @@
+"""The reorder pass: which groups may be permuted, and the layout the rewrite follows."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+import fxprune
+from fxprune.passes.reorder import Layout, reorder_blockers
+
+
+class Sliced(nn.Module):
+    """Group of ``a`` is cut positionally (a channel slice); group of ``b`` is only added."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(3, 8, 1)
+        self.c = nn.Conv2d(4, 8, 1)
+        self.d = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = self.c(self.a(x)[:, 2:6])
+        z = torch.relu(self.b(x)) + y
+        return self.d(z).mean((2, 3))
+
+
+def test_positional_ops_block_reordering():
+    a = fxprune.analyze(Sliced(), torch.randn(1, 3, 4, 4))
+    blocked = reorder_blockers(a)
+    names = {a.groups[g].name: why for g, why in blocked.items()}
+    assert "positional op" in names["a"] and "getitem" in names["a"]
+    assert "b" not in names  # b and c joined by the add: elementwise only
+
+
+@st.composite
+def layouts(draw):
+    """A tensor holding a cat of blocks: some groups reordered (random ranks), some not."""
+    sizes = draw(st.lists(st.integers(1, 6), min_size=1, max_size=4))
+    n = sum(sizes)
+    units = np.arange(n)
+    gid = np.repeat(np.arange(len(sizes)), sizes)
+    moved = draw(st.lists(st.booleans(), min_size=len(sizes), max_size=len(sizes)))
+    keep = np.array(draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    rank = np.full(n, -1)
+    for g, size in enumerate(sizes):
+        if moved[g]:
+            rank[gid == g] = draw(st.permutations(range(size)))
+    return Layout(keep, units, rank, gid), keep, gid, rank
+
+
+@given(layouts())
+def test_layout_permutes_within_blocks(case):
+    layout, keep, gid, rank = case
+    pos = layout.positions(np.arange(keep.size))
+    assert sorted(pos.tolist()) == np.flatnonzero(keep).tolist()
+    # each block keeps its place; inside a reordered block positions follow the ranks
+    assert np.all(np.diff(gid[pos]) >= 0)
+    for g in np.unique(gid):
+        inside = pos[gid[pos] == g]
+        key = rank[inside] if rank[inside].min(initial=0) >= 0 else inside
+        assert np.all(np.diff(key) > 0)
