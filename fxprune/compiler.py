@@ -152,6 +152,7 @@ class CompileResult:
             "importance_kept": self.importance_kept,
             "importance_method": self.importance_method,
             "removed_blocks": len(self.plan.removed_blocks),
+            "coupling": self.plan.notes.get("coupling", "constrained"),
             "params_before": self.params[0],
             "params_after": self.params[1],
             "macs_before": self.macs[0],
