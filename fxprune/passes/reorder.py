@@ -29,6 +29,7 @@ from torch import fx, nn
 
 from fxprune.meta import CHANNELS
 from fxprune.ordering import is_contiguous, order_channels
+from fxprune.passes.channel_rules import _ACTIVATIONS
 
 if TYPE_CHECKING:
     from fxprune.analysis import Analysis
@@ -37,24 +38,12 @@ if TYPE_CHECKING:
 
 __all__ = ["GroupOrder", "Layout", "channel_layout", "reorder_blockers"]
 
+# elementwise activations and dropouts (shared with the channel rules), per-channel layers, pooling
 _MODULES: tuple[type, ...] = (
+    *(a for a in _ACTIVATIONS if a is not nn.PReLU),  # PReLU may hold per-channel slopes
     nn.Linear,
     nn.modules.batchnorm._BatchNorm,
     nn.LayerNorm,
-    nn.ReLU,
-    nn.ReLU6,
-    nn.SiLU,
-    nn.GELU,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.Mish,
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout2d,
     nn.MaxPool2d,
     nn.AvgPool2d,
     nn.AdaptiveAvgPool2d,
