@@ -217,3 +217,17 @@ def test_consumer_choice_keeps_counts(fan):
     with torch.no_grad():
         want = fxprune.masked_forward(a, lifted, x)
         assert rel_err(fxprune.prune(a, lifted)(x), want) < 1e-5
+
+
+def test_exports_onnx_and_torch_export(fan, tmp_path):
+    """Slices and gathers are ordinary ops: ONNX (checked against ONNX Runtime by export_onnx)
+    and torch.export both take the reordered model."""
+    _, x, a = fan
+    masks = {"a": mask(12, [0, 3, 6, 9]), "b": mask(12, [3, 6, 9, 1]), "c": mask(12, [0, 1])}
+    plan = fxprune.unconstrained_plan(a, masks)
+    gm, info = rewrite(a, plan)
+    assert info.counts()["gather"] == 1 and info.counts()["slice"] == 2
+    fxprune.export_onnx(gm, tmp_path / "m.onnx", x)
+    exported = torch.export.export(gm, (x,))
+    with torch.no_grad():
+        assert rel_err(exported.module()(x), gm(x)) < 1e-6
