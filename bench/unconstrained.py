@@ -88,16 +88,34 @@ def matched_constrained(analysis, target: int, multiple: int) -> tuple[float, to
     return best
 
 
-def run_case(name, model, analysis, x, sparsity, backend, multiple) -> dict:
+def mass_kept(analysis, plan) -> float:
+    """Share of the consumers' input-column energy (Σ‖w[:, i]‖²) a plan keeps: the accuracy proxy
+    UCPE improves (each consumer keeps its own heaviest columns)."""
+    keep_unit = analysis.spaces.keep_units(plan.kept)
+    kept = total = 0.0
+    for c in consumers(analysis).values():
+        w = analysis.gm.get_submodule(c.target).weight.detach()
+        energy = (w.transpose(0, 1).reshape(c.n_in, -1) ** 2).sum(1).numpy()
+        idx = plan.consumers.get(c.node)
+        mask = keep_unit[c.units] if idx is None else np.isin(np.arange(c.n_in), idx)
+        kept += float(energy[mask].sum())
+        total += float(energy.sum())
+    return kept / total
+
+
+def run_case(name, model, analysis, x, sparsity, backend, multiple, pool) -> dict:
     masks = fxprune.magnitude_masks(analysis, sparsity, criterion="l2", multiple=multiple)
+    align = multiple if multiple > 1 else None
     t0 = time.perf_counter()
-    plan = fxprune.unconstrained_plan(analysis, masks, align=multiple if multiple > 1 else None)
+    plan = fxprune.unconstrained_plan(analysis, masks, align=align)
     plan_s = time.perf_counter() - t0
     variants: dict[str, torch.nn.Module] = {"dense": analysis.gm}
     info: dict[str, dict] = {}
-    variants["constrained"] = fxprune.prune(
-        analysis, fxprune.uniform_plan(analysis, 1 - sparsity, multiple=multiple)
-    )
+    uniform = fxprune.uniform_plan(analysis, 1 - sparsity, multiple=multiple)
+    variants["constrained"] = fxprune.prune(analysis, uniform)
+    info["constrained"] = {"mass_kept": mass_kept(analysis, uniform)}
+    for key in ("naive", "ours_exact", "ours", "authors"):
+        info[key] = {"mass_kept": mass_kept(analysis, plan)}
     for key, reorder, reads in (
         ("naive", False, "exact"),
         ("ours_exact", True, "exact"),
@@ -106,7 +124,7 @@ def run_case(name, model, analysis, x, sparsity, backend, multiple) -> dict:
         t0 = time.perf_counter()
         cost = MeasuredReads(backend) if reads == "measure" else None
         gm, rw = rewrite(analysis, plan, reorder=reorder, reads=reads, read_cost=cost)
-        info[key] = {"rewrite_s": time.perf_counter() - t0, "reads": rw.counts()}
+        info[key].update(rewrite_s=time.perf_counter() - t0, reads=rw.counts())
         if key == "ours":
             info[key]["orders"] = [o.__dict__ for o in rw.layout.orders]
             info[key]["read_ms"] = cost.decisions
@@ -115,16 +133,32 @@ def run_case(name, model, analysis, x, sparsity, backend, multiple) -> dict:
         analysis, stored_params(variants["ours"]), multiple
     )
     info["constrained_matched"] = {"keep": ratio}
+    if pool is not None:  # unions bounded: consumers choose from a pool per group
+        pooled = fxprune.unconstrained_plan(
+            analysis,
+            fxprune.magnitude_masks(analysis, sparsity, multiple=multiple, pool=pool),
+            align=align,
+        )
+        cost = MeasuredReads(backend)
+        variants["ours_pool"], rw = rewrite(analysis, pooled, reads="measure", read_cost=cost)
+        info["ours_pool"] = {"pool": pool, "reads": rw.counts(), "mass_kept": 0.0}
+        info["ours_pool"]["mass_kept"] = mass_kept(analysis, pooled)
+        oracle_pool = fxprune.masked_forward(analysis, pooled, x)
+        ratio, variants["constrained_matched_pool"] = matched_constrained(
+            analysis, stored_params(variants["ours_pool"]), multiple
+        )
+        info["constrained_matched_pool"] = {"keep": ratio}
     if _upscale.available():
         table = consumers(analysis)
         target_masks = {table[n].target: m for n, m in masks.items()}
         try:
             t0 = time.perf_counter()
             variants["authors"] = _upscale.authors_export(model, x, target_masks)
-            info["authors"] = {"export_s": time.perf_counter() - t0}
+            info["authors"]["export_s"] = time.perf_counter() - t0
         except RuntimeError as exc:
             info["authors"] = {"error": str(exc)[:300]}
     want = fxprune.masked_forward(analysis, plan, x)
+    oracle_pool = locals().get("oracle_pool")
     out: dict = {"plan_s": plan_s, "consumers": len(plan.consumers), "variants": {}}
     keys = list(variants)
     with torch.no_grad():
@@ -135,8 +169,9 @@ def run_case(name, model, analysis, x, sparsity, backend, multiple) -> dict:
         with torch.no_grad():
             y = v(x)
         err = None
-        if k in ("naive", "ours_exact", "ours", "authors"):
-            err = float((y - want).abs().max() / want.abs().max())
+        if k in ("naive", "ours_exact", "ours", "authors", "ours_pool"):
+            ref = oracle_pool if k == "ours_pool" else want
+            err = float((y - ref).abs().max() / ref.abs().max())
         out["variants"][k] = {
             **_upscale.count_gathers(v, x),
             "ms": m.median_ms,
@@ -161,6 +196,9 @@ def main(argv=None) -> int:
         default=1,
         help="round kept counts (per-layer masks, unions, constrained groups) to this multiple",
     )
+    p.add_argument(
+        "--pool", type=float, default=None, help="also run pooled masks (bounded unions)"
+    )
     p.add_argument("--out", type=Path, default=RESULTS / "unconstrained.json")
     p.add_argument("--render", action="store_true", help="only re-render the Markdown")
     args = p.parse_args(argv)
@@ -181,7 +219,7 @@ def main(argv=None) -> int:
         analysis = fxprune.analyze(model, x)
         entry = out["models"].setdefault(name, {})
         for s in args.sparsity:
-            entry[str(s)] = run_case(name, model, analysis, x, s, backend, args.multiple)
+            entry[str(s)] = run_case(name, model, analysis, x, s, backend, args.multiple, args.pool)
             v = entry[str(s)]["variants"]
             print(
                 f"{name} @ {s}: gathers naive {v['naive']['gathers']} ours_exact "
@@ -226,6 +264,30 @@ def render(out: dict) -> str:
                 )
             rel = v["ours"]["ms"] / v["constrained_matched"]["ms"]
             lines.append(f"| {name} | {s} | " + " | ".join(cells) + f" | {rel:.3f} |")
+    extra = [
+        (name, s, case["variants"])
+        for name, cases in out["models"].items()
+        for s, case in cases.items()
+        if "ours_pool" in case["variants"]
+    ]
+    if extra:
+        lines += [
+            "",
+            "Pooled masks (consumers choose from a pool of (1-s)(1+pool) channels per group): "
+            "input-column energy kept (accuracy proxy) and latency.",
+            "",
+            "| model | sparsity | energy constrained | energy ours | energy ours_pool "
+            "| ours_pool × dense (params) | matched constrained × dense | pool ÷ matched |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, s, v in extra:
+            p, m = v["ours_pool"], v["constrained_matched_pool"]
+            lines.append(
+                f"| {name} | {s} | {v['constrained']['mass_kept']:.3f} | "
+                f"{v['ours']['mass_kept']:.3f} | {p['mass_kept']:.3f} | {p['vs_dense']:.3f}× "
+                f"({p['stored_params'] / 1e6:.2f}M) | {m['vs_dense']:.3f}× | "
+                f"{p['ms'] / m['ms']:.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
 

@@ -323,6 +323,7 @@ def magnitude_masks(
     *,
     criterion: str = "l2",
     multiple: int = 1,
+    pool: float | None = None,
     skip_model_inputs: bool = True,
 ) -> dict[str, np.ndarray]:
     """Per-layer input-channel masks: each consumer drops its ``sparsity`` least important inputs.
@@ -333,6 +334,12 @@ def magnitude_masks(
 
     Args:
         multiple: round each kept count to a multiple of this (at least one multiple).
+        pool: bound the unions. Each group first keeps a pool of its
+            ``(1 - sparsity)(1 + pool)`` best channels by its consumers' joint score (each
+            consumer's column scores normalised to sum 1); consumers then choose only from their
+            groups' pools. ``pool=0`` gives every consumer of a group the same channels
+            (constrained pruning); None leaves consumers free (unions grow toward the whole
+            group and keep residual streams wide, which costs latency on runtimes that copy).
         skip_model_inputs: leave layers that read a model input (the stem conv on RGB) whole.
     """
     if criterion not in _CRITERIA:
@@ -340,19 +347,57 @@ def magnitude_masks(
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     placeholders = {n.name for n in analysis.gm.graph.nodes if n.op == "placeholder"}
+    table = {
+        c.node: c
+        for c in consumers(analysis).values()
+        if not (skip_model_inputs and c.input_node in placeholders)
+    }
+    scores = {
+        name: _column_scores(analysis.gm.get_submodule(c.target).weight, criterion)
+        for name, c in table.items()
+    }
+    allowed = None
+    if pool is not None:
+        allowed = _pools(analysis, table, scores, (1.0 - sparsity) * (1.0 + pool), multiple)
     out: dict[str, np.ndarray] = {}
-    for c in consumers(analysis).values():
-        if skip_model_inputs and c.input_node in placeholders:
-            continue
+    for name, c in table.items():
         n_keep = round((1.0 - sparsity) * c.n_in / multiple) * multiple
         n_keep = min(c.n_in, max(n_keep, min(multiple, c.n_in), 1))
         if n_keep >= c.n_in:
             continue
-        scores = _column_scores(analysis.gm.get_submodule(c.target).weight, criterion)
+        s = scores[name]
+        if allowed is not None:  # outside the pool ranks below every pooled channel
+            s = np.where(allowed[analysis.spaces.unit_class[c.units]], s, s - np.inf)
         mask = np.zeros(c.n_in, dtype=bool)
-        mask[np.argsort(-scores, kind="stable")[:n_keep]] = True
-        out[c.node] = mask
+        mask[np.argsort(-s, kind="stable")[:n_keep]] = True
+        out[name] = mask
     return out
+
+
+def _pools(
+    analysis: Analysis,
+    table: Mapping[str, Consumer],
+    scores: Mapping[str, np.ndarray],
+    keep: float,
+    multiple: int,
+) -> np.ndarray:
+    """Per unit class: inside its group's pool of the ``keep`` fraction with the best joint score.
+
+    Classes outside prunable groups are always allowed (their tensors keep every channel).
+    """
+    unit_class = analysis.spaces.unit_class
+    joint = np.zeros(len(unit_class))
+    for name, c in table.items():
+        s = scores[name]
+        np.add.at(joint, unit_class[c.units], s / max(float(s.sum()), 1e-12))
+    allowed = np.ones(len(unit_class), dtype=bool)
+    for g in analysis.groups:
+        if g.frozen or g.equal_count or g.inexact:
+            continue
+        k = min(g.size, max(multiple, int(np.ceil(keep * g.size / multiple)) * multiple))
+        order = np.argsort(-joint[g.classes], kind="stable")
+        allowed[g.classes[order[k:]]] = False
+    return allowed
 
 
 def masks_from_zeros(analysis: Analysis, *, atol: float = 0.0) -> dict[str, np.ndarray]:

@@ -231,3 +231,25 @@ def test_exports_onnx_and_torch_export(fan, tmp_path):
     exported = torch.export.export(gm, (x,))
     with torch.no_grad():
         assert rel_err(exported.module()(x), gm(x)) < 1e-6
+
+
+def test_pool_bounds_the_unions(fan):
+    _, x, a = fan
+    (group,) = [g for g in a.groups if "stem" in g.roots]
+
+    def union(pool):
+        plan = fxprune.unconstrained_plan(a, fxprune.magnitude_masks(a, 0.5, pool=pool))
+        return plan, len(plan.kept.get(group.name, range(group.size)))
+
+    free, n_free = union(None)
+    same, n_same = union(0.0)
+    some, n_some = union(0.5)
+    assert n_same == 6 <= n_some <= 9 and n_some <= n_free
+    # pool=0: every consumer of the group reads the same 6 channels (what the tensor keeps), as
+    # constrained pruning would, so none needs its own set; unpooled, they differ
+    assert not {"a", "b", "c"} & set(same.consumers)
+    assert {"a", "b", "c"} <= set(free.consumers)
+    with torch.no_grad():
+        for plan in (free, same, some):
+            want = fxprune.masked_forward(a, plan, x)
+            assert rel_err(fxprune.prune(a, plan)(x), want) < 1e-5
