@@ -376,7 +376,6 @@ def compile(
 
             allowed = {g.name: g.counts for g in pp.problem.groups}  # the tables' candidates
             plan = consumer_choice(analysis, solved, align=allowed)
-        if coupling == "unconstrained":
             pruned, info = rewrite(analysis, plan, **rewrite_options)
             # record the reads taken so rebuild() reproduces this exact structure
             plan = dataclasses.replace(plan, notes={**plan.notes, "reads": info.kinds()})

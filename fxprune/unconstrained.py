@@ -26,6 +26,7 @@ from torch import nn
 from fxprune.errors import PlanError
 from fxprune.meta import CHANNELS, TENSOR_META
 from fxprune.plan import Plan
+from fxprune.strategies import aligned_count
 
 if TYPE_CHECKING:
     from fxprune.analysis import Analysis
@@ -67,7 +68,7 @@ class Consumer:
     spatial: int
     macs_per_input: int
     input_node: str
-    in_shape: tuple[int, ...] = ()
+    in_shape: tuple[int, ...]
 
 
 def consumers(analysis: Analysis) -> dict[str, Consumer]:
@@ -94,16 +95,15 @@ def _consumer(gm, nodes, rec: LayerRecord, calls: Mapping[str, int]) -> Consumer
     if node is None or node.op != "call_module" or calls[rec.target] != 1:
         return None
     module = gm.get_submodule(rec.target)
+    out_meta = node.meta.get(TENSOR_META)
     if isinstance(module, nn.modules.conv._ConvNd):
         if module.groups != 1 or module.transposed:
             return None
         n_in, dim = module.in_channels, 1
-        out_meta = node.meta.get(TENSOR_META)
         out_spatial = int(np.prod(out_meta.shape[2:])) if out_meta is not None else 1
         macs = module.out_channels * int(np.prod(module.kernel_size)) * out_spatial
     elif isinstance(module, nn.Linear):
         n_in, dim = module.in_features, -1
-        out_meta = node.meta.get(TENSOR_META)
         rows = int(np.prod(out_meta.shape[1:-1])) if out_meta is not None else 1
         macs = module.out_features * rows
     else:
@@ -306,9 +306,14 @@ def _classes(u: object, unit_class: np.ndarray) -> set[int]:
     return set()
 
 
+def _columns(weight: torch.Tensor) -> torch.Tensor:
+    """A conv/linear weight as one row per input channel."""
+    return weight.detach().float().transpose(0, 1).reshape(weight.shape[1], -1)
+
+
 def _column_scores(weight: torch.Tensor, criterion: str) -> np.ndarray:
     """Importance of each input column of a conv/linear weight (higher = keep)."""
-    w = weight.detach().float().transpose(0, 1).reshape(weight.shape[1], -1)
+    w = _columns(weight)
     if criterion == "l1":
         return w.abs().sum(1).numpy()
     if criterion == "l2":
@@ -361,8 +366,7 @@ def magnitude_masks(
         allowed = _pools(analysis, table, scores, (1.0 - sparsity) * (1.0 + pool), multiple)
     out: dict[str, np.ndarray] = {}
     for name, c in table.items():
-        n_keep = round((1.0 - sparsity) * c.n_in / multiple) * multiple
-        n_keep = min(c.n_in, max(n_keep, min(multiple, c.n_in), 1))
+        n_keep = aligned_count(c.n_in, 1.0 - sparsity, multiple)
         if n_keep >= c.n_in:
             continue
         s = scores[name]
@@ -408,8 +412,7 @@ def masks_from_zeros(analysis: Analysis, *, atol: float = 0.0) -> dict[str, np.n
     """
     out: dict[str, np.ndarray] = {}
     for c in consumers(analysis).values():
-        w = analysis.gm.get_submodule(c.target).weight.detach()
-        cols = w.transpose(0, 1).reshape(c.n_in, -1).abs().amax(1)
+        cols = _columns(analysis.gm.get_submodule(c.target).weight).abs().amax(1)
         mask = (cols > atol).numpy()
         if not mask.all() and mask.any():
             out[c.node] = mask

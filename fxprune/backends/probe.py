@@ -14,27 +14,21 @@ import torch
 from torch import nn
 
 from fxprune.backends.base import Backend, MeasureConfig
-from fxprune.passes.reads import ReadCost
+from fxprune.passes.reads import ConsumerRead, ReadCost, ReadUnit
 
 __all__ = ["measure_read_cost"]
 
 _C, _HW = 192, 28
 
 
-class _Read(nn.Module):
-    def __init__(self, kind: str, c_in: int) -> None:
-        super().__init__()
-        self.kind = kind
-        self.conv = nn.Conv2d(c_in, _C, 1)
-        idx = np.sort(np.random.default_rng(0).choice(_C, _C // 2, replace=False))
-        self.register_buffer("idx", torch.from_numpy(idx))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "slice":
-            x = torch.narrow(x, 1, 0, _C // 2)
-        elif self.kind == "gather":
-            x = torch.index_select(x, 1, self.idx)
-        return self.conv(x)
+def _unit(kind: str, c_in: int) -> nn.Module:
+    """A 1×1 conv behind a read of ``kind`` ("full" = the conv reads its whole input)."""
+    if kind == "gather":
+        local = np.sort(np.random.default_rng(0).choice(_C, _C // 2, replace=False))
+    else:
+        local = np.arange(_C // 2 if kind == "slice" else c_in)
+    read = ConsumerRead(kind, local, np.zeros(local.size, dtype=bool))
+    return ReadUnit(read, nn.Conv2d(c_in, _C, 1), 1).eval()
 
 
 def measure_read_cost(backend: Backend, config: MeasureConfig | None = None) -> ReadCost:
@@ -45,12 +39,12 @@ def measure_read_cost(backend: Backend, config: MeasureConfig | None = None) -> 
     full = torch.randn(1, _C, _HW, _HW)
     with torch.no_grad():
         t = {
-            kind: backend.measure(_Read(kind, c).eval(), (x,), config).median_ms * 1e-3
-            for kind, c, x in (
-                ("small", _C // 2, half),
-                ("full", _C, full),
-                ("slice", _C // 2, full),
-                ("gather", _C // 2, full),
+            kind: backend.measure(_unit(read, c), (x,), config).median_ms * 1e-3
+            for kind, read, c, x in (
+                ("small", "full", _C // 2, half),
+                ("full", "full", _C, full),
+                ("slice", "slice", _C // 2, full),
+                ("gather", "gather", _C // 2, full),
             )
         }
     elements = (_C // 2) * _HW * _HW

@@ -4,8 +4,9 @@ For any plan, the pruned model must equal this interpreter's output (up to float
 order) wherever the pruned groups are exact (DESIGN.md §2): every tensor that carries a pruned
 unit has those positions set to zero right after it is computed, and the output of a removed
 block's branch is zeroed. In an unconstrained plan, each consumer with its own kept inputs also
-sees its dropped input positions zeroed (in its copy of the input only). ``torch.where`` is used rather than a multiply so that NaN/inf produced
-at pruned positions (e.g. by a division) are cleared too.
+sees its dropped input positions zeroed (in its copy of the input only). ``torch.where`` is used
+rather than a multiply so that NaN/inf produced at pruned positions (e.g. by a division) are
+cleared too.
 """
 
 from __future__ import annotations
@@ -34,28 +35,22 @@ class MaskingInterpreter(fx.Interpreter):
         plan.validate(analysis)
         self.keep_unit = analysis.spaces.keep_units(plan.kept)
         self.zeroed = {analysis.block(b).branch for b in plan.removed_blocks}
-        self.own_inputs: dict[str, tuple[int, torch.Tensor]] = {}
+        self.own_inputs: dict[str, np.ndarray] = {}  # consumer -> keep mask shaped for its input
         if plan.consumers:
             from fxprune.unconstrained import consumers
 
             table = consumers(analysis)
             for name, idx in plan.consumers.items():
-                keep = torch.zeros(table[name].n_in, dtype=torch.bool)
+                shape = [1] * len(table[name].in_shape)
+                shape[table[name].dim] = table[name].n_in
+                keep = np.zeros(table[name].n_in, dtype=bool)
                 keep[list(idx)] = True
-                self.own_inputs[name] = (table[name].dim, keep)
+                self.own_inputs[name] = keep.reshape(shape)
 
     def run_node(self, n: fx.Node) -> Any:
         if n.name in self.own_inputs:
-            dim, keep = self.own_inputs[n.name]
             args, kwargs = self.fetch_args_kwargs_from_env(n)
-            x = args[0]
-            shape = [1] * x.ndim
-            shape[dim] = keep.numel()
-            mask = keep.reshape(shape).to(x.device)
-            args = (
-                torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)),
-                *args[1:],
-            )
+            args = (_zero_dropped(args[0], self.own_inputs[n.name]), *args[1:])
             result = getattr(self, n.op)(n.target, args, kwargs)
         else:
             result = super().run_node(n)
@@ -73,10 +68,15 @@ class MaskingInterpreter(fx.Interpreter):
         keep = self.keep_unit[u]
         if keep.all():
             return value
-        mask = torch.from_numpy(keep.reshape((1,) * (value.ndim - keep.ndim) + keep.shape))
-        return torch.where(
-            mask.to(value.device), value, torch.zeros((), dtype=value.dtype, device=value.device)
-        )
+        return _zero_dropped(value, keep)
+
+
+def _zero_dropped(value: torch.Tensor, keep: np.ndarray) -> torch.Tensor:
+    """``value`` with the positions where ``keep`` (broadcast from the right) is False zeroed."""
+    mask = torch.from_numpy(keep.reshape((1,) * (value.ndim - keep.ndim) + keep.shape))
+    return torch.where(
+        mask.to(value.device), value, torch.zeros((), dtype=value.dtype, device=value.device)
+    )
 
 
 def masked_forward(analysis: Analysis, plan: Plan, *inputs: torch.Tensor) -> Any:

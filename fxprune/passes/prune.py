@@ -39,6 +39,7 @@ from fxprune.passes.units import expand_index, varying_dims
 if TYPE_CHECKING:
     from fxprune.analysis import Analysis
     from fxprune.plan import Plan
+    from fxprune.unconstrained import Consumer
 
 __all__ = ["RewriteInfo", "apply_plan", "rewrite"]
 
@@ -132,7 +133,6 @@ def rewrite(
             )
             read = _consumer_read(
                 gm,
-                rec,
                 table[rec.node],
                 plan.consumers[rec.node],
                 in_idx,
@@ -197,8 +197,7 @@ def _pruned(
 
 def _consumer_read(
     gm: fx.GraphModule,
-    rec: Any,
-    consumer: Any,
+    consumer: Consumer,
     kept: tuple[int, ...],
     in_idx: np.ndarray,
     out_idx: np.ndarray,
@@ -222,14 +221,14 @@ def _consumer_read(
     for p in ("exact", "span", "full"):
         r = choose_read(local, in_idx.size, policy=p, **sizes)
         candidates.setdefault(r.kind, r)
-    module = gm.get_submodule(rec.target)
+    module = gm.get_submodule(consumer.target)
     shape = list(consumer.in_shape)
     shape[consumer.dim] = in_idx.size
     units = {
-        kind: (r, _pruned(module, rec.target, in_idx[r.local], out_idx, r))
+        kind: (r, _pruned(module, consumer.target, in_idx[r.local], out_idx, r))
         for kind, r in candidates.items()
     }
-    return cost.choose(rec.node, tuple(shape), consumer.dim, units)
+    return cost.choose(consumer.node, tuple(shape), consumer.dim, units)
 
 
 def _insert_read(gm: fx.GraphModule, node: fx.Node, dim: int, read: ConsumerRead) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "ConsumerRead",
     "MeasuredReads",
     "ReadCost",
+    "ReadUnit",
     "choose_read",
 ]
 
@@ -127,7 +128,7 @@ def choose_read(
     return min(options, key=seconds)
 
 
-class _ReadUnit(nn.Module):
+class ReadUnit(nn.Module):
     """A consumer behind its read: what one candidate costs on the runtime."""
 
     def __init__(self, read: ConsumerRead, layer: nn.Module, dim: int) -> None:
@@ -182,7 +183,7 @@ class MeasuredReads:
 
             config = self.config or MeasureConfig(warmup=3, repeats=20, min_seconds=0.3)
             kinds = sorted(candidates)
-            units = [_ReadUnit(candidates[k][0], candidates[k][1], dim).eval() for k in kinds]
+            units = [ReadUnit(candidates[k][0], candidates[k][1], dim).eval() for k in kinds]
             x = torch.randn(shape, generator=torch.Generator().manual_seed(self.seed))
             with torch.no_grad():
                 figures = measure_side_by_side(self.backend, units, (x,), config, 1)

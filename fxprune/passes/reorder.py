@@ -17,8 +17,9 @@ channel map, which original positions the rewritten tensor holds, in which order
 
 from __future__ import annotations
 
+import functools
 import operator
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -102,6 +103,7 @@ _METHODS = {
 }
 
 
+@functools.cache
 def _stochastic_depth() -> tuple[type | None, Any]:
     try:
         import torchvision.ops as ops
@@ -139,10 +141,10 @@ def reorder_blockers(analysis: Analysis) -> dict[int, str]:
     gid_of = _gid_of_class(analysis)
     blocked: dict[int, str] = {}
 
-    def block(gids: np.ndarray, reason: str) -> None:
-        for g in np.unique(gids).tolist():
+    def block(gids: Iterable[int], reason: str) -> None:
+        for g in gids:
             if g >= 0:
-                blocked.setdefault(g, reason)
+                blocked.setdefault(int(g), reason)
 
     for gid, g in enumerate(analysis.groups):
         if g.frozen or g.equal_count:
@@ -163,13 +165,13 @@ def reorder_blockers(analysis: Analysis) -> dict[int, str]:
             for gg in np.unique(gids[gids >= 0]).tolist():
                 where = np.flatnonzero(gids == gg)
                 if where[-1] - where[0] + 1 != where.size:
-                    block(np.array([gg]), f"not one block of channels at '{node.name}'")
+                    block([gg], f"not one block of channels at '{node.name}'")
                 elif np.unique(flat[where]).size != where.size:
-                    block(np.array([gg]), f"a channel repeats at '{node.name}'")
+                    block([gg], f"a channel repeats at '{node.name}'")
         if node.op in ("placeholder", "output") or not touched:
             continue
         if not _commutes(node, analysis.gm):
-            block(np.concatenate(touched), f"positional op at '{node.name}'")
+            block(np.unique(np.concatenate(touched)), f"positional op at '{node.name}'")
     return blocked
 
 
