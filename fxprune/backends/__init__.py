@@ -16,6 +16,7 @@ from fxprune.backends.base import (
     UnstableMeasurementWarning,
     identity_label,
     measure_side_by_side,
+    relative_latency,
     time_callable,
 )
 from fxprune.backends.cache import LatencyCache, default_cache_dir, key_digest
@@ -37,6 +38,7 @@ __all__ = [
     "identity_label",
     "key_digest",
     "measure_side_by_side",
+    "relative_latency",
     "time_callable",
 ]
 

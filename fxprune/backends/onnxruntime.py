@@ -177,6 +177,7 @@ class OnnxRuntimeBackend:
         self.threads = threads if threads is not None else available_cpus()
         self.graph_optimization_level = graph_optimization_level
         self.allow_spinning = allow_spinning
+        self._layout_block: int | None = None  # probed on first use (layout_block)
 
     def __repr__(self) -> str:
         return (
@@ -224,6 +225,46 @@ class OnnxRuntimeBackend:
         return ort.InferenceSession(
             onnx_bytes, sess_options=self.session_options(), providers=[self.provider]
         )
+
+    def optimized_ops(self, onnx_bytes: bytes) -> list[str]:
+        """The op types of the graph this backend's optimizer makes of ``onnx_bytes``.
+
+        Blocked-layout ops come out with their layout conversions (``ReorderInput`` /
+        ``ReorderOutput``), so this shows where the runtime changes layout.
+        """
+        import onnx  # only needed here and in export checks
+
+        with tempfile.TemporaryDirectory(prefix="fxprune-ort-opt-") as tmp:
+            so = self.session_options()
+            so.optimized_model_filepath = os.path.join(tmp, "optimized.onnx")
+            ort.InferenceSession(onnx_bytes, sess_options=so, providers=[self.provider])
+            return [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+
+    def layout_block(self) -> int:
+        """The channel block of the runtime's blocked conv layout (NCHWc); 1 when it has none.
+
+        ORT's CPU optimizer runs a conv in NCHWc (blocks of 8 channels with AVX2, 16 with
+        AVX-512) when its input has at least one block of channels. A tensor narrower than
+        a block makes the runtime leave the layout: a ``ReorderOutput`` back to NCHW before
+        the consumer, which then runs a slower NCHW-input kernel. A unit timed alone cannot
+        show that cost (its own input is NCHW anyway), but a whole model pays it: on
+        MobileNetV2 here (AVX-512), 8 channels in ``features.1`` instead of 16 made the model
+        0.2-0.4 ms *slower* while the tables said no change. So the probe asks the optimizer
+        itself: the smallest power of two ``c`` for which a ``c → c`` 1×1 conv gets its input
+        reordered into blocks. Cached per backend.
+        """
+        if self._layout_block is not None:
+            return self._layout_block
+        block = 1
+        if self.provider == _CPU and self.graph_optimization_level == "all":
+            for c in (4, 8, 16, 32, 64):
+                conv = torch.nn.Conv2d(c, c, 1).eval()
+                onnx_bytes = export_to_bytes(conv, (torch.zeros(1, c, 8, 8),))
+                if "ReorderInput" in self.optimized_ops(onnx_bytes):
+                    block = c
+                    break
+        self._layout_block = block
+        return block
 
     def run(
         self, onnx_bytes: bytes, inputs: tuple[torch.Tensor | np.ndarray, ...]

@@ -25,6 +25,7 @@ from fxprune.backends import (
     UnstableMeasurementWarning,
     export_to_bytes,
     get_backend,
+    relative_latency,
     time_callable,
 )
 
@@ -171,6 +172,19 @@ def test_session_options_are_explicit(ort_cpu: OnnxRuntimeBackend) -> None:
     assert OnnxRuntimeBackend("cpu").threads >= 1  # None resolves to a number
 
 
+def test_layout_block_is_where_the_optimizer_blocks_channels(ort_cpu: OnnxRuntimeBackend) -> None:
+    block = ort_cpu.layout_block()
+    assert block in (1, 4, 8, 16, 32, 64)
+    assert ort_cpu.layout_block() == block  # cached
+    if block > 1:  # a block-wide conv runs blocked; half a block does not
+        for c, blocked in ((block, True), (block // 2, False)):
+            conv = nn.Conv2d(c, c, 1).eval()
+            ops = ort_cpu.optimized_ops(export_to_bytes(conv, (torch.zeros(1, c, 8, 8),)))
+            assert ("ReorderInput" in ops) == blocked, (c, ops)
+    basic = OnnxRuntimeBackend(provider="cpu", graph_optimization_level="basic")
+    assert basic.layout_block() == 1  # no layout transformer at this level
+
+
 def test_get_backend() -> None:
     for name in ("onnxruntime", "ort", "ORT"):
         backend = get_backend(name, provider="cpu", threads=1)
@@ -279,6 +293,37 @@ def test_time_callable_syncs_around_each_timed_run(monkeypatch: pytest.MonkeyPat
         lambda: events.append("run"), config, backend_id="fake", sync=lambda: events.append("sync")
     )
     assert events == ["run", "sync"] + ["run", "sync"] * 3
+
+
+def test_time_interleaved_records_rounds_and_pairs_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    # two models, three alternation rounds of two timed runs each; the host slows 4× in the
+    # second round and 2× in the third, alike for both models
+    drift = [1.0, 4.0, 2.0]
+    durations = [d * base_ms for d in drift for base_ms in (1.0, 1.0, 2.0, 2.0)]
+    monkeypatch.setattr(base, "_clock", _scripted_clock(durations))
+    runs = [0, 0]
+    fns = [[lambda: runs.__setitem__(0, runs[0] + 1)], [lambda: runs.__setitem__(1, runs[1] + 1)]]
+    config = MeasureConfig(warmup=1, repeats=6, max_rounds=1)
+    a, b = base.time_interleaved(fns, config, backend_id="fake", burst=2)
+    assert runs == [1 + 3 * (1 + 2)] * 2  # warm-up, then per round one untimed + two timed
+    assert a.round_ms == pytest.approx((1.0, 4.0, 2.0))
+    assert b.round_ms == pytest.approx((2.0, 8.0, 4.0))
+    assert relative_latency(a, b) == pytest.approx(0.5)
+    assert Measurement.from_dict(a.to_dict()) == a
+
+
+def test_relative_latency_is_the_median_of_paired_ratios() -> None:
+    def m(rounds: tuple[float, ...], median: float) -> Measurement:
+        return Measurement(median, median, median, 0.0, rounds, True, "fake", round_ms=rounds)
+
+    # the reference was hit by interference in one round only: the paired median ignores it
+    pruned, dense = m((1.0, 1.0, 2.0), 1.0), m((2.0, 2.0, 6.0), 2.0)
+    assert relative_latency(pruned, dense) == pytest.approx(0.5)
+    # without common rounds it falls back to the ratio of the medians
+    plain = Measurement(3.0, 3.0, 3.0, 0.0, (3.0,), True, "fake")
+    assert relative_latency(plain, dense) == pytest.approx(1.5)
+    old = {k: v for k, v in plain.to_dict().items() if k != "round_ms"}  # written before round_ms
+    assert Measurement.from_dict(old) == plain
 
 
 @pytest.mark.parametrize(
