@@ -123,6 +123,33 @@ def test_period_found_and_grid_aligned(tmp_path):
         assert grid[-1] == g.size and all(c % 8 == 0 for c in grid)
 
 
+class BlockedBackend(FakeBackend):
+    """A runtime with a 16-channel blocked layout (as ONNX Runtime with AVX-512)."""
+
+    def layout_block(self) -> int:
+        return 16
+
+
+@pytest.mark.parametrize("floor", [True, False])
+def test_no_count_below_the_layout_block(tmp_path, floor):
+    model = Tiny()
+    analysis = fxprune.analyze(model.eval(), torch.randn(1, 3, 8, 8))
+    config = LatencyConfig(progress=False, layout_floor=floor)
+    tables = annotate_latency(
+        analysis, BlockedBackend(period=4), cache=LatencyCache(tmp_path), config=config
+    )
+    assert tables.notes["layout_block"] == (16 if floor else 1)
+    for name, grid in tables.group_grids.items():
+        assert grid[-1] == next(g.size for g in analysis.groups if g.name == name)
+        below = [c for c in grid if c < 16]
+        assert (not below) if floor else below, (name, grid)
+        if floor:
+            assert 16 in grid  # the block itself stays a candidate
+    for lat in tables.layers.values():  # the tables cover exactly the offered counts
+        if "out" in lat.axes and floor:
+            assert min(lat.out_grid) >= 16
+
+
 def test_interpolated_entries_match_the_backend(tmp_path):
     """Aligned counts between measured ones are interpolated exactly for a bilinear cost."""
     analysis, tables, backend = build(Tiny(), tmp_path, FakeBackend(period=8), size=16)
