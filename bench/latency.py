@@ -3,8 +3,8 @@
 For each model at 224×224, batch 1: build the tables cold (a fresh temporary cache) and warm
 (the same cache again), draw random sub-networks whose kept counts lie on the candidate grid
 (and random removed blocks), measure each whole on ONNX Runtime side by side with the dense
-model (alternating sessions; figures scaled by the dense model's drift between rounds, raw
-figures kept), calibrate our model and the FLOPs-proportional one on a few of them, and report
+model (alternating rounds; each figure is the paired pruned/dense ratio, median over rounds,
+times the dense model's median over the whole run; raw figures kept), calibrate our model and the FLOPs-proportional one on a few of them, and report
 |predicted / measured − 1| on the others.
 Writes ``bench/results/latency.json``, ``latency.md`` and plots.
 
@@ -22,6 +22,7 @@ import platform
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ from fxprune.backends import (
     OnnxRuntimeBackend,
     UnstableMeasurementWarning,
     measure_side_by_side,
+    relative_latency,
 )
 from fxprune.latency.in_model import in_model_factors
 from fxprune.latency.plots import plot_layer_curve, plot_layer_surface, plot_predictions
@@ -86,6 +88,9 @@ def run_model(name: str, args: argparse.Namespace, console: Console) -> dict[str
     )
 
     lm = LatencyModel(analysis, tables, backend)
+    # every whole-model figure runs at least min_seconds per model: with 30 runs only (0.6 s for
+    # a 20 ms sub-network) a single burst of host interference moves a figure by 10-20%
+    measure = replace(lm.measure_config, min_seconds=args.min_seconds)
     calib = [
         random_aligned_plan(analysis, tables.group_grids, s, block_prob=args.block_prob)
         for s in range(args.calib)
@@ -94,18 +99,21 @@ def run_model(name: str, args: argparse.Namespace, console: Console) -> dict[str
         random_aligned_plan(analysis, tables.group_grids, 1000 + s, block_prob=args.block_prob)
         for s in range(args.eval)
     ]
-    # Each sub-network is timed side by side with the dense model (alternating sessions), and
-    # its figure is scaled by (median dense / this round's dense): the host drifts by ±10–30%
-    # over minutes here, which would otherwise be charged to the predictor. Raw figures too.
+    # Each sub-network is timed side by side with the dense model (alternating rounds), and its
+    # figure is the paired ratio (relative_latency) times the dense model's median over all
+    # sub-networks: the host drifts by ±10–30% over minutes here, and by a few % between rounds,
+    # which would otherwise be charged to the predictor. Raw figures too.
     raw: list[float] = []
+    ratios: list[float] = []  # paired per alternation round (relative_latency)
     dense_rounds: list[float] = []
     stable: list[bool] = []
     t0 = time.perf_counter()
     for i, plan in enumerate(calib + evals):
         m, d = measure_side_by_side(
-            backend, [fxprune.prune(analysis, plan), analysis.gm], (x,), lm.measure_config, 1
+            backend, [fxprune.prune(analysis, plan), analysis.gm], (x,), measure, 1
         )
         raw.append(m.median_ms)
+        ratios.append(relative_latency(m, d))
         dense_rounds.append(d.median_ms)
         stable.append(m.stable and d.stable)
         console.print(
@@ -116,7 +124,7 @@ def run_model(name: str, args: argparse.Namespace, console: Console) -> dict[str
     measure_s = time.perf_counter() - t0
     load.append(os.getloadavg()[0])
     dense_ref = float(np.median(dense_rounds))
-    measured = [r * dense_ref / d for r, d in zip(raw, dense_rounds, strict=True)]
+    measured = [q * dense_ref for q in ratios]
     m_cal, m_eval = measured[: len(calib)], np.asarray(measured[len(calib) :])
     raw_eval = np.asarray(raw[len(calib) :])
     macs = MacsModel(analysis, dense_ref)
@@ -264,8 +272,9 @@ def _markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Latency tables, ONNX Runtime {meta['ort']} CPU ({meta['threads']} threads), {meta['size']}², "
         f"batch 1, {meta['cpu']}; {meta['eval']} random aligned sub-networks per model, "
         f"calibrated on {meta['calib']} others. Errors: median / p90 of |pred/meas − 1|, with "
-        "every sub-network timed side by side with the dense model and scaled by the dense "
-        "model's drift; the last two columns use the raw figures.",
+        f"every sub-network timed side by side with the dense model (≥ {meta['min_seconds']} s each) "
+        "and taken as the paired pruned/dense ratio times the dense median; the last two "
+        "columns use the raw figures.",
         "",
         "| model | dense ms (drift) | cold build s | warm build s | points "
         "| in-model tables a·Σ+b | in-model tables uncalibrated | tables a·Σ+c·n+b "
@@ -296,6 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block-prob", type=float, default=0.2)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--size", type=int, default=224, help="input resolution")
+    parser.add_argument(
+        "--min-seconds", type=float, default=2.0, help="least time each whole model runs per figure"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore", UnstableMeasurementWarning)  # counted in the JSON instead
@@ -310,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": args.eval,
         "calib": args.calib,
         "size": args.size,
+        "min_seconds": args.min_seconds,
         "torch": torch.__version__,
         "python": platform.python_version(),
     }
