@@ -12,6 +12,7 @@ from torch import nn
 import fxprune
 from fxprune.errors import PlanError
 from fxprune.passes.prune import rewrite
+from fxprune.passes.reads import MeasuredReads
 from fxprune.unconstrained import consumers
 
 
@@ -116,6 +117,40 @@ def test_reads_full_and_auto_equal_oracle(fan):
         with torch.no_grad():
             assert rel_err(gm(x), want) < 1e-5, reads
     assert info.counts()["full"] == len(plan.consumers)
+
+
+class ScriptedReads(MeasuredReads):
+    """Units always say "full"; the whole-model comparison returns a set ratio."""
+
+    def __init__(self, ratio: float) -> None:
+        super().__init__(backend=None)
+        self.ratio, self.compared = ratio, 0
+
+    def choose(self, name, shape, dim, candidates):
+        return (
+            candidates["full"][0]
+            if "full" in candidates
+            else super().choose(name, shape, dim, candidates)
+        )
+
+    def compare(self, module, reference, example_inputs):
+        self.compared += 1
+        return self.ratio
+
+
+@pytest.mark.parametrize(("ratio", "kept"), [(0.8, "measured"), (0.99, "exact"), (1.2, "exact")])
+def test_measured_reads_kept_only_if_the_whole_model_is_faster(fan, ratio, kept):
+    _, x, a = fan
+    plan = fxprune.unconstrained_plan(a, random_input_masks(a, 5))
+    judge = ScriptedReads(ratio)
+    gm, info = rewrite(a, plan, reads="measure", read_cost=judge)
+    assert judge.compared == 1
+    assert info.whole_check["kept"] == kept
+    assert info.whole_check["measured_over_exact"] == ratio
+    assert info.whole_check["measured_reads"]["full"] == len(plan.consumers)
+    assert info.counts()["full"] == (len(plan.consumers) if kept == "measured" else 0)
+    with torch.no_grad():
+        assert rel_err(gm(x), fxprune.masked_forward(a, plan, x)) < 1e-5
 
 
 def test_masks_from_zeros_finds_the_pattern(fan):

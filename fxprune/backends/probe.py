@@ -4,7 +4,9 @@
 backend, so the unconstrained rewrite can decide, per consumer, whether reading its kept inputs
 with a copy pays for the multiply-adds it saves (:mod:`fxprune.passes.reads`). Four 1×1 convs at
 28×28 are timed: 96→192 on a 96-channel input, 192→192, and 96→192 fed by a slice or a gather of
-96 of 192 channels; differences against the first give each price.
+96 of 192 channels; differences against the first give each price. Every input comes out of a
+per-channel conv first, so copies pay the layout conversions they cause inside a model
+(:class:`~fxprune.passes.reads.ReadUnit`).
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ def _unit(kind: str, c_in: int) -> nn.Module:
     else:
         local = np.arange(_C // 2 if kind == "slice" else c_in)
     read = ConsumerRead(kind, local, np.zeros(local.size, dtype=bool))
-    return ReadUnit(read, nn.Conv2d(c_in, _C, 1), 1).eval()
+    source = _C if kind in ("slice", "gather") else c_in
+    return ReadUnit(read, nn.Conv2d(c_in, _C, 1), 1, producer_channels=source).eval()
 
 
 def measure_read_cost(backend: Backend, config: MeasureConfig | None = None) -> ReadCost:

@@ -129,15 +129,32 @@ def choose_read(
 
 
 class ReadUnit(nn.Module):
-    """A consumer behind its read: what one candidate costs on the runtime."""
+    """A consumer behind its read: what one candidate costs on the runtime.
 
-    def __init__(self, read: ConsumerRead, layer: nn.Module, dim: int) -> None:
+    With ``producer_channels``, the read's input first goes through a per-channel 1×1
+    (depthwise) conv, so that it arrives in the layout a conv output has inside the model.
+    On ONNX Runtime CPU that matters more than the copy itself: convs run in a blocked layout
+    (NCHWc), and a Slice or Gather on channels makes the optimizer convert the whole tensor
+    back to NCHW before the copy and the kept part forward again after it. A unit fed
+    straight from its (NCHW) session input pays neither conversion, and so prices an exact
+    read too cheaply against a full read, which stays blocked from end to end.
+    """
+
+    def __init__(
+        self, read: ConsumerRead, layer: nn.Module, dim: int, producer_channels: int = 0
+    ) -> None:
         super().__init__()
         self.kind, self.dim, self.layer = read.kind, dim, layer
         self.start, self.length = read.start, read.length
         self.register_buffer("index", torch.from_numpy(read.local.astype(np.int64)))
+        self.producer = (
+            nn.Conv2d(producer_channels, producer_channels, 1, groups=producer_channels)
+            if producer_channels
+            else nn.Identity()
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.producer(x)
         if self.kind in ("slice", "span"):
             x = torch.narrow(x, self.dim, self.start, self.length)
         elif self.kind == "gather":
@@ -183,7 +200,10 @@ class MeasuredReads:
 
             config = self.config or MeasureConfig(warmup=3, repeats=20, min_seconds=0.3)
             kinds = sorted(candidates)
-            units = [ReadUnit(candidates[k][0], candidates[k][1], dim).eval() for k in kinds]
+            produced = shape[dim] if len(shape) == 4 and dim == 1 else 0  # a conv's NCHW output
+            units = [
+                ReadUnit(candidates[k][0], candidates[k][1], dim, produced).eval() for k in kinds
+            ]
             x = torch.randn(shape, generator=torch.Generator().manual_seed(self.seed))
             with torch.no_grad():
                 figures = measure_side_by_side(self.backend, units, (x,), config, 1)
@@ -195,3 +215,16 @@ class MeasuredReads:
             # the exact read also saves parameters and multiply-adds in the whole model
             self._memo[key] = exact if ms[exact] <= ms[best] * (1 + self.min_gain) else best
         return candidates[self._memo[key]][0]
+
+    def compare(
+        self, module: nn.Module, reference: nn.Module, example_inputs: tuple[torch.Tensor, ...]
+    ) -> float:
+        """``module``'s latency as a multiple of ``reference``'s, timed side by side."""
+        from fxprune.backends import MeasureConfig, measure_side_by_side, relative_latency
+
+        config = self.config or MeasureConfig(warmup=3, repeats=20, min_seconds=1.0)
+        with torch.no_grad():
+            a, b = measure_side_by_side(
+                self.backend, [module, reference], example_inputs, config, 1
+            )
+        return relative_latency(a, b)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 
-from fxprune.passes.reads import ReadCost, choose_read
+from fxprune.passes.reads import ConsumerRead, ReadCost, ReadUnit, choose_read
 
 
 @st.composite
@@ -51,3 +53,21 @@ def test_auto_follows_the_cost():
 def test_bad_policy():
     with pytest.raises(ValueError, match="policy"):
         choose_read(np.array([1]), 3, spatial=1, macs_per_input=1, policy="fast")
+
+
+@pytest.mark.parametrize("kind", ["slice", "gather", "span", "full"])
+@pytest.mark.parametrize("producer", [0, 8])
+def test_read_unit_computes_its_candidate(kind, producer):
+    torch.manual_seed(0)
+    local = {"slice": [2, 3, 4], "gather": [0, 3, 6], "span": [2, 3, 4, 5], "full": range(8)}[kind]
+    read = ConsumerRead(kind, np.array(list(local)), np.zeros(len(local), dtype=bool))
+    layer = nn.Conv2d(len(local), 4, 3, padding=1)
+    unit = ReadUnit(read, layer, 1, producer_channels=producer).eval()
+    x = torch.randn(1, 8, 5, 5)
+    # the producer (a per-channel conv standing in for the model's own) runs before the read
+    y = unit.producer(x) if producer else x
+    assert isinstance(unit.producer, nn.Conv2d if producer else nn.Identity)
+    if producer:
+        assert unit.producer.groups == producer and unit.producer.kernel_size == (1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(unit(x), layer(y[:, list(local)]))
