@@ -3,16 +3,21 @@ naive export and the UPSCALE authors' exporter (ONNX Runtime CPU, batch 1, 224×
 
 For each model and per-layer L2 input sparsity: every conv/linear with groups=1 (except the stem)
 keeps its (1 - s) largest input columns; the shared tensors keep the union. Variants, measured
-side by side in one run (medians; ratios to the dense model of the same run are paired per
-alternation round, ``relative_latency``):
+side by side in one run (ratios to the dense model of the same run are paired per alternation
+round, ``relative_latency``; each case is measured ``--repeats`` times in shuffled orders and the
+median ratio reported; a variant whose graph equals another's is timed once):
 
 - ``constrained``: every coupling group keeps its top (1 - s) channels (uniform, L2), no gathers;
   ``constrained_matched``: the uniform keep ratio whose stored parameters match ``ours``.
 - ``naive``: the unconstrained plan, every non-contiguous consumer gathers, no reordering.
 - ``ours_exact``: reordered, consumers read exactly their inputs (slice or gather).
+- ``ours_segmented``: ``ours_exact`` with every tensor read in channel ranges carried as
+  segments aligned to the runtime's channel block (:mod:`fxprune.passes.segment`): no Slice
+  left, gathers of segmented tensors become zero-column reads.
 - ``ours``: reordered, each consumer reads by the fastest of slice/gather/zero-padded span/full
   read, timed per consumer on the backend (``reads="measure"``, what ``fxprune.compile`` uses),
-  kept only if the whole model then beats ``ours_exact`` side by side.
+  then the whole model with these reads, with exact reads and segmented, timed side by side, the
+  fastest kept (exact unless another wins by 2.5%).
 - ``authors``: apple-upscale 0.1.1 (is_not_ane=True) where it is installed and runs.
 
 Gathers are counted the same way for every variant (aten-level dispatch during one forward:
@@ -44,6 +49,7 @@ from fxprune.backends import MeasureConfig, get_backend, measure_side_by_side, r
 from fxprune.io import write_json
 from fxprune.passes.prune import rewrite
 from fxprune.passes.reads import MeasuredReads
+from fxprune.passes.segment import segment
 from fxprune.unconstrained import consumers
 
 RESULTS = Path(__file__).parent / "results"
@@ -105,7 +111,34 @@ def mass_kept(analysis, plan) -> float:
     return kept / total
 
 
-def run_case(name, model, analysis, x, sparsity, backend, multiple, pool) -> dict:
+def paired_ratios(backend, variants: dict, x, repeats: int) -> tuple[dict, dict]:
+    """Each variant's latency / dense, from ``repeats`` side-by-side measurements.
+
+    Every repeat times the distinct modules in a fresh random order (a module's place in the
+    alternation and in memory should not decide a 5% comparison: two identical graphs once came
+    out 0.85x and 0.96x dense in one measurement). Returns the per-repeat paired ratios and the
+    last repeat's measurement per variant.
+    """
+    unique: list[torch.nn.Module] = []
+    for v in variants.values():
+        if not any(v is u for u in unique):
+            unique.append(v)
+    ratios: dict[str, list[float]] = {k: [] for k in variants}
+    last: dict[str, object] = {}
+    rng = np.random.default_rng(0)
+    for _ in range(repeats):
+        order = [unique[i] for i in rng.permutation(len(unique))]
+        with torch.no_grad():
+            meas = measure_side_by_side(backend, order, (x,), MEASURE, 1)
+        by_module = {id(u): m for u, m in zip(order, meas, strict=True)}
+        dense = by_module[id(variants["dense"])]
+        for k, v in variants.items():
+            ratios[k].append(relative_latency(by_module[id(v)], dense))
+            last[k] = by_module[id(v)]
+    return ratios, last
+
+
+def run_case(name, model, analysis, x, sparsity, backend, multiple, pool, repeats=3) -> dict:
     masks = fxprune.magnitude_masks(analysis, sparsity, criterion="l2", multiple=multiple)
     align = multiple if multiple > 1 else None
     t0 = time.perf_counter()
@@ -118,6 +151,7 @@ def run_case(name, model, analysis, x, sparsity, backend, multiple, pool) -> dic
     info["constrained"] = {"mass_kept": mass_kept(analysis, uniform)}
     for key in ("naive", "ours_exact", "ours", "authors"):
         info[key] = {"mass_kept": mass_kept(analysis, plan)}
+    kinds_exact = None
     for key, reorder, reads in (
         ("naive", False, "exact"),
         ("ours_exact", True, "exact"),
@@ -131,7 +165,20 @@ def run_case(name, model, analysis, x, sparsity, backend, multiple, pool) -> dic
             info[key]["orders"] = [o.__dict__ for o in rw.layout.orders]
             info[key]["read_ms"] = cost.decisions
             info[key]["whole_check"] = rw.whole_check
+            same = rw.kinds() == kinds_exact and rw.segment_block is None
+            if same:  # the same graph as ours_exact: time it once, not as two models
+                gm = variants["ours_exact"]
+                info[key]["same_as"] = "ours_exact"
+        if key == "ours_exact":
+            kinds_exact = rw.kinds()
         variants[key] = gm
+    block = MeasuredReads(backend).segment_block()
+    t0 = time.perf_counter()
+    variants["ours_segmented"], seg = segment(variants["ours_exact"], (x,), block)
+    info["ours_segmented"] = {"mass_kept": info["ours_exact"]["mass_kept"], "block": block}
+    info["ours_segmented"].update(
+        segment_s=time.perf_counter() - t0, segments=seg.segments, segment_reads=seg.reads
+    )
     ratio, variants["constrained_matched"] = matched_constrained(
         analysis, stored_params(variants["ours"]), multiple
     )
@@ -164,21 +211,22 @@ def run_case(name, model, analysis, x, sparsity, backend, multiple, pool) -> dic
     oracle_pool = locals().get("oracle_pool")
     out: dict = {"plan_s": plan_s, "consumers": len(plan.consumers), "variants": {}}
     keys = list(variants)
-    with torch.no_grad():
-        meas = measure_side_by_side(backend, [variants[k] for k in keys], (x,), MEASURE, 1)
-    for k, m in zip(keys, meas, strict=True):
+    ratios, meas = paired_ratios(backend, variants, x, repeats)
+    for k in keys:
+        m = meas[k]
         v = variants[k]
         with torch.no_grad():
             y = v(x)
         err = None
-        if k in ("naive", "ours_exact", "ours", "authors", "ours_pool"):
+        if k in ("naive", "ours_exact", "ours", "ours_segmented", "authors", "ours_pool"):
             ref = oracle_pool if k == "ours_pool" else want
             err = float((y - ref).abs().max() / ref.abs().max())
         out["variants"][k] = {
             **_upscale.count_gathers(v, x),
             "ms": m.median_ms,
             "stable": m.stable,
-            "vs_dense": relative_latency(m, meas[0]),  # paired per alternation round
+            "vs_dense": float(np.median(ratios[k])),  # paired per round, median of repeats
+            "vs_dense_runs": ratios[k],
             "stored_params": stored_params(v),
             "nonzero_params": nonzero_params(v),
             "macs": macs(v, x),
@@ -207,6 +255,10 @@ def main(argv=None) -> int:
         default="ort",
         help="torch: eager PyTorch on CPU, where a batch-1 channel slice is a free view",
     )
+    p.add_argument(
+        "--repeats", type=int, default=3, help="side-by-side measurements per case (median)"
+    )
+    p.add_argument("--batch", type=int, default=1, help="batch size of every measurement")
     p.add_argument("--out", type=Path, default=RESULTS / "unconstrained.json")
     p.add_argument("--render", action="store_true", help="only re-render the Markdown")
     args = p.parse_args(argv)
@@ -220,19 +272,23 @@ def main(argv=None) -> int:
     out: dict = {"backend": repr(backend), "commit": commit}
     out["multiple"] = args.multiple
     out["models"] = json.loads(args.out.read_text()).get("models", {}) if args.out.exists() else {}
-    x = torch.randn(1, 3, 224, 224)
+    x = torch.randn(args.batch, 3, 224, 224)
+    out["batch"] = args.batch
     for name in args.models:
         torch.manual_seed(0)
         model = torchvision.models.get_model(name, weights=None).eval()
         analysis = fxprune.analyze(model, x)
         entry = out["models"].setdefault(name, {})
         for s in args.sparsity:
-            entry[str(s)] = run_case(name, model, analysis, x, s, backend, args.multiple, args.pool)
+            entry[str(s)] = run_case(
+                name, model, analysis, x, s, backend, args.multiple, args.pool, args.repeats
+            )
             v = entry[str(s)]["variants"]
             print(
                 f"{name} @ {s}: gathers naive {v['naive']['gathers']} ours_exact "
                 f"{v['ours_exact']['gathers']} ours {v['ours']['gathers']} authors "
                 f"{v.get('authors', {}).get('gathers')}; ours {v['ours']['vs_dense']:.3f}× dense, "
+                f"segmented {v['ours_segmented']['vs_dense']:.3f}×, "
                 f"matched constrained {v['constrained_matched']['vs_dense']:.3f}×",
                 flush=True,
             )
@@ -247,14 +303,25 @@ def _runtime(backend_repr: str) -> str:
     return "PyTorch eager CPU" if backend_repr.startswith("TorchEager") else "ONNX Runtime CPU"
 
 
+def _vs_matched(v: dict) -> str:
+    """ours / constrained_matched: the median of per-repeat ratios and their range."""
+    a, b = v["ours"].get("vs_dense_runs"), v["constrained_matched"].get("vs_dense_runs")
+    if not a or len(a) != len(b) or len(a) < 2:
+        return f"{v['ours']['vs_dense'] / v['constrained_matched']['vs_dense']:.3f}"
+    r = np.asarray(a) / np.asarray(b)
+    return f"{np.median(r):.3f} ({r.min():.3f}–{r.max():.3f})"
+
+
 def render(out: dict) -> str:
-    cols = ["constrained", "constrained_matched", "naive", "ours_exact", "ours", "authors"]
+    cols = ["constrained", "constrained_matched", "naive", "ours_exact", "ours_segmented", "ours"]
+    cols.append("authors")
     lines = [
-        f"# unconstrained export ({_runtime(out['backend'])}, batch 1, 224×224, random init)",
+        f"# unconstrained export ({_runtime(out['backend'])}, batch {out.get('batch', 1)}, "
+        "224×224, random init)",
         "",
         f"commit {out.get('commit')}; kept counts rounded to multiples of {out.get('multiple', 1)}",
         "",
-        "Cells: gathers / gathered channels / latency × dense (same run). "
+        "Cells: gathers / gathered channels / latency × dense (paired, median of repeats). "
         "`ours`: each consumer's read timed on the backend; stored params, MACs.",
         "",
         "| model | sparsity | " + " | ".join(cols) + " | ours ms vs matched |",
@@ -274,8 +341,7 @@ def render(out: dict) -> str:
                     f"{v[c]['gathers']} / {v[c]['gathered_channels']} / "
                     f"{v[c]['vs_dense']:.3f}× ({v[c]['stored_params'] / 1e6:.2f}M{gmacs})"
                 )
-            rel = v["ours"]["vs_dense"] / v["constrained_matched"]["vs_dense"]
-            lines.append(f"| {name} | {s} | " + " | ".join(cells) + f" | {rel:.3f} |")
+            lines.append(f"| {name} | {s} | " + " | ".join(cells) + f" | {_vs_matched(v)} |")
     extra = [
         (name, s, case["variants"])
         for name, cases in out["models"].items()

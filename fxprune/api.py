@@ -40,7 +40,7 @@ def rebuild(
     """
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
-    options = {"reads": plan.notes["reads"]} if "reads" in plan.notes else {}
+    options = {k: plan.notes[k] for k in ("reads", "segment_block") if k in plan.notes}
     pruned = apply_plan(analyze(model, example_inputs), plan, **options)
     if state_dict is not None:
         if not isinstance(state_dict, dict):

@@ -379,7 +379,10 @@ def compile(
             plan = consumer_choice(analysis, solved, align=allowed)
             pruned, info = rewrite(analysis, plan, **rewrite_options)
             # record the reads taken so rebuild() reproduces this exact structure
-            plan = dataclasses.replace(plan, notes={**plan.notes, "reads": info.kinds()})
+            notes = {**plan.notes, "reads": info.kinds()}
+            if info.segment_block is not None:
+                notes["segment_block"] = info.segment_block
+            plan = dataclasses.replace(plan, notes=notes)
         else:
             pruned = prune(analysis, plan)
         solved_for[id(plan)] = solved

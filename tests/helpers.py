@@ -88,9 +88,11 @@ def random_input_masks(analysis: fxprune.Analysis, seed: int, min_keep: float = 
 
 def check_unconstrained(analysis: fxprune.Analysis, x: torch.Tensor, seed: int, tol: float = 1e-4):
     """Random unconstrained masks: the reordered export equals the oracle and needs no more
-    gathers than the naive export (consumers whose kept positions are not one range)."""
+    gathers than the naive export (consumers whose kept positions are not one range); so does
+    its segmented form (:mod:`fxprune.passes.segment`)."""
     from fxprune.passes.prune import rewrite
     from fxprune.passes.reorder import Layout
+    from fxprune.passes.segment import segment
     from fxprune.unconstrained import consumers
 
     plan = fxprune.unconstrained_plan(analysis, random_input_masks(analysis, seed))
@@ -109,4 +111,9 @@ def check_unconstrained(analysis: fxprune.Analysis, x: torch.Tensor, seed: int, 
         local = np.flatnonzero(np.isin(naive.positions(table[name].units), kept))
         naive_gathers += int(local[-1] - local[0] + 1 != local.size)
     assert info.counts()["gather"] <= naive_gathers
+    # the same export with read tensors carried as segments (no channel cut left) is equal too
+    segmented, seg = segment(gm, (x,), block=4)
+    with torch.no_grad():
+        err = rel_err(segmented(x), want)
+    assert err <= tol, f"segmented != oracle ({err:.2e}, {seg.segments} segments)"
     return plan

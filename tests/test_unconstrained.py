@@ -120,11 +120,11 @@ def test_reads_full_and_auto_equal_oracle(fan):
 
 
 class ScriptedReads(MeasuredReads):
-    """Units always say "full"; the whole-model comparison returns a set ratio."""
+    """Units always say "full"; the whole-model comparison returns set ratios to exact reads."""
 
-    def __init__(self, ratio: float) -> None:
+    def __init__(self, measured: float, segmented: float) -> None:
         super().__init__(backend=None)
-        self.ratio, self.compared = ratio, 0
+        self.ratios, self.compared = {"measured": measured, "segmented": segmented}, 0
 
     def choose(self, name, shape, dim, candidates):
         return (
@@ -133,22 +133,34 @@ class ScriptedReads(MeasuredReads):
             else super().choose(name, shape, dim, candidates)
         )
 
-    def compare(self, module, reference, example_inputs):
+    def compare(self, modules, example_inputs):
         self.compared += 1
-        return self.ratio
+        assert len(modules) == 3  # exact, measured, segmented
+        return [1.0, self.ratios["measured"], self.ratios["segmented"]]
 
 
-@pytest.mark.parametrize(("ratio", "kept"), [(0.8, "measured"), (0.99, "exact"), (1.2, "exact")])
-def test_measured_reads_kept_only_if_the_whole_model_is_faster(fan, ratio, kept):
+@pytest.mark.parametrize(
+    ("measured", "segmented", "kept"),
+    [
+        (0.8, 1.1, "measured"),
+        (0.99, 1.3, "exact"),
+        (1.2, 1.01, "exact"),
+        (0.9, 0.7, "segmented"),
+    ],
+)
+def test_whole_model_check_keeps_the_fastest_candidate(fan, measured, segmented, kept):
     _, x, a = fan
+    # the stem's group (read by a and b) and the residual (read by c) are segmentable
     plan = fxprune.unconstrained_plan(a, random_input_masks(a, 5))
-    judge = ScriptedReads(ratio)
+    judge = ScriptedReads(measured, segmented)
     gm, info = rewrite(a, plan, reads="measure", read_cost=judge)
     assert judge.compared == 1
     assert info.whole_check["kept"] == kept
-    assert info.whole_check["measured_over_exact"] == ratio
+    assert info.whole_check["vs_exact"] == {"measured": measured, "segmented": segmented}
     assert info.whole_check["measured_reads"]["full"] == len(plan.consumers)
     assert info.counts()["full"] == (len(plan.consumers) if kept == "measured" else 0)
+    assert (info.segment_block is not None) == (kept == "segmented")
+    assert (info.segments is not None and info.segments.regions != []) == (kept == "segmented")
     with torch.no_grad():
         assert rel_err(gm(x), fxprune.masked_forward(a, plan, x)) < 1e-5
 

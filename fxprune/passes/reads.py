@@ -217,14 +217,17 @@ class MeasuredReads:
         return candidates[self._memo[key]][0]
 
     def compare(
-        self, module: nn.Module, reference: nn.Module, example_inputs: tuple[torch.Tensor, ...]
-    ) -> float:
-        """``module``'s latency as a multiple of ``reference``'s, timed side by side."""
+        self, modules: list[nn.Module], example_inputs: tuple[torch.Tensor, ...]
+    ) -> list[float]:
+        """Each module's latency as a multiple of the first one's, all timed side by side."""
         from fxprune.backends import MeasureConfig, measure_side_by_side, relative_latency
 
         config = self.config or MeasureConfig(warmup=3, repeats=20, min_seconds=1.0)
         with torch.no_grad():
-            a, b = measure_side_by_side(
-                self.backend, [module, reference], example_inputs, config, 1
-            )
-        return relative_latency(a, b)
+            figures = measure_side_by_side(self.backend, modules, example_inputs, config, 1)
+        return [relative_latency(f, figures[0]) for f in figures]
+
+    def segment_block(self) -> int:
+        """The channel block segments are aligned to: the backend's layout block, else 1."""
+        probe = getattr(self.backend, "layout_block", None)
+        return int(probe()) if callable(probe) else 1

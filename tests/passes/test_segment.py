@@ -1,0 +1,161 @@
+"""Segmented tensors: the segmented export equals the oracle, and no op cuts a read tensor."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torchvision
+from helpers import make_sensitive, random_input_masks, rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import fxprune
+from fxprune.passes.prune import rewrite
+from fxprune.passes.segment import segment
+
+
+class Stream(nn.Module):
+    """A residual stream read by three consumers, with SE-style scaling and a pooled head."""
+
+    def __init__(self, c: int = 24) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.a = nn.Conv2d(c, 8, 1)
+        self.a2 = nn.Conv2d(8, c, 1)
+        self.b = nn.Conv2d(c, 6, 3, padding=1)
+        self.se1 = nn.Conv2d(c, 6, 1)
+        self.se2 = nn.Conv2d(6, c, 1)
+        self.dw = nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.head = nn.Linear(c + 6, 5)
+
+    def forward(self, x):
+        s = torch.relu(self.bn(self.stem(x)))
+        r = s + self.a2(torch.relu(self.a(s)))
+        pooled = nn.functional.adaptive_avg_pool2d(r, 1)
+        r = self.dw(r * torch.sigmoid(self.se2(torch.relu(self.se1(pooled)))))
+        y = torch.cat([r, self.b(s)], 1)
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(y, 1), 1))
+
+
+@pytest.fixture(scope="module")
+def stream():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    model = Stream().eval()
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 1.5)
+    return model, x, fxprune.analyze(model, x)
+
+
+def channel_cuts(gm: torch.fx.GraphModule) -> int:
+    return sum(
+        n.op == "call_function" and n.target in (torch.narrow, torch.index_select)
+        for n in gm.graph.nodes
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**16), block=st.sampled_from([1, 2, 4, 8]))
+def test_segmented_equals_the_oracle(stream, seed, block):
+    _, x, a = stream
+    plan = fxprune.unconstrained_plan(a, random_input_masks(a, seed))
+    gm, _info = rewrite(a, plan, reads="exact")
+    code = gm.code
+    sg, si = segment(gm, (x,), block=block)
+    assert gm.code == code  # the input module is left as it was
+    with torch.no_grad():
+        want = fxprune.masked_forward(a, plan, x)
+        assert rel_err(sg(x), want) < 1e-5
+    # every narrow read of a segmented region became a list of segments: no cut is left
+    # but the reads of regions that were not segmented
+    assert channel_cuts(sg) == channel_cuts(gm) - si.reads["narrow"] - si.reads["gather"]
+    for r in si.regions:
+        bounds = r["bounds"]
+        assert bounds[0] == 0 and bounds[-1] == r["channels"]
+        assert all(b % block == 0 for b in bounds[1:-1])
+        assert list(bounds) == sorted(set(bounds))
+
+
+def test_reads_become_partial_layers(stream):
+    _, x, a = stream
+    plan = fxprune.unconstrained_plan(a, random_input_masks(a, 3))
+    gm, _info = rewrite(a, plan, reads="exact")
+    sg, si = segment(gm, (x,))
+    assert si.regions, "the stream is read in ranges, so it must be segmented"
+    n_cat = sum(n.target is torch.cat for n in sg.graph.nodes if n.op == "call_function")
+    # the head's concatenation takes the segments as they are: one cat, as in the original
+    assert n_cat == 1 and not si.materialised
+    convs = [m for m in sg.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) > len([m for m in gm.modules() if isinstance(m, nn.Conv2d)])
+
+
+def test_no_reads_no_change(stream):
+    _, x, a = stream
+    gm = fxprune.prune(a, fxprune.uniform_plan(a, 0.5))
+    sg, si = segment(gm, (x,), block=8)
+    assert si.regions == [] and si.segments == 0
+    assert sg.code == gm.code
+    with torch.no_grad():
+        torch.testing.assert_close(sg(x), gm(x))
+
+
+def test_bad_block(stream):
+    _, x, a = stream
+    with pytest.raises(ValueError, match="block"):
+        segment(fxprune.prune(a, fxprune.Plan.empty(a)), (x,), block=0)
+
+
+class Scaled(nn.Module):
+    """A stream whose tensors pass through a parameter (a layer scale): left unsegmented."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 1)
+        self.gamma = nn.Parameter(torch.rand(1, c, 1, 1) + 0.5)
+        self.a = nn.Conv2d(c, 4, 1)
+        self.b = nn.Conv2d(c, 4, 1)
+
+    def forward(self, x):
+        s = self.stem(x) * self.gamma
+        return self.a(s) + self.b(s)
+
+
+def test_parameter_roots_are_left_alone():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 6, 6)
+    a = fxprune.analyze(Scaled().eval(), x)
+    plan = fxprune.unconstrained_plan(a, random_input_masks(a, 0, min_keep=0.5))
+    gm, _ = rewrite(a, plan, reads="exact")
+    sg, si = segment(gm, (x,))
+    if channel_cuts(gm):  # the reads exist, but the region holds a parameter
+        assert si.regions == []
+    with torch.no_grad():
+        assert rel_err(sg(x), fxprune.masked_forward(a, plan, x)) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "efficientnet_b0"])
+def test_torchvision_segmented_exports(name, tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 96, 96)
+    model = make_sensitive(torchvision.models.get_model(name, weights=None), x).eval()
+    a = fxprune.analyze(model, x)
+    masks = fxprune.magnitude_masks(a, 0.3, multiple=8)
+    plan = fxprune.unconstrained_plan(a, masks, align=8)
+    plain, _ = rewrite(a, plan, reads="exact")
+    gm, info = rewrite(a, plan, reads="exact", segment_block=8)
+    assert info.segment_block == 8 and info.segments.regions
+    done = info.segments.reads["narrow"] + info.segments.reads["gather"]
+    assert done > 0 and channel_cuts(gm) == channel_cuts(plain) - done
+    with torch.no_grad():
+        assert rel_err(gm(x), fxprune.masked_forward(a, plan, x)) < 1e-4
+    # ONNX export checked against ONNX Runtime, and a rebuild from the plan notes loads
+    fxprune.export_onnx(gm, tmp_path / "m.onnx", x)
+    plan = dataclasses.replace(plan, notes={**plan.notes, "segment_block": 8})
+    rebuilt = fxprune.rebuild(model, x, plan, gm.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), gm(x))
