@@ -203,9 +203,10 @@ def _check_whole(
     Each read was chosen by timing a unit, which cannot show everything the model around it
     does (on DenseNet-121 the units picked 19 zero-padded full reads and the model ran 10%
     slower than with exact reads). Segmenting removes every channel cut but multiplies the
-    convs: on ONNX Runtime CPU it loses at batch 1 and wins at batch 8 (ResNet-50). So the
-    candidates are timed side by side and another candidate replaces the exact reads only if
-    it is faster by ``min_gain / 2`` (exact reads store the fewest parameters).
+    convs: on ONNX Runtime CPU (AVX2, 2 threads) it lost by 10-50% at batch 1 and tied the exact
+    reads at batch 8 on ResNet-50. So the candidates are timed side by side, and another one
+    replaces the exact reads only if it is faster by ``min_gain / 2`` (exact reads store the
+    fewest parameters).
     """
     exact_gm, exact_info = rewrite(analysis, plan, reorder=reorder, reads="exact")
     candidates: dict[str, tuple[fx.GraphModule, RewriteInfo]] = {"exact": (exact_gm, exact_info)}
