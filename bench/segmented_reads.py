@@ -61,7 +61,7 @@ class ReadUnit(nn.Module):
     def __init__(self, kind: str, c: int, c_out: int, runs: list[tuple[int, int]]) -> None:
         super().__init__()
         self.kind, self.runs = kind, runs
-        k = sum(e - s for s, e in runs)
+        self.k = k = sum(e - s for s, e in runs)
         widths = [e - s for s, e in runs]
         if kind == "segmented":
             self.producers = nn.ModuleList(nn.Conv2d(c, w, 1) for w in widths)
@@ -86,7 +86,7 @@ class ReadUnit(nn.Module):
             cut = (torch.narrow(y, 1, s, e - s) for s, e in self.runs)
             return _sum(part(z) for part, z in zip(self.parts, cut, strict=True))
         if self.kind == "slice":
-            y = torch.narrow(y, 1, 0, int(self.index.numel()))
+            y = torch.narrow(y, 1, 0, self.k)
         elif self.kind == "gather":
             y = torch.index_select(y, 1, self.index)
         return self.consumer(y)
@@ -151,8 +151,7 @@ def _check_equal(units: list[ReadUnit], full: ReadUnit, x: torch.Tensor, runs) -
         if u is full or u.kind in ("constrained", "segmented"):
             continue
         u.producer.load_state_dict(full.producer.state_dict())
-        n = int(u.index.numel())
-        keep = torch.arange(n) if u.kind == "slice" else u.index
+        keep = torch.arange(u.k) if u.kind == "slice" else u.index
         w = full.consumer.weight[:, keep]
         if u.kind == "split":
             for part, cols in zip(
