@@ -51,7 +51,8 @@ _MODULES: tuple[type, ...] = (
     nn.AdaptiveMaxPool2d,
     nn.Flatten,
 )
-_FUNCTIONS = {
+#: elementwise ops of two tensors (also what the segment pass runs once per segment)
+_BINARY_FUNCTIONS = {
     operator.add,
     operator.iadd,
     operator.mul,
@@ -62,6 +63,10 @@ _FUNCTIONS = {
     torch.mul,
     torch.sub,
     torch.div,
+}
+_BINARY_METHODS = {"add", "add_", "mul", "mul_", "sub", "div"}
+_FUNCTIONS = {
+    *_BINARY_FUNCTIONS,
     torch.cat,
     torch.concat,
     torch.flatten,
@@ -84,12 +89,7 @@ _FUNCTIONS = {
     F.max_pool2d,
 }
 _METHODS = {
-    "add",
-    "add_",
-    "mul",
-    "mul_",
-    "sub",
-    "div",
+    *_BINARY_METHODS,
     "relu",
     "relu_",
     "sigmoid",

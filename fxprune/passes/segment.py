@@ -46,7 +46,15 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxprune.passes.channel_rules import _ACTIVATIONS
-from fxprune.passes.reorder import _FUNCTIONS, _METHODS, _stochastic_depth
+from fxprune.passes.reorder import (
+    _BINARY_FUNCTIONS as _BINARY,
+)
+from fxprune.passes.reorder import (
+    _BINARY_METHODS,
+    _FUNCTIONS,
+    _METHODS,
+    _stochastic_depth,
+)
 
 __all__ = ["SegmentInfo", "segment"]
 
@@ -57,19 +65,6 @@ _STATELESS: tuple[type, ...] = (
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveMaxPool2d,
 )
-_BINARY = {
-    operator.add,
-    operator.iadd,
-    operator.mul,
-    operator.imul,
-    operator.sub,
-    operator.truediv,
-    torch.add,
-    torch.mul,
-    torch.sub,
-    torch.div,
-}
-_BINARY_METHODS = {"add", "add_", "mul", "mul_", "sub", "div"}
 # of the ops that commute with a channel permutation (what reordering allows), those that also
 # compute every channel from the same channel alone; flatten and mean only in the forms checked
 # by _flattens_to_channels / _reduces_spatial
