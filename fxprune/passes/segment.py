@@ -99,9 +99,6 @@ class _Pieces:
     nodes: list[fx.Node]
     cols: list[np.ndarray]
 
-    def width(self) -> int:
-        return int(sum(c.size for c in self.cols))
-
 
 def _shape(node: object) -> tuple[int, ...] | None:
     meta = getattr(node, "meta", {}).get("tensor_meta") if isinstance(node, fx.Node) else None
