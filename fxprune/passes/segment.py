@@ -36,6 +36,7 @@ parameter, an unknown op) are left alone.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import operator
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxprune.passes.channel_rules import _ACTIVATIONS
+from fxprune.passes.prune_rules import lookup_pruner
 from fxprune.passes.reorder import (
     _BINARY_FUNCTIONS as _BINARY,
 )
@@ -238,8 +240,6 @@ def segment(
     """
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
-    import copy
-
     gm = copy.deepcopy(gm)
     ShapeProp(gm).propagate(*example_inputs)
     info = SegmentInfo()
@@ -454,38 +454,26 @@ class _Rewriter:
 
 
 def _partial(module: nn.Module, rows: np.ndarray, cols: np.ndarray, bias: bool) -> nn.Module:
-    """The layer restricted to output ``rows`` and input positions ``cols`` (-1: zero column)."""
-    w = module.weight.detach()
-    taken = torch.from_numpy(np.where(cols < 0, 0, cols))
-    sub = w[torch.from_numpy(rows)][:, taken].clone()
-    sub[:, torch.from_numpy(cols < 0)] = 0
-    has_bias = bias and module.bias is not None
-    if isinstance(module, nn.Linear):
-        new = nn.Linear(cols.size, rows.size, bias=has_bias)
-    else:
-        new = nn.Conv2d(
-            cols.size,
-            rows.size,
-            module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            dilation=module.dilation,
-            bias=has_bias,
-            padding_mode=module.padding_mode,
-        )
-    new = new.to(dtype=w.dtype, device=w.device)
+    """The layer pruned to output ``rows`` and input positions ``cols`` (-1: a zero column).
+
+    The registered pruner does the slicing (as for any pruned layer); only the first partial
+    layer of a sum keeps the bias.
+    """
+    new = _pruner(module)(module, np.where(cols < 0, 0, cols), rows)
     with torch.no_grad():
-        new.weight.copy_(sub)
-        if has_bias:
-            new.bias.copy_(module.bias.detach()[torch.from_numpy(rows)])
-    return new.train(module.training)
+        new.weight[:, torch.from_numpy(cols < 0)] = 0
+    if not bias:
+        new.bias = None
+    return new
 
 
 def _channel_slice(module: nn.Module, idx: np.ndarray) -> nn.Module:
     """A per-channel module (BN, depthwise conv) restricted to channels ``idx``."""
-    from fxprune.passes.prune_rules import lookup_pruner
+    return _pruner(module)(module, idx, idx)
 
+
+def _pruner(module: nn.Module):
     pruner = lookup_pruner(module)
     if pruner is None:
-        raise TypeError(f"no pruner for {type(module).__name__}")
-    return pruner(module, idx, idx)
+        raise TypeError(f"no pruner registered for {type(module).__name__}")
+    return pruner
