@@ -12,6 +12,7 @@ from torch import fx, nn
 
 from fxprune.analysis import Analysis, analyze
 from fxprune.passes.prune import apply_plan
+from fxprune.passes.segment import SegmentCost
 from fxprune.plan import Plan
 
 __all__ = ["prune", "rebuild"]
@@ -41,6 +42,8 @@ def rebuild(
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
     options = {k: plan.notes[k] for k in ("reads", "segment_block") if k in plan.notes}
+    if "segment_cost" in plan.notes:  # the price the segments were merged under
+        options["segment_cost"] = SegmentCost(**plan.notes["segment_cost"])
     pruned = apply_plan(analyze(model, example_inputs), plan, **options)
     if state_dict is not None:
         if not isinstance(state_dict, dict):

@@ -382,6 +382,8 @@ def compile(
             notes = {**plan.notes, "reads": info.kinds()}
             if info.segment_block is not None:
                 notes["segment_block"] = info.segment_block
+            if info.segment_cost is not None:
+                notes["segment_cost"] = dataclasses.asdict(info.segment_cost)
             plan = dataclasses.replace(plan, notes=notes)
         else:
             pruned = prune(analysis, plan)

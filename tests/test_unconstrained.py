@@ -11,8 +11,9 @@ from torch import nn
 
 import fxprune
 from fxprune.errors import PlanError
-from fxprune.passes.prune import rewrite
+from fxprune.passes.prune import channel_copies, rewrite
 from fxprune.passes.reads import MeasuredReads
+from fxprune.passes.segment import SegmentCost
 from fxprune.unconstrained import consumers
 
 
@@ -138,17 +139,24 @@ class ScriptedReads(MeasuredReads):
         assert len(modules) == 3  # exact, measured, segmented
         return [1.0, self.ratios["measured"], self.ratios["segmented"]]
 
+    def segment_cost(self):
+        return SegmentCost(launch_s=0.0, mac_s=1e-12)  # free segments: cut at every boundary
+
 
 @pytest.mark.parametrize(
     ("measured", "segmented", "kept"),
     [
-        (0.8, 1.1, "measured"),
-        (0.99, 1.3, "exact"),
-        (1.2, 1.01, "exact"),
+        (0.8, 1.1, "measured"),  # a clear win
         (0.9, 0.7, "segmented"),
+        (1.2, 1.01, "exact"),  # both slower
+        # no clear win: the fewest copies among those not slower. Measured (all full reads)
+        # and segmented both copy nothing; the faster of the two is kept
+        (0.99, 1.3, "measured"),
+        (0.995, 0.99, "segmented"),
+        (1.001, 1.3, "exact"),
     ],
 )
-def test_whole_model_check_keeps_the_fastest_candidate(fan, measured, segmented, kept):
+def test_whole_model_check_keeps_a_clear_winner_else_fewest_copies(fan, measured, segmented, kept):
     _, x, a = fan
     # the stem's group (read by a and b) and the residual (read by c) are segmentable
     plan = fxprune.unconstrained_plan(a, random_input_masks(a, 5))
@@ -161,6 +169,10 @@ def test_whole_model_check_keeps_the_fastest_candidate(fan, measured, segmented,
     assert info.counts()["full"] == (len(plan.consumers) if kept == "measured" else 0)
     assert (info.segment_block is not None) == (kept == "segmented")
     assert (info.segments is not None and info.segments.regions != []) == (kept == "segmented")
+    copies = info.whole_check["copies"]
+    assert copies["exact"]["gathers"] + copies["exact"]["slices"] > 0
+    assert copies["measured"] == copies["segmented"] == {"gathers": 0, "slices": 0}
+    assert channel_copies(gm) == tuple(copies[kept].values())
     with torch.no_grad():
         assert rel_err(gm(x), fxprune.masked_forward(a, plan, x)) < 1e-5
 

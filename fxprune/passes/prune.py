@@ -14,6 +14,7 @@ were put in the order that makes the most of those reads slices (:mod:`fxprune.p
 from __future__ import annotations
 
 import copy
+import dataclasses
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from fxprune.passes.reads import (
     choose_read,
 )
 from fxprune.passes.reorder import Layout, channel_layout
-from fxprune.passes.segment import SegmentInfo, segment
+from fxprune.passes.segment import SegmentCost, SegmentInfo, segment
 from fxprune.passes.units import expand_index, varying_dims
 
 if TYPE_CHECKING:
@@ -57,6 +58,8 @@ class RewriteInfo:
     #: set when the model carries read tensors as segments (:mod:`fxprune.passes.segment`)
     segments: SegmentInfo | None = None
     segment_block: int | None = None
+    #: the per-segment price the segments were merged under (None: cut at every read boundary)
+    segment_cost: SegmentCost | None = None
 
     def counts(self) -> dict[str, int]:
         """How many consumers read by slice / gather / span / full, and gathered channels."""
@@ -84,6 +87,7 @@ def rewrite(
     reads: str | Mapping[str, str] = "exact",
     read_cost: ReadCost | MeasuredReads | None = None,
     segment_block: int | None = None,
+    segment_cost: SegmentCost | None = None,
 ) -> tuple[fx.GraphModule, RewriteInfo]:
     """The pruned GraphModule and what was decided on the way.
 
@@ -100,6 +104,8 @@ def rewrite(
             kept (:func:`_check_whole`).
         segment_block: carry every tensor that consumers read in channel ranges as segments
             aligned to this block (:func:`fxprune.passes.segment.segment`); None: do not.
+        segment_cost: with ``segment_block``, cut only where a segment pays for its extra
+            convs under this price (:class:`~fxprune.passes.segment.SegmentCost`).
     """
     plan.validate(analysis)
     gm = copy.deepcopy(analysis.gm)
@@ -183,8 +189,8 @@ def rewrite(
     gm.delete_all_unused_submodules()
     gm.recompile()
     if segment_block is not None:
-        gm, info.segments = segment(gm, analysis.example_inputs, segment_block)
-        info.segment_block = segment_block
+        gm, info.segments = segment(gm, analysis.example_inputs, segment_block, segment_cost)
+        info.segment_block, info.segment_cost = segment_block, segment_cost
     elif isinstance(read_cost, MeasuredReads) and reads == "measure":
         return _check_whole(analysis, plan, reorder, read_cost, gm, info)
     return gm, info
@@ -202,21 +208,27 @@ def _check_whole(
 
     Each read was chosen by timing a unit, which cannot show everything the model around it
     does (on DenseNet-121 the units picked 19 zero-padded full reads and the model ran 10%
-    slower than with exact reads). Segmenting removes every channel cut but multiplies the
-    convs: on ONNX Runtime CPU (AVX2, 2 threads) it lost by 10-50% at batch 1 and tied the exact
-    reads at batch 8 on ResNet-50. So the candidates are timed side by side, and another one
-    replaces the exact reads only if it is faster by ``min_gain / 2`` (exact reads store the
-    fewest parameters).
+    slower than with exact reads). Segmenting removes every channel cut but adds convs, so its
+    boundaries are merged under the backend's measured price of a segment
+    (:meth:`MeasuredReads.segment_cost`); cutting at every boundary lost by 10-50% at batch 1
+    on ONNX Runtime CPU. The candidates are timed side by side:
+
+    - one that beats the exact reads by ``min_gain / 2`` is kept (the fastest such);
+    - otherwise the one with the fewest channel copies (gathers, then slices) among those not
+      measured slower than the exact reads. A copy is memory traffic the runtime may price
+      differently elsewhere (another batch size, a GPU); at equal measured speed, fewer is the
+      sounder model. Exact reads win a tie (they store the fewest parameters).
     """
     exact_gm, exact_info = rewrite(analysis, plan, reorder=reorder, reads="exact")
     candidates: dict[str, tuple[fx.GraphModule, RewriteInfo]] = {"exact": (exact_gm, exact_info)}
     if any(r.kind in ("span", "full") for r in info.reads.values()):
         candidates["measured"] = (gm, info)
-    block = judge.segment_block()
-    seg_gm, seg_info = segment(exact_gm, analysis.example_inputs, block)
+    block, cost = judge.segment_block(), judge.segment_cost()
+    seg_gm, seg_info = segment(exact_gm, analysis.example_inputs, block, cost)
     if seg_info.regions:
         segmented = copy.copy(exact_info)
         segmented.segments, segmented.segment_block = seg_info, block
+        segmented.segment_cost = cost
         candidates["segmented"] = (seg_gm, segmented)
     if len(candidates) == 1:
         return exact_gm, exact_info
@@ -228,15 +240,34 @@ def _check_whole(
             strict=True,
         )
     )
+    copies = {n: channel_copies(candidates[n][0]) for n in names}
     best = min(names, key=ratios.__getitem__)
-    kept = best if ratios[best] <= 1.0 - judge.min_gain / 2 else "exact"
+    if ratios[best] <= 1.0 - judge.min_gain / 2:
+        kept = best
+    else:
+        kept = min(
+            (n for n in names if ratios[n] <= 1.0),
+            key=lambda n: (copies[n], n != "exact", ratios[n]),
+        )
     chosen, chosen_info = candidates[kept]
     chosen_info.whole_check = {
         "vs_exact": {n: ratios[n] for n in names[1:]},
+        "copies": {n: dict(zip(("gathers", "slices"), copies[n], strict=True)) for n in names},
         "kept": kept,
         "measured_reads": info.counts(),
+        "segment_cost": dataclasses.asdict(cost),
     }
     return chosen, chosen_info
+
+
+def channel_copies(gm: fx.GraphModule) -> tuple[int, int]:
+    """How many ``index_select`` (gathers) and ``narrow`` (slices) along dim 1 ``gm`` runs."""
+    gathers = slices = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and len(node.args) > 1 and node.args[1] == 1:
+            gathers += node.target is torch.index_select
+            slices += node.target is torch.narrow
+    return gathers, slices
 
 
 def _identity(idx: np.ndarray, units: np.ndarray) -> bool:

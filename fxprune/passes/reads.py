@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from fxprune.passes.segment import SegmentCost
+
 __all__ = [
     "POLICIES",
     "POLICY_OF_KIND",
@@ -178,6 +180,7 @@ class MeasuredReads:
     min_gain: float = 0.05
     decisions: dict[str, dict[str, float]] = field(default_factory=dict)
     _memo: dict[tuple, str] = field(default_factory=dict, repr=False)
+    _segment_cost: SegmentCost | None = field(default=None, repr=False)
 
     def choose(
         self,
@@ -226,6 +229,14 @@ class MeasuredReads:
         with torch.no_grad():
             figures = measure_side_by_side(self.backend, modules, example_inputs, config, 1)
         return [relative_latency(f, figures[0]) for f in figures]
+
+    def segment_cost(self) -> SegmentCost:
+        """The backend's price of one more segment (:func:`measure_segment_cost`), probed once."""
+        if self._segment_cost is None:
+            from fxprune.backends.probe import measure_segment_cost
+
+            self._segment_cost = measure_segment_cost(self.backend)
+        return self._segment_cost
 
     def segment_block(self) -> int:
         """The channel block segments are aligned to: the backend's layout block, else 1."""

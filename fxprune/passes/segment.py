@@ -58,7 +58,7 @@ from fxprune.passes.reorder import (
     _stochastic_depth,
 )
 
-__all__ = ["SegmentInfo", "segment"]
+__all__ = ["SegmentCost", "SegmentInfo", "segment"]
 
 _STATELESS: tuple[type, ...] = (
     *(a for a in _ACTIVATIONS if a is not nn.PReLU),
@@ -73,6 +73,76 @@ _STATELESS: tuple[type, ...] = (
 _POSITIONAL = {torch.cat, torch.concat, torch.permute, torch.transpose, "permute", "transpose"}
 _UNARY_FUNCTIONS = _FUNCTIONS - _BINARY - _POSITIONAL
 _UNARY_METHODS = _METHODS - _BINARY_METHODS - _POSITIONAL
+
+
+@dataclass(frozen=True)
+class SegmentCost:
+    """What one more segment costs, to decide which read boundaries are worth a cut.
+
+    Each segment of a region costs one conv per producer and per depthwise conv, and one
+    partial conv per consumer that reads into it (``launch_s`` each); a consumer also pays
+    ``mac_s`` per multiply-accumulate for every channel of every segment it touches, including
+    the zero columns up to the segment's ends. Cutting at every read boundary (no cost model)
+    gave ResNet-50 19 segments, some 8 channels wide: on ONNX Runtime CPU each extra conv costs
+    about what 3-6M multiply-adds do (``measure_segment_cost``), far more than such a segment
+    saves. Measure it with :func:`fxprune.backends.probe.measure_segment_cost`.
+    """
+
+    launch_s: float
+    mac_s: float
+
+
+@dataclass(frozen=True)
+class _RegionRead:
+    """One read of a region: its channel range (None: a gather, which reads every segment)."""
+
+    span: tuple[int, int] | None
+    layers: int  # conv/linear users of the read (one partial layer each, per segment touched)
+    macs_per_channel: int  # what one read channel costs those users, in multiply-accumulates
+
+    def touches(self, a: int, b: int) -> bool:
+        return self.span is None or (self.span[0] < b and self.span[1] > a)
+
+
+def _merge(edges: list[int], reads: list[_RegionRead], fixed: int, cost: SegmentCost) -> list[int]:
+    """The sub-list of ``edges`` (first and last kept) that minimises the region's modelled cost.
+
+    A dynamic programme over the boundaries: the cost of a segment ``[a, b)`` depends only on
+    ``a``, ``b`` and the reads that overlap it, so the best cut ending at each boundary extends
+    the best cut ending at an earlier one. ``fixed`` counts the ops emitted once per segment
+    whatever reads it (producers, depthwise convs).
+    """
+
+    def price(a: int, b: int) -> float:
+        touching = [r for r in reads if r.touches(a, b)]
+        launches = fixed + sum(r.layers for r in touching)
+        macs = (b - a) * sum(r.macs_per_channel for r in touching)
+        return cost.launch_s * launches + cost.mac_s * macs
+
+    best = [0.0] + [np.inf] * (len(edges) - 1)
+    back = [0] * len(edges)
+    for j in range(1, len(edges)):
+        for i in range(j):
+            total = best[i] + price(edges[i], edges[j])
+            if total < best[j]:
+                best[j], back[j] = total, i
+    out, j = [edges[-1]], len(edges) - 1
+    while j:
+        j = back[j]
+        out.append(edges[j])
+    return out[::-1]
+
+
+def _macs_per_channel(read: fx.Node, gm: fx.GraphModule) -> int:
+    """Multiply-accumulates one input channel of ``read`` costs its conv/linear users."""
+    total = 0
+    for user in read.users:
+        m = gm.get_submodule(str(user.target))
+        out = _shape(user) or ()
+        per_out = int(np.prod(out[2:])) if isinstance(m, nn.Conv2d) else int(np.prod(out[1:-1]))
+        kernel = int(np.prod(m.kernel_size)) if isinstance(m, nn.Conv2d) else 1
+        total += m.weight.shape[0] * per_out * kernel
+    return total
 
 
 @dataclass
@@ -225,7 +295,10 @@ class _Regions:
 
 
 def segment(
-    gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], block: int = 1
+    gm: fx.GraphModule,
+    example_inputs: tuple[torch.Tensor, ...],
+    block: int = 1,
+    cost: SegmentCost | None = None,
 ) -> tuple[fx.GraphModule, SegmentInfo]:
     """A copy of ``gm`` in which every region read in channel ranges is carried as segments.
 
@@ -237,6 +310,8 @@ def segment(
         block: segment boundaries are snapped outwards to multiples of this (the runtime's
             channel block, :meth:`OnnxRuntimeBackend.layout_block`); a read then also covers
             the few neighbouring channels up to the boundary, with zero weight columns.
+        cost: cut a region only at the read boundaries that pay for themselves under this
+            model (:class:`SegmentCost`, :func:`_merge`); None cuts at every boundary.
     """
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
@@ -253,15 +328,21 @@ def segment(
                 regions.union(node, a)
     # every read of a region: a narrow cuts it at its (snapped) ends, a gather at nowhere
     bounds: dict[fx.Node, set[int]] = {}
+    reads: dict[fx.Node, list[_RegionRead]] = {}
     for node in gm.graph.nodes:
         src = node.args[0] if node.args else None
         kind = _read_kind(node)
         if kind is None or not (src in regions.parent or _is_producer(src, gm)):
             continue
         cuts = bounds.setdefault(regions.find(src), set())
+        span = None
         if kind == "narrow":
             start, end = int(node.args[2]), int(node.args[2]) + int(node.args[3])
             cuts.update((start // block * block, min(_channels(src), -(-end // block) * block)))
+            span = (start, end)
+        reads.setdefault(regions.find(src), []).append(
+            _RegionRead(span, len(node.users), _macs_per_channel(node, gm))
+        )
     members: dict[fx.Node, list[fx.Node]] = {}
     for n in list(regions.parent):
         members.setdefault(regions.find(n), []).append(n)
@@ -275,12 +356,22 @@ def segment(
         if not all(n in aligned or _is_producer(n, gm) for n in nodes):
             continue  # a tensor of the region comes from an input, a parameter or unknown op
         edges = [0, *inner, c]
+        candidates = len(edges) - 1
+        if cost is not None:
+            fixed = sum(1 for n in nodes if n not in aligned or _depthwise_node(n, gm))
+            edges = _merge(edges, reads[root], fixed, cost)
         chosen[root] = list(itertools.pairwise(edges))
-        info.regions.append({"region": root.name, "channels": c, "bounds": edges})
+        info.regions.append(
+            {"region": root.name, "channels": c, "bounds": edges, "candidates": candidates}
+        )
     if not chosen:
         return gm, info
     segments = {n: chosen[regions.find(n)] for n in regions.parent if regions.find(n) in chosen}
     return _Rewriter(gm, segments, aligned, info).run(), info
+
+
+def _depthwise_node(node: fx.Node, gm: fx.GraphModule) -> bool:
+    return node.op == "call_module" and _is_depthwise(gm.get_submodule(str(node.target)))
 
 
 def _is_producer(node: object, gm: fx.GraphModule) -> bool:

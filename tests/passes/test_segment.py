@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from torch import nn
 
 import fxprune
 from fxprune.passes.prune import rewrite
-from fxprune.passes.segment import segment
+from fxprune.passes.segment import SegmentCost, _merge, _RegionRead, segment
 
 
 class Stream(nn.Module):
@@ -79,6 +80,63 @@ def test_segmented_equals_the_oracle(stream, seed, block):
         assert bounds[0] == 0 and bounds[-1] == r["channels"]
         assert all(b % block == 0 for b in bounds[1:-1])
         assert list(bounds) == sorted(set(bounds))
+
+
+def _modelled(edges, reads, fixed, cost):
+    total = 0.0
+    for a, b in itertools.pairwise(edges):
+        touching = [r for r in reads if r.touches(a, b)]
+        total += cost.launch_s * (fixed + sum(r.layers for r in touching))
+        total += cost.mac_s * (b - a) * sum(r.macs_per_channel for r in touching)
+    return total
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    inner=st.lists(st.integers(1, 63), max_size=6, unique=True),
+    spans=st.lists(
+        st.tuples(st.integers(0, 63), st.integers(1, 32), st.integers(1, 3), st.integers(1, 500)),
+        min_size=1,
+        max_size=5,
+    ),
+    gathers=st.integers(0, 2),
+    fixed=st.integers(1, 4),
+    launch=st.sampled_from([0.0, 1.0, 50.0, 5000.0]),
+)
+def test_merge_is_the_cheapest_sub_cut(inner, spans, gathers, fixed, launch):
+    edges = [0, *sorted(inner), 64]
+    reads = [_RegionRead((a, min(a + n, 64)), k, w) for a, n, k, w in spans]
+    reads += [_RegionRead(None, 1, 100)] * gathers
+    cost = SegmentCost(launch_s=launch, mac_s=1.0)
+    got = _merge(edges, reads, fixed, cost)
+    assert got[0] == 0 and got[-1] == 64 and set(got) <= set(edges) and got == sorted(got)
+    best = min(
+        _modelled([0, *sub, 64], reads, fixed, cost)
+        for r in range(len(inner) + 1)
+        for sub in itertools.combinations(sorted(inner), r)
+    )
+    assert _modelled(got, reads, fixed, cost) == pytest.approx(best)
+    if launch == 0.0:  # free segments: every cut saves multiply-adds or costs nothing
+        assert _modelled(got, reads, fixed, cost) == pytest.approx(_modelled(edges, reads, 0, cost))
+
+
+@pytest.mark.parametrize("launch", [0.0, 1e-4, 1.0])
+def test_merged_segments_equal_the_oracle(stream, launch):
+    _, x, a = stream
+    plan = fxprune.unconstrained_plan(a, random_input_masks(a, 3))
+    gm, _info = rewrite(a, plan, reads="exact")
+    _, every = segment(gm, (x,))
+    sg, si = segment(gm, (x,), cost=SegmentCost(launch_s=launch, mac_s=1e-9))
+    assert [r["candidates"] for r in si.regions] == [len(r["bounds"]) - 1 for r in every.regions]
+    pairs = zip(si.regions, every.regions, strict=True)
+    assert all(set(m["bounds"]) <= set(e["bounds"]) for m, e in pairs)
+    if launch == 0.0:
+        assert si.regions == every.regions
+    if launch == 1.0:  # a segment costs far more than any multiply-add: one per region
+        assert all(len(r["bounds"]) == 2 for r in si.regions)
+    assert channel_cuts(sg) == channel_cuts(gm) - si.reads["narrow"] - si.reads["gather"]
+    with torch.no_grad():
+        assert rel_err(sg(x), fxprune.masked_forward(a, plan, x)) < 1e-5
 
 
 def test_reads_become_partial_layers(stream):
@@ -159,3 +217,15 @@ def test_torchvision_segmented_exports(name, tmp_path):
     rebuilt = fxprune.rebuild(model, x, plan, gm.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), gm(x))
+    # merged under a price (what compile does): fewer segments, still exact, and rebuilt
+    # from the price recorded in the notes
+    cost = SegmentCost(launch_s=4e-5, mac_s=1.3e-11)
+    merged, minfo = rewrite(a, plan, reads="exact", segment_block=8, segment_cost=cost)
+    assert minfo.segment_cost == cost and minfo.segments.segments < info.segments.segments
+    with torch.no_grad():
+        assert rel_err(merged(x), fxprune.masked_forward(a, plan, x)) < 1e-4
+    notes = {**plan.notes, "segment_cost": dataclasses.asdict(cost)}
+    again = fxprune.Plan.from_json(dataclasses.replace(plan, notes=notes).to_json())
+    rebuilt = fxprune.rebuild(model, x, again, merged.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), merged(x))
