@@ -169,7 +169,8 @@ class MeasuredReads:
     """Choose each consumer's read by timing its candidates side by side on ``backend``.
 
     The exact read (slice or gather) is kept unless another is faster by more than
-    ``min_gain``. Decisions are remembered per (consumer, input shape, candidates), so a compile that
+    ``min_gain``; a gather also gives way to a full read (no copy) that is not slower.
+    Decisions are remembered per (consumer, input shape, candidates), so a compile that
     re-solves in rounds re-times only consumers whose kept sets changed. ``decisions`` keeps
     every figure (ms per candidate kind) for the report.
     """
@@ -215,8 +216,13 @@ class MeasuredReads:
             best = min(kinds, key=lambda k: ms[k])
             exact = next(k for k in kinds if k in ("slice", "gather"))
             # a zero-padded read must win clearly: unit timings carry a few % of noise, and
-            # the exact read also saves parameters and multiply-adds in the whole model
-            self._memo[key] = exact if ms[exact] <= ms[best] * (1 + self.min_gain) else best
+            # the exact read also saves parameters and multiply-adds in the whole model.
+            # A gather is the exception: a full read that is not slower copies nothing, and
+            # a copy is the cost that varies most between runtimes and batch sizes
+            choice = exact if ms[exact] <= ms[best] * (1 + self.min_gain) else best
+            if choice == "gather" and ms.get("full", np.inf) <= ms["gather"]:
+                choice = "full"
+            self._memo[key] = choice
         return candidates[self._memo[key]][0]
 
     def compare(

@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from fxprune.passes.reads import ConsumerRead, ReadCost, ReadUnit, choose_read
+from fxprune.passes.reads import ConsumerRead, MeasuredReads, ReadCost, ReadUnit, choose_read
 
 
 @st.composite
@@ -71,3 +71,37 @@ def test_read_unit_computes_its_candidate(kind, producer):
         assert unit.producer.groups == producer and unit.producer.kernel_size == (1, 1)
     with torch.no_grad():
         torch.testing.assert_close(unit(x), layer(y[:, list(local)]))
+
+
+@pytest.mark.parametrize(
+    ("exact", "ms", "kept"),
+    [
+        # a zero-padded read must beat a slice clearly (min_gain 5%)
+        ("slice", {"slice": 1.0, "full": 0.97}, "slice"),
+        ("slice", {"slice": 1.0, "full": 0.90}, "full"),
+        # a gather gives way to a full read that is not slower (it copies nothing)
+        ("gather", {"gather": 1.0, "full": 1.0}, "full"),
+        ("gather", {"gather": 1.0, "full": 1.01}, "gather"),
+        ("gather", {"gather": 1.0, "span": 0.97, "full": 1.02}, "gather"),
+        ("gather", {"gather": 1.0, "span": 0.90, "full": 0.99}, "span"),
+    ],
+)
+def test_measured_reads_rule(monkeypatch, exact, ms, kept):
+    import types
+
+    import fxprune.backends
+
+    def scripted(backend, units, inputs, config, sessions):
+        return [types.SimpleNamespace(median_ms=ms[u.kind]) for u in units]
+
+    monkeypatch.setattr(fxprune.backends, "measure_side_by_side", scripted)
+    layer = nn.Conv2d(4, 2, 1)
+    local = {"slice": [0, 1, 2, 3], "gather": [0, 2, 5, 7], "span": range(8), "full": range(8)}
+    candidates = {
+        k: (ConsumerRead(k, np.array(list(local[k])), np.zeros(len(local[k]), dtype=bool)), layer)
+        for k in ms
+    }
+    judge = MeasuredReads(backend=None)
+    got = judge.choose("c", (1, 8, 4, 4), 1, candidates)
+    assert got.kind == kept
+    assert judge.decisions["c"] == ms
