@@ -89,6 +89,7 @@ class SegmentCost:
     """
 
     launch_s: float
+    #: per multiply-accumulate of the whole batch (a model at batch 8 counts 8× the MACs)
     mac_s: float
 
 
@@ -134,14 +135,20 @@ def _merge(edges: list[int], reads: list[_RegionRead], fixed: int, cost: Segment
 
 
 def _macs_per_channel(read: fx.Node, gm: fx.GraphModule) -> int:
-    """Multiply-accumulates one input channel of ``read`` costs its conv/linear users."""
+    """Multiply-accumulates one input channel of ``read`` costs its conv/linear users.
+
+    The whole batch counts: a conv launch costs the same at batch 8, its multiply-adds 8 times
+    as much, so larger batches make finer segments pay.
+    """
     total = 0
     for user in read.users:
         m = gm.get_submodule(str(user.target))
         out = _shape(user) or ()
-        per_out = int(np.prod(out[2:])) if isinstance(m, nn.Conv2d) else int(np.prod(out[1:-1]))
-        kernel = int(np.prod(m.kernel_size)) if isinstance(m, nn.Conv2d) else 1
-        total += m.weight.shape[0] * per_out * kernel
+        if isinstance(m, nn.Conv2d):
+            positions = out[0] * int(np.prod(out[2:])) * int(np.prod(m.kernel_size))
+        else:
+            positions = int(np.prod(out[:-1]))
+        total += m.weight.shape[0] * positions
     return total
 
 

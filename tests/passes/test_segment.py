@@ -15,7 +15,7 @@ from torch import nn
 
 import fxprune
 from fxprune.passes.prune import rewrite
-from fxprune.passes.segment import SegmentCost, _merge, _RegionRead, segment
+from fxprune.passes.segment import SegmentCost, _macs_per_channel, _merge, _RegionRead, segment
 
 
 class Stream(nn.Module):
@@ -137,6 +137,26 @@ def test_merged_segments_equal_the_oracle(stream, launch):
     assert channel_cuts(sg) == channel_cuts(gm) - si.reads["narrow"] - si.reads["gather"]
     with torch.no_grad():
         assert rel_err(sg(x), fxprune.masked_forward(a, plan, x)) < 1e-5
+
+
+class Read(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.Linear(4, 3)
+
+    def forward(self, x):
+        r = torch.narrow(x, 1, 2, 4)
+        return self.conv(r), self.fc(torch.narrow(x.mean((2, 3)), 1, 0, 4))
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_macs_per_channel_counts_the_batch(batch):
+    gm = torch.fx.symbolic_trace(Read())
+    torch.fx.passes.shape_prop.ShapeProp(gm).propagate(torch.randn(batch, 8, 8, 8))
+    narrows = [n for n in gm.graph.nodes if n.target is torch.narrow]
+    # conv: 6 outputs x 4x4 positions x 3x3 kernel per read channel, for every sample
+    assert _macs_per_channel(narrows[0], gm) == batch * 6 * 16 * 9
+    assert _macs_per_channel(narrows[1], gm) == batch * 3  # a linear: 3 outputs per sample
 
 
 def test_reads_become_partial_layers(stream):
