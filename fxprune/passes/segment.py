@@ -26,9 +26,13 @@ the region is then carried as one tensor per segment:
 
 The result computes the same function (summation order aside) and exports to ONNX like any
 GraphModule. Whether it is faster is the runtime's call: it trades every copy for more, smaller
-convs (ResNet-50: 53 convs with exact reads, 217 segmented), and on a 2-core AVX2 host it lost
-at batch 1 and tied exact reads at batch 8. ``rewrite(reads="measure")`` times it against the
-other reads and keeps it only when it wins. Segments should be multiples of the runtime's channel block (8 or 16 on ONNX Runtime
+convs. Cut at every read boundary, ResNet-50 at 30% per-layer sparsity had 19 segments and 185
+convs (53 with exact reads) and lost to exact reads by 10-50% at batch 1 on a 2-core AVX2 host.
+With a :class:`SegmentCost` (the backend's measured price of one more conv and of a
+multiply-add), :func:`_merge` keeps only the cuts that pay for their convs: the same model gets
+6 segments and 55 convs, every consumer of a merged segment reading it whole with zero columns.
+``rewrite(reads="measure")`` times the result against the other reads and keeps it when it
+wins, or ties with fewer copies. Segments should be multiples of the runtime's channel block (8 or 16 on ONNX Runtime
 CPU), or the partial convs leave the blocked layout: plans rounded with ``multiple=``/``align=``
 give such boundaries. Regions whose tensors come from anything but a conv or linear (an input, a
 parameter, an unknown op) are left alone.
