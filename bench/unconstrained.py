@@ -332,6 +332,27 @@ def _vs_matched(v: dict) -> str:
     return f"{np.median(r):.3f} ({r.min():.3f}–{r.max():.3f})"
 
 
+def _targets(out: dict) -> list[str]:
+    """The issue's two targets, counted over the cases: fewer gathers than the authors' export,
+    and ours within 5% of constrained at matched kept parameters (median paired ratio)."""
+    fewer = within = n = with_authors = 0
+    for cases in out["models"].values():
+        for case in cases.values():
+            v = case["variants"]
+            n += 1
+            if "gathers" in v.get("authors", {}):
+                with_authors += 1
+                fewer += v["ours"]["gathers"] < v["authors"]["gathers"]
+            a, b = v["ours"].get("vs_dense_runs"), v["constrained_matched"].get("vs_dense_runs")
+            r = np.median(np.asarray(a) / np.asarray(b)) if a and len(a) == len(b) else None
+            r = v["ours"]["vs_dense"] / v["constrained_matched"]["vs_dense"] if r is None else r
+            within += bool(r <= 1.05)
+    return [
+        f"Targets: ours has fewer gathers than the authors in {fewer}/{with_authors} cases; "
+        f"ours ÷ matched constrained ≤ 1.05 in {within}/{n}."
+    ]
+
+
 def render(out: dict) -> str:
     cols = ["constrained", "constrained_matched", "naive", "ours_exact", "ours_segmented", "ours"]
     cols.append("authors")
@@ -366,6 +387,7 @@ def render(out: dict) -> str:
                     f"{v[c]['vs_dense']:.3f}× ({size}{gmacs})"
                 )
             lines.append(f"| {name} | {s} | " + " | ".join(cells) + f" | {_vs_matched(v)} |")
+    lines += ["", *_targets(out)]
     extra = [
         (name, s, case["variants"])
         for name, cases in out["models"].items()
