@@ -63,3 +63,48 @@ def test_layout_permutes_within_blocks(case):
         inside = pos[gid[pos] == g]
         key = rank[inside] if rank[inside].min(initial=0) >= 0 else inside
         assert np.all(np.diff(key) > 0)
+
+
+def _patterns(family: list[set[int]], channels: set[int]) -> int:
+    """Distinct non-empty membership patterns of ``channels`` in the sets of ``family``."""
+    return len({tuple(ch in f for f in family) for ch in channels} - {(False,) * len(family)})
+
+
+def test_orders_reach_the_interval_bound_on_resnet18():
+    """Three intervals on a line make at most 5 distinct non-empty membership patterns (6
+    endpoints, 7 pieces, two of them outside every interval). So where every three consumer
+    subsets of a group make more, at most two of them can be contiguous in any order: the
+    rest must gather whatever the reordering does. The orders must reach that bound."""
+    import itertools
+
+    import torchvision
+
+    from fxprune.passes.reorder import channel_layout
+    from fxprune.unconstrained import consumers
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 64, 64)
+    a = fxprune.analyze(torchvision.models.resnet18(weights=None).eval(), x)
+    plan = fxprune.unconstrained_plan(a, fxprune.magnitude_masks(a, 0.3))
+    keep_unit = a.spaces.keep_units(plan.kept)
+    layout = channel_layout(a, plan, keep_unit, consumers(a))
+    table, unit_class = consumers(a), a.spaces.unit_class
+    by_group: dict[str, list[set[int]]] = {}
+    for name, idx in plan.consumers.items():
+        classes = unit_class[table[name].units]
+        for g in a.groups:
+            if set(classes.tolist()) <= set(g.classes.tolist()):
+                by_group.setdefault(g.name, []).append(set(classes[list(idx)].tolist()))
+    bounded = 0
+    for order in layout.orders:
+        g = next(g for g in a.groups if g.name == order.group)
+        kept = set(g.classes[keep_unit[g.classes]].tolist())
+        family = [f for f in by_group[order.group] if f != kept]
+        partial = len(family) >= 3 and all(
+            _patterns(list(t), kept) > 5 for t in itertools.combinations(family, 3)
+        )
+        if partial:
+            bounded += 1
+            whole = order.sets - len(family)  # sets that read the whole group
+            assert order.contiguous == whole + 2, order
+    assert bounded >= 3  # the residual streams of layer1..layer3 at least
