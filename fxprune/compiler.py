@@ -207,15 +207,37 @@ class CompileResult:
 
 
 def _rounds_markdown(rounds: Sequence[dict[str, Any]]) -> str:
+    export = any("export" in r for r in rounds)
     lines = ["", "## Budget rounds", ""]
-    lines += ["| round | target ms | predicted ms | measured ms | dense ms | budget ms | met |"]
-    lines += ["|---:|---:|---:|---:|---:|---:|---|"]
+    head = "| round | target ms | predicted ms | measured ms | dense ms | budget ms | met |"
+    lines += [head + (" export (gathers, slices) |" if export else "")]
+    lines += ["|---:|---:|---:|---:|---:|---:|---|" + ("---|" if export else "")]
     for r in rounds:
-        lines.append(
+        row = (
             f"| {r['round']} | {r['target_ms']:.3f} | {r['predicted_ms']:.3f} | "
             f"{r['measured_ms']:.3f} | {r['dense_ms']:.3f} | {r['budget_ms']:.3f} | {r['met']} |"
         )
+        if export:
+            e = r.get("export", {})
+            row += f" {e.get('kept', '—')} ({e.get('gathers', 0)}, {e.get('slices', 0)}) |"
+        lines.append(row)
     return "\n".join(lines) + "\n"
+
+
+def _export_record(pruned: fx.GraphModule, info: Any, reads: str) -> dict[str, Any]:
+    """How an unconstrained round was exported: the reads kept, their copies, the segments.
+
+    ``kept`` is what the whole-model check chose (exact / measured / segmented) with
+    ``reads="measure"``, else the read policy itself.
+    """
+    from fxprune.passes.prune import channel_copies
+
+    gathers, slices = channel_copies(pruned)
+    check = info.whole_check
+    out = {"kept": check.get("kept", reads), "gathers": gathers, "slices": slices}
+    out["vs_exact"] = check.get("vs_exact", {})
+    out["segments"] = info.segments.segments if info.segments is not None else 0
+    return out
 
 
 _SOLVERS = ("minlp", "knapsack", "uniform")
@@ -385,8 +407,9 @@ def compile(
             if info.segment_cost is not None:
                 notes["segment_cost"] = dataclasses.asdict(info.segment_cost)
             plan = dataclasses.replace(plan, notes=notes)
+            export = _export_record(pruned, info, str(rewrite_options["reads"]))
         else:
-            pruned = prune(analysis, plan)
+            pruned, export = prune(analysis, plan), None
         solved_for[id(plan)] = solved
         timings["rewrite_s"] += time.perf_counter() - start
         start = time.perf_counter()
@@ -418,6 +441,8 @@ def compile(
             "gap": sol.gap,
             "solve_s": sol.time_s,
         }
+        if export is not None:
+            record["export"] = export
         rounds.append(record)
         history.append((plan, pruned, sol, record))
         log.say(

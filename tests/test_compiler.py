@@ -20,6 +20,7 @@ from torch import fx, nn
 import fxprune
 from fxprune.compiler import Budget
 from fxprune.passes.latency import LatencyConfig
+from fxprune.passes.prune import channel_copies
 
 QUIET = LatencyConfig(progress=False, unit_timing="wall")
 
@@ -225,7 +226,16 @@ def test_unconstrained_coupling(resnet, reads, tmp_path):
     with torch.no_grad():
         want = fxprune.masked_forward(result.analysis, plan, x)
         assert rel_err(result.model(x), want) < 1e-4
+    # every round reports how it was exported; the result's copies are its round's
+    kinds = {"measure": {"exact", "measured", "segmented"}, "auto": {"auto"}, "full": {"full"}}
+    exports = [r["export"] for r in result.rounds]
+    assert exports and all(e["kept"] in kinds[reads] for e in exports)
+    copies = channel_copies(result.model)
+    assert copies in {(e["gathers"], e["slices"]) for e in exports}
+    if reads == "full":
+        assert copies == (0, 0)
     out = result.save(tmp_path / "run", onnx=False)
+    assert "export (gathers, slices)" in (out / "report.md").read_text()
     rebuilt = fxprune.rebuild(
         torchvision.models.resnet18(), x, out / "plan.json", out / "pruned_state_dict.pt"
     )
