@@ -56,6 +56,18 @@ def make_sensitive(
     return model
 
 
+def analysed_toy(cls: type[nn.Module]) -> tuple[nn.Module, torch.Tensor, fxprune.Analysis]:
+    """A small test model (seeded, ``bn`` given non-trivial running statistics), an 8×8 input
+    and its analysis: BN that is not the identity makes channel mix-ups show in the output."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    model = cls().eval()
+    with torch.no_grad():
+        model.bn.running_mean.normal_()
+        model.bn.running_var.uniform_(0.5, 1.5)
+    return model, x, fxprune.analyze(model, x)
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / (b.abs().max() + 1e-12))

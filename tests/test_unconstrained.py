@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import check_unconstrained, random_input_masks, rel_err
+from helpers import analysed_toy, check_unconstrained, random_input_masks, rel_err
 from torch import nn
 
 import fxprune
@@ -38,13 +38,7 @@ class Fan(nn.Module):
 
 @pytest.fixture
 def fan():
-    torch.manual_seed(0)
-    x = torch.randn(1, 3, 8, 8)
-    model = Fan().eval()
-    with torch.no_grad():
-        model.bn.running_mean.normal_()
-        model.bn.running_var.uniform_(0.5, 1.5)
-    return model, x, fxprune.analyze(model, x)
+    return analysed_toy(Fan)
 
 
 def mask(n, keep):

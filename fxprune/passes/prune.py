@@ -226,9 +226,9 @@ def _check_whole(
     block, cost = judge.segment_block(), judge.segment_cost()
     seg_gm, seg_info = segment(exact_gm, analysis.example_inputs, block, cost)
     if seg_info.regions:
-        segmented = copy.copy(exact_info)
-        segmented.segments, segmented.segment_block = seg_info, block
-        segmented.segment_cost = cost
+        segmented = dataclasses.replace(
+            exact_info, segments=seg_info, segment_block=block, segment_cost=cost
+        )
         candidates["segmented"] = (seg_gm, segmented)
     if len(candidates) == 1:
         return exact_gm, exact_info

@@ -32,9 +32,9 @@ With a :class:`SegmentCost` (the backend's measured price of one more conv and o
 multiply-add), :func:`_merge` keeps only the cuts that pay for their convs: the same model gets
 6 segments and 55 convs, every consumer of a merged segment reading it whole with zero columns.
 ``rewrite(reads="measure")`` times the result against the other reads and keeps it when it
-wins, or ties with fewer copies. Segments should be multiples of the runtime's channel block (8 or 16 on ONNX Runtime
-CPU), or the partial convs leave the blocked layout: plans rounded with ``multiple=``/``align=``
-give such boundaries. Regions whose tensors come from anything but a conv or linear (an input, a
+wins, or ties with fewer copies. Segments should be multiples of the runtime's channel block
+(8 or 16 on ONNX Runtime CPU), or the partial convs leave the blocked layout: plans rounded
+with ``multiple=``/``align=`` give such boundaries. Regions whose tensors come from anything but a conv or linear (an input, a
 parameter, an unknown op) are left alone.
 """
 
@@ -88,7 +88,7 @@ class SegmentCost:
     ``mac_s`` per multiply-accumulate for every channel of every segment it touches, including
     the zero columns up to the segment's ends. Cutting at every read boundary (no cost model)
     gave ResNet-50 19 segments, some 8 channels wide: on ONNX Runtime CPU each extra conv costs
-    about what 3-6M multiply-adds do (``measure_segment_cost``), far more than such a segment
+    about what 2.5-4M multiply-adds do (``measure_segment_cost``), far more than such a segment
     saves. Measure it with :func:`fxprune.backends.probe.measure_segment_cost`.
     """
 

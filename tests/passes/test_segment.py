@@ -8,13 +8,13 @@ import itertools
 import pytest
 import torch
 import torchvision
-from helpers import make_sensitive, random_input_masks, rel_err
+from helpers import analysed_toy, make_sensitive, random_input_masks, rel_err
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 import fxprune
-from fxprune.passes.prune import rewrite
+from fxprune.passes.prune import channel_copies, rewrite
 from fxprune.passes.segment import SegmentCost, _macs_per_channel, _merge, _RegionRead, segment
 
 
@@ -44,20 +44,11 @@ class Stream(nn.Module):
 
 @pytest.fixture(scope="module")
 def stream():
-    torch.manual_seed(0)
-    x = torch.randn(1, 3, 8, 8)
-    model = Stream().eval()
-    with torch.no_grad():
-        model.bn.running_mean.normal_()
-        model.bn.running_var.uniform_(0.5, 1.5)
-    return model, x, fxprune.analyze(model, x)
+    return analysed_toy(Stream)
 
 
 def channel_cuts(gm: torch.fx.GraphModule) -> int:
-    return sum(
-        n.op == "call_function" and n.target in (torch.narrow, torch.index_select)
-        for n in gm.graph.nodes
-    )
+    return sum(channel_copies(gm))
 
 
 @settings(max_examples=25, deadline=None)
