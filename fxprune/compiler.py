@@ -227,7 +227,7 @@ def _rounds_markdown(rounds: Sequence[dict[str, Any]]) -> str:
 def _export_record(pruned: fx.GraphModule, info: Any, reads: str) -> dict[str, Any]:
     """How an unconstrained round was exported: the reads kept, their copies, the segments.
 
-    ``kept`` is what the whole-model check chose (exact / measured / segmented) with
+    ``kept`` is what the whole-model check chose (exact / measured / segmented / lean) with
     ``reads="measure"``, else the read policy itself.
     """
     from fxprune.passes.prune import channel_copies

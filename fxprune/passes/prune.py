@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import operator
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -214,10 +215,19 @@ def _check_whole(
     on ONNX Runtime CPU. The candidates are timed side by side:
 
     - one that beats the exact reads by ``min_gain / 2`` is kept (the fastest such);
-    - otherwise the one with the fewest channel copies (gathers, then slices) among those not
-      measured slower than the exact reads. A copy is memory traffic the runtime may price
-      differently elsewhere (another batch size, a GPU); at equal measured speed, fewer is the
-      sounder model. Exact reads win a tie (they store the fewest parameters).
+    - otherwise the one with the fewest channel copies (gathers, then slices) among those
+      measured within ``tie`` of the exact reads (smaller differences are noise here). A copy
+      is memory traffic the runtime may price differently elsewhere (another batch size, a
+      GPU); at equal measured speed, fewer is the sounder model. Exact reads win a tie (they
+      store the fewest parameters).
+
+    A fourth candidate, ``lean``, spends a latency budget on copies: exact reads, except that
+    the gathers whose gather-free read (full or span) the unit timings price cheapest give way
+    to it, while the summed extra time stays within ``copy_budget`` of the exact model's
+    measured latency (:func:`_lean_kinds`). Without it, a model whose every gather-free read
+    costs a little keeps all of its gathers, and reordering alone cannot remove more: it
+    already reaches the lower bound for exact reads (three intervals make at most five
+    membership patterns), so fewer gathers can only come from reads with zero columns.
     """
     exact_gm, exact_info = rewrite(analysis, plan, reorder=reorder, reads="exact")
     candidates: dict[str, tuple[fx.GraphModule, RewriteInfo]] = {"exact": (exact_gm, exact_info)}
@@ -230,6 +240,9 @@ def _check_whole(
             exact_info, segments=seg_info, segment_block=block, segment_cost=cost
         )
         candidates["segmented"] = (seg_gm, segmented)
+    lean = _lean_candidate(analysis, plan, reorder, judge, exact_gm, exact_info, info.kinds())
+    if lean is not None:
+        candidates["lean"] = lean[:2]
     if len(candidates) == 1:
         return exact_gm, exact_info
     names = list(candidates)
@@ -246,7 +259,7 @@ def _check_whole(
         kept = best
     else:
         kept = min(
-            (n for n in names if ratios[n] <= 1.0),
+            (n for n in names if ratios[n] <= 1.0 + judge.tie),
             key=lambda n: (copies[n], n != "exact", ratios[n]),
         )
     chosen, chosen_info = candidates[kept]
@@ -257,7 +270,64 @@ def _check_whole(
         "measured_reads": info.counts(),
         "segment_cost": dataclasses.asdict(cost),
     }
+    if lean is not None:
+        chosen_info.whole_check["lean"] = lean[2]
     return chosen, chosen_info
+
+
+def _lean_candidate(
+    analysis: Analysis,
+    plan: Plan,
+    reorder: bool,
+    judge: MeasuredReads,
+    exact_gm: fx.GraphModule,
+    exact_info: RewriteInfo,
+    measured: dict[str, str],
+) -> tuple[fx.GraphModule, RewriteInfo, dict[str, Any]] | None:
+    """The ``lean`` candidate of :func:`_check_whole` and its record, or None if there is none
+    (no gather has a timed alternative, or it would equal the measured reads)."""
+    if _lean_kinds(exact_info, judge.decisions, math.inf)[0] is None:
+        return None
+    budget = judge.copy_budget * judge.measure([exact_gm], analysis.example_inputs)[0].median_ms
+    kinds, spent = _lean_kinds(exact_info, judge.decisions, budget)
+    if kinds is None or kinds == measured:
+        return None
+    gm, info = rewrite(analysis, plan, reorder=reorder, reads=kinds)
+    exact_kinds = exact_info.kinds()
+    record = {
+        "predicted_extra_ms": spent,
+        "budget_ms": budget,
+        "replaced": {n: k for n, k in kinds.items() if exact_kinds[n] != k},
+    }
+    return gm, info, record
+
+
+def _lean_kinds(
+    exact: RewriteInfo, timings: dict[str, dict[str, float]], budget_ms: float
+) -> tuple[dict[str, str] | None, float]:
+    """Exact reads with the cheapest gathers replaced by gather-free reads, within a budget.
+
+    ``timings`` are the unit figures of :class:`MeasuredReads` (ms per read kind, consumer and
+    its pruned layer). Each gather with a timed full read (no copy) or span read (a slice with
+    zero columns) gives way to the faster of
+    the two, in increasing order of the extra time that read costs its unit, while the summed
+    extra stays within ``budget_ms`` (reads that the units timed faster are free). Returns the
+    reads (``None`` when no gather gives way) and the extra time spent.
+    """
+    steps = []
+    for name, r in exact.reads.items():
+        ms = timings.get(name, {})
+        alternatives = [k for k in ("full", "span") if k in ms]
+        if r.kind != "gather" or "gather" not in ms or not alternatives:
+            continue
+        alt = min(alternatives, key=ms.__getitem__)
+        steps.append((max(ms[alt] - ms["gather"], 0.0), name, alt))
+    kinds, spent = exact.kinds(), 0.0
+    for extra, name, alt in sorted(steps):
+        if spent + extra > budget_ms:
+            break
+        kinds[name], spent = alt, spent + extra
+    return (kinds if kinds != exact.kinds() else None), spent
 
 
 def channel_copies(gm: fx.GraphModule) -> tuple[int, int]:

@@ -172,15 +172,30 @@ class MeasuredReads:
     ``min_gain``; a gather also gives way to a full read (no copy) that is not slower.
     Decisions are remembered per (consumer, input shape, candidates), so a compile that
     re-solves in rounds re-times only consumers whose kept sets changed. ``decisions`` keeps
-    every figure (ms per candidate kind) for the report.
+    the figures (ms per candidate kind) of each consumer's latest call, for the report and for
+    the whole-model check's copy budget.
+
+    The whole-model check of :func:`fxprune.passes.prune.rewrite` uses three more settings:
+
+    - ``tie``: models measured within this fraction of the exact reads count as equally fast,
+      and the one with fewer copies is kept. On this 2-core host two copies of one ResNet-50
+      graph, timed side by side, came out 0.93-1.06x each other (sd 4% over five
+      measurements), so a smaller difference is not evidence.
+    - ``copy_budget``: the latency, as a fraction of the exact model's, that the check may
+      spend (by the unit timings) on replacing gathers with copy-free reads.
+    - ``check_repeats``: whole-model measurements per check, each in a fresh random order; the
+      median ratio is used (the spread above shrinks with their number).
     """
 
     backend: Any
     config: Any = None
     seed: int = 0
     min_gain: float = 0.05
+    tie: float = 0.025
+    copy_budget: float = 0.01
+    check_repeats: int = 3
     decisions: dict[str, dict[str, float]] = field(default_factory=dict)
-    _memo: dict[tuple, str] = field(default_factory=dict, repr=False)
+    _memo: dict[tuple, tuple[str, dict[str, float]]] = field(default_factory=dict, repr=False)
     _segment_cost: SegmentCost | None = field(default=None, repr=False)
 
     def choose(
@@ -212,7 +227,6 @@ class MeasuredReads:
             with torch.no_grad():
                 figures = measure_side_by_side(self.backend, units, (x,), config, 1)
             ms = {k: f.median_ms for k, f in zip(kinds, figures, strict=True)}
-            self.decisions[name] = ms
             best = min(kinds, key=lambda k: ms[k])
             exact = next(k for k in kinds if k in ("slice", "gather"))
             # a zero-padded read must win clearly: unit timings carry a few % of noise, and
@@ -222,19 +236,34 @@ class MeasuredReads:
             choice = exact if ms[exact] <= ms[best] * (1 + self.min_gain) else best
             if choice == "gather" and ms.get("full", np.inf) <= ms["gather"]:
                 choice = "full"
-            self._memo[key] = choice
-        return candidates[self._memo[key]][0]
+            self._memo[key] = (choice, ms)
+        choice, self.decisions[name] = self._memo[key]
+        return candidates[choice][0]
+
+    def measure(self, modules: list[nn.Module], example_inputs: tuple[torch.Tensor, ...]) -> list:
+        """Whole modules timed side by side (:class:`~fxprune.backends.Measurement` each)."""
+        from fxprune.backends import MeasureConfig, measure_side_by_side
+
+        config = self.config or MeasureConfig(warmup=3, repeats=20, min_seconds=1.0)
+        with torch.no_grad():
+            return measure_side_by_side(self.backend, modules, example_inputs, config, 1)
 
     def compare(
         self, modules: list[nn.Module], example_inputs: tuple[torch.Tensor, ...]
     ) -> list[float]:
-        """Each module's latency as a multiple of the first one's, all timed side by side."""
-        from fxprune.backends import MeasureConfig, measure_side_by_side, relative_latency
+        """Each module's latency as a multiple of the first one's: the median over
+        ``check_repeats`` side-by-side measurements, each in a fresh random order (a module's
+        place in the alternation should not decide a close call)."""
+        from fxprune.backends import relative_latency
 
-        config = self.config or MeasureConfig(warmup=3, repeats=20, min_seconds=1.0)
-        with torch.no_grad():
-            figures = measure_side_by_side(self.backend, modules, example_inputs, config, 1)
-        return [relative_latency(f, figures[0]) for f in figures]
+        rng = np.random.default_rng(self.seed)
+        runs = []
+        for _ in range(max(1, self.check_repeats)):
+            order = rng.permutation(len(modules))
+            figures = self.measure([modules[i] for i in order], example_inputs)
+            by_index = dict(zip(order.tolist(), figures, strict=True))
+            runs.append([relative_latency(by_index[i], by_index[0]) for i in range(len(modules))])
+        return [float(r) for r in np.median(runs, axis=0)]
 
     def segment_cost(self) -> SegmentCost:
         """The backend's price of one more segment (:func:`measure_segment_cost`), probed once."""

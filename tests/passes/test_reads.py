@@ -105,3 +105,27 @@ def test_measured_reads_rule(monkeypatch, exact, ms, kept):
     got = judge.choose("c", (1, 8, 4, 4), 1, candidates)
     assert got.kind == kept
     assert judge.decisions["c"] == ms
+    judge.decisions.clear()  # a remembered decision still reports its figures
+    assert judge.choose("c", (1, 8, 4, 4), 1, candidates).kind == kept
+    assert judge.decisions["c"] == ms
+
+
+def test_compare_is_the_median_over_shuffled_repeats(monkeypatch):
+    import types
+
+    import fxprune.backends
+
+    calls, place = [], iter([0.90, 1.0, 1.0, 1.0, 1.1, 1.0, 1.0, 1.0, 1.0])
+
+    def scripted(backend, modules, inputs, config, sessions):
+        # each module has a true latency; one measurement in three is off for one module
+        calls.append([m.ms for m in modules])
+        return [types.SimpleNamespace(median_ms=m.ms * next(place), round_ms=()) for m in modules]
+
+    monkeypatch.setattr(fxprune.backends, "measure_side_by_side", scripted)
+    modules = [types.SimpleNamespace(ms=ms) for ms in (10.0, 12.0, 9.0)]
+    ratios = MeasuredReads(backend=None, check_repeats=3).compare(modules, ())
+    assert len(calls) == 3 and all(sorted(c) == [9.0, 10.0, 12.0] for c in calls)
+    assert len({tuple(c) for c in calls}) > 1  # the order changes between repeats
+    assert ratios[0] == 1.0
+    assert ratios == pytest.approx([1.0, 1.2, 0.9])  # the odd measurement is outvoted
