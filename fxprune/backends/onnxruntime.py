@@ -361,19 +361,21 @@ class OnnxRuntimeBackend:
         module: torch.nn.Module,
         example_inputs: tuple[torch.Tensor, ...],
         config: MeasureConfig | None = None,
+        *,
+        exclude: tuple[str, ...] = LAYOUT_OPS,
     ) -> list[dict[str, Any]]:
         """Per compute kernel of one session, in execution order: what ORT ran and its time.
 
         Each entry: ``op`` (ORT op after fusion, e.g. ``"Conv"``), ``output_shape``,
-        ``input_shapes`` and ``median_ms`` over the timed runs. Layout conversions are left
-        out. Used to see what a layer costs *inside* the whole model (see
-        :mod:`fxprune.latency.in_model`).
+        ``input_shapes`` and ``median_ms`` over the timed runs. Ops in ``exclude`` (layout
+        conversions, by default) are left out. Used to see what a layer costs *inside* the
+        whole model (see :mod:`fxprune.latency.in_model`).
         """
         config = config or MeasureConfig()
         events = self._profile(module, example_inputs, config)
         per: dict[str, list[dict]] = {}
         for e in events:
-            if e.get("args", {}).get("op_name") not in LAYOUT_OPS:
+            if e.get("args", {}).get("op_name") not in exclude:
                 per.setdefault(e["name"], []).append(e)
         out = []
         for runs in per.values():
