@@ -227,7 +227,11 @@ def test_unconstrained_coupling(resnet, reads, tmp_path):
         want = fxprune.masked_forward(result.analysis, plan, x)
         assert rel_err(result.model(x), want) < 1e-4
     # every round reports how it was exported; the result's copies are its round's
-    kinds = {"measure": {"exact", "measured", "segmented"}, "auto": {"auto"}, "full": {"full"}}
+    kinds = {
+        "measure": {"exact", "measured", "segmented", "lean"},
+        "auto": {"auto"},
+        "full": {"full"},
+    }
     exports = [r["export"] for r in result.rounds]
     assert exports and all(e["kept"] in kinds[reads] for e in exports)
     copies = channel_copies(result.model)
