@@ -41,7 +41,8 @@ def rebuild(
     """
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
-    options = {k: plan.notes[k] for k in ("reads", "segment_block") if k in plan.notes}
+    recorded = ("reads", "segment_block", "read_block")
+    options = {k: plan.notes[k] for k in recorded if k in plan.notes}
     if "segment_cost" in plan.notes:  # the price the segments were merged under
         options["segment_cost"] = SegmentCost(**plan.notes["segment_cost"])
     pruned = apply_plan(analyze(model, example_inputs), plan, **options)

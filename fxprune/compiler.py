@@ -227,8 +227,8 @@ def _rounds_markdown(rounds: Sequence[dict[str, Any]]) -> str:
 def _export_record(pruned: fx.GraphModule, info: Any, reads: str) -> dict[str, Any]:
     """How an unconstrained round was exported: the reads kept, their copies, the segments.
 
-    ``kept`` is what the whole-model check chose (exact / measured / segmented / lean) with
-    ``reads="measure"``, else the read policy itself.
+    ``kept`` is what the whole-model check chose (exact / measured / segmented / lean /
+    aligned) with ``reads="measure"``, else the read policy itself.
     """
     from fxprune.passes.prune import channel_copies
 
@@ -406,6 +406,8 @@ def compile(
                 notes["segment_block"] = info.segment_block
             if info.segment_cost is not None:
                 notes["segment_cost"] = dataclasses.asdict(info.segment_cost)
+            if info.read_block is not None:
+                notes["read_block"] = info.read_block
             plan = dataclasses.replace(plan, notes=notes)
             export = _export_record(pruned, info, str(rewrite_options["reads"]))
         else:

@@ -100,8 +100,8 @@ def random_input_masks(analysis: fxprune.Analysis, seed: int, min_keep: float = 
 
 def check_unconstrained(analysis: fxprune.Analysis, x: torch.Tensor, seed: int, tol: float = 1e-4):
     """Random unconstrained masks: the reordered export equals the oracle and needs no more
-    gathers than the naive export (consumers whose kept positions are not one range); so does
-    its segmented form (:mod:`fxprune.passes.segment`)."""
+    gathers than the naive export (consumers whose kept positions are not one range); so do
+    its reads padded to a channel block and its segmented form (:mod:`fxprune.passes.segment`)."""
     from fxprune.passes.prune import rewrite
     from fxprune.passes.reorder import Layout
     from fxprune.passes.segment import segment
@@ -123,6 +123,12 @@ def check_unconstrained(analysis: fxprune.Analysis, x: torch.Tensor, seed: int, 
         local = np.flatnonzero(np.isin(naive.positions(table[name].units), kept))
         naive_gathers += int(local[-1] - local[0] + 1 != local.size)
     assert info.counts()["gather"] <= naive_gathers
+    # reads padded to a channel block with zero columns are equal too
+    padded, pinfo = rewrite(analysis, plan, reorder=True, reads="exact", read_block=8)
+    with torch.no_grad():
+        err = rel_err(padded(x), want)
+    assert err <= tol, f"padded reads != oracle ({err:.2e})"
+    assert all(r.kind == "full" or r.length % 8 == 0 for r in pinfo.reads.values())
     # the same export with read tensors carried as segments (no channel cut left) is equal too
     segmented, seg = segment(gm, (x,), block=4)
     with torch.no_grad():

@@ -6,7 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from helpers import analysed_toy, check_unconstrained, random_input_masks, rel_err
+from helpers import (
+    analysed_toy,
+    check_unconstrained,
+    make_sensitive,
+    random_input_masks,
+    rel_err,
+)
 from torch import nn
 
 import fxprune
@@ -396,3 +402,30 @@ def test_lean_candidate_spends_the_copy_budget_on_the_cheapest_gathers(
     assert channel_copies(gm)[0] == (n - want_replaced if kept == "lean" else n)
     with torch.no_grad():
         assert rel_err(gm(x), fxprune.masked_forward(a, plan, x)) < 1e-5
+
+
+def test_aligned_plan_and_padded_reads_give_every_conv_a_block_of_inputs():
+    """align=8 rounds producers up, read_block=8 pads consumers' reads: every conv that reads
+    more than its stem input then sees a multiple of 8 channels (ORT keeps it in NCHWc), the
+    model equals the oracle, and the recorded kinds with read_block rebuild the same reads."""
+    import torchvision
+
+    x = torch.randn(1, 3, 64, 64)
+    model = make_sensitive(torchvision.models.resnet18(), x).eval()
+    a = fxprune.analyze(model, x)
+    plan = fxprune.unconstrained_plan(a, random_input_masks(a, 3), align=8)
+    gm, info = rewrite(a, plan, reads="exact", read_block=8)
+    assert info.read_block == 8 and any(r.zero.any() for r in info.reads.values())
+    convs = [m for m in gm.modules() if isinstance(m, nn.Conv2d)]
+    assert all(c.in_channels % 8 == 0 for c in convs if c.in_channels > 3)
+    assert all(c.out_channels % 8 == 0 for c in convs)
+    with torch.no_grad():
+        assert rel_err(gm(x), fxprune.masked_forward(a, plan, x)) < 1e-5
+    again, info2 = rewrite(a, plan, reads=info.kinds(), read_block=8)
+    assert {n: r.local.tolist() for n, r in info2.reads.items()} == {
+        n: r.local.tolist() for n, r in info.reads.items()
+    }
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), gm(x))
+    with pytest.raises(ValueError, match="read_block"):
+        rewrite(a, plan, reads="measure", read_cost=MeasuredReads(None), read_block=8)

@@ -34,6 +34,7 @@ from fxprune.passes.reads import (
     MeasuredReads,
     ReadCost,
     choose_read,
+    pad_read,
 )
 from fxprune.passes.reorder import Layout, channel_layout
 from fxprune.passes.segment import SegmentCost, SegmentInfo, segment
@@ -59,6 +60,8 @@ class RewriteInfo:
     #: set when the model carries read tensors as segments (:mod:`fxprune.passes.segment`)
     segments: SegmentInfo | None = None
     segment_block: int | None = None
+    #: set when consumer reads were padded to a multiple of this many channels (pad_read)
+    read_block: int | None = None
     #: the per-segment price the segments were merged under (None: cut at every read boundary)
     segment_cost: SegmentCost | None = None
 
@@ -89,6 +92,7 @@ def rewrite(
     read_cost: ReadCost | MeasuredReads | None = None,
     segment_block: int | None = None,
     segment_cost: SegmentCost | None = None,
+    read_block: int | None = None,
 ) -> tuple[fx.GraphModule, RewriteInfo]:
     """The pruned GraphModule and what was decided on the way.
 
@@ -107,8 +111,13 @@ def rewrite(
             aligned to this block (:func:`fxprune.passes.segment.segment`); None: do not.
         segment_cost: with ``segment_block``, cut only where a segment pays for its extra
             convs under this price (:class:`~fxprune.passes.segment.SegmentCost`).
+        read_block: widen every consumer's read to a multiple of this many channels with zero
+            columns (:func:`~fxprune.passes.reads.pad_read`), so that the runtime can keep the
+            consumer in its blocked layout; not with ``reads="measure"``.
     """
     plan.validate(analysis)
+    if read_block is not None and reads == "measure":
+        raise ValueError("read_block is a read policy of its own: not with reads='measure'")
     gm = copy.deepcopy(analysis.gm)
     maps = {n.name: n.meta.get(CHANNELS) for n in analysis.gm.graph.nodes}
     keep_unit = analysis.spaces.keep_units(plan.kept)
@@ -119,7 +128,7 @@ def rewrite(
 
         table = consumers(analysis)
     layout = channel_layout(analysis, plan, keep_unit, table, reorder=reorder)
-    info = RewriteInfo(layout)
+    info = RewriteInfo(layout, read_block=read_block)
 
     replaced: dict[str, str] = {}  # removed add -> the node now standing for it
     removed = set(plan.removed_blocks)
@@ -158,6 +167,7 @@ def rewrite(
                 out_idx,
                 policy,
                 read_cost,
+                read_block,
             )
             info.reads[rec.node] = read
             in_idx = in_idx[read.local]
@@ -228,6 +238,10 @@ def _check_whole(
     costs a little keeps all of its gathers, and reordering alone cannot remove more: it
     already reaches the lower bound for exact reads (three intervals make at most five
     membership patterns), so fewer gathers can only come from reads with zero columns.
+
+    A fifth, ``aligned``, is exact reads padded to the backend's channel block with zero
+    columns (:func:`~fxprune.passes.reads.pad_read`), so convs whose kept inputs are an
+    unaligned count can stay in the runtime's blocked layout.
     """
     exact_gm, exact_info = rewrite(analysis, plan, reorder=reorder, reads="exact")
     candidates: dict[str, tuple[fx.GraphModule, RewriteInfo]] = {"exact": (exact_gm, exact_info)}
@@ -243,6 +257,10 @@ def _check_whole(
     lean = _lean_candidate(analysis, plan, reorder, judge, exact_gm, exact_info, info.kinds())
     if lean is not None:
         candidates["lean"] = lean[:2]
+    if block > 1:
+        aligned = rewrite(analysis, plan, reorder=reorder, reads="exact", read_block=block)
+        if any(r.zero.any() for r in aligned[1].reads.values()):
+            candidates["aligned"] = aligned
     if len(candidates) == 1:
         return exact_gm, exact_info
     names = list(candidates)
@@ -370,6 +388,7 @@ def _consumer_read(
     out_idx: np.ndarray,
     policy: str,
     cost: ReadCost | MeasuredReads | None,
+    block: int | None = None,
 ) -> ConsumerRead:
     """Where the consumer's kept inputs sit in its rewritten input, and how it reads them.
 
@@ -381,7 +400,8 @@ def _consumer_read(
     if policy != "measure":
         if isinstance(cost, MeasuredReads):
             raise ValueError("a MeasuredReads read_cost needs reads='measure'")
-        return choose_read(local, in_idx.size, policy=policy, cost=cost, **sizes)
+        read = choose_read(local, in_idx.size, policy=policy, cost=cost, **sizes)
+        return pad_read(read, in_idx.size, block) if block else read
     if not isinstance(cost, MeasuredReads):
         raise ValueError("reads='measure' needs read_cost=MeasuredReads(backend)")
     candidates: dict[str, ConsumerRead] = {}

@@ -9,7 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from fxprune.passes.reads import ConsumerRead, MeasuredReads, ReadCost, ReadUnit, choose_read
+from fxprune.passes.reads import (
+    ConsumerRead,
+    MeasuredReads,
+    ReadCost,
+    ReadUnit,
+    choose_read,
+    pad_read,
+)
 
 
 @st.composite
@@ -129,3 +136,40 @@ def test_compare_is_the_median_over_shuffled_repeats(monkeypatch):
     assert len({tuple(c) for c in calls}) > 1  # the order changes between repeats
     assert ratios[0] == 1.0
     assert ratios == pytest.approx([1.0, 1.2, 0.9])  # the odd measurement is outvoted
+
+
+@given(
+    st.integers(2, 40).flatmap(
+        lambda n: st.tuples(
+            st.just(n),
+            st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True),
+            st.sampled_from(["exact", "span", "full"]),
+            st.sampled_from([1, 4, 8]),
+        )
+    )
+)
+def test_pad_read_widens_to_the_block_with_zero_columns(case):
+    n, kept, policy, block = case
+    kept = np.sort(np.asarray(kept))
+    read = choose_read(kept, n, spatial=1, macs_per_input=1, policy=policy)
+    padded = pad_read(read, n, block)
+    # the kept positions are still read, with live columns; every other read position is zero
+    assert np.all(np.diff(padded.local) > 0)
+    assert np.array_equal(padded.local[~padded.zero], kept)
+    if read.kind == "full" or read.length % block == 0 or block == 1:
+        assert padded is read
+        return
+    if padded.kind == "full":
+        assert padded.length == n and -(-read.length // block) * block >= n
+        return
+    assert padded.length % block == 0 and padded.length - read.length < block
+    if read.kind in ("slice", "span"):  # still one range: a slice with zero columns
+        assert padded.kind == "span"
+        assert padded.local[-1] - padded.local[0] + 1 == padded.length
+    else:  # a gather takes the free positions nearest to what it reads
+        assert padded.kind == "gather"
+        extra = np.setdiff1d(padded.local, read.local)
+        free = np.setdiff1d(np.arange(n), padded.local)
+        dist = lambda p: np.abs(p - read.local).min()  # noqa: E731
+        if free.size:
+            assert max(dist(p) for p in extra) <= min(dist(p) for p in free)
