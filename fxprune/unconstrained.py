@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Consumer",
+    "align_unions",
     "check_consumers",
     "consumer_choice",
     "consumers",
@@ -262,6 +263,39 @@ def consumer_choice(
     return unconstrained_plan(
         analysis, masks, removed_blocks=plan.removed_blocks, notes=notes, align=align
     )
+
+
+def align_unions(analysis: Analysis, plan: Plan, align: int | Mapping[str, Sequence[int]]) -> Plan:
+    """``plan`` with every pruned group's kept channels rounded *up* to an aligned count.
+
+    Only channels are added, and no consumer reads them: a consumer that read everything its
+    tensor kept now keeps exactly that as its own inputs, so the output does not change. With
+    reads padded to the same block (``rewrite(read_block=)``), every conv then sees an aligned
+    input count, which ONNX Runtime CPU needs to run it in its blocked layout.
+    """
+    old = analysis.spaces.keep_units(plan.kept)
+    kept: dict[str, tuple[int, ...]] = {}
+    for g in analysis.groups:
+        if g.name not in plan.kept:
+            continue  # kept whole
+        keep = np.zeros(g.size, dtype=bool)
+        keep[list(plan.kept[g.name])] = True
+        target = _aligned_up(int(keep.sum()), g.size, align, g.name)
+        keep[np.flatnonzero(~keep)[: target - int(keep.sum())]] = True
+        if not keep.all():
+            kept[g.name] = tuple(np.flatnonzero(keep).tolist())
+    new = analysis.spaces.keep_units(kept)
+    dead = {n for b in plan.removed_blocks for n in analysis.block(b).region}
+    own = dict(plan.consumers)
+    for c in consumers(analysis).values():
+        if c.node in dead or c.node in own:
+            continue
+        was = old[c.units]
+        if was.sum() < new[c.units].sum():
+            own[c.node] = tuple(np.flatnonzero(was).tolist())
+    aligned = Plan(kept, plan.removed_blocks, plan.signature, dict(plan.notes), own)
+    aligned.validate(analysis)
+    return aligned
 
 
 def _aligned_up(k: int, size: int, align: int | Mapping[str, Sequence[int]], name: str) -> int:

@@ -404,21 +404,23 @@ def test_lean_candidate_spends_the_copy_budget_on_the_cheapest_gathers(
         assert rel_err(gm(x), fxprune.masked_forward(a, plan, x)) < 1e-5
 
 
-def test_aligned_plan_and_padded_reads_give_every_conv_a_block_of_inputs():
-    """align=8 rounds producers up, read_block=8 pads consumers' reads: every conv that reads
-    more than its stem input then sees a multiple of 8 channels (ORT keeps it in NCHWc), the
-    model equals the oracle, and the recorded kinds with read_block rebuild the same reads."""
+def test_read_block_gives_every_conv_a_block_of_inputs():
+    """read_block=8 rounds the unions up (align_unions) and pads every read: every conv that
+    reads more than the stem's input then sees a multiple of 8 channels (ORT keeps it in
+    NCHWc), the model equals the oracle, and the recorded kinds with read_block rebuild it."""
     import torchvision
 
     x = torch.randn(1, 3, 64, 64)
     model = make_sensitive(torchvision.models.resnet18(), x).eval()
     a = fxprune.analyze(model, x)
-    plan = fxprune.unconstrained_plan(a, random_input_masks(a, 3), align=8)
+    plan = fxprune.unconstrained_plan(a, random_input_masks(a, 3))
     gm, info = rewrite(a, plan, reads="exact", read_block=8)
     assert info.read_block == 8 and any(r.zero.any() for r in info.reads.values())
     convs = [m for m in gm.modules() if isinstance(m, nn.Conv2d)]
     assert all(c.in_channels % 8 == 0 for c in convs if c.in_channels > 3)
     assert all(c.out_channels % 8 == 0 for c in convs)
+    exact, _ = rewrite(a, plan, reads="exact")
+    assert any(m.in_channels % 8 for m in exact.modules() if isinstance(m, nn.Conv2d))
     with torch.no_grad():
         assert rel_err(gm(x), fxprune.masked_forward(a, plan, x)) < 1e-5
     again, info2 = rewrite(a, plan, reads=info.kinds(), read_block=8)
@@ -429,3 +431,33 @@ def test_aligned_plan_and_padded_reads_give_every_conv_a_block_of_inputs():
         torch.testing.assert_close(again(x), gm(x))
     with pytest.raises(ValueError, match="read_block"):
         rewrite(a, plan, reads="measure", read_cost=MeasuredReads(None), read_block=8)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_align_unions_only_adds_channels_nobody_reads(seed):
+    import torchvision
+
+    from fxprune.unconstrained import align_unions
+
+    x = torch.randn(1, 3, 32, 32)
+    model = make_sensitive(torchvision.models.mobilenet_v2(), x).eval()
+    a = fxprune.analyze(model, x)
+    plan = fxprune.unconstrained_plan(a, random_input_masks(a, seed))
+    aligned = align_unions(a, plan, 8)
+    groups = {g.name: g for g in a.groups}
+    assert set(aligned.kept) <= set(plan.kept)  # a group kept whole stays whole
+    for name, kept in plan.kept.items():
+        new = aligned.kept.get(name, tuple(range(groups[name].size)))
+        assert set(kept) <= set(new)
+        assert len(new) % 8 == 0 or len(new) == groups[name].size
+        assert len(new) - len(kept) < 8
+    # every consumer reads what it read before: its own inputs, or its old tensor whole
+    old, new = a.spaces.keep_units(plan.kept), a.spaces.keep_units(aligned.kept)
+    for c in consumers(a).values():
+        want = plan.consumers.get(c.node, tuple(np.flatnonzero(old[c.units]).tolist()))
+        got = aligned.consumers.get(c.node, tuple(np.flatnonzero(new[c.units]).tolist()))
+        assert got == want, c.node
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fxprune.masked_forward(a, aligned, x), fxprune.masked_forward(a, plan, x)
+        )

@@ -215,7 +215,7 @@ class MeasuredReads:
       graph, timed side by side, came out 0.93-1.06x each other (sd 4% over five
       measurements), so a smaller difference is not evidence.
     - ``copy_budget``: the latency, as a fraction of the exact model's, that the check may
-      spend (by the unit timings) on replacing gathers with copy-free reads.
+      spend (by the unit timings) on replacing gathers with gather-free reads.
     - ``check_repeats``: whole-model measurements per check, each in a fresh random order; the
       median ratio is used (the spread above shrinks with their number).
     """
