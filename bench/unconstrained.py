@@ -18,10 +18,12 @@ median ratio reported; a variant whose graph equals another's is timed once):
   gathers of segmented tensors become zero-column reads.
 - ``ours``: reordered, each consumer reads by the fastest of slice/gather/zero-padded span/full
   read, timed per consumer on the backend (``reads="measure"``, what ``fxprune.compile`` uses),
-  then the whole model with these reads, with exact reads, segmented, and lean (exact reads with
+  then the whole model with these reads, with exact reads, segmented, lean (exact reads with
   the gathers that are cheapest to avoid, by the unit timings, read with zero columns, within
-  1% of the exact model's latency) timed side by side (median of 3): the fastest is kept if it
-  wins by 2.5%, else the one with the fewest copies among those within 2.5% of exact reads.
+  1% of the exact model's latency) and aligned (every conv's inputs a multiple of the
+  runtime's channel block: ``rewrite(read_block=)``) timed side by side (median of 3): the
+  fastest is kept if it wins by 2.5%, else the one with the fewest copies among those within
+  2.5% of exact reads.
 - ``authors``: apple-upscale 0.1.1 (is_not_ane=True) where it is installed and runs.
 
 Gathers are counted the same way for every variant (aten-level dispatch during one forward:
