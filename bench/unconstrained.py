@@ -72,12 +72,20 @@ def nonzero_params(m: torch.nn.Module) -> int:
     return sum(int((p != 0).sum()) for p in m.parameters())
 
 
-def macs(m: torch.nn.Module, x: torch.Tensor) -> int:
-    """Multiply-accumulates of every conv/linear call (hooks: works on any module)."""
-    total = [0]
+def macs_by_kind(m: torch.nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """Multiply-adds of every conv/linear call, by kind: 1x1, kxk (k > 1), depthwise, linear
+    (hooks: works on any module)."""
+    out: dict[str, int] = {}
 
-    def hook(mod, args, out):
-        total[0] += out.numel() * int(np.prod(mod.weight.shape[1:]))
+    def hook(mod, args, y):
+        n = y.numel() * int(np.prod(mod.weight.shape[1:]))
+        if isinstance(mod, torch.nn.Linear):
+            kind = "linear"
+        elif mod.groups > 1 and mod.groups == mod.in_channels:
+            kind = "depthwise"
+        else:
+            kind = "1x1" if all(k == 1 for k in mod.kernel_size) else "kxk"
+        out[kind] = out.get(kind, 0) + n
 
     layers = (torch.nn.modules.conv._ConvNd, torch.nn.Linear)
     handles = [h.register_forward_hook(hook) for h in m.modules() if isinstance(h, layers)]
@@ -85,7 +93,12 @@ def macs(m: torch.nn.Module, x: torch.Tensor) -> int:
         m(x)
     for h in handles:
         h.remove()
-    return total[0]
+    return out
+
+
+def macs(m: torch.nn.Module, x: torch.Tensor) -> int:
+    """Multiply-accumulates of every conv/linear call."""
+    return sum(macs_by_kind(m, x).values())
 
 
 def matched_constrained(analysis, target: int, multiple: int) -> tuple[float, torch.nn.Module]:

@@ -34,7 +34,6 @@ import argparse
 import json
 import subprocess
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +43,7 @@ from rich.progress import track
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from unconstrained import MODELS, matched_constrained, nonzero_params
+from unconstrained import MODELS, macs_by_kind, matched_constrained, nonzero_params
 
 import fxprune
 from fxprune.backends import MeasureConfig, get_backend
@@ -64,28 +63,6 @@ CATEGORY = {
 }
 CATEGORIES = ("conv", "copy", "layout", "other")
 PROFILE = MeasureConfig(warmup=5, repeats=30)
-
-
-def macs_by_kind(m: torch.nn.Module, x: torch.Tensor) -> dict[str, int]:
-    """Multiply-adds of every conv/linear call, by kind: 1x1, kxk (k > 1), depthwise, linear."""
-    out: dict[str, int] = defaultdict(int)
-
-    def hook(mod, args, y):
-        n = y.numel() * int(np.prod(mod.weight.shape[1:]))
-        if isinstance(mod, torch.nn.Linear):
-            out["linear"] += n
-        elif mod.groups > 1 and mod.groups == mod.in_channels:
-            out["depthwise"] += n
-        else:
-            out["1x1" if all(k == 1 for k in mod.kernel_size) else "kxk"] += n
-
-    layers = (torch.nn.modules.conv._ConvNd, torch.nn.Linear)
-    handles = [h.register_forward_hook(hook) for h in m.modules() if isinstance(h, layers)]
-    with torch.no_grad():
-        m(x)
-    for h in handles:
-        h.remove()
-    return dict(out)
 
 
 def kernel_ms(backend, module: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
