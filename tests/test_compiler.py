@@ -228,7 +228,7 @@ def test_unconstrained_coupling(resnet, reads, tmp_path):
         assert rel_err(result.model(x), want) < 1e-4
     # every round reports how it was exported; the result's copies are its round's
     kinds = {
-        "measure": {"exact", "measured", "segmented", "lean"},
+        "measure": {"exact", "measured", "segmented", "lean", "aligned", "aligned_lean"},
         "auto": {"auto"},
         "full": {"full"},
     }

@@ -338,9 +338,10 @@ class LeanReads(MeasuredReads):
     ``exact_ms``, and ``compare`` returns ``ratios`` by candidate, in the order the check
     passes them (exact first)."""
 
-    def __init__(self, extras, exact_ms, ratios):
+    def __init__(self, extras, exact_ms, ratios, block=1):
         super().__init__(backend=None)
         self.extras, self.exact_ms, self.ratios = list(extras), exact_ms, ratios
+        self.block = block
         self.compared = []
 
     def choose(self, name, shape, dim, candidates):
@@ -362,6 +363,9 @@ class LeanReads(MeasuredReads):
 
     def segment_cost(self):
         return SegmentCost(launch_s=1.0, mac_s=1e-12)
+
+    def segment_block(self):
+        return self.block
 
 
 @pytest.mark.parametrize(
@@ -400,6 +404,36 @@ def test_lean_candidate_spends_the_copy_budget_on_the_cheapest_gathers(
     n = len(gathers)
     assert check["copies"]["lean"]["gathers"] == n - want_replaced
     assert channel_copies(gm)[0] == (n - want_replaced if kept == "lean" else n)
+    with torch.no_grad():
+        assert rel_err(gm(x), fxprune.masked_forward(a, plan, x)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("ratios", "kept"),
+    [
+        # exact, segmented, lean, aligned, aligned_lean (in the order the check passes them)
+        ([1.0, 1.5, 1.01, 0.80, 0.81], "aligned_lean"),  # ties the clear winner: fewer gathers
+        ([1.0, 1.5, 1.01, 0.80, 0.83], "aligned"),  # slower than the clear winner's tie
+        ([1.0, 1.5, 1.01, 0.98, 0.99], "lean"),  # no clear win: the tie around exact reads
+    ],
+)
+def test_aligned_lean_pads_leans_reads_and_ties_a_clear_winner(ratios, kept):
+    _, x, a = analysed_toy(Star)
+    plan = fxprune.unconstrained_plan(a, random_input_masks(a, 0, min_keep=0.4))
+    judge = LeanReads([0.2, 0.3, 0.4], exact_ms=100.0, ratios=ratios, block=4)
+    gm, info = rewrite(a, plan, reads="measure", read_cost=judge)
+    check = info.whole_check
+    assert list(check["copies"]) == ["exact", "segmented", "lean", "aligned", "aligned_lean"]
+    assert check["kept"] == kept
+    gathers = {n: c["gathers"] for n, c in check["copies"].items()}
+    assert gathers["aligned_lean"] < gathers["aligned"] and gathers["lean"] < gathers["exact"]
+    assert (info.read_block == 4) == kept.startswith("aligned")
+    if kept == "aligned_lean":  # lean's gather-free reads, every read padded to the block
+        replaced = check["lean"]["replaced"]
+        assert {n: info.kinds()[n] for n in replaced} == replaced
+        for name, r in info.reads.items():
+            assert len(r.local) % 4 == 0 or r.kind == "full", name
+    assert channel_copies(gm)[0] == gathers[kept]
     with torch.no_grad():
         assert rel_err(gm(x), fxprune.masked_forward(a, plan, x)) < 1e-5
 

@@ -210,8 +210,8 @@ class MeasuredReads:
 
     The whole-model check of :func:`fxprune.passes.prune.rewrite` uses three more settings:
 
-    - ``tie``: models measured within this fraction of the exact reads count as equally fast,
-      and the one with fewer copies is kept. On this 2-core host two copies of one ResNet-50
+    - ``tie``: models measured within this fraction of the exact reads (or, when one wins
+      clearly, of the fastest) count as equally fast, and the one with fewer copies is kept. On this 2-core host two copies of one ResNet-50
       graph, timed side by side, came out 0.93-1.06x each other (sd 4% over five
       measurements), so a smaller difference is not evidence.
     - ``copy_budget``: the latency, as a fraction of the exact model's, that the check may
