@@ -32,7 +32,7 @@ median ratio reported; a variant whose graph equals another's is timed once):
 
 Gathers are counted the same way for every variant (aten-level dispatch during one forward:
 index/index_select/gather on activations, bench/_upscale.py). Writes
-``bench/results/unconstrained.{json,md}``.
+``bench/results/unconstrained.{json,md,png}``.
 
     python bench/unconstrained.py [--models resnet18 ...] [--sparsity 0.3 0.5]
 """
@@ -307,7 +307,9 @@ def main(argv=None) -> int:
     p.add_argument("--render", action="store_true", help="only re-render the Markdown")
     args = p.parse_args(argv)
     if args.render:
-        args.out.with_suffix(".md").write_text(render(json.loads(args.out.read_text())))
+        out = json.loads(args.out.read_text())
+        args.out.with_suffix(".md").write_text(render(out))
+        plot(out, args.out.with_suffix(".png"))
         return 0
     backend = get_backend(args.backend, **({"provider": "cpu"} if args.backend == "ort" else {}))
     commit = subprocess.run(
@@ -341,8 +343,51 @@ def main(argv=None) -> int:
             RESULTS.mkdir(parents=True, exist_ok=True)
             write_json(args.out, out)
     args.out.with_suffix(".md").write_text(render(out))
+    plot(out, args.out.with_suffix(".png"))
     print(render(out))
     return 0
+
+
+PLOTTED = (
+    "constrained_matched",
+    "constrained_matched_m8",
+    "naive",
+    "ours_exact",
+    "ours",
+    "authors",
+)
+
+
+def plot(out: dict, path: Path) -> None:
+    """Latency × dense (top) and gathers (bottom) per case, one bar per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases = [(n, s, c["variants"]) for n, cs in out["models"].items() for s, c in cs.items()]
+    keys = [k for k in PLOTTED if any(k in v for _, _, v in cases)]
+    width = 0.8 / len(keys)
+    fig, (lat, gat) = plt.subplots(2, 1, figsize=(max(7, 1.2 * len(cases)), 6), sharex=True)
+    for j, k in enumerate(keys):
+        xs = [i + width * (j - (len(keys) - 1) / 2) for i in range(len(cases))]
+        got = [
+            (x, v[k]) for x, (_, _, v) in zip(xs, cases, strict=True) if "vs_dense" in v.get(k, {})
+        ]
+        lat.bar([x for x, _ in got], [r["vs_dense"] for _, r in got], width, label=k)
+        gat.bar([x for x, _ in got], [r["gathers"] for _, r in got], width, label=k)
+    lat.axhline(1.0, color="grey", lw=0.8, ls="--")
+    lat.set_ylabel("latency × dense")
+    gat.set_ylabel("gathers")
+    gat.set_yscale("symlog", linthresh=10)
+    ticks = [0, 2, 5, 10, 30, 100]
+    gat.set_yticks(ticks, [str(t) for t in ticks])
+    gat.set_xticks(range(len(cases)), [f"{n}\n{s}" for n, s, _ in cases], fontsize=7)
+    lat.set_title(f"unconstrained export, {_runtime(out['backend'])}, batch {out.get('batch', 1)}")
+    lat.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _runtime(backend_repr: str) -> str:

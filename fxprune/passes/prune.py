@@ -273,10 +273,11 @@ def _check_whole(
         if any(r.zero.any() for r in aligned[1].reads.values()):
             candidates["aligned"] = aligned
         if lean is not None:
-            kinds = lean[1].kinds()
-            candidates["aligned_lean"] = rewrite(
-                analysis, plan, reorder=reorder, reads=kinds, read_block=block
+            padded = rewrite(
+                analysis, plan, reorder=reorder, reads=lean[1].kinds(), read_block=block
             )
+            if _shapes(padded[0]) != _shapes(lean[0]):  # else the same graph as lean
+                candidates["aligned_lean"] = padded
     if len(candidates) == 1:
         return exact_gm, exact_info
     names = list(candidates)
@@ -300,6 +301,10 @@ def _check_whole(
     if lean is not None:
         chosen_info.whole_check["lean"] = lean[2]
     return chosen, chosen_info
+
+
+def _shapes(gm: fx.GraphModule) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in gm.state_dict().items()}
 
 
 def _within_tie(ratios: dict[str, float], judge: MeasuredReads) -> list[str]:
