@@ -27,7 +27,8 @@ median ratio reported; a variant whose graph equals another's is timed once):
   runtime's channel block: ``rewrite(read_block=)``) and aligned_lean (lean's reads, aligned)
   timed side by side (median of 3): if one wins by 2.5%, the fewest copies among the clear
   winners within 2.5% of the fastest, else the fewest copies among those within 2.5% of exact
-  reads.
+  reads; a candidate with fewer copies within 5% of the kept one gets a runoff (the two alone,
+  6 measurements) and is kept if that puts it within 2.5%.
 - ``authors``: apple-upscale 0.1.1 (is_not_ane=True) where it is installed and runs.
 
 Gathers are counted the same way for every variant (aten-level dispatch during one forward:

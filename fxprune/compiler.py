@@ -228,7 +228,8 @@ def _export_record(pruned: fx.GraphModule, info: Any, reads: str) -> dict[str, A
     """How an unconstrained round was exported: the reads kept, their copies, the segments.
 
     ``kept`` is what the whole-model check chose (exact / measured / segmented / lean /
-    aligned) with ``reads="measure"``, else the read policy itself.
+    aligned / aligned_lean) with ``reads="measure"``, else the read policy itself; ``runoff``
+    the second look at a close call, if there was one.
     """
     from fxprune.passes.prune import channel_copies
 
@@ -236,6 +237,8 @@ def _export_record(pruned: fx.GraphModule, info: Any, reads: str) -> dict[str, A
     check = info.whole_check
     out = {"kept": check.get("kept", reads), "gathers": gathers, "slices": slices}
     out["vs_exact"] = check.get("vs_exact", {})
+    if check.get("runoff"):
+        out["runoff"] = check["runoff"]
     out["segments"] = info.segments.segments if info.segments is not None else 0
     return out
 

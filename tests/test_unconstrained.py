@@ -123,9 +123,14 @@ def test_reads_full_and_auto_equal_oracle(fan):
 class ScriptedReads(MeasuredReads):
     """Units always say "full"; the whole-model comparison returns set ratios to exact reads."""
 
-    def __init__(self, measured: float, segmented: float) -> None:
+    def __init__(self, measured: float, segmented: float, runoff: float = 1.5) -> None:
         super().__init__(backend=None)
         self.ratios, self.compared = {"measured": measured, "segmented": segmented}, 0
+        self.second_look, self.runoffs = runoff, 0
+
+    def runoff(self, kept, rival, example_inputs):
+        self.runoffs += 1
+        return self.second_look
 
     def choose(self, name, shape, dim, candidates):
         return (
@@ -176,6 +181,38 @@ def test_whole_model_check_keeps_a_clear_winner_else_fewest_copies(fan, measured
     assert channel_copies(gm) == tuple(copies[kept].values())
     with torch.no_grad():
         assert rel_err(gm(x), fxprune.masked_forward(a, plan, x)) < 1e-5
+
+
+@pytest.mark.parametrize(("second_look", "kept"), [(1.01, "measured"), (1.04, "exact")])
+def test_a_close_call_is_measured_again(fan, second_look, kept):
+    """Measured reads (no copies) came out 4% slower than exact reads: outside the tie, inside
+    twice the tie. The runoff decides, and is recorded."""
+    _, x, a = fan
+    plan = fxprune.unconstrained_plan(a, random_input_masks(a, 5))
+    judge = ScriptedReads(1.04, 1.3, runoff=second_look)
+    gm, info = rewrite(a, plan, reads="measure", read_cost=judge)
+    assert judge.compared == 1 and judge.runoffs == 1
+    check = info.whole_check
+    assert check["runoff"] == {"kept": "exact", "rival": "measured", "rival_vs_kept": second_look}
+    assert check["kept"] == kept
+    assert channel_copies(gm) == tuple(check["copies"][kept].values())
+    with torch.no_grad():
+        assert rel_err(gm(x), fxprune.masked_forward(a, plan, x)) < 1e-5
+
+
+def test_runoff_times_the_two_alone_twice_as_often():
+    judge = MeasuredReads(backend=None, check_repeats=3)
+    kept, rival = nn.Identity(), nn.Identity()
+    ms = {id(kept): 10.0, id(rival): 10.3}
+    seen = []
+
+    def measure(modules, example_inputs):
+        seen.append(len(modules))
+        return [type("M", (), {"median_ms": ms[id(m)], "round_ms": None})() for m in modules]
+
+    judge.measure = measure
+    assert judge.runoff(kept, rival, ()) == pytest.approx(1.03)
+    assert seen == [2] * 6 and judge.check_repeats == 3
 
 
 def test_masks_from_zeros_finds_the_pattern(fan):
@@ -334,15 +371,19 @@ class Star(nn.Module):
 
 class LeanReads(MeasuredReads):
     """Scripted timings. Units: every read 1 ms, except that the i-th gather's full read costs
-    ``extras[i]`` ms more (10 ms past the list; its span read twice as much more). Whole models: the exact reads take
-    ``exact_ms``, and ``compare`` returns ``ratios`` by candidate, in the order the check
-    passes them (exact first)."""
+    ``extras[i]`` ms more (10 ms past the list; its span read twice as much more). Whole
+    models: the exact reads take ``exact_ms``, ``compare`` returns ``ratios`` by candidate, in
+    the order the check passes them (exact first), and a runoff always rejects the rival."""
 
     def __init__(self, extras, exact_ms, ratios, block=1):
         super().__init__(backend=None)
         self.extras, self.exact_ms, self.ratios = list(extras), exact_ms, ratios
         self.block = block
-        self.compared = []
+        self.compared, self.runoffs = [], 0
+
+    def runoff(self, kept, rival, example_inputs):
+        self.runoffs += 1
+        return 1.5  # a second look never lets the rival win
 
     def choose(self, name, shape, dim, candidates):
         ms = dict.fromkeys(candidates, 1.0)
@@ -425,6 +466,9 @@ def test_aligned_lean_pads_leans_reads_and_ties_a_clear_winner(ratios, kept):
     check = info.whole_check
     assert list(check["copies"]) == ["exact", "segmented", "lean", "aligned", "aligned_lean"]
     assert check["kept"] == kept
+    # aligned_lean 0.83 against aligned 0.80: a close call, measured again (and lost)
+    assert judge.runoffs == (1 if kept == "aligned" else 0)
+    assert (check["runoff"] is not None) == (kept == "aligned")
     gathers = {n: c["gathers"] for n, c in check["copies"].items()}
     assert gathers["aligned_lean"] < gathers["aligned"] and gathers["lean"] < gathers["exact"]
     assert (info.read_block == 4) == kept.startswith("aligned")

@@ -217,7 +217,9 @@ class MeasuredReads:
     - ``copy_budget``: the latency, as a fraction of the exact model's, that the check may
       spend (by the unit timings) on replacing gathers with gather-free reads.
     - ``check_repeats``: whole-model measurements per check, each in a fresh random order; the
-      median ratio is used (the spread above shrinks with their number).
+      median ratio is used (the spread above shrinks with their number). A close call (a
+      candidate with fewer copies measured just outside the tie of the kept one) is measured
+      again, the two alone, twice as often (:meth:`runoff`).
     """
 
     backend: Any
@@ -297,6 +299,19 @@ class MeasuredReads:
             by_index = dict(zip(order.tolist(), figures, strict=True))
             runs.append([relative_latency(by_index[i], by_index[0]) for i in range(len(modules))])
         return [float(r) for r in np.median(runs, axis=0)]
+
+    def runoff(
+        self, kept: nn.Module, rival: nn.Module, example_inputs: tuple[torch.Tensor, ...]
+    ) -> float:
+        """``rival``'s latency as a multiple of ``kept``'s, from twice ``check_repeats``
+        side-by-side measurements of the two alone: a second, more precise look at a close
+        call of the whole-model check (the first one timed every candidate together)."""
+        saved = self.check_repeats
+        self.check_repeats = 2 * max(1, saved)
+        try:
+            return self.compare([kept, rival], example_inputs)[1]
+        finally:
+            self.check_repeats = saved
 
     def segment_cost(self) -> SegmentCost:
         """The backend's price of one more segment (:func:`measure_segment_cost`), probed once."""
