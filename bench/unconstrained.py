@@ -331,6 +331,7 @@ def main(argv=None) -> int:
             entry[str(s)] = run_case(
                 name, model, analysis, x, s, backend, args.multiple, args.pool, args.repeats
             )
+            entry[str(s)]["commit"] = commit  # a rerun of some cases keeps the others' commit
             v = entry[str(s)]["variants"]
             print(
                 f"{name} @ {s}: gathers naive {v['naive']['gathers']} ours_exact "
@@ -389,6 +390,21 @@ def plot(out: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _commits(out: dict) -> str:
+    """The commit of the results, or of each case where cases were rerun at other commits."""
+    per = {
+        f"{n} {s}": c.get("commit", out.get("commit"))
+        for n, cs in out["models"].items()
+        for s, c in cs.items()
+    }
+    if len(set(per.values())) <= 1:
+        return str(next(iter(per.values()), out.get("commit")))
+    return "; ".join(
+        f"{c} ({', '.join(k for k, v in per.items() if v == c)})"
+        for c in dict.fromkeys(per.values())
+    )
 
 
 def _runtime(backend_repr: str) -> str:
@@ -458,7 +474,7 @@ def render(out: dict) -> str:
         f"# unconstrained export ({_runtime(out['backend'])}, batch {out.get('batch', 1)}, "
         "224×224, random init)",
         "",
-        f"commit {out.get('commit')}; kept counts rounded to multiples of {out.get('multiple', 1)}",
+        f"commit {_commits(out)}; kept counts rounded to multiples of {out.get('multiple', 1)}",
         "",
         "Cells: gathers / gathered channels / latency × dense (paired, median of repeats). "
         "`ours`: each consumer's read timed on the backend; kept (non-zero) params, of stored "
