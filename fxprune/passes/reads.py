@@ -211,9 +211,10 @@ class MeasuredReads:
     The whole-model check of :func:`fxprune.passes.prune.rewrite` uses three more settings:
 
     - ``tie``: models measured within this fraction of the exact reads (or, when one wins
-      clearly, of the fastest) count as equally fast, and the one with fewer copies is kept. On this 2-core host two copies of one ResNet-50
-      graph, timed side by side, came out 0.93-1.06x each other (sd 4% over five
-      measurements), so a smaller difference is not evidence.
+      clearly, of the fastest) count as equally fast, and the one with fewer copies is kept.
+      On this 2-core host two copies of one ResNet-50 graph, timed side by side, came out
+      0.93-1.06x each other (sd 4% over five measurements), so a smaller difference is not
+      evidence.
     - ``copy_budget``: the latency, as a fraction of the exact model's, that the check may
       spend (by the unit timings) on replacing gathers with gather-free reads.
     - ``check_repeats``: whole-model measurements per check, each in a fresh random order; the
