@@ -411,22 +411,30 @@ def _runtime(backend_repr: str) -> str:
     return "PyTorch eager CPU" if backend_repr.startswith("TorchEager") else "ONNX Runtime CPU"
 
 
-def _ours_over_matched(v: dict, key: str = "constrained_matched") -> np.ndarray:
-    """ours / a constrained baseline per repeat (paired), or the one ratio of the medians."""
-    a, b = v["ours"].get("vs_dense_runs"), v[key].get("vs_dense_runs")
-    if a and len(a) == len(b):
-        return np.asarray(a) / np.asarray(b)
-    return np.asarray([v["ours"]["vs_dense"] / v[key]["vs_dense"]])
+def paired(v: dict, a: str, b: str) -> np.ndarray:
+    """Variant ``a`` / variant ``b`` per repeat (paired), or the one ratio of the medians."""
+    ra, rb = v[a].get("vs_dense_runs"), v[b].get("vs_dense_runs")
+    if ra and len(ra) == len(rb):
+        return np.asarray(ra) / np.asarray(rb)
+    return np.asarray([v[a]["vs_dense"] / v[b]["vs_dense"]])
 
 
-def _vs_matched(v: dict, key: str = "constrained_matched") -> str:
-    """ours / a constrained baseline: the median of per-repeat ratios and their range."""
-    if key not in v:
+def format_paired(v: dict, a: str, b: str) -> str:
+    """``a`` / ``b``: the median of per-repeat ratios and their range ("—" if one is missing)."""
+    if a not in v or b not in v:
         return "—"
-    r = _ours_over_matched(v, key)
+    r = paired(v, a, b)
     if r.size < 2:
         return f"{r[0]:.3f}"
     return f"{np.median(r):.3f} ({r.min():.3f}–{r.max():.3f})"
+
+
+def _ours_over_matched(v: dict, key: str = "constrained_matched") -> np.ndarray:
+    return paired(v, "ours", key)
+
+
+def _vs_matched(v: dict, key: str = "constrained_matched") -> str:
+    return format_paired(v, "ours", key)
 
 
 def _targets(out: dict) -> list[str]:

@@ -35,7 +35,7 @@ import torchvision
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from unconstrained import MODELS, matched_constrained, nonzero_params, paired_ratios
+from unconstrained import MODELS, format_paired, matched_constrained, nonzero_params, paired_ratios
 
 import fxprune
 from fxprune.backends import get_backend
@@ -93,11 +93,6 @@ def run_case(analysis, x, sparsity: float, backend, block: int, repeats: int) ->
     return out
 
 
-def _paired(v: dict, a: str, b: str) -> str:
-    r = np.asarray(v[a]["vs_dense_runs"]) / np.asarray(v[b]["vs_dense_runs"])
-    return f"{np.median(r):.3f} ({r.min():.3f}–{r.max():.3f})"
-
-
 def render(out: dict) -> str:
     lines = [
         "# unconstrained exports aligned to the channel block (ONNX Runtime CPU, batch 1)",
@@ -119,10 +114,10 @@ def render(out: dict) -> str:
                 for k in VARIANTS
             ]
             ratios = [
-                _paired(v, "ours_exact", "constrained_matched"),
-                _paired(v, "ours_aligned", "constrained_matched"),
-                _paired(v, "ours_aligned", "constrained_matched_aligned"),
-                _paired(v, "ours_aligned", "constrained_matched_m8"),
+                format_paired(v, "ours_exact", "constrained_matched"),
+                format_paired(v, "ours_aligned", "constrained_matched"),
+                format_paired(v, "ours_aligned", "constrained_matched_aligned"),
+                format_paired(v, "ours_aligned", "constrained_matched_m8"),
             ]
             lines.append(f"| {name} | {s} | " + " | ".join(cells + ratios) + " |")
     return "\n".join(lines) + "\n"

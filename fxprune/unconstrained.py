@@ -214,8 +214,7 @@ def unconstrained_plan(
         if not keep.any() and g.name not in internal:
             continue  # read only inside removed blocks: the tensor itself stays
         if align is not None and keep.any():
-            target = _aligned_up(int(keep.sum()), g.size, align, g.name)
-            keep[np.flatnonzero(~keep)[: target - int(keep.sum())]] = True
+            _align_keep(keep, align, g.name)
         if not keep.all():
             kept[g.name] = tuple(np.flatnonzero(keep).tolist())
     keep_unit = analysis.spaces.keep_units(kept)
@@ -280,8 +279,7 @@ def align_unions(analysis: Analysis, plan: Plan, align: int | Mapping[str, Seque
             continue  # kept whole
         keep = np.zeros(g.size, dtype=bool)
         keep[list(plan.kept[g.name])] = True
-        target = _aligned_up(int(keep.sum()), g.size, align, g.name)
-        keep[np.flatnonzero(~keep)[: target - int(keep.sum())]] = True
+        _align_keep(keep, align, g.name)
         if not keep.all():
             kept[g.name] = tuple(np.flatnonzero(keep).tolist())
     new = analysis.spaces.keep_units(kept)
@@ -296,6 +294,13 @@ def align_unions(analysis: Analysis, plan: Plan, align: int | Mapping[str, Seque
     aligned = Plan(kept, plan.removed_blocks, plan.signature, dict(plan.notes), own)
     aligned.validate(analysis)
     return aligned
+
+
+def _align_keep(keep: np.ndarray, align: int | Mapping[str, Sequence[int]], name: str) -> None:
+    """Round a group's keep mask up, in place, to an aligned count (the first dropped channels
+    come back: nobody reads them)."""
+    target = _aligned_up(int(keep.sum()), keep.size, align, name)
+    keep[np.flatnonzero(~keep)[: target - int(keep.sum())]] = True
 
 
 def _aligned_up(k: int, size: int, align: int | Mapping[str, Sequence[int]], name: str) -> int:

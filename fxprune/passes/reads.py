@@ -285,16 +285,19 @@ class MeasuredReads:
             return measure_side_by_side(self.backend, modules, example_inputs, config, 1)
 
     def compare(
-        self, modules: list[nn.Module], example_inputs: tuple[torch.Tensor, ...]
+        self,
+        modules: list[nn.Module],
+        example_inputs: tuple[torch.Tensor, ...],
+        repeats: int | None = None,
     ) -> list[float]:
-        """Each module's latency as a multiple of the first one's: the median over
-        ``check_repeats`` side-by-side measurements, each in a fresh random order (a module's
-        place in the alternation should not decide a close call)."""
+        """Each module's latency as a multiple of the first one's: the median over ``repeats``
+        (default ``check_repeats``) side-by-side measurements, each in a fresh random order (a
+        module's place in the alternation should not decide a close call)."""
         from fxprune.backends import relative_latency
 
         rng = np.random.default_rng(self.seed)
         runs = []
-        for _ in range(max(1, self.check_repeats)):
+        for _ in range(max(1, self.check_repeats if repeats is None else repeats)):
             order = rng.permutation(len(modules))
             figures = self.measure([modules[i] for i in order], example_inputs)
             by_index = dict(zip(order.tolist(), figures, strict=True))
@@ -307,12 +310,9 @@ class MeasuredReads:
         """``rival``'s latency as a multiple of ``kept``'s, from twice ``check_repeats``
         side-by-side measurements of the two alone: a second, more precise look at a close
         call of the whole-model check (the first one timed every candidate together)."""
-        saved = self.check_repeats
-        self.check_repeats = 2 * max(1, saved)
-        try:
-            return self.compare([kept, rival], example_inputs)[1]
-        finally:
-            self.check_repeats = saved
+        return self.compare([kept, rival], example_inputs, repeats=2 * max(1, self.check_repeats))[
+            1
+        ]
 
     def segment_cost(self) -> SegmentCost:
         """The backend's price of one more segment (:func:`measure_segment_cost`), probed once."""
