@@ -33,10 +33,10 @@ import torch
 import torchvision
 
 import fxprune
+from fxprune.analysis.importance import magnitude_scores
 from fxprune.backends import MeasureConfig, get_backend, measure_side_by_side
-from fxprune.io import write_json
-from fxprune.passes.importance import magnitude_scores
-from fxprune.passes.latency import LatencyConfig
+from fxprune.core.io import write_json
+from fxprune.latency.tables import LatencyConfig
 
 MODELS = ["resnet50", "mobilenet_v2", "efficientnet_b0", "regnet_y_800mf", "convnext_tiny"]
 BUDGETS = [0.5, 0.3, 0.7]  # the first one runs cold
@@ -208,7 +208,7 @@ def main(argv=None) -> int:
                     )
                 if i == 0:
                     try:
-                        from fxprune.plots import plot_widths
+                        from fxprune.pipeline.plots import plot_widths
 
                         plot_widths(ours.analysis, ours.plan, RESULTS / f"compile_{name}.png")
                     except ImportError:

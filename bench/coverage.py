@@ -21,8 +21,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import fxprune
-from fxprune.io import write_json, write_text
-from fxprune.report import prunable_fraction
+from fxprune.analysis.plans import random_plan
+from fxprune.core.io import write_json, write_text
+from fxprune.pipeline.report import prunable_fraction
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import make_sensitive, rel_err
@@ -71,7 +72,7 @@ def run_model(name: str, n_plans: int) -> dict:
                 torch.equal(fxprune.prune(a, fxprune.Plan.empty(a))(x), model(x))
             )
             for seed in range(n_plans):
-                plan = fxprune.random_plan(a, seed)
+                plan = random_plan(a, seed)
                 errs.append(rel_err(fxprune.prune(a, plan)(x), fxprune.masked_forward(a, plan, x)))
         row["oracle_max_rel_err"] = max(errs) if errs else 0.0
         row["oracle_equal"] = all(e <= 1e-4 for e in errs)

@@ -44,7 +44,7 @@ from fxprune.latency.in_model import in_model_factors
 from fxprune.latency.plots import plot_layer_curve, plot_layer_surface, plot_predictions
 from fxprune.latency.predictor import LatencyModel, MacsModel, relative_errors
 from fxprune.latency.sampling import random_aligned_plan
-from fxprune.passes.latency import LatencyConfig, annotate_latency
+from fxprune.latency.tables import LatencyConfig, annotate_latency
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

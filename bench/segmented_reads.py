@@ -36,7 +36,7 @@ from rich.table import Table
 from torch import nn
 
 from fxprune.backends import MeasureConfig, get_backend, measure_side_by_side, relative_latency
-from fxprune.io import write_json
+from fxprune.core.io import write_json
 
 __all__ = ["ReadUnit", "main"]
 

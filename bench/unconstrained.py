@@ -16,7 +16,7 @@ median ratio reported; a variant whose graph equals another's is timed once):
 - ``naive``: the unconstrained plan, every non-contiguous consumer gathers, no reordering.
 - ``ours_exact``: reordered, consumers read exactly their inputs (slice or gather).
 - ``ours_segmented``: ``ours_exact`` with every tensor read in channel ranges carried as
-  segments aligned to the runtime's channel block (:mod:`fxprune.passes.segment`), cut only
+  segments aligned to the runtime's channel block (:mod:`fxprune.rewrite.segment`), cut only
   where a segment pays for its extra convs under the backend's measured price: no Slice left,
   gathers of segmented tensors become zero-column reads.
 - ``ours``: reordered, each consumer reads by the fastest of slice/gather/zero-padded span/full
@@ -58,11 +58,11 @@ import _upscale
 
 import fxprune
 from fxprune.backends import MeasureConfig, get_backend, measure_side_by_side, relative_latency
-from fxprune.io import write_json
-from fxprune.passes.prune import rewrite
-from fxprune.passes.reads import MeasuredReads
-from fxprune.passes.segment import SegmentCost, segment
-from fxprune.unconstrained import consumers
+from fxprune.core.io import write_json
+from fxprune.measure.export_choice import measured_rewrite
+from fxprune.measure.reads import MeasuredReads
+from fxprune.rewrite.prune import rewrite
+from fxprune.rewrite.segment import SegmentCost, segment
 
 RESULTS = Path(__file__).parent / "results"
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_v2_s", "densenet121"]
@@ -131,7 +131,7 @@ def mass_kept(analysis, plan) -> float:
     UCPE improves (each consumer keeps its own heaviest columns)."""
     keep_unit = analysis.spaces.keep_units(plan.kept)
     kept = total = 0.0
-    for c in consumers(analysis).values():
+    for c in analysis.consumers.values():
         w = analysis.gm.get_submodule(c.target).weight.detach()
         energy = (w.transpose(0, 1).reshape(c.n_in, -1) ** 2).sum(1).numpy()
         idx = plan.consumers.get(c.node)
@@ -189,7 +189,10 @@ def run_case(name, model, analysis, x, sparsity, backend, multiple, pool, repeat
     ):
         t0 = time.perf_counter()
         cost = MeasuredReads(backend) if reads == "measure" else None
-        gm, rw = rewrite(analysis, plan, reorder=reorder, reads=reads, read_cost=cost)
+        if cost is not None:
+            gm, rw = measured_rewrite(analysis, plan, cost, reorder=reorder)
+        else:
+            gm, rw = rewrite(analysis, plan, reorder=reorder, reads=reads)
         info[key].update(rewrite_s=time.perf_counter() - t0, reads=rw.counts())
         if key == "ours":
             info[key]["orders"] = [o.__dict__ for o in rw.layout.orders]
@@ -235,7 +238,7 @@ def run_case(name, model, analysis, x, sparsity, backend, multiple, pool, repeat
             align=align,
         )
         cost = MeasuredReads(backend)
-        variants["ours_pool"], rw = rewrite(analysis, pooled, reads="measure", read_cost=cost)
+        variants["ours_pool"], rw = measured_rewrite(analysis, pooled, cost)
         info["ours_pool"] = {"pool": pool, "reads": rw.counts(), "mass_kept": 0.0}
         info["ours_pool"]["mass_kept"] = mass_kept(analysis, pooled)
         oracle_pool = fxprune.masked_forward(analysis, pooled, x)
@@ -244,7 +247,7 @@ def run_case(name, model, analysis, x, sparsity, backend, multiple, pool, repeat
         )
         info["constrained_matched_pool"] = {"keep": ratio}
     if _upscale.available():
-        table = consumers(analysis)
+        table = analysis.consumers
         target_masks = {table[n].target: m for n, m in masks.items()}
         try:
             t0 = time.perf_counter()

@@ -39,8 +39,8 @@ from unconstrained import MODELS, format_paired, matched_constrained, nonzero_pa
 
 import fxprune
 from fxprune.backends import get_backend
-from fxprune.io import write_json
-from fxprune.passes.prune import channel_copies, rewrite
+from fxprune.core.io import write_json
+from fxprune.rewrite.prune import channel_copies, rewrite
 
 RESULTS = Path(__file__).parent / "results"
 VARIANTS = (

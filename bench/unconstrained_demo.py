@@ -16,7 +16,7 @@ import torch
 import torchvision
 
 import fxprune
-from fxprune.passes.reorder import channel_layout
+from fxprune.unconstrained.layout import channel_layout
 
 out = {}
 x = torch.randn(1, 3, 224, 224)

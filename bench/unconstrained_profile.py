@@ -47,8 +47,8 @@ from unconstrained import MODELS, macs_by_kind, matched_constrained, nonzero_par
 
 import fxprune
 from fxprune.backends import MeasureConfig, get_backend
-from fxprune.io import write_json
-from fxprune.passes.prune import channel_copies, rewrite
+from fxprune.core.io import write_json
+from fxprune.rewrite.prune import channel_copies, rewrite
 
 RESULTS = Path(__file__).parent / "results"
 CATEGORY = {

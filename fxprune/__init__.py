@@ -1,28 +1,34 @@
 """fxprune: latency-aware structured pruning as torch.fx graph passes.
 
 :func:`compile` does everything: prune a model to a latency budget measured on the target
-runtime. The parts: start with :func:`analyze` (trace + channel groups + removable blocks), make or load a
-:class:`Plan`, and :func:`prune` to get the smaller GraphModule. Every result can be checked
+runtime. The parts: start with :func:`analyze` (trace + channel groups + removable blocks), make or
+load a :class:`Plan`, and :func:`prune` to get the smaller GraphModule. Every result can be checked
 against :func:`masked_forward`, the masking oracle.
+
+The package is layered (each imports only those before it): ``core`` → ``analysis`` (and
+``solver``) → ``unconstrained`` → ``rewrite`` → ``backends`` → ``measure`` → ``latency`` →
+``pipeline`` → this module and the CLI. See CONTRIBUTING.md.
 """
 
 from fxprune.analysis import Analysis, analyze
-from fxprune.api import prune, rebuild
-from fxprune.compiler import Budget, CompileResult, compile
-from fxprune.errors import FxpruneError, PlanError, TraceError
-from fxprune.export import export_onnx
-from fxprune.passes.channel_rules import (
+from fxprune.analysis.channel_rules import (
     register_function_rule,
     register_method_rule,
     register_module_rule,
 )
-from fxprune.passes.mask import masked_forward
-from fxprune.passes.prune_rules import register_pruner
-from fxprune.plan import Plan, random_plan
-from fxprune.report import analysis_report, render_markdown
+from fxprune.analysis.plans import uniform_plan
+from fxprune.backends import MeasureConfig
+from fxprune.backends.export import export_onnx
+from fxprune.core.errors import FxpruneError, PlanError, TraceError
+from fxprune.core.plan import Plan
+from fxprune.latency.tables import LatencyConfig
+from fxprune.pipeline.compile import Budget, CompileResult, compile
+from fxprune.pipeline.report import analysis_report, render_markdown
+from fxprune.rewrite.api import prune, rebuild
+from fxprune.rewrite.mask import masked_forward
+from fxprune.rewrite.pruners import register_pruner
 from fxprune.solver import InfeasibleBudget
-from fxprune.strategies import uniform_plan
-from fxprune.unconstrained import magnitude_masks, masks_from_zeros, unconstrained_plan
+from fxprune.unconstrained.masks import magnitude_masks, masks_from_zeros, unconstrained_plan
 
 __version__ = "0.1.0"
 
@@ -32,6 +38,8 @@ __all__ = [
     "CompileResult",
     "FxpruneError",
     "InfeasibleBudget",
+    "LatencyConfig",
+    "MeasureConfig",
     "Plan",
     "PlanError",
     "TraceError",
@@ -43,7 +51,6 @@ __all__ = [
     "masked_forward",
     "masks_from_zeros",
     "prune",
-    "random_plan",
     "rebuild",
     "register_function_rule",
     "register_method_rule",

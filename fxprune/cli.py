@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     import fxprune
-    from fxprune.io import atomic_write, write_json, write_text
+    from fxprune.core.io import atomic_write, write_json, write_text
 
     args = _parser().parse_args(argv)
     console = Console(stderr=True)
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             atomic_write(out / "pruned_state_dict.pt", lambda p: torch.save(pruned.state_dict(), p))
             atomic_write(out / "pruned_model.pt", lambda p: torch.save(pruned, p))
             try:
-                from fxprune.plots import plot_widths
+                from fxprune.pipeline.plots import plot_widths
 
                 plot_widths(analysis, plan, out / "widths.png")
             except ImportError:  # matplotlib is optional

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fxprune.errors import FxpruneError
+from fxprune.core.errors import FxpruneError
 
 __all__ = [
     "BlockSpec",

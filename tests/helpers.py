@@ -86,11 +86,9 @@ def check_plan(analysis: fxprune.Analysis, plan: fxprune.Plan, x: torch.Tensor, 
 
 def random_input_masks(analysis: fxprune.Analysis, seed: int, min_keep: float = 0.3) -> dict:
     """A random kept subset of inputs for every consumer that may keep its own."""
-    from fxprune.unconstrained import consumers
-
     rng = np.random.default_rng(seed)
     masks = {}
-    for c in consumers(analysis).values():
+    for c in analysis.consumers.values():
         k = int(rng.integers(max(1, int(min_keep * c.n_in)), c.n_in + 1))
         m = np.zeros(c.n_in, dtype=bool)
         m[rng.choice(c.n_in, size=k, replace=False)] = True
@@ -101,11 +99,10 @@ def random_input_masks(analysis: fxprune.Analysis, seed: int, min_keep: float = 
 def check_unconstrained(analysis: fxprune.Analysis, x: torch.Tensor, seed: int, tol: float = 1e-4):
     """Random unconstrained masks: the reordered export equals the oracle and needs no more
     gathers than the naive export (consumers whose kept positions are not one range); so do
-    its reads padded to a channel block and its segmented form (:mod:`fxprune.passes.segment`)."""
-    from fxprune.passes.prune import rewrite
-    from fxprune.passes.reorder import Layout
-    from fxprune.passes.segment import segment
-    from fxprune.unconstrained import consumers
+    its reads padded to a channel block and its segmented form (:mod:`fxprune.rewrite.segment`)."""
+    from fxprune.rewrite.prune import rewrite
+    from fxprune.rewrite.segment import segment
+    from fxprune.unconstrained.layout import Layout
 
     plan = fxprune.unconstrained_plan(analysis, random_input_masks(analysis, seed))
     with torch.no_grad():
@@ -116,7 +113,7 @@ def check_unconstrained(analysis: fxprune.Analysis, x: torch.Tensor, seed: int, 
     err = rel_err(got, want)
     assert err <= tol, f"pruned != oracle ({err:.2e})"
     assert set(info.reads) == set(plan.consumers)
-    table = consumers(analysis)
+    table = analysis.consumers
     naive = Layout(analysis.spaces.keep_units(plan.kept), analysis.spaces.unit_class)
     naive_gathers = 0
     for name, kept in plan.consumers.items():

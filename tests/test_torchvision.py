@@ -16,7 +16,8 @@ from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
 import fxprune
-from fxprune.report import prunable_fraction
+from fxprune.analysis.plans import random_plan
+from fxprune.pipeline.report import prunable_fraction
 
 ALL = torchvision.models.list_models(module=torchvision.models)
 SLOW = {"vit_h_14", "vit_l_16", "vit_l_32", "regnet_y_128gf", "convnext_large"}
@@ -67,7 +68,7 @@ def test_model(name):
     @settings(max_examples=1 if cnn else 2, deadline=None, database=None, phases=(Phase.generate,))
     @given(seed=st.integers(0, 2**31 - 1))
     def random_plans(seed):
-        plan = fxprune.random_plan(a, seed)
+        plan = random_plan(a, seed)
         pruned = check_plan(a, plan, x, tol=1e-4)
         if not backward_done:  # train mode, batch 2 (BatchNorm needs >1 value per channel)
             pruned.train()

@@ -1,6 +1,6 @@
 """Latency curves and tables: step detection, denoising, candidate counts, end-to-end prediction.
 
-The tables themselves are built by the annotation pass, :mod:`fxprune.passes.latency`.
+The tables themselves are built by the annotation pass, :mod:`fxprune.latency.tables`.
 """
 
 from __future__ import annotations

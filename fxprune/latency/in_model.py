@@ -27,11 +27,11 @@ import numpy as np
 from torch import nn
 
 from fxprune.backends import MeasureConfig
-from fxprune.meta import TENSOR_META
+from fxprune.core.meta import TENSOR_META
 
 if TYPE_CHECKING:
     from fxprune.analysis import Analysis
-    from fxprune.passes.latency import LatencyTables
+    from fxprune.latency.tables import LatencyTables
 
 __all__ = ["in_model_factors", "match_kernels"]
 

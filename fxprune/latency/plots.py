@@ -11,7 +11,7 @@ import numpy as np
 from fxprune.latency.denoise import denoise
 
 if TYPE_CHECKING:
-    from fxprune.passes.latency import LayerLatency
+    from fxprune.latency.tables import LayerLatency
 
 __all__ = ["plot_layer_curve", "plot_layer_surface", "plot_predictions"]
 

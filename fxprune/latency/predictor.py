@@ -23,12 +23,12 @@ import numpy as np
 from torch import nn
 
 from fxprune.backends import Backend, MeasureConfig, Measurement
-from fxprune.meta import TENSOR_META
-from fxprune.plan import Plan
+from fxprune.core.meta import TENSOR_META
+from fxprune.core.plan import Plan
 
 if TYPE_CHECKING:
     from fxprune.analysis import Analysis
-    from fxprune.passes.latency import LatencyTables
+    from fxprune.latency.tables import LatencyTables
 
 __all__ = [
     "Calibration",
@@ -134,7 +134,7 @@ class LatencyModel(_Linear):
 
     Args:
         analysis: the analysed model the tables were built for.
-        tables: from :func:`fxprune.passes.latency.annotate_latency`.
+        tables: from :func:`fxprune.latency.tables.annotate_latency`.
         backend: measures whole (pruned) models; the tables' backend.
         measure_config: timing settings for whole-model measurements.
         sessions: whole models are timed over this many fresh sessions (runs go round them
@@ -206,7 +206,7 @@ class LatencyModel(_Linear):
         if self.backend is None:
             raise ValueError("LatencyModel.measure needs a backend; pass backend= when creating it")
         if isinstance(module_or_plan, Plan):
-            from fxprune.api import prune
+            from fxprune.rewrite.api import prune
 
             module_or_plan = prune(self.analysis, module_or_plan)
         config = config or self.measure_config

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fxprune.plan import Plan
+from fxprune.core.plan import Plan
 
 if TYPE_CHECKING:
     from fxprune.analysis import Analysis

@@ -9,10 +9,10 @@ from fake_backend import FakeBackend
 
 import fxprune
 from fxprune.backends import LatencyCache
+from fxprune.core.meta import TENSOR_META
 from fxprune.latency.in_model import in_model_factors, match_kernels
 from fxprune.latency.predictor import LatencyModel
-from fxprune.meta import TENSOR_META
-from fxprune.passes.latency import LatencyConfig, annotate_latency
+from fxprune.latency.tables import LatencyConfig, annotate_latency
 
 
 def _kernels(analysis, layers, pad: int = 0):

@@ -24,8 +24,8 @@ from fxprune.latency.predictor import (
     live_layer_counts,
 )
 from fxprune.latency.sampling import random_aligned_plan
-from fxprune.passes.latency import LatencyConfig, annotate_latency
-from fxprune.report import count_macs
+from fxprune.latency.tables import LatencyConfig, annotate_latency
+from fxprune.pipeline.report import count_macs
 
 
 class Net(nn.Module):

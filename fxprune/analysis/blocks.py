@@ -1,0 +1,98 @@
+"""Removable blocks: residual branches ``add(x, f(x))`` that can be replaced by ``x``.
+
+On the networkx view of the graph, for every two-input add we try each operand as the shortcut
+``s`` and the other as the branch output ``b``. The branch region ``R`` is every node on a path
+from ``s`` to ``b``. It is a removable block when ``R`` is single-entry (nothing in ``R`` reads a
+value from outside ``R ∪ {s}`` except parameters and constants — so ``s`` dominates ``R``) and
+single-exit (nothing outside reads a value from ``R`` except the add — so the add post-dominates
+it), it contains at least one weight layer, and the add keeps ``s``'s shape (identity shortcut).
+Stochastic depth and layer scale inside the branch are part of ``R``, so they are covered.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import networkx as nx
+import torch
+from torch import fx
+
+from fxprune.core.meta import TENSOR_META
+
+__all__ = ["Block", "find_blocks", "to_networkx"]
+
+_ADDS = {operator.add, operator.iadd, torch.add}
+
+
+@dataclass(frozen=True)
+class Block:
+    """A removable residual branch; removing it rewrites ``add`` to ``shortcut``."""
+
+    name: str  # the add node's name
+    shortcut: str
+    branch: str  # the branch's output node
+    region: frozenset[str]  # node names of the branch
+
+
+def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
+    """A read-only DiGraph view of the fx graph (node names, edges producer → user)."""
+    g = nx.DiGraph()
+    for node in gm.graph.nodes:
+        g.add_node(node.name, op=node.op)
+        for inp in node.all_input_nodes:
+            g.add_edge(inp.name, node.name)
+    return g
+
+
+def _is_add(node: fx.Node) -> bool:
+    if node.op == "call_function" and node.target in _ADDS:
+        return True
+    return node.op == "call_method" and node.target in ("add", "add_")
+
+
+def find_blocks(gm: fx.GraphModule, graph: nx.DiGraph | None = None) -> list[Block]:
+    """Every removable residual block of the graph, in graph order."""
+    graph = graph if graph is not None else to_networkx(gm)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    blocks = []
+    for node in gm.graph.nodes:
+        if not _is_add(node) or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
+            continue
+        a, b = node.args
+        if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+            continue
+        for shortcut, branch in ((a, b), (b, a)):
+            block = _block(gm, node, shortcut, branch, graph, nodes)
+            if block is not None:
+                blocks.append(block)
+                break
+    return blocks
+
+
+def _shape(node: fx.Node):
+    meta = node.meta.get(TENSOR_META)
+    return tuple(meta.shape) if hasattr(meta, "shape") else None
+
+
+def _block(gm, add: fx.Node, s: fx.Node, b: fx.Node, graph: nx.DiGraph, nodes) -> Block | None:
+    if s is b or _shape(add) is None or _shape(add) != _shape(s):
+        return None
+    region = (nx.ancestors(graph, b.name) | {b.name}) & nx.descendants(graph, s.name)
+    if b.name not in region:
+        return None
+    has_layer = False
+    for name in region:
+        n = nodes[name]
+        for inp in n.all_input_nodes:
+            if inp.name not in region and inp is not s and inp.op != "get_attr":
+                return None  # a second entry: s does not dominate the branch
+        for user in n.users:
+            if user.name not in region and user is not add:
+                return None  # the branch leaks a value: not single-exit
+        has_layer |= (
+            n.op == "call_module" and any(True for _ in gm.get_submodule(n.target).parameters())
+        ) or (n.op == "call_function" and any(i.op == "get_attr" for i in n.all_input_nodes))
+    if not has_layer or set(b.users) != {add}:
+        return None
+    return Block(add.name, s.name, b.name, frozenset(region))

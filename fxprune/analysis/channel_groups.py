@@ -1,0 +1,219 @@
+"""Channel-space analysis: label every tensor's channels with units, then form coupling groups.
+
+Walks the graph once in topological order; each node's rule (``channel_rules.py``) maps its
+inputs' channel maps to its output's, joining units that must be pruned together. Unknown ops
+freeze what they touch. Afterwards the units are grouped: a *coupling group* is a connected set
+of roots (conv/linear outputs, parameters) that share unit classes; its *indices* are its unit
+classes in a canonical order. A Plan chooses, per group, which indices to keep.
+
+Results: ``node.meta["fxprune.channels"]`` for every tensor node, and a :class:`ChannelSpaces`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import fx
+
+from fxprune.analysis.channel_context import (
+    ChannelContext,
+    LayerRecord,
+    RootRecord,
+    describe,
+    is_tensor_node,
+)
+from fxprune.analysis.channel_rules import lookup_rule
+from fxprune.core.meta import CHANNELS
+
+__all__ = ["ChannelSpaces", "Group", "analyze_channels"]
+
+
+@dataclass(frozen=True)
+class Group:
+    """A coupling group: ``size`` indices, each a class of units kept or pruned as one."""
+
+    name: str
+    size: int
+    classes: np.ndarray  # class id (unit representative) of each index
+    roots: tuple[str, ...]
+    frozen: tuple[str, ...] = ()  # reasons; non-empty means never pruned
+    inexact: tuple[str, ...] = ()  # reasons pruning differs from masking
+    #: each entry: G arrays of group indices (with repeats) whose kept counts must be equal
+    equal_count: tuple[tuple[np.ndarray, ...], ...] = ()
+
+    @property
+    def prunable(self) -> bool:
+        return not self.frozen
+
+
+@dataclass
+class ChannelSpaces:
+    """The result of the channel-space pass."""
+
+    gm: fx.GraphModule
+    ctx: ChannelContext
+    groups: list[Group]
+    unit_class: np.ndarray  # unit id -> class id
+    class_index: dict[int, tuple[int, int]] = field(default_factory=dict)  # class -> (group, idx)
+
+    @property
+    def layers(self) -> list[LayerRecord]:
+        return self.ctx.layers
+
+    @property
+    def roots(self) -> list[RootRecord]:
+        return self.ctx.roots
+
+    def group(self, name: str) -> Group:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+    def groups_of(self, units: np.ndarray) -> list[int]:
+        """Indices (into ``groups``) of the groups that own any of these units."""
+        classes = np.unique(self.unit_class[units])
+        return sorted({self.class_index[c][0] for c in classes.tolist() if c in self.class_index})
+
+    def keep_units(self, kept: dict[str, np.ndarray]) -> np.ndarray:
+        """Per-unit keep flags from per-group kept index arrays (groups not named keep all)."""
+        keep_class = np.ones(len(self.unit_class), dtype=bool)
+        for g in self.groups:
+            if g.name in kept:
+                mask = np.ones(g.size, dtype=bool)
+                mask[np.asarray(kept[g.name], dtype=np.int64)] = False
+                keep_class[g.classes[mask]] = False
+        return keep_class[self.unit_class]
+
+
+def _get_attr_map(ctx: ChannelContext, node: fx.Node) -> np.ndarray | None:
+    value = ctx.gm
+    for atom in str(node.target).split("."):
+        value = getattr(value, atom)
+    if not isinstance(value, torch.Tensor):
+        return None
+    if value.ndim == 0:
+        return ctx.single((), f"scalar parameter '{node.target}'")
+    cdim = max(range(value.ndim), key=lambda d: (value.shape[d], d))
+    return ctx.root(node, str(node.target), "param", value.shape[cdim], cdim, value.ndim)
+
+
+def analyze_channels(gm: fx.GraphModule) -> ChannelSpaces:
+    """Run the channel-space pass on a traced GraphModule with ``tensor_meta`` set."""
+    ctx = ChannelContext(gm)
+    for node in gm.graph.nodes:
+        node.meta[CHANNELS] = _visit(ctx, node)
+    return _form_groups(ctx)
+
+
+def _visit(ctx: ChannelContext, node: fx.Node):
+    if node.op == "placeholder":
+        shape = ctx.shape(node)
+        return None if shape is None else ctx.single(shape, f"model input '{node.name}'")
+    if node.op == "get_attr":
+        return _get_attr_map(ctx, node)
+    if node.op == "output":
+        ctx.freeze_args(node, "model output")
+        return None
+    if not is_tensor_node(node):
+        return None  # sizes, shapes, asserts: they adapt to pruned tensors by themselves
+    rule = lookup_rule(node, ctx.gm)
+    result = None
+    if rule is not None:
+        try:
+            result = rule(ctx, node)
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            result = None  # an argument form the rule does not handle: treat as unknown
+    if result is None:
+        reason = f"unsupported op: {describe(node, ctx.gm)}"
+        ctx.freeze_args(node, reason)
+        result = ctx.frozen_output(node, reason)
+    return result
+
+
+def _form_groups(ctx: ChannelContext) -> ChannelSpaces:
+    table = ctx.table
+    unit_class = table.find_array(np.arange(len(table), dtype=np.int64))
+    # Classes that appear in one root belong to one group: join them with a second union-find.
+    owner: dict[int, int] = {}
+    parent = list(range(len(ctx.roots)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for r, root in enumerate(ctx.roots):
+        for c in np.unique(unit_class[root.units]).tolist():
+            if c in owner:
+                a, b = find(owner[c]), find(r)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+            else:
+                owner[c] = r
+    members: dict[int, list[int]] = {}
+    for r in range(len(ctx.roots)):
+        members.setdefault(find(r), []).append(r)
+
+    groups: list[Group] = []
+    class_index: dict[int, tuple[int, int]] = {}
+    for rep in sorted(members):
+        roots = [ctx.roots[r] for r in members[rep]]
+        if not any(r.kind in ("conv", "linear") for r in roots):
+            continue  # parameters / opaque values with no layer: nothing to prune
+        order: list[int] = []
+        seen: set[int] = set()
+        for root in roots:
+            for c in unit_class[root.units].tolist():
+                if c not in seen:
+                    seen.add(c)
+                    order.append(c)
+        gid = len(groups)
+        for i, c in enumerate(order):
+            class_index[c] = (gid, i)
+        frozen = sorted({r for c in order for r in table.frozen.get(c, [])})
+        inexact = sorted({r for c in order for r in table.inexact.get(c, [])})
+        groups.append(
+            Group(
+                name=next(r.name for r in roots if r.kind in ("conv", "linear")),
+                size=len(order),
+                classes=np.asarray(order, dtype=np.int64),
+                roots=tuple(r.name for r in roots),
+                frozen=tuple(frozen),
+                inexact=tuple(inexact),
+            )
+        )
+    groups = _attach_equal_count(ctx, groups, unit_class, class_index)
+    return ChannelSpaces(ctx.gm, ctx, groups, unit_class, class_index)
+
+
+def _attach_equal_count(ctx, groups, unit_class, class_index) -> list[Group]:
+    """Turn grouped-conv / GroupNorm segment rules into per-group index partitions."""
+    extra: dict[int, list[tuple[np.ndarray, ...]]] = {}
+    frozen_extra: dict[int, list[str]] = {}
+    for units, g, why in ctx.equal_count:
+        classes = unit_class[units]
+        owners = {class_index[c][0] for c in classes.tolist() if c in class_index}
+        if len(owners) != 1:
+            for gid in owners:
+                frozen_extra.setdefault(gid, []).append(f"{why} spans several groups")
+            continue
+        gid = owners.pop()
+        idx = np.asarray([class_index[c][1] for c in classes.tolist()], dtype=np.int64)
+        parts = tuple(np.array_split(idx, g))
+        if not any(
+            all(np.array_equal(a, b) for a, b in zip(p, parts, strict=False))
+            for p in extra.get(gid, [])
+        ):
+            extra.setdefault(gid, []).append(parts)
+    out = []
+    for gid, grp in enumerate(groups):
+        parts = tuple(extra.get(gid, ()))
+        frozen = grp.frozen + tuple(frozen_extra.get(gid, ()))
+        if len(parts) > 1 and not frozen:
+            frozen = (*frozen, "several different grouped-conv segmentations in one group")
+        out.append(Group(grp.name, grp.size, grp.classes, grp.roots, frozen, grp.inexact, parts))
+    return out

@@ -1,0 +1,524 @@
+"""Per-op channel rules: how each op maps the channel units of its inputs to its output.
+
+A rule is a function ``rule(ctx, node, *maybe_module) -> map`` registered for a module class,
+a function object or a method name. Ops without a rule are *unknown*: the channel-space pass
+freezes every unit they touch and records why. To teach fxprune a new op, register a rule here
+(or from user code, see CONTRIBUTING.md) and, if the op holds channel-sized state, a pruner in
+``prune_rules.py``.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxprune.analysis.channel_context import ChannelContext, LayerRecord, describe
+from fxprune.core.channel_units import expand_index, varying_dims
+
+__all__ = [
+    "FunctionRule",
+    "ModuleRule",
+    "lookup_rule",
+    "register_function_rule",
+    "register_method_rule",
+    "register_module_rule",
+]
+
+ModuleRule = Callable[[ChannelContext, fx.Node, nn.Module], Any]
+FunctionRule = Callable[[ChannelContext, fx.Node], Any]
+
+_MODULE_RULES: dict[type, ModuleRule] = {}
+_FUNCTION_RULES: dict[Any, FunctionRule] = {}
+_METHOD_RULES: dict[str, FunctionRule] = {}
+
+
+def register_module_rule(*types: type) -> Callable[[ModuleRule], ModuleRule]:
+    """Register ``rule(ctx, node, module)`` for modules of these classes (and subclasses)."""
+
+    def deco(rule: ModuleRule) -> ModuleRule:
+        for t in types:
+            _MODULE_RULES[t] = rule
+        return rule
+
+    return deco
+
+
+def register_function_rule(*fns: Any) -> Callable[[FunctionRule], FunctionRule]:
+    """Register ``rule(ctx, node)`` for ``call_function`` nodes with these targets."""
+
+    def deco(rule: FunctionRule) -> FunctionRule:
+        for f in fns:
+            _FUNCTION_RULES[f] = rule
+        return rule
+
+    return deco
+
+
+def register_method_rule(*names: str) -> Callable[[FunctionRule], FunctionRule]:
+    """Register ``rule(ctx, node)`` for ``call_method`` nodes (``x.view(...)``) by name."""
+
+    def deco(rule: FunctionRule) -> FunctionRule:
+        for n in names:
+            _METHOD_RULES[n] = rule
+        return rule
+
+    return deco
+
+
+def lookup_rule(
+    node: fx.Node, gm: fx.GraphModule
+) -> Callable[[ChannelContext, fx.Node], Any] | None:
+    """The rule for a node, or None when the op is unknown."""
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        for cls in type(module).__mro__:
+            if cls in _MODULE_RULES:
+                rule = _MODULE_RULES[cls]
+                return lambda ctx, n, _r=rule, _m=module: _r(ctx, n, _m)
+        return None
+    if node.op == "call_function":
+        try:
+            return _FUNCTION_RULES.get(node.target)
+        except TypeError:  # unhashable target
+            return None
+    if node.op == "call_method":
+        return _METHOD_RULES.get(node.target)
+    return None
+
+
+# ---- argument helpers --------------------------------------------------------------------------
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _dims(value: Any, ndim: int) -> list[int] | None:
+    if value is None:
+        return None
+    if isinstance(value, int):
+        return [value % ndim]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+        return [v % ndim for v in value]
+    raise ValueError(f"unsupported dim argument {value!r}")
+
+
+def cdim_of(u: np.ndarray) -> int | None:
+    dims = varying_dims(u)
+    return dims[0] if dims else None
+
+
+# ---- same-space ops ----------------------------------------------------------------------------
+def passthrough(ctx: ChannelContext, node: fx.Node, *_: Any) -> np.ndarray:
+    """Elementwise in the channel dim: output channel i depends on input channel i only."""
+    first = ctx.tensor_args(node)[0]
+    return ctx.map(first)
+
+
+def spatial(ctx: ChannelContext, node: fx.Node, *_: Any) -> np.ndarray:
+    """Pooling / resampling over the trailing spatial dims; the channel dim must be dim 1."""
+    first = ctx.tensor_args(node)[0]
+    u = ctx.map(first)
+    c = cdim_of(u)
+    if c is not None and c >= 2:
+        ctx.freeze(u, f"{describe(node, ctx.gm)} pools over the dim that carries channels")
+        return ctx.frozen_output(node, "output of a pooling over channels")
+    return u
+
+
+_ACTIVATIONS = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.SiLU,
+    nn.GELU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.Mish,
+    nn.Softplus,
+    nn.Hardtanh,
+    nn.PReLU,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+    nn.Identity,
+)
+register_module_rule(*(a for a in _ACTIVATIONS if a is not nn.PReLU))(passthrough)
+register_module_rule(
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveMaxPool3d,
+    nn.Upsample,
+    nn.UpsamplingNearest2d,
+    nn.UpsamplingBilinear2d,
+)(spatial)
+
+_UNARY_FUNCTIONS: list[Any] = [
+    F.relu,
+    F.relu6,
+    F.gelu,
+    F.silu,
+    F.hardswish,
+    F.hardsigmoid,
+    F.sigmoid,
+    F.tanh,
+    F.elu,
+    F.leaky_relu,
+    F.hardtanh,
+    F.mish,
+    F.softplus,
+    F.dropout,
+    F.dropout1d,
+    F.dropout2d,
+    F.dropout3d,
+    torch.relu,
+    torch.sigmoid,
+    torch.tanh,
+    torch.exp,
+    torch.abs,
+    torch.sqrt,
+    torch.clamp,
+    torch.nn.functional.relu_,
+    operator.neg,
+    torch.neg,
+    torch.clone,
+]
+register_function_rule(*_UNARY_FUNCTIONS)(passthrough)
+register_method_rule(
+    "relu",
+    "relu_",
+    "sigmoid",
+    "sigmoid_",
+    "tanh",
+    "exp",
+    "abs",
+    "sqrt",
+    "clamp",
+    "clamp_",
+    "contiguous",
+    "clone",
+    "float",
+    "half",
+    "double",
+    "to",
+    "type_as",
+    "detach",
+    "neg",
+    "hardtanh_",
+    "gelu",
+    "silu",
+)(passthrough)
+register_function_rule(
+    F.max_pool1d,
+    F.max_pool2d,
+    F.max_pool3d,
+    F.avg_pool1d,
+    F.avg_pool2d,
+    F.avg_pool3d,
+    torch._C._nn.avg_pool2d,
+    F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d,
+    F.adaptive_avg_pool3d,
+    F.adaptive_max_pool2d,
+    F.interpolate,
+)(spatial)
+
+try:  # torchvision wraps stochastic depth so fx keeps it as one call: per-sample, per-channel ok
+    from torchvision.ops import stochastic_depth as _sd
+
+    register_function_rule(_sd)(passthrough)
+except ImportError:  # pragma: no cover - torchvision is optional
+    pass
+
+
+# ---- elementwise between tensors -------------------------------------------------------------
+@register_function_rule(
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    operator.iadd,
+    operator.isub,
+    operator.imul,
+    operator.itruediv,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+    torch.maximum,
+    torch.minimum,
+    torch.where,
+)
+@register_method_rule("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "expand_as")
+def elementwise(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
+    """Residual adds, SE scaling, layer scale: full-size operands are coupled position-wise."""
+    if node.op == "call_method" and node.target == "expand_as":
+        return ctx.combine(node, [node.args[0]])
+    return ctx.combine(node, ctx.tensor_args(node))
+
+
+# ---- conv / linear: roots ----------------------------------------------------------------------
+@register_module_rule(nn.Conv1d, nn.Conv2d, nn.Conv3d)
+def conv(ctx: ChannelContext, node: fx.Node, m: nn.Module) -> np.ndarray:
+    x = node.args[0]
+    out_shape = ctx.shape(node)
+    key = ctx.key(node, m)
+    in_units = ctx.share_input(key, ctx.along(x, 1))
+    g = m.groups
+    if g == 1:
+        out = ctx.root(node, key, "conv", m.out_channels, 1, len(out_shape))
+    elif g == m.in_channels == m.out_channels:  # depthwise: output channel i reads input i
+        out = in_units.reshape([1, -1] + [1] * (len(out_shape) - 2))
+    elif g == m.in_channels:  # depthwise with a channel multiplier
+        ctx.freeze(in_units, f"depthwise {describe(node, ctx.gm)} with a channel multiplier")
+        out = ctx.root(node, key, "conv", m.out_channels, 1, len(out_shape))
+        ctx.freeze(out, f"depthwise {describe(node, ctx.gm)} with a channel multiplier")
+    else:  # grouped: every group must keep the same number of inputs and of outputs
+        out = ctx.root(node, key, "conv", m.out_channels, 1, len(out_shape))
+        why = f"grouped conv {describe(node, ctx.gm)} (groups={g})"
+        ctx.equal_count.append((in_units, g, why))
+        ctx.equal_count.append((out.reshape(-1), g, why))
+    ctx.add_layer(LayerRecord(node.name, node.target, "conv", in_units, out.reshape(-1), g))
+    return out
+
+
+@register_module_rule(nn.Linear)
+def linear(ctx: ChannelContext, node: fx.Node, m: nn.Linear) -> np.ndarray:
+    x = node.args[0]
+    out_shape = ctx.shape(node)
+    key = ctx.key(node, m)
+    in_units = ctx.share_input(key, ctx.along(x, -1))
+    out = ctx.root(node, key, "linear", m.out_features, len(out_shape) - 1, len(out_shape))
+    ctx.add_layer(LayerRecord(node.name, node.target, "linear", in_units, out.reshape(-1)))
+    return out
+
+
+# ---- normalisation ---------------------------------------------------------------------------
+@register_module_rule(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm2d)
+def batch_norm(ctx: ChannelContext, node: fx.Node, m: nn.Module) -> np.ndarray:
+    x = node.args[0]
+    units = ctx.share_input(ctx.key(node, m), ctx.along(x, 1))
+    ctx.add_layer(LayerRecord(node.name, node.target, "norm", units, units))
+    return units.reshape([1, -1] + [1] * (len(ctx.shape(node)) - 2))
+
+
+def _layer_norm(
+    ctx: ChannelContext, node: fx.Node, name: str, normalized: tuple[int, ...]
+) -> np.ndarray:
+    x = node.args[0]
+    shape = ctx.shape(node)
+    if len(normalized) != 1:
+        ctx.freeze(ctx.map(x), f"{describe(node, ctx.gm)} normalises over several dims")
+        return ctx.frozen_output(node, "output of a multi-dim LayerNorm")
+    units = ctx.share_input(name, ctx.along(x, -1))
+    ctx.inexact(units, f"LayerNorm {describe(node, ctx.gm)}: pruning changes its mean/variance")
+    ctx.add_layer(LayerRecord(node.name, name, "norm", units, units))
+    return units.reshape([1] * (len(shape) - 1) + [-1])
+
+
+@register_module_rule(nn.LayerNorm)
+def layer_norm_module(ctx: ChannelContext, node: fx.Node, m: nn.LayerNorm) -> np.ndarray:
+    return _layer_norm(ctx, node, ctx.key(node, m), tuple(m.normalized_shape))
+
+
+@register_function_rule(F.layer_norm)
+def layer_norm_function(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
+    shape = arg(node, 1, "normalized_shape")
+    normalized = (shape,) if isinstance(shape, int) else tuple(shape)
+    out = _layer_norm(ctx, node, node.name, normalized)
+    for i, key in ((2, "weight"), (3, "bias")):
+        p = arg(node, i, key)
+        if isinstance(p, fx.Node) and ctx.map(p) is not None:
+            ctx.table.union_arrays(ctx.along(p, -1), out.reshape(-1))
+    return out
+
+
+@register_module_rule(nn.GroupNorm)
+def group_norm(ctx: ChannelContext, node: fx.Node, m: nn.GroupNorm) -> np.ndarray:
+    x = node.args[0]
+    units = ctx.share_input(ctx.key(node, m), ctx.along(x, 1))
+    why = f"GroupNorm {describe(node, ctx.gm)}: pruning changes its group statistics"
+    ctx.inexact(units, why)
+    ctx.equal_count.append((units, m.num_groups, why))
+    ctx.add_layer(LayerRecord(node.name, node.target, "norm", units, units))
+    return units.reshape([1, -1] + [1] * (len(ctx.shape(node)) - 2))
+
+
+# ---- shape ops ---------------------------------------------------------------------------------
+@register_function_rule(torch.flatten, torch.reshape, torch.unflatten)
+@register_method_rule("view", "reshape", "flatten", "unflatten")
+@register_module_rule(nn.Flatten, nn.Unflatten)
+def reshape(ctx: ChannelContext, node: fx.Node, *_: Any) -> np.ndarray:
+    """Any reshape: lay the units out over the input shape and reshape them like the data."""
+    x = ctx.tensor_args(node)[0]
+    u, in_shape, out_shape = ctx.map(x), ctx.shape(x), ctx.shape(node)
+    full = np.broadcast_to(u.reshape((1,) * (len(in_shape) - u.ndim) + u.shape), in_shape)
+    return ctx.normalize(full.reshape(out_shape))
+
+
+@register_function_rule(torch.permute)
+@register_method_rule("permute")
+def permute(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
+    rest = list(node.args[1:]) or [node.kwargs["dims"]]
+    dims = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
+    return np.transpose(ctx.map(node.args[0]), dims)
+
+
+@register_function_rule(torch.transpose, torch.swapaxes)
+@register_method_rule("transpose", "swapaxes")
+def transpose(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
+    u = ctx.map(node.args[0])
+    return np.swapaxes(u, node.args[1] % u.ndim, node.args[2] % u.ndim)
+
+
+@register_function_rule(torch.unsqueeze)
+@register_method_rule("unsqueeze")
+def unsqueeze(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
+    u = ctx.map(node.args[0])
+    d = arg(node, 1, "dim")
+    return np.expand_dims(u, d % (u.ndim + 1))
+
+
+@register_function_rule(torch.squeeze)
+@register_method_rule("squeeze")
+def squeeze(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
+    u, shape = ctx.map(node.args[0]), ctx.shape(node.args[0])
+    d = arg(node, 1, "dim")
+    dims = [i for i, s in enumerate(shape) if s == 1] if d is None else _dims(d, len(shape))
+    dims = [i for i in dims if shape[i] == 1]
+    return np.squeeze(u, axis=tuple(dims)) if dims else u
+
+
+@register_method_rule("expand")
+def expand(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
+    u, out_shape = ctx.map(node.args[0]), ctx.shape(node)
+    return u.reshape((1,) * (len(out_shape) - u.ndim) + u.shape)
+
+
+@register_function_rule(torch.cat, torch.concat, torch.concatenate)
+def cat(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
+    """Concatenation: maps are concatenated (DenseNet, Inception), then normalised."""
+    tensors = list(arg(node, 0, "tensors"))
+    out_shape = ctx.shape(node)
+    nd = len(out_shape)
+    dim = arg(node, 1, "dim", 0) % nd
+    maps = [ctx.map(t) for t in tensors]
+    vary = {d for u in maps for d in varying_dims(u)}
+    parts = []
+    for t, u in zip(tensors, maps, strict=False):
+        target = [out_shape[d] if d in vary else 1 for d in range(nd)]
+        target[dim] = ctx.shape(t)[dim]
+        parts.append(np.broadcast_to(u, target))
+    return ctx.normalize(np.concatenate(parts, axis=dim))
+
+
+@register_function_rule(torch.stack)
+def stack(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
+    tensors = list(arg(node, 0, "tensors"))
+    out_shape = ctx.shape(node)
+    dim = arg(node, 1, "dim", 0) % len(out_shape)
+    maps = [np.expand_dims(ctx.map(t), dim) for t in tensors]
+    vary = {d for u in maps for d in varying_dims(u)}
+    target = [out_shape[d] if d in vary else 1 for d in range(len(out_shape))]
+    target[dim] = 1
+    return ctx.normalize(np.concatenate([np.broadcast_to(u, target) for u in maps], axis=dim))
+
+
+@register_function_rule(torch.split, torch.chunk, torch.tensor_split)
+@register_method_rule("split", "chunk", "tensor_split")
+def split(ctx: ChannelContext, node: fx.Node) -> tuple[np.ndarray, ...]:
+    """split / chunk: each output is a slice of the input's map along ``dim``."""
+    x = node.args[0]
+    u, shape = ctx.map(x), ctx.shape(x)
+    dim = arg(node, 2, "dim", 0) % len(shape)
+    outs, start = [], 0
+    for meta in node.meta["tensor_meta"]:
+        size = meta.shape[dim]
+        outs.append(u if u.shape[dim] == 1 else np.take(u, range(start, start + size), axis=dim))
+        start += size
+    return tuple(outs)
+
+
+@register_function_rule(operator.getitem)
+def getitem(ctx: ChannelContext, node: fx.Node) -> Any:
+    """Tuple element selection, or basic tensor indexing with slices / ints / None / ``...``."""
+    src, index = node.args
+    value = src.meta.get("fxprune.channels")
+    if isinstance(value, tuple):
+        return value[index]
+    u, shape = ctx.map(src), ctx.shape(src)
+    idx = index if isinstance(index, tuple) else (index,)
+    if not all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in idx):
+        return None  # advanced indexing: treated as unknown by the caller
+    if any(
+        isinstance(i, slice) and any(isinstance(v, fx.Node) for v in (i.start, i.stop, i.step))
+        for i in idx
+    ):
+        return None
+    expanded = expand_index(idx, len(shape))
+    c = cdim_of(u)
+    out_index: list[Any] = []
+    d = 0
+    for i in expanded:
+        if i is None:
+            out_index.append(None)
+            continue
+        if u.shape[d] == 1:
+            out_index.append(0 if isinstance(i, int) else slice(None))
+        else:
+            if d == c and not (isinstance(i, slice) and i.step in (None, 1)):
+                ctx.freeze(u, f"{describe(node, ctx.gm)} picks single channels")
+            out_index.append(i)
+        d += 1
+    return u[tuple(out_index)]
+
+
+# ---- reductions and normalisations over a dim ------------------------------------------------
+@register_function_rule(torch.mean, torch.sum, torch.amax, torch.amin)
+@register_method_rule("mean", "sum", "amax", "amin")
+def reduce(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
+    x = node.args[0]
+    u, shape = ctx.map(x), ctx.shape(x)
+    dims = _dims(arg(node, 1, "dim"), len(shape))
+    keepdim = bool(arg(node, 2, "keepdim", False))
+    c = cdim_of(u)
+    if dims is None or (c is not None and c in dims):
+        ctx.inexact(u, f"{describe(node, ctx.gm)} reduces over the channel dim")
+        return ctx.frozen_output(node, "result of a reduction over channels")
+    if keepdim:
+        return u
+    return np.squeeze(u, axis=tuple(dims))
+
+
+@register_function_rule(F.softmax, F.log_softmax, torch.softmax, torch.log_softmax)
+@register_method_rule("softmax", "log_softmax")
+def softmax(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
+    x = node.args[0]
+    u = ctx.map(x)
+    dim = arg(node, 1, "dim") % u.ndim
+    if cdim_of(u) == dim:
+        ctx.freeze(u, f"{describe(node, ctx.gm)} normalises over the channel dim")
+        return ctx.frozen_output(node, "softmax over channels")
+    return u

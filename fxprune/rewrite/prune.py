@@ -1,0 +1,433 @@
+"""The rewrite: apply a Plan to the analysed graph and return a new, smaller GraphModule.
+
+Steps: (1) removed blocks — each add is rewired to its shortcut and the dead branch eliminated;
+(2) every weight layer is replaced by a pruned copy (conv/linear/BN/LayerNorm/GroupNorm, depthwise
+``groups`` updated); (3) parameters used directly in the graph (layer scale, class tokens,
+``F.layer_norm`` weights) are sliced along their channel dim; (4) literal channel counts in
+``view``/``reshape``/``expand``, split sizes, ``chunk`` and channel slices are recomputed for the
+kept channels; (5) in unconstrained plans, consumers with their own kept inputs read them with a
+slice, a gather or a zero-padded read (:mod:`fxprune.unconstrained.reads`), after each group's channels
+were put in the order that makes the most of those reads slices (:mod:`fxprune.unconstrained.layout`);
+(6) lint, dead-module removal, recompile. The analysed graph is not modified.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import fx, nn
+
+from fxprune.core.channel_units import expand_index, varying_dims
+from fxprune.core.errors import PlanError
+from fxprune.core.meta import CHANNELS
+from fxprune.rewrite.pruners import lookup_pruner
+from fxprune.rewrite.segment import SegmentCost, SegmentInfo, segment
+from fxprune.unconstrained.layout import Layout, channel_layout
+from fxprune.unconstrained.reads import (
+    POLICY_OF_KIND,
+    ConsumerRead,
+    ReadChooser,
+    ReadCost,
+    choose_read,
+    pad_read,
+)
+
+if TYPE_CHECKING:
+    from fxprune.analysis import Analysis
+    from fxprune.analysis.consumers import Consumer
+    from fxprune.core.plan import Plan
+
+__all__ = ["RewriteInfo", "apply_plan", "rewrite"]
+
+
+@dataclass
+class RewriteInfo:
+    """What the rewrite decided for an unconstrained plan: orders and consumer reads."""
+
+    layout: Layout
+    reads: dict[str, ConsumerRead] = field(default_factory=dict)
+    #: with ``reads="measure"``: the whole-model candidates timed side by side, as multiples
+    #: of the exact reads (``{"vs_exact": {"measured": r, "segmented": r}, "kept": name}``)
+    whole_check: dict[str, Any] = field(default_factory=dict)
+    #: set when the model carries read tensors as segments (:mod:`fxprune.rewrite.segment`)
+    segments: SegmentInfo | None = None
+    segment_block: int | None = None
+    #: set when consumer reads were padded to a multiple of this many channels (pad_read)
+    read_block: int | None = None
+    #: the per-segment price the segments were merged under (None: cut at every read boundary)
+    segment_cost: SegmentCost | None = None
+
+    def counts(self) -> dict[str, int]:
+        """How many consumers read by slice / gather / span / full, and gathered channels."""
+        out = {k: 0 for k in ("slice", "gather", "span", "full")}
+        for r in self.reads.values():
+            out[r.kind] += 1
+        out["gathered_channels"] = sum(r.length for r in self.reads.values() if r.kind == "gather")
+        return out
+
+    def kinds(self) -> dict[str, str]:
+        """Consumer -> read kind; pass as ``reads=`` to rebuild exactly this structure."""
+        return {name: r.kind for name, r in sorted(self.reads.items())}
+
+
+def apply_plan(analysis: Analysis, plan: Plan, **options: Any) -> fx.GraphModule:
+    """Build the pruned GraphModule for ``plan`` (validated first); options as :func:`rewrite`."""
+    return rewrite(analysis, plan, **options)[0]
+
+
+def rewrite(
+    analysis: Analysis,
+    plan: Plan,
+    *,
+    reorder: bool = True,
+    reads: str | Mapping[str, str] = "exact",
+    read_cost: ReadCost | ReadChooser | None = None,
+    segment_block: int | None = None,
+    segment_cost: SegmentCost | None = None,
+    read_block: int | None = None,
+) -> tuple[fx.GraphModule, RewriteInfo]:
+    """The pruned GraphModule and what was decided on the way.
+
+    Args:
+        reorder: permute groups' channels so consumer subsets become slices (unconstrained plans).
+        reads: how consumers with their own kept inputs read them: "exact" (slice or gather),
+            "auto" (cheapest of slice/gather/zero-padded span/full read under ``read_cost``),
+            "span", "full" (never copy: read everything, zero columns for dropped inputs),
+            "measure" (``read_cost`` is a :class:`~fxprune.unconstrained.reads.ReadChooser`
+            that picks among each consumer's candidates, e.g. by timing them); or
+            a mapping consumer -> read kind, as recorded in ``RewriteInfo.kinds()`` (so a saved
+            model is rebuilt with the reads it was measured with). Choosing among whole-model
+            export variants by timing them is :func:`fxprune.measure.export_choice.measured_rewrite`.
+        segment_block: carry every tensor that consumers read in channel ranges as segments
+            aligned to this block (:func:`fxprune.rewrite.segment.segment`); None: do not.
+        segment_cost: with ``segment_block``, cut only where a segment pays for its extra
+            convs under this price (:class:`~fxprune.rewrite.segment.SegmentCost`).
+        read_block: give every conv of an unconstrained plan an input count that is a
+            multiple of this block, so the runtime can keep it in its blocked layout: shared
+            tensors keep a few more channels (:func:`fxprune.unconstrained.masks.align_unions`, read
+            by nobody) and every read is widened with zero columns
+            (:func:`~fxprune.unconstrained.reads.pad_read`). The plan itself is not changed, so
+            ``rebuild`` needs the same ``read_block`` (compile records it). Not with
+            ``reads="measure"``.
+    """
+    plan.validate(analysis)
+    if read_block is not None and reads == "measure":
+        raise ValueError("read_block is a read policy of its own: not with reads='measure'")
+    if read_block is not None and plan.consumers:
+        from fxprune.unconstrained.masks import align_unions
+
+        plan = align_unions(analysis, plan, read_block)
+    gm = copy.deepcopy(analysis.gm)
+    maps = {n.name: n.meta.get(CHANNELS) for n in analysis.gm.graph.nodes}
+    keep_unit = analysis.spaces.keep_units(plan.kept)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    table = None
+    if plan.consumers:
+        table = analysis.consumers
+    layout = channel_layout(analysis, plan, keep_unit, table, reorder=reorder)
+    info = RewriteInfo(layout, read_block=read_block)
+
+    replaced: dict[str, str] = {}  # removed add -> the node now standing for it
+    removed = set(plan.removed_blocks)
+    for block in analysis.blocks:  # graph order, so chained and nested blocks resolve
+        if block.name not in removed:
+            continue
+        shortcut = block.shortcut
+        while shortcut in replaced:
+            shortcut = replaced[shortcut]
+        add = nodes[block.name]
+        for user in list(add.users):
+            _out_of_place(gm, user)
+        add.replace_all_uses_with(nodes[shortcut])
+        gm.graph.erase_node(add)
+        replaced[block.name] = shortcut
+    gm.graph.eliminate_dead_code()
+    live = {n.name for n in gm.graph.nodes}
+
+    done: set[str] = set()
+    tied: dict[int, nn.Parameter] = {}
+    for rec in analysis.spaces.layers:
+        if rec.node not in live or rec.target in done:
+            continue
+        done.add(rec.target)
+        in_idx, out_idx = layout.positions(rec.in_units), layout.positions(rec.out_units)
+        read = None
+        if rec.node in plan.consumers:
+            policy = (
+                reads if isinstance(reads, str) else POLICY_OF_KIND[reads.get(rec.node, "gather")]
+            )
+            read = _consumer_read(
+                gm,
+                table[rec.node],
+                plan.consumers[rec.node],
+                in_idx,
+                out_idx,
+                policy,
+                read_cost,
+                read_block,
+            )
+            info.reads[rec.node] = read
+            in_idx = in_idx[read.local]
+        unchanged = _identity(in_idx, rec.in_units) and _identity(out_idx, rec.out_units)
+        if unchanged and (read is None or not read.zero.any()):
+            continue
+        try:
+            module = gm.get_submodule(rec.target)
+        except AttributeError:
+            continue  # functional layer (F.layer_norm): its parameters are sliced below
+        new = _pruned(module, rec.target, in_idx, out_idx, read)
+        for pname, value in list(new.named_parameters(recurse=False)):
+            original = getattr(module, pname)
+            # modules that shared a parameter (tied weights) share its pruned version too
+            setattr(new, pname, tied.setdefault(id(original), value))
+        _set_submodule(gm, rec.target, new)
+        if read is not None:
+            _insert_read(gm, nodes[rec.node], table[rec.node].dim, read)
+
+    for root in analysis.spaces.roots:
+        if root.kind == "param":
+            idx = layout.positions(root.units)
+            if not _identity(idx, root.units):
+                _slice_parameter(gm, root.name, idx)
+
+    for node in gm.graph.nodes:
+        _rewrite_args(node, maps, keep_unit)
+
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    if segment_block is not None:
+        gm, info.segments = segment(gm, analysis.example_inputs, segment_block, segment_cost)
+        info.segment_block, info.segment_cost = segment_block, segment_cost
+    return gm, info
+
+
+def channel_copies(gm: fx.GraphModule) -> tuple[int, int]:
+    """How many ``index_select`` (gathers) and ``narrow`` (slices) along dim 1 ``gm`` runs."""
+    gathers = slices = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and len(node.args) > 1 and node.args[1] == 1:
+            gathers += node.target is torch.index_select
+            slices += node.target is torch.narrow
+    return gathers, slices
+
+
+def _identity(idx: np.ndarray, units: np.ndarray) -> bool:
+    return idx.size == np.asarray(units).size and bool(np.all(idx == np.arange(idx.size)))
+
+
+def _pruned(
+    module: nn.Module,
+    target: str,
+    in_idx: np.ndarray,
+    out_idx: np.ndarray,
+    read: ConsumerRead | None = None,
+) -> nn.Module:
+    """The module shrunk to these channels, with zero weight columns where ``read`` says."""
+    pruner = lookup_pruner(module)
+    if pruner is None:
+        raise PlanError(f"No pruner registered for {type(module).__name__} '{target}'.")
+    new = pruner(module, in_idx, out_idx)
+    if read is not None and read.zero.any():
+        with torch.no_grad():
+            new.weight[:, torch.from_numpy(np.flatnonzero(read.zero))] = 0.0
+    return new
+
+
+def _consumer_read(
+    gm: fx.GraphModule,
+    consumer: Consumer,
+    kept: tuple[int, ...],
+    in_idx: np.ndarray,
+    out_idx: np.ndarray,
+    policy: str,
+    cost: ReadCost | ReadChooser | None,
+    block: int | None = None,
+) -> ConsumerRead:
+    """Where the consumer's kept inputs sit in its rewritten input, and how it reads them.
+
+    ``policy="measure"`` hands the candidate reads (each with its pruned consumer) to ``cost``
+    (a :class:`~fxprune.unconstrained.reads.ReadChooser`), which picks one.
+    """
+    local = np.flatnonzero(np.isin(in_idx, np.asarray(kept, dtype=np.int64)))
+    sizes = {"spatial": consumer.spatial, "macs_per_input": consumer.macs_per_input}
+    if policy != "measure":
+        if isinstance(cost, ReadChooser):
+            raise ValueError("a ReadChooser read_cost (e.g. MeasuredReads) needs reads='measure'")
+        read = choose_read(local, in_idx.size, policy=policy, cost=cost, **sizes)
+        return pad_read(read, in_idx.size, block) if block else read
+    if not isinstance(cost, ReadChooser):
+        raise ValueError(
+            "reads='measure' needs a ReadChooser read_cost, e.g. MeasuredReads(backend)"
+        )
+    candidates: dict[str, ConsumerRead] = {}
+    for p in ("exact", "span", "full"):
+        r = choose_read(local, in_idx.size, policy=p, **sizes)
+        candidates.setdefault(r.kind, r)
+    module = gm.get_submodule(consumer.target)
+    shape = list(consumer.in_shape)
+    shape[consumer.dim] = in_idx.size
+    units = {
+        kind: (r, _pruned(module, consumer.target, in_idx[r.local], out_idx, r))
+        for kind, r in candidates.items()
+    }
+    return cost.choose(consumer.node, tuple(shape), consumer.dim, units)
+
+
+def _insert_read(gm: fx.GraphModule, node: fx.Node, dim: int, read: ConsumerRead) -> None:
+    """Feed ``node`` a slice or gather of its input (a full read needs nothing)."""
+    if read.kind == "full":
+        return
+    x = node.args[0]
+    with gm.graph.inserting_before(node):
+        if read.kind in ("slice", "span"):
+            new = gm.graph.call_function(torch.narrow, (x, dim, read.start, read.length))
+        else:
+            name = f"_fxprune_read_{node.name}"
+            gm.register_buffer(name, torch.from_numpy(read.local.astype(np.int64)))
+            index = gm.graph.get_attr(name)
+            new = gm.graph.call_function(torch.index_select, (x, dim, index))
+    node.args = (new, *node.args[1:])
+
+
+def _out_of_place(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Make an in-place op out-of-place.
+
+    The add wrote a fresh tensor; its shortcut is a tensor autograd still needs (e.g. the
+    previous ReLU's output), so an in-place ReLU that used to modify the add's result must not
+    modify the shortcut.
+    """
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if getattr(module, "inplace", False):
+            module = copy.deepcopy(module)
+            module.inplace = False
+            _set_submodule(gm, node.target, module)
+    elif node.kwargs.get("inplace", False):
+        node.kwargs = {**node.kwargs, "inplace": False}
+    elif (
+        node.op == "call_method"
+        and str(node.target).endswith("_")
+        and not str(node.target).endswith("__")
+    ):
+        node.target = str(node.target)[:-1]
+    elif node.op == "call_function" and node.target in _INPLACE_FUNCTIONS:
+        node.target = _INPLACE_FUNCTIONS[node.target]
+
+
+_INPLACE_FUNCTIONS = {
+    operator.iadd: operator.add,
+    operator.isub: operator.sub,
+    operator.imul: operator.mul,
+    operator.itruediv: operator.truediv,
+    torch.relu_: torch.relu,
+    torch.nn.functional.relu_: torch.nn.functional.relu,
+}
+
+
+def _set_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
+    parent_name, _, attr = target.rpartition(".")
+    setattr(gm.get_submodule(parent_name) if parent_name else gm, attr, module)
+
+
+def _slice_parameter(gm: fx.GraphModule, target: str, idx: np.ndarray) -> None:
+    parent_name, _, attr = target.rpartition(".")
+    owner = gm.get_submodule(parent_name) if parent_name else gm
+    value = getattr(owner, attr)
+    dim = max(range(value.ndim), key=lambda d: (value.shape[d], d))
+    sliced = value.detach().index_select(dim, torch.from_numpy(idx.astype(np.int64))).clone()
+    if isinstance(value, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(sliced, requires_grad=value.requires_grad))
+    else:
+        owner.register_buffer(attr, sliced) if attr in owner._buffers else setattr(
+            owner, attr, sliced
+        )
+
+
+def _keep_along(u: Any, keep_unit: np.ndarray) -> tuple[int, np.ndarray] | None:
+    """(channel dim, 1-D keep mask) of a channel map, or None if nothing there is pruned."""
+    if not isinstance(u, np.ndarray):
+        return None
+    dims = varying_dims(u)
+    if not dims:
+        return None
+    mask = keep_unit[u.reshape(-1)]
+    return None if mask.all() else (dims[0], mask)
+
+
+def _rewrite_args(node: fx.Node, maps: dict[str, Any], keep_unit: np.ndarray) -> None:
+    target = node.target
+    if (node.op == "call_method" and target in ("view", "reshape", "expand")) or (
+        node.op == "call_function" and target is torch.reshape
+    ):
+        got = _keep_along(maps.get(node.name), keep_unit)
+        if got is None:
+            return
+        cdim, mask = got
+        args = list(node.args)
+        if len(args) == 2 and isinstance(args[1], (list, tuple)):
+            sizes = list(args[1])
+            if isinstance(sizes[cdim], int) and sizes[cdim] != -1:
+                sizes[cdim] = int(mask.sum())
+                args[1] = type(args[1])(sizes)
+        elif isinstance(args[1 + cdim], int) and args[1 + cdim] != -1:
+            args[1 + cdim] = int(mask.sum())
+        node.args = tuple(args)
+    elif (node.op == "call_method" and target in ("split", "chunk")) or (
+        node.op == "call_function" and target in (torch.split, torch.chunk)
+    ):
+        src = node.args[0]
+        got = _keep_along(maps.get(src.name), keep_unit)
+        outs = maps.get(node.name)
+        if got is None or not isinstance(outs, tuple):
+            return
+        cdim, _ = got
+        dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % outs[0].ndim
+        if dim != cdim:
+            return
+        sizes = []
+        for u, meta in zip(outs, node.meta["tensor_meta"], strict=False):
+            sizes.append(
+                int(keep_unit[u.reshape(-1)].sum()) if u.shape[dim] > 1 else meta.shape[dim]
+            )
+        node.args, node.kwargs = (src, sizes, dim), {}
+        if node.op == "call_method":
+            node.target = "split"
+        else:
+            node.target = torch.split
+    elif node.op == "call_function" and target is torch.nn.functional.layer_norm:
+        got = _keep_along(maps.get(node.name), keep_unit)
+        if got is not None:
+            args = list(node.args)
+            args[1] = [int(got[1].sum())]
+            node.args = tuple(args)
+    elif (
+        node.op == "call_function"
+        and target is operator.getitem
+        and isinstance(node.args[1], (tuple, slice))
+    ):
+        _rewrite_slice(node, maps, keep_unit)
+
+
+def _rewrite_slice(node: fx.Node, maps: dict[str, Any], keep_unit: np.ndarray) -> None:
+    src, index = node.args
+    got = _keep_along(maps.get(src.name), keep_unit)
+    if got is None:
+        return
+    cdim, mask = got
+    expanded = expand_index(index, maps[src.name].ndim)
+    d = 0
+    for pos, i in enumerate(expanded):
+        if i is None:
+            continue
+        if d == cdim and isinstance(i, slice):
+            start, stop, _ = i.indices(len(mask))
+            expanded[pos] = slice(int(mask[:start].sum()), int(mask[:stop].sum()))
+        d += 1
+    node.args = (src, tuple(expanded))

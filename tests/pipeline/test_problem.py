@@ -1,0 +1,139 @@
+"""The problem builder on real architectures: the solver's model of a plan is the predictor's.
+
+Tables come from the deterministic FakeBackend, so every figure is reproducible. For random
+solutions (random options per group, random removed blocks) the plan built from the solution
+must be valid, prune to the masking oracle, and have the latency the problem says it has.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from fake_backend import FakeBackend
+from helpers import check_plan, make_sensitive
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fxprune
+from fxprune.analysis.importance import magnitude_scores
+from fxprune.backends import LatencyCache
+from fxprune.latency.predictor import LatencyModel
+from fxprune.latency.tables import LatencyConfig, annotate_latency
+from fxprune.pipeline.problem import build_problem, keep_mask
+from fxprune.solver import Solution, evaluate, solve_minlp
+
+QUIET = LatencyConfig(progress=False, unit_timing="wall")
+
+MODELS = {
+    "resnet18": (lambda: torchvision.models.resnet18(), 64),
+    "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(), 64),
+    "regnet_y_400mf": (lambda: torchvision.models.regnet_y_400mf(), 64),  # grouped convs, SE
+    "densenet121": (lambda: torchvision.models.densenet121(), 64),  # concatenations
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def built(request, tmp_path_factory):
+    make, size = MODELS[request.param]
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, size, size)
+    model = make_sensitive(make().eval(), x)
+    analysis = fxprune.analyze(model, x)
+    cache = LatencyCache(tmp_path_factory.mktemp("cache"))
+    tables = annotate_latency(analysis, FakeBackend(), cache=cache, config=QUIET)
+    latency = LatencyModel(analysis, tables)
+    pp = build_problem(analysis, latency, magnitude_scores(analysis), importance_method="l2")
+    return request.param, analysis, latency, pp, x
+
+
+def _random_solution(pp, rng: np.random.Generator) -> Solution:
+    removed = frozenset(b.name for b in pp.problem.blocks if rng.random() < 0.3)
+    choice = {}
+    for name in pp.group_names:
+        spec = pp.problem.group(name)
+        if spec.block in removed:
+            choice[name] = 0
+        else:
+            choice[name] = int(rng.choice([k for k, c in enumerate(spec.counts) if c > 0]))
+    value, lat = evaluate(pp.problem, choice, removed)
+    return Solution(choice, removed, value, lat, "random")
+
+
+def test_dense_choice_is_the_dense_prediction(built):
+    _, analysis, latency, pp, _ = built
+    full = {n: len(pp.problem.group(n).counts) - 1 for n in pp.group_names}
+    value, lat = evaluate(pp.problem, full, frozenset())
+    assert lat == pytest.approx(latency.predict(fxprune.Plan.empty(analysis)), rel=1e-9)
+    assert value == pytest.approx(1.0)
+    assert pp.problem.groups, "no prunable group made it into the problem"
+
+
+def test_random_solutions_round_trip(built):
+    _, analysis, latency, pp, x = built
+    rng = np.random.default_rng(1)
+    derived = any(g.sum_of for g in pp.problem.groups)
+    for _ in range(3):
+        sol = _random_solution(pp, rng)
+        plan = pp.plan(sol)
+        plan.validate(analysis)
+        assert set(plan.removed_blocks) == set(sol.removed)
+        counts = sol.counts(pp.problem)
+        for g in pp.group_names:
+            if pp.problem.group(g).block not in sol.removed:
+                assert len(plan.kept.get(g, range(analysis.group(g).size))) == counts[g]
+        predicted = latency.predict(plan)
+        if derived:  # a concatenation's total is rounded up to its grid in the problem
+            assert sol.latency == pytest.approx(predicted, rel=0.1)
+        else:
+            assert sol.latency == pytest.approx(predicted, rel=1e-9)
+        assert pp.importance_kept(plan) == pytest.approx(sol.objective, rel=1e-9)
+        check_plan(analysis, plan, x)
+
+
+def test_blocks_hold_their_groups(built):
+    _, analysis, _, pp, _ = built
+    for block in pp.problem.blocks:
+        inside = pp.block_groups[block.name]
+        assert inside
+        for g in inside:
+            spec = pp.problem.group(g)
+            assert spec.block == block.name and spec.counts[0] == 0 and spec.importance[0] == 0
+    if any(b.name in pp.block_groups for b in analysis.blocks):
+        assert pp.problem.blocks
+
+
+def test_solved_plan_meets_predicted_budget(built):
+    _, analysis, latency, pp, x = built
+    dense = latency.predict(fxprune.Plan.empty(analysis))
+    sol = solve_minlp(pp.problem, 0.6 * dense, time_limit=20)
+    plan = pp.plan(sol)
+    assert sol.latency <= 0.6 * dense + 1e-9
+    assert latency.predict(plan) <= 0.6 * dense * 1.1
+    check_plan(analysis, plan, x)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.integers(2, 64),
+    parts=st.sampled_from([1, 2, 4]),
+    count=st.integers(0, 64),
+    seed=st.integers(0, 2**16),
+)
+def test_keep_mask_keeps_the_top_scores(size, parts, count, seed):
+    from fxprune.analysis.channel_groups import Group
+
+    size = size * parts
+    count = min(count, size) // parts * parts
+    rng = np.random.default_rng(seed)
+    scores = rng.random(size)
+    segments = tuple(np.arange(p * size // parts, (p + 1) * size // parts) for p in range(parts))
+    group = Group("g", size, np.arange(size), ("r",), equal_count=(segments,) if parts > 1 else ())
+    mask = keep_mask(group, scores, count)
+    assert mask.sum() == count
+    for seg in segments:
+        kept, dropped = scores[seg][mask[seg]], scores[seg][~mask[seg]]
+        assert mask[seg].sum() == count // parts
+        if len(kept) and len(dropped):
+            assert kept.min() >= dropped.max()
