@@ -1,7 +1,10 @@
 """Latency measurement on deployment runtimes, behind one small protocol, plus a disk cache.
 
 Adding a runtime means adding one module with a class that satisfies :class:`Backend` and one
-entry in :func:`get_backend`.
+entry in :func:`get_backend`. What a backend can do beyond :meth:`Backend.measure` is declared by
+the optional capability protocols (:class:`InterleavedMeasurement`, :class:`SessionMeasurement`,
+:class:`LayoutBlock`, :class:`KernelMeasurement`, :class:`KernelProfile`); callers test for them
+with ``isinstance``.
 """
 
 from __future__ import annotations
@@ -11,10 +14,16 @@ from typing import Any
 from fxprune.backends.base import (
     Backend,
     BackendUnavailable,
+    InterleavedMeasurement,
+    KernelMeasurement,
+    KernelProfile,
+    LayoutBlock,
     MeasureConfig,
     Measurement,
+    SessionMeasurement,
     UnstableMeasurementWarning,
     identity_label,
+    layout_block_of,
     measure_side_by_side,
     relative_latency,
     time_callable,
@@ -26,10 +35,15 @@ from fxprune.backends.torch_eager import TorchEagerBackend
 __all__ = [
     "Backend",
     "BackendUnavailable",
+    "InterleavedMeasurement",
+    "KernelMeasurement",
+    "KernelProfile",
     "LatencyCache",
+    "LayoutBlock",
     "MeasureConfig",
     "Measurement",
     "OnnxRuntimeBackend",
+    "SessionMeasurement",
     "TorchEagerBackend",
     "UnstableMeasurementWarning",
     "default_cache_dir",
@@ -37,6 +51,7 @@ __all__ = [
     "get_backend",
     "identity_label",
     "key_digest",
+    "layout_block_of",
     "measure_side_by_side",
     "relative_latency",
     "time_callable",

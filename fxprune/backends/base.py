@@ -33,14 +33,20 @@ import torch
 __all__ = [
     "Backend",
     "BackendUnavailable",
+    "InterleavedMeasurement",
+    "KernelMeasurement",
+    "KernelProfile",
+    "LayoutBlock",
     "MeasureConfig",
     "Measurement",
+    "SessionMeasurement",
     "UnstableMeasurementWarning",
     "available_cpus",
     "check_float32_inputs",
     "eval_mode",
     "host_identity",
     "identity_label",
+    "layout_block_of",
     "measure_side_by_side",
     "time_callable",
     "time_interleaved",
@@ -167,6 +173,73 @@ class Backend(Protocol):
     ) -> Measurement:
         """Time ``module(*example_inputs)`` on this runtime."""
         ...
+
+
+# ---- optional capabilities ---------------------------------------------------------------
+# A backend implements what it can; callers ask with ``isinstance(backend, Capability)``.
+
+
+@runtime_checkable
+class InterleavedMeasurement(Protocol):
+    """Times several modules in alternating bursts within one call (honest ratios)."""
+
+    def measure_interleaved(
+        self,
+        modules: Sequence[torch.nn.Module],
+        example_inputs: tuple[torch.Tensor, ...],
+        config: MeasureConfig | None = None,
+        sessions: int = 3,
+    ) -> list[Measurement]: ...
+
+
+@runtime_checkable
+class SessionMeasurement(Protocol):
+    """Times one module over several fresh sessions (a session's own placement cancels)."""
+
+    def measure_sessions(
+        self,
+        module: torch.nn.Module,
+        example_inputs: tuple[torch.Tensor, ...],
+        config: MeasureConfig | None = None,
+        sessions: int = 3,
+    ) -> Measurement: ...
+
+
+@runtime_checkable
+class LayoutBlock(Protocol):
+    """Reports the channel block the runtime's blocked layout uses (1 when it has none)."""
+
+    def layout_block(self) -> int: ...
+
+
+@runtime_checkable
+class KernelMeasurement(Protocol):
+    """Times a module by the runtime's own per-kernel profile (no session overhead)."""
+
+    def measure_kernels(
+        self,
+        module: torch.nn.Module,
+        example_inputs: tuple[torch.Tensor, ...],
+        config: MeasureConfig | None = None,
+    ) -> Measurement: ...
+
+
+@runtime_checkable
+class KernelProfile(Protocol):
+    """Lists a module's kernels with their shapes and median times (what a layer costs inside
+    the whole model)."""
+
+    def profile_kernels(
+        self,
+        module: torch.nn.Module,
+        example_inputs: tuple[torch.Tensor, ...],
+        config: MeasureConfig | None = None,
+    ) -> list[dict[str, Any]]: ...
+
+
+def layout_block_of(backend: Backend) -> int:
+    """The backend's channel block (:class:`LayoutBlock`), else 1."""
+    return int(backend.layout_block()) if isinstance(backend, LayoutBlock) else 1
 
 
 def identity_label(identity: Mapping[str, str]) -> str:
@@ -406,9 +479,8 @@ def measure_side_by_side(
     module, runs going round every session of every module); otherwise alternates :meth:`Backend.measure` calls and
     reports, per module, the median-figure round.
     """
-    interleaved = getattr(backend, "measure_interleaved", None)
-    if interleaved is not None:
-        return interleaved(modules, example_inputs, config, sessions)
+    if isinstance(backend, InterleavedMeasurement):
+        return backend.measure_interleaved(modules, example_inputs, config, sessions)
     runs: list[list[Measurement]] = [[] for _ in modules]
     for _ in range(max(1, sessions)):
         for i, m in enumerate(modules):

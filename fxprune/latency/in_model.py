@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from torch import nn
 
-from fxprune.backends import MeasureConfig
+from fxprune.backends import KernelProfile, MeasureConfig
 from fxprune.core.meta import TENSOR_META
 
 if TYPE_CHECKING:
@@ -113,10 +113,11 @@ def in_model_factors(
 
     Needs a backend with ``profile_kernels`` (ONNX Runtime); returns {} otherwise.
     """
-    profile = getattr(backend, "profile_kernels", None)
-    if profile is None:
+    if not isinstance(backend, KernelProfile):
         return {}
-    kernels = profile(analysis.gm, analysis.example_inputs, config or MeasureConfig(5, 30))
+    kernels = backend.profile_kernels(
+        analysis.gm, analysis.example_inputs, config or MeasureConfig(5, 30)
+    )
     times = match_kernels(analysis, list(tables.layers), kernels)
     factors = {}
     for name, ms in times.items():

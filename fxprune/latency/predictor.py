@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from torch import nn
 
-from fxprune.backends import Backend, MeasureConfig, Measurement
+from fxprune.backends import Backend, MeasureConfig, Measurement, SessionMeasurement
 from fxprune.core.meta import TENSOR_META
 from fxprune.core.plan import Plan
 
@@ -211,9 +211,8 @@ class LatencyModel(_Linear):
             module_or_plan = prune(self.analysis, module_or_plan)
         config = config or self.measure_config
         inputs = self.analysis.example_inputs
-        several = getattr(self.backend, "measure_sessions", None)
-        if several is not None and self.sessions > 1:
-            return several(module_or_plan, inputs, config, self.sessions)
+        if isinstance(self.backend, SessionMeasurement) and self.sessions > 1:
+            return self.backend.measure_sessions(module_or_plan, inputs, config, self.sessions)
         return self.backend.measure(module_or_plan, inputs, config)
 
     def calibrate(

@@ -44,7 +44,16 @@ from typing import Any
 import numpy as np
 from torch import fx, nn
 
-from fxprune.backends import Backend, LatencyCache, MeasureConfig, Measurement, identity_label
+from fxprune.backends import (
+    Backend,
+    KernelMeasurement,
+    LatencyCache,
+    MeasureConfig,
+    Measurement,
+    SessionMeasurement,
+    identity_label,
+    layout_block_of,
+)
 from fxprune.core.meta import LATENCY
 from fxprune.latency.denoise import candidate_counts, class_of, denoise_2d
 from fxprune.latency.steps import detect_period
@@ -274,7 +283,7 @@ class _Measurer:
         self, backend: Backend, cache: LatencyCache, progress: Any, timing: str = "wall"
     ) -> None:
         self.backend = backend
-        self.kernels = timing == "kernels" and hasattr(backend, "measure_kernels")
+        self.kernels = timing == "kernels" and isinstance(backend, KernelMeasurement)
         self.cache = cache
         self.identity = backend.identity()
         self.backend_id = identity_label(self.identity)
@@ -307,7 +316,7 @@ class _Measurer:
                 self.measured += 1
                 module, inputs = build_unit(layer.spec, cin, cout, layer.act)
                 if self.kernels:
-                    return self.backend.measure_kernels(module, inputs, config).to_dict()  # type: ignore[attr-defined]
+                    return self.backend.measure_kernels(module, inputs, config).to_dict()
                 return self.backend.measure(module, inputs, config).to_dict()
 
             self.memo[digest] = Measurement.from_dict(self.cache.get_or_measure(key, run))
@@ -325,12 +334,11 @@ class _Measurer:
             "measure": asdict(config),
             "backend": self.identity,
         }
-        several = getattr(self.backend, "measure_sessions", None)
 
         def run() -> dict[str, Any]:
             self.measured += 1
-            if several is not None:  # runs go round three sessions for min_seconds
-                return several(gm, inputs, config, 3).to_dict()
+            if isinstance(self.backend, SessionMeasurement):  # round three sessions
+                return self.backend.measure_sessions(gm, inputs, config, 3).to_dict()
             return self.backend.measure(gm, inputs, config).to_dict()
 
         return Measurement.from_dict(self.cache.get_or_measure(key, run))
@@ -434,8 +442,7 @@ def annotate_latency(
     with _progress(config.progress) as progress:
         meas = _Measurer(backend, cache, progress, config.unit_timing)
         _sweep_all(layers, meas, config)
-        probe = getattr(backend, "layout_block", None)
-        block = probe() if config.layout_floor and probe is not None else 1
+        block = layout_block_of(backend) if config.layout_floor else 1
         periods, grids = _group_grids(analysis, layers, config, block)
         tables = _tables(analysis, layers, meas, periods, grids, config)
         dense = meas.whole(analysis.gm, analysis.example_inputs, config.whole_measure)

@@ -16,7 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from fxprune.backends import MeasureConfig, measure_side_by_side, relative_latency
+from fxprune.backends import (
+    MeasureConfig,
+    layout_block_of,
+    measure_side_by_side,
+    relative_latency,
+)
 from fxprune.measure.probes import ReadUnit, measure_segment_cost
 from fxprune.rewrite.segment import SegmentCost
 from fxprune.unconstrained.reads import ConsumerRead
@@ -143,5 +148,4 @@ class MeasuredReads:
 
     def segment_block(self) -> int:
         """The channel block segments are aligned to: the backend's layout block, else 1."""
-        probe = getattr(self.backend, "layout_block", None)
-        return int(probe()) if callable(probe) else 1
+        return layout_block_of(self.backend)
