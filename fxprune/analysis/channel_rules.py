@@ -3,8 +3,8 @@
 A rule is a function ``rule(ctx, node, *maybe_module) -> map`` registered for a module class,
 a function object or a method name. Ops without a rule are *unknown*: the channel-space pass
 freezes every unit they touch and records why. To teach fxprune a new op, register a rule here
-(or from user code, see CONTRIBUTING.md) and, if the op holds channel-sized state, a pruner in
-``prune_rules.py``.
+(or from user code, see CONTRIBUTING.md); rules live in the one op table
+(:mod:`fxprune.analysis.ops`), with the op's pruner and traits.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxprune.analysis.channel_context import ChannelContext, LayerRecord, describe
+from fxprune.analysis.ops import entry_for, register_op
 from fxprune.core.channel_units import expand_index, varying_dims
 
 __all__ = [
@@ -33,17 +34,12 @@ __all__ = [
 ModuleRule = Callable[[ChannelContext, fx.Node, nn.Module], Any]
 FunctionRule = Callable[[ChannelContext, fx.Node], Any]
 
-_MODULE_RULES: dict[type, ModuleRule] = {}
-_FUNCTION_RULES: dict[Any, FunctionRule] = {}
-_METHOD_RULES: dict[str, FunctionRule] = {}
-
 
 def register_module_rule(*types: type) -> Callable[[ModuleRule], ModuleRule]:
     """Register ``rule(ctx, node, module)`` for modules of these classes (and subclasses)."""
 
     def deco(rule: ModuleRule) -> ModuleRule:
-        for t in types:
-            _MODULE_RULES[t] = rule
+        register_op(*types, rule=rule)
         return rule
 
     return deco
@@ -53,8 +49,7 @@ def register_function_rule(*fns: Any) -> Callable[[FunctionRule], FunctionRule]:
     """Register ``rule(ctx, node)`` for ``call_function`` nodes with these targets."""
 
     def deco(rule: FunctionRule) -> FunctionRule:
-        for f in fns:
-            _FUNCTION_RULES[f] = rule
+        register_op(*fns, rule=rule)
         return rule
 
     return deco
@@ -64,8 +59,7 @@ def register_method_rule(*names: str) -> Callable[[FunctionRule], FunctionRule]:
     """Register ``rule(ctx, node)`` for ``call_method`` nodes (``x.view(...)``) by name."""
 
     def deco(rule: FunctionRule) -> FunctionRule:
-        for n in names:
-            _METHOD_RULES[n] = rule
+        register_op(*names, rule=rule)
         return rule
 
     return deco
@@ -75,21 +69,15 @@ def lookup_rule(
     node: fx.Node, gm: fx.GraphModule
 ) -> Callable[[ChannelContext, fx.Node], Any] | None:
     """The rule for a node, or None when the op is unknown."""
+    if node.op not in ("call_module", "call_function", "call_method"):
+        return None
+    entry = entry_for(node, gm, lambda e: e.rule is not None)
+    if entry is None:
+        return None
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        for cls in type(module).__mro__:
-            if cls in _MODULE_RULES:
-                rule = _MODULE_RULES[cls]
-                return lambda ctx, n, _r=rule, _m=module: _r(ctx, n, _m)
-        return None
-    if node.op == "call_function":
-        try:
-            return _FUNCTION_RULES.get(node.target)
-        except TypeError:  # unhashable target
-            return None
-    if node.op == "call_method":
-        return _METHOD_RULES.get(node.target)
-    return None
+        return lambda ctx, n, _r=entry.rule, _m=module: _r(ctx, n, _m)
+    return entry.rule
 
 
 # ---- argument helpers --------------------------------------------------------------------------

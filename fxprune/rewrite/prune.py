@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from fxprune.analysis.ops import out_of_place
 from fxprune.core.channel_units import expand_index, varying_dims
 from fxprune.core.errors import PlanError
 from fxprune.core.meta import CHANNELS
@@ -311,24 +312,8 @@ def _out_of_place(gm: fx.GraphModule, node: fx.Node) -> None:
             _set_submodule(gm, node.target, module)
     elif node.kwargs.get("inplace", False):
         node.kwargs = {**node.kwargs, "inplace": False}
-    elif (
-        node.op == "call_method"
-        and str(node.target).endswith("_")
-        and not str(node.target).endswith("__")
-    ):
-        node.target = str(node.target)[:-1]
-    elif node.op == "call_function" and node.target in _INPLACE_FUNCTIONS:
-        node.target = _INPLACE_FUNCTIONS[node.target]
-
-
-_INPLACE_FUNCTIONS = {
-    operator.iadd: operator.add,
-    operator.isub: operator.sub,
-    operator.imul: operator.mul,
-    operator.itruediv: operator.truediv,
-    torch.relu_: torch.relu,
-    torch.nn.functional.relu_: torch.nn.functional.relu,
-}
+    elif (twin := out_of_place(node)) is not None:
+        node.target = twin
 
 
 def _set_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> None:

@@ -16,28 +16,27 @@ import numpy as np
 import torch
 from torch import nn
 
+from fxprune.analysis.ops import lookup, register_op
+
 __all__ = ["Pruner", "lookup_pruner", "register_pruner"]
 
 Pruner = Callable[[nn.Module, np.ndarray, np.ndarray], nn.Module]
-_PRUNERS: dict[type, Pruner] = {}
 
 
 def register_pruner(*types: type) -> Callable[[Pruner], Pruner]:
-    """Register ``pruner(module, in_idx, out_idx)`` for these module classes."""
+    """Register ``pruner(module, in_idx, out_idx)`` for these module classes (in the op table)."""
 
     def deco(fn: Pruner) -> Pruner:
-        for t in types:
-            _PRUNERS[t] = fn
+        register_op(*types, pruner=fn)
         return fn
 
     return deco
 
 
 def lookup_pruner(module: nn.Module) -> Pruner | None:
-    for cls in type(module).__mro__:
-        if cls in _PRUNERS:
-            return _PRUNERS[cls]
-    return None
+    """The pruner of the nearest class in the module's MRO that has one."""
+    entry = lookup(type(module), lambda e: e.pruner is not None)
+    return entry.pruner if entry is not None else None
 
 
 def _param(t: torch.Tensor | None, index: torch.Tensor, dim: int = 0):

@@ -50,33 +50,10 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fxprune.analysis.channel_rules import _ACTIVATIONS
+from fxprune.analysis.ops import traits_of
 from fxprune.rewrite.pruners import lookup_pruner
-from fxprune.unconstrained.layout import (
-    _BINARY_FUNCTIONS as _BINARY,
-)
-from fxprune.unconstrained.layout import (
-    _BINARY_METHODS,
-    _FUNCTIONS,
-    _METHODS,
-    _stochastic_depth,
-)
 
 __all__ = ["SegmentCost", "SegmentInfo", "segment"]
-
-_STATELESS: tuple[type, ...] = (
-    *(a for a in _ACTIVATIONS if a is not nn.PReLU),
-    nn.MaxPool2d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool2d,
-)
-# of the ops that commute with a channel permutation (what reordering allows), those that also
-# compute every channel from the same channel alone; flatten and mean only in the forms checked
-# by _flattens_to_channels / _reduces_spatial
-_POSITIONAL = {torch.cat, torch.concat, torch.permute, torch.transpose, "permute", "transpose"}
-_UNARY_FUNCTIONS = _FUNCTIONS - _BINARY - _POSITIONAL
-_UNARY_METHODS = _METHODS - _BINARY_METHODS - _POSITIONAL
 
 
 @dataclass(frozen=True)
@@ -212,18 +189,14 @@ def _aligned_args(node: fx.Node, gm: fx.GraphModule) -> list[fx.Node] | None:
     if c is None:
         return None
     tensors = [a for a in node.args if isinstance(a, fx.Node)]
+    traits = traits_of(node, gm)
     if node.op == "call_module":
         m = gm.get_submodule(str(node.target))
-        ok = isinstance(m, (*_STATELESS, nn.BatchNorm2d, nn.BatchNorm1d)) or _is_depthwise(m)
+        ok = traits.channelwise or _is_depthwise(m)
         if isinstance(m, nn.Flatten):
             ok = m.start_dim == 1 and m.end_dim == -1 and _flattens_to_channels(node)
-        sd_module, _ = _stochastic_depth()
-        ok = ok or (sd_module is not None and isinstance(m, sd_module))
         return tensors[:1] if ok and _channels(tensors[0]) == c else None
-    binary = (node.op == "call_function" and node.target in _BINARY) or (
-        node.op == "call_method" and node.target in _BINARY_METHODS
-    )
-    if binary:
+    if traits.binary and node.op in ("call_function", "call_method"):
         aligned = []
         for a in tensors:
             s = _shape(a)
@@ -232,11 +205,7 @@ def _aligned_args(node: fx.Node, gm: fx.GraphModule) -> list[fx.Node] | None:
             if s[1] == c and c > 1:
                 aligned.append(a)
         return aligned or None
-    _, sd_function = _stochastic_depth()  # per sample (identity in eval): channel-wise
-    unary = (
-        node.op == "call_function"
-        and (node.target in _UNARY_FUNCTIONS or (sd_function and node.target is sd_function))
-    ) or (node.op == "call_method" and node.target in _UNARY_METHODS)
+    unary = traits.channelwise and node.op in ("call_function", "call_method")
     if not unary or not tensors or _channels(tensors[0]) != c:
         return None
     if node.target in (torch.flatten, "flatten") and not _flattens_to_channels(node):

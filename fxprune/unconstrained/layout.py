@@ -17,18 +17,14 @@ channel map, which original positions the rewritten tensor holds, in which order
 
 from __future__ import annotations
 
-import functools
-import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-from fxprune.analysis.channel_rules import _ACTIVATIONS
+from fxprune.analysis.ops import traits_of
 from fxprune.core.meta import CHANNELS
 from fxprune.unconstrained.consecutive import is_contiguous, order_channels
 
@@ -39,91 +35,15 @@ if TYPE_CHECKING:
 
 __all__ = ["GroupOrder", "Layout", "channel_layout", "reorder_blockers"]
 
-# elementwise activations and dropouts (shared with the channel rules), per-channel layers, pooling
-_MODULES: tuple[type, ...] = (
-    *(a for a in _ACTIVATIONS if a is not nn.PReLU),  # PReLU may hold per-channel slopes
-    nn.Linear,
-    nn.modules.batchnorm._BatchNorm,
-    nn.LayerNorm,
-    nn.MaxPool2d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool2d,
-    nn.Flatten,
-)
-#: elementwise ops of two tensors (also what the segment pass runs once per segment)
-_BINARY_FUNCTIONS = {
-    operator.add,
-    operator.iadd,
-    operator.mul,
-    operator.imul,
-    operator.sub,
-    operator.truediv,
-    torch.add,
-    torch.mul,
-    torch.sub,
-    torch.div,
-}
-_BINARY_METHODS = {"add", "add_", "mul", "mul_", "sub", "div"}
-_FUNCTIONS = {
-    *_BINARY_FUNCTIONS,
-    torch.cat,
-    torch.concat,
-    torch.flatten,
-    torch.relu,
-    torch.sigmoid,
-    torch.tanh,
-    torch.permute,
-    torch.transpose,
-    torch.mean,
-    F.relu,
-    F.relu6,
-    F.silu,
-    F.gelu,
-    F.hardswish,
-    F.hardsigmoid,
-    F.sigmoid,
-    F.dropout,
-    F.adaptive_avg_pool2d,
-    F.avg_pool2d,
-    F.max_pool2d,
-}
-_METHODS = {
-    *_BINARY_METHODS,
-    "relu",
-    "relu_",
-    "sigmoid",
-    "tanh",
-    "flatten",
-    "mean",
-    "permute",
-    "transpose",
-    "contiguous",
-    "clone",
-}
-
-
-@functools.cache
-def _stochastic_depth() -> tuple[type | None, Any]:
-    try:
-        import torchvision.ops as ops
-    except ImportError:  # torchvision is optional for the library
-        return None, None
-    return ops.StochasticDepth, ops.stochastic_depth
-
 
 def _commutes(node: fx.Node, gm: fx.GraphModule) -> bool:
     """True when the op gives the same result, permuted, for a channel-permuted input."""
-    sd_module, sd_function = _stochastic_depth()
     if node.op == "call_module":
         m = gm.get_submodule(str(node.target))
         if isinstance(m, nn.modules.conv._ConvNd):
             return m.groups == 1 or m.groups == m.in_channels == m.out_channels
-        return isinstance(m, _MODULES) or (sd_module is not None and isinstance(m, sd_module))
-    if node.op == "call_function":
-        return node.target in _FUNCTIONS or (sd_function is not None and node.target is sd_function)
-    if node.op == "call_method":
-        return node.target in _METHODS
+    if node.op in ("call_module", "call_function", "call_method"):
+        return traits_of(node, gm).commutes
     return node.op == "get_attr"
 
 

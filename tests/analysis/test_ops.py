@@ -1,0 +1,87 @@
+"""The op table: one registration teaches the channel analysis, the reorder and the segment pass."""
+
+import operator
+
+import pytest
+import torch
+from torch import fx, nn
+
+import fxprune
+from fxprune.analysis import ops
+from fxprune.analysis.channel_rules import lookup_rule, passthrough
+
+
+def _erfish(x: torch.Tensor) -> torch.Tensor:
+    return torch.erf(x)
+
+
+torch.fx.wrap("_erfish")
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.b(_erfish(self.a(x)))
+
+
+def _node(gm: fx.GraphModule, target) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.target is target)
+
+
+@pytest.fixture
+def restore_table():
+    saved = dict(ops._TABLE)
+    yield
+    ops._TABLE.clear()
+    ops._TABLE.update(saved)
+
+
+def test_unknown_op_freezes_and_one_registration_teaches_every_pass(restore_table):
+    x = torch.randn(1, 3, 8, 8)
+    before = fxprune.analyze(Net(), x)
+    assert before.group("a").frozen  # unknown: frozen, with the op named
+    assert "_erfish" in before.group("a").frozen[0]
+    node = _node(before.gm, _erfish)
+    assert lookup_rule(node, before.gm) is None
+    assert ops.traits_of(node, before.gm) == ops.OpTraits()
+
+    ops.register_op(_erfish, rule=passthrough, commutes=True, channelwise=True)
+    after = fxprune.analyze(Net(), x)
+    assert not after.group("a").frozen
+    node = _node(after.gm, _erfish)
+    assert lookup_rule(node, after.gm) is passthrough
+    assert ops.traits_of(node, after.gm) == ops.OpTraits(commutes=True, channelwise=True)
+    plan = fxprune.uniform_plan(after, keep=0.5, multiple=1)
+    pruned = fxprune.prune(after, plan)
+    assert pruned.get_submodule("a").out_channels == 4
+    torch.testing.assert_close(pruned(x), fxprune.masked_forward(after, plan, x))
+
+
+def test_registration_only_changes_what_is_given(restore_table):
+    entry = ops.lookup(operator.add)
+    assert entry.rule is not None and entry.traits.binary
+    ops.register_op(operator.add, commutes=False)
+    again = ops.lookup(operator.add)
+    assert again.rule is entry.rule and again.traits.binary and not again.traits.commutes
+
+
+def test_module_entries_follow_the_mro_to_the_nearest_class_with_the_field():
+    class MyBN(nn.BatchNorm2d):
+        pass
+
+    assert ops.lookup(MyBN, lambda e: e.rule is not None).rule is not None
+    assert ops.lookup(MyBN, lambda e: e.pruner is not None).pruner is not None
+    assert ops.lookup(MyBN).traits.channelwise
+
+
+def test_out_of_place_twins():
+    g = fx.Graph()
+    x = g.placeholder("x")
+    assert ops.out_of_place(g.call_method("add_", (x, x))) == "add"
+    assert ops.out_of_place(g.call_method("__iadd__", (x, x))) is None
+    assert ops.out_of_place(g.call_function(operator.iadd, (x, x))) is operator.add
+    assert ops.out_of_place(g.call_function(operator.add, (x, x))) is None
