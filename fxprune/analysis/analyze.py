@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 __all__ = ["Analysis", "analyze"]
 
 
-@dataclass
+@dataclass(repr=False)
 class Analysis:
     """Everything fxprune knows about a model's structure; the input to plans and rewrites."""
 
@@ -33,6 +33,15 @@ class Analysis:
     spaces: ChannelSpaces
     blocks: list[Block]
     example_inputs: tuple[torch.Tensor, ...]
+
+    def __repr__(self) -> str:
+        """One line: the model, its groups and blocks, the input shapes, the signature."""
+        prunable = sum(g.prunable for g in self.groups)
+        shapes = ", ".join("×".join(map(str, t.shape)) or "scalar" for t in self.example_inputs)
+        return (
+            f"Analysis({self.gm.__class__.__name__}: {len(self.groups)} groups ({prunable} "
+            f"prunable), {len(self.blocks)} blocks, inputs {shapes}, signature {self.signature})"
+        )
 
     @property
     def groups(self) -> list[Group]:

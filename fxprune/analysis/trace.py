@@ -21,9 +21,16 @@ __all__ = ["as_input_tuple", "trace"]
 
 
 class _PathTracer(fx.Tracer):
-    """A Tracer that remembers which module it is inside, to name it when tracing fails."""
+    """A Tracer that remembers which module it is inside, to name it when tracing fails.
 
-    def __init__(self, leaf_types: tuple[type, ...], leaf_names: frozenset[str]) -> None:
+    Its arguments have defaults: unpickling a GraphModule re-traces its code with a no-argument
+    instance of the graph's tracer class (``trace`` records none, but a graph traced with this
+    class directly would carry it).
+    """
+
+    def __init__(
+        self, leaf_types: tuple[type, ...] = (), leaf_names: frozenset[str] = frozenset()
+    ) -> None:
         super().__init__()
         self._leaf_types = leaf_types
         self._leaf_names = leaf_names
@@ -101,6 +108,10 @@ def trace(
             f"freezes the channels it touches) or make its forward traceable (e.g. use "
             f"torch.where instead of `if tensor:`)."
         ) from exc
+    # A pickled GraphModule records its graph's tracer class and re-traces its code with it
+    # when loaded (keeping every submodule a leaf, whatever the class). Record none: a saved
+    # model then loads wherever torch and the model's own module classes import.
+    graph._tracer_cls = None
     gm = fx.GraphModule(root, graph, root.__class__.__name__)
     _propagate_shapes(gm, inputs)
     return gm

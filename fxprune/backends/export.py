@@ -1,7 +1,10 @@
 """ONNX export with a numerical check against ONNX Runtime.
 
 The export itself is the latency backend's (``fxprune.backends.onnxruntime.export_to_bytes``):
-the file a user deploys is the same graph fxprune measured.
+the file a user deploys is the graph fxprune measured, except that its batch axis is symbolic
+by default (the tables are timed at the example's batch size). A symbolic batch is only
+useful if the graph does not fix the batch somewhere inside (a reshape to a constant size), so
+the check runs at a second batch size too.
 """
 
 from __future__ import annotations
@@ -27,36 +30,109 @@ def export_onnx(
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
     *,
     check: bool = True,
+    dynamic_batch: bool = True,
     rtol: float = 1e-3,
     atol: float = 1e-4,
 ) -> Path:
     """Export ``module`` to ONNX at ``path`` (atomically) and check ORT's outputs against torch.
 
-    The module's training flags are left as they were.
+    Outputs may be a tensor or dicts, tuples and lists of tensors; they are flattened and
+    named (``output``; ``output_0``, ``output_1``, …; dict keys; see
+    :func:`fxprune.backends.onnxruntime.flatten_outputs`) and every one is checked. The
+    module's training flags are left as they were.
+
+    Args:
+        check: compare ONNX Runtime's outputs with torch's before writing anything.
+        dynamic_batch: dim 0 of the inputs and outputs is a symbolic ``batch`` axis, so the
+            file runs at any batch size; the check then also runs at a second batch size (1,
+            or 2 when the example has batch 1). ``False`` fixes the example's batch size.
+        rtol, atol: tolerance of the check.
 
     Raises:
-        FxpruneError: if ONNX Runtime's outputs differ from torch's beyond the tolerance
-            (nothing is written then).
+        FxpruneError: if ONNX Runtime's outputs differ from torch's beyond the tolerance, or
+            cannot be computed at the second batch size (nothing is written then).
     """
-    from fxprune.backends.onnxruntime import OnnxRuntimeBackend, export_to_bytes
+    from fxprune.backends.onnxruntime import batch_size, export_to_bytes
 
     inputs = as_input_tuple(example_inputs)
-    data = export_to_bytes(module, inputs)
+    data = export_to_bytes(module, inputs, named_outputs=True, dynamic_batch=dynamic_batch)
     if check:
-        got = OnnxRuntimeBackend(provider="cpu").run(data, inputs)
-        was_training = module.training
-        try:
-            with torch.no_grad():
-                want = module.eval()(*inputs)
-        finally:
-            module.train(was_training)
-        want = [want] if isinstance(want, torch.Tensor) else list(want)
-        for g, w in zip(got, want, strict=True):
-            w = w.detach().cpu().numpy()
-            if g.shape != w.shape or not np.allclose(g, w, rtol=rtol, atol=atol):
-                err = float(np.abs(g - w).max()) if g.shape == w.shape else float("nan")
-                raise FxpruneError(
-                    f"ONNX Runtime's output differs from torch's (max abs error {err:.3g}, "
-                    f"shapes {g.shape} vs {w.shape}); nothing was written. Please report this model."
-                )
+        _check(module, data, inputs, rtol, atol, other_batch=False)
+        if dynamic_batch and batch_size(inputs) is not None:
+            _check(module, data, _resized_batch(inputs), rtol, atol, other_batch=True)
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def _resized_batch(inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The inputs at another batch size: the first sample, or two samples for a batch of 1.
+
+    Only inputs whose dim 0 has the batch size change (as in the export's batch axes).
+    """
+    from fxprune.backends.onnxruntime import batch_size
+
+    batch = batch_size(inputs)
+
+    def resize(t: torch.Tensor) -> torch.Tensor:
+        if not t.ndim or len(t) != batch:
+            return t
+        return t[:1] if batch > 1 else torch.cat([t, t.flip(-1)])
+
+    return tuple(resize(t) for t in inputs)
+
+
+def _check(
+    module: nn.Module,
+    data: bytes,
+    inputs: tuple[torch.Tensor, ...],
+    rtol: float,
+    atol: float,
+    *,
+    other_batch: bool,
+) -> None:
+    """Raise unless ONNX Runtime's outputs of ``data`` match the module's on ``inputs``."""
+    from fxprune.backends.base import eval_mode
+    from fxprune.backends.onnxruntime import OnnxRuntimeBackend, batch_size, flatten_outputs
+
+    where = "on the example inputs"
+    hint = "Please report this model."
+    if other_batch:
+        where = f"at batch size {batch_size(inputs)} (the file has a dynamic batch axis)"
+        hint = (
+            "The graph probably fixes the batch size (e.g. a reshape to a constant size); "
+            "export with dynamic_batch=False for a file with the example's batch size."
+        )
+    try:
+        with eval_mode(module), torch.no_grad():
+            want = flatten_outputs(module(*inputs))
+    except Exception as exc:
+        if not other_batch:
+            raise
+        raise FxpruneError(
+            f"The model itself does not run {where}: {exc}; nothing was written. Export with "
+            "dynamic_batch=False for a file with the example's batch size."
+        ) from exc
+    try:
+        got = OnnxRuntimeBackend(provider="cpu").run(data, inputs)
+    except Exception as exc:  # ORT raises its own Fail / InvalidArgument types
+        raise FxpruneError(
+            f"ONNX Runtime could not run the exported model {where}: {exc}; nothing was "
+            f"written. {hint}"
+        ) from exc
+    if len(got) != len(want):
+        raise FxpruneError(
+            f"ONNX Runtime returned {len(got)} output(s) {where}, torch {len(want)} "
+            f"({', '.join(n for n, _ in want)}); nothing was written. {hint}"
+        )
+    for g, (name, w) in zip(got, want, strict=True):
+        w = w.detach().cpu().numpy()
+        if not np.isfinite(w).all():
+            raise FxpruneError(
+                f"torch's output {name!r} is not finite (NaN or inf) {where}, so the ONNX file "
+                "cannot be checked; nothing was written. Look for non-finite weights or inputs."
+            )
+        if g.shape != w.shape or not np.allclose(g, w, rtol=rtol, atol=atol):
+            err = float(np.abs(g - w).max()) if g.shape == w.shape else float("nan")
+            raise FxpruneError(
+                f"ONNX Runtime's output {name!r} differs from torch's {where} (max abs error "
+                f"{err:.3g}, shapes {g.shape} vs {w.shape}); nothing was written. {hint}"
+            )

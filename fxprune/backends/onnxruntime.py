@@ -42,7 +42,14 @@ from fxprune.backends.base import (
     time_interleaved,
 )
 
-__all__ = ["LAYOUT_OPS", "OPSET", "OnnxRuntimeBackend", "export_to_bytes"]
+__all__ = [
+    "LAYOUT_OPS",
+    "OPSET",
+    "OnnxRuntimeBackend",
+    "batch_size",
+    "export_to_bytes",
+    "flatten_outputs",
+]
 
 #: Layout conversions ORT inserts around blocked (NCHWc) kernels; a whole model has them only
 #: at its ends, so :meth:`OnnxRuntimeBackend.measure_kernels` leaves them out of a unit's time.
@@ -67,8 +74,61 @@ def _input_names(n: int) -> list[str]:
     return [f"input_{i}" for i in range(n)]
 
 
-def _export_torchscript(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> bytes:
+def flatten_outputs(outputs: Any) -> list[tuple[str, torch.Tensor]]:
+    """A model's outputs as ``(name, tensor)`` pairs, in the order the ONNX exporters emit them.
+
+    A tensor is ``output``; tuple and list items ``output_0``, ``output_1``, …; dict values
+    are named by their keys (in insertion order); nested containers join the names with ``.``.
+
+    Raises:
+        TypeError: for an output that is not a tensor (ONNX outputs are tensors).
+    """
+    return _flatten(outputs, None)
+
+
+def _flatten(value: Any, name: str | None) -> list[tuple[str, torch.Tensor]]:
+    if isinstance(value, torch.Tensor):
+        return [(name or "output", value)]
+    if isinstance(value, dict):
+        items = [(str(k) if name is None else f"{name}.{k}", v) for k, v in value.items()]
+    elif isinstance(value, (tuple, list)):
+        items = [(f"output_{i}" if name is None else f"{name}.{i}", v) for i, v in enumerate(value)]
+    else:
+        raise TypeError(
+            f"model output {name or 'output'!r} is a {type(value).__name__}; ONNX outputs must "
+            "be tensors, or dicts, tuples and lists of them: return tensors from forward"
+        )
+    return [pair for key, item in items for pair in _flatten(item, key)]
+
+
+def _batch_axes(
+    names: Sequence[str], tensors: Sequence[torch.Tensor], batch: int
+) -> dict[str, dict[int, str]]:
+    """Dim 0 is the symbolic ``batch`` axis for every value whose dim 0 has the batch size."""
+    return {
+        n: {0: "batch"} for n, t in zip(names, tensors, strict=True) if t.ndim and len(t) == batch
+    }
+
+
+def batch_size(example_inputs: Sequence[torch.Tensor]) -> int | None:
+    """The batch size: dim 0 of the first input of rank >= 1 (None when there is none)."""
+    return next((len(t) for t in example_inputs if t.ndim), None)
+
+
+def _export_torchscript(
+    module: torch.nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    outputs: list[tuple[str, torch.Tensor]] | None,
+    dynamic_batch: bool,
+) -> bytes:
     buf = io.BytesIO()
+    input_names = _input_names(len(example_inputs))
+    output_names = None if outputs is None else [n for n, _ in outputs]
+    dynamic_axes = None
+    batch = batch_size(example_inputs)
+    if dynamic_batch and outputs is not None and batch is not None:
+        dynamic_axes = _batch_axes(input_names, example_inputs, batch)
+        dynamic_axes |= _batch_axes([n for n, _ in outputs], [t for _, t in outputs], batch)
     with warnings.catch_warnings():
         # The exporter announces its own deprecation on every call; we chose it knowingly.
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -80,12 +140,26 @@ def _export_torchscript(module: torch.nn.Module, example_inputs: tuple[torch.Ten
             dynamo=False,
             opset_version=OPSET,
             do_constant_folding=True,
-            input_names=_input_names(len(example_inputs)),
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=dynamic_axes,
         )
     return buf.getvalue()
 
 
-def _export_dynamo(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> bytes:
+def _export_dynamo(
+    module: torch.nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    outputs: list[tuple[str, torch.Tensor]] | None,
+    dynamic_batch: bool,
+) -> bytes:
+    dynamic_shapes = None
+    batch = batch_size(example_inputs)
+    if dynamic_batch and batch is not None:
+        dim = torch.export.Dim.DYNAMIC
+        dynamic_shapes = tuple(
+            {0: dim} if t.ndim and len(t) == batch else None for t in example_inputs
+        )
     program = torch.onnx.export(
         module,
         example_inputs,
@@ -93,6 +167,8 @@ def _export_dynamo(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
         opset_version=OPSET,
         optimize=True,  # constant folding and redundant-op elimination
         input_names=_input_names(len(example_inputs)),
+        output_names=None if outputs is None else [n for n, _ in outputs],
+        dynamic_shapes=dynamic_shapes,
         verbose=False,
     )
     if program is None:  # pragma: no cover - only when f= is given
@@ -100,19 +176,35 @@ def _export_dynamo(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, 
     return program.model_proto.SerializeToString()
 
 
-def export_to_bytes(module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]) -> bytes:
+def export_to_bytes(
+    module: torch.nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    *,
+    named_outputs: bool = False,
+    dynamic_batch: bool = False,
+) -> bytes:
     """Export ``module`` (in eval mode, constant-folded) to a serialised ONNX model.
 
     The caller's module is left as it was (training flags restored). Inputs are named
     ``input_0``, ``input_1``, … in the order of ``example_inputs``.
+
+    Args:
+        named_outputs: name the outputs as :func:`flatten_outputs` does (runs the module once).
+        dynamic_batch: make dim 0 a symbolic ``batch`` axis in every input and output whose
+            dim 0 has the batch size (:func:`batch_size`), so the file runs at any batch size
+            (implies ``named_outputs``). Latency figures are taken with static shapes, the
+            default, as the tables were.
     """
     check_float32_inputs(example_inputs)
     with eval_mode(module), torch.no_grad():
+        outputs = None
+        if named_outputs or dynamic_batch:
+            outputs = flatten_outputs(module(*example_inputs))
         try:
-            return _export_torchscript(module, example_inputs)
+            return _export_torchscript(module, example_inputs, outputs, dynamic_batch)
         except Exception as legacy_error:
             try:
-                return _export_dynamo(module, example_inputs)
+                return _export_dynamo(module, example_inputs, outputs, dynamic_batch)
             except Exception as dynamo_error:
                 raise RuntimeError(
                     f"could not export {type(module).__name__} to ONNX: the TorchScript "

@@ -106,7 +106,7 @@ class Budget:
         return f"{self.fraction:g}× dense" if self.fraction is not None else f"{self.ms_:g} ms"
 
 
-@dataclass
+@dataclass(repr=False)
 class CompileResult:
     """What :func:`compile` produced, and the evidence that it meets the budget.
 
@@ -173,37 +173,67 @@ class CompileResult:
         report["timings"] = self.timings
         return report
 
-    def save(self, directory: str | Path, *, onnx: bool = True) -> Path:
-        """Write the result so it can be inspected, rebuilt and deployed.
+    def save(self, directory: str | Path, *, onnx: bool = True, dynamic_batch: bool = True) -> Path:
+        """Write the result so it can be inspected, rebuilt and deployed; all or nothing.
 
         Files: ``plan.json``; ``pruned_state_dict.pt`` (with the original architecture and the
         plan, :func:`fxprune.rebuild` re-creates the model — no pickled code needed);
-        ``pruned_model.pt`` (a pickled GraphModule, for convenience); ``pruned.onnx`` (checked
-        against ONNX Runtime); ``report.md`` / ``report.json``; ``widths.png`` when matplotlib
-        is installed. Every file is written atomically.
+        ``pruned_model.pt`` (the GraphModule pickled: ``torch.load(path, weights_only=False)``
+        wherever torch and the model's own module classes import); ``pruned.onnx`` (checked
+        against ONNX Runtime; its batch axis is dynamic unless ``dynamic_batch=False``);
+        ``report.md`` / ``report.json``; ``widths.png`` when matplotlib is installed.
+
+        Everything is written beside ``directory`` first and moved in only when all of it
+        succeeded, so a failure (e.g. the ONNX check) leaves ``directory`` as it was. Files
+        there that are not among these names are kept; these names that this save does not
+        write (``pruned.onnx`` with ``onnx=False``) are removed, so no file of an earlier run
+        stays beside the new ones.
         """
         from fxprune.backends.export import export_onnx
-        from fxprune.core.io import atomic_write, write_json, write_text
+        from fxprune.core.io import replace_files, write_json, write_text
         from fxprune.pipeline.report import render_markdown
 
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        self.plan.save(out / "plan.json")
-        state = self.model.state_dict()
-        atomic_write(out / "pruned_state_dict.pt", lambda p: torch.save(state, p))
-        atomic_write(out / "pruned_model.pt", lambda p: torch.save(self.model, p))
-        if onnx:
-            export_onnx(self.model, out / "pruned.onnx", self.analysis.example_inputs)
-        report = self.report()
-        write_json(out / "report.json", report)
-        write_text(out / "report.md", render_markdown(report) + _rounds_markdown(self.rounds))
-        try:
-            from fxprune.pipeline.plots import plot_widths
+        def write(out: Path) -> None:
+            if onnx:  # the likeliest failure: first
+                example = self.analysis.example_inputs
+                export_onnx(self.model, out / "pruned.onnx", example, dynamic_batch=dynamic_batch)
+            self.plan.save(out / "plan.json")
+            torch.save(self.model.state_dict(), out / "pruned_state_dict.pt")
+            torch.save(self.model, out / "pruned_model.pt")
+            report = self.report()
+            write_json(out / "report.json", report)
+            write_text(out / "report.md", render_markdown(report) + _rounds_markdown(self.rounds))
+            try:
+                from fxprune.pipeline.plots import plot_widths
 
-            plot_widths(self.analysis, self.plan, out / "widths.png")
-        except ImportError:  # matplotlib is optional
-            pass
-        return out
+                plot_widths(self.analysis, self.plan, out / "widths.png")
+            except ImportError:  # matplotlib is optional
+                pass
+
+        return replace_files(directory, SAVED_FILES, write)
+
+    def __repr__(self) -> str:
+        """One line: budget, latencies, what was pruned, where (the model is in ``.model``)."""
+        return (
+            f"CompileResult(budget {self.budget} = {self.budget_ms:.3g} ms, "
+            f"{'met' if self.budget_met else 'missed'}: measured {self.measured_ms:.3g} ms, "
+            f"dense {self.dense_ms:.3g} ms, predicted {self.predicted_ms:.3g} ms, "
+            f"speedup {self.speedup:.2f}x; {len(self.plan.kept)} groups pruned, "
+            f"{len(self.plan.removed_blocks)} blocks removed, importance kept "
+            f"{self.importance_kept:.1%}; {len(self.rounds)} rounds on {self.backend})"
+        )
+
+
+#: The files :meth:`CompileResult.save` writes (and replaces, and removes when it does not).
+SAVED_FILES = (
+    "plan.json",
+    "pruned_state_dict.pt",
+    "pruned_model.pt",
+    "pruned.onnx",
+    "report.json",
+    "report.md",
+    "widths.png",
+)
 
 
 def _rounds_markdown(rounds: Sequence[dict[str, Any]]) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 import torchvision
@@ -9,6 +11,7 @@ from torch import nn
 
 import fxprune
 from fxprune.analysis.plans import random_plan
+from fxprune.analysis.trace import trace
 
 
 class DataDependent(nn.Module):
@@ -60,3 +63,23 @@ def test_user_model_never_mutated():
     fxprune.masked_forward(a, random_plan(a, 1), x)
     assert model.training
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("leaf_modules", [None, [DataDependent], ["gate"]])
+def test_traced_module_pickles(leaf_modules):
+    """A traced GraphModule (and so every rewrite of it) survives torch.save / torch.load:
+    unpickling re-traces its code with the graph's tracer class, which must not need
+    arguments (fxprune's own tracer is not recorded at all)."""
+    model = Net().eval()
+    if leaf_modules is None:  # traced all through
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(1))
+    x = torch.randn(2, 3, 16, 16)
+    gm = trace(model, x, leaf_modules=leaf_modules)
+    assert gm.graph._tracer_cls is None and gm._tracer_cls is None
+    buf = io.BytesIO()
+    torch.save(gm, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), gm(x))
+    assert [n.op for n in loaded.graph.nodes] == [n.op for n in gm.graph.nodes]

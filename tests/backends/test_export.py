@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torchvision
 from helpers import make_sensitive
+from torch import nn
 
 import fxprune
 from fxprune.analysis.plans import random_plan
+from fxprune.backends import OnnxRuntimeBackend
 from fxprune.cli import main
 
 
@@ -67,3 +70,87 @@ def test_cli_prune_writes_everything(tmp_path):
     assert s["params_after"] < 0.5 * s["params_before"] and s["macs_after"] < 0.5 * s["macs_before"]
     assert s["max_abs_diff_vs_masking_oracle"] < 1e-3
     assert "| layer1.0.conv1 |" in (out / "report.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def resnet_batch4():
+    torch.manual_seed(0)
+    model = make_sensitive(torchvision.models.resnet18().eval(), torch.randn(4, 3, 32, 32))
+    x = torch.randn(4, 3, 32, 32)
+    a = fxprune.analyze(model, x)
+    return x, a, fxprune.prune(a, random_plan(a, 3))
+
+
+@pytest.mark.parametrize("which", ["traced", "pruned"])
+def test_onnx_batch_axis_is_dynamic(resnet_batch4, which, tmp_path):
+    """Exported at batch 4 (flatten → linear inside), the file runs at batch 1 and 3."""
+    x, a, pruned = resnet_batch4
+    module = a.gm if which == "traced" else pruned
+    path = fxprune.export_onnx(module, tmp_path / "m.onnx", x)
+    backend = OnnxRuntimeBackend(provider="cpu")
+    data = path.read_bytes()
+    sess = backend.session(data)
+    assert sess.get_inputs()[0].shape == ["batch", 3, 32, 32]
+    assert sess.get_outputs()[0].shape == ["batch", 1000]
+    for batch in (1, 3):
+        xb = torch.randn(batch, 3, 32, 32)
+        (got,) = backend.run(data, (xb,))
+        with torch.no_grad():
+            want = module(xb).numpy()
+        assert got.shape == want.shape == (batch, 1000)
+        assert np.allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+def test_onnx_static_batch_on_request(resnet_batch4, tmp_path):
+    x, _a, pruned = resnet_batch4
+    path = fxprune.export_onnx(pruned, tmp_path / "m.onnx", x, dynamic_batch=False)
+    sess = OnnxRuntimeBackend(provider="cpu").session(path.read_bytes())
+    assert sess.get_inputs()[0].shape == [4, 3, 32, 32]
+    assert sess.get_outputs()[0].shape == [4, 1000]
+
+
+class FixedBatch(nn.Module):
+    """Reshapes to a constant batch size: cannot run at any other."""
+
+    def forward(self, x):
+        return x.reshape(4, -1) * 2
+
+
+def test_onnx_fixed_batch_inside_the_graph_is_caught(tmp_path):
+    x = torch.randn(4, 3)
+    with pytest.raises(fxprune.FxpruneError, match="dynamic_batch=False"):
+        fxprune.export_onnx(FixedBatch(), tmp_path / "m.onnx", x)
+    assert not list(tmp_path.iterdir())
+    fxprune.export_onnx(FixedBatch(), tmp_path / "m.onnx", x, dynamic_batch=False)
+    assert (tmp_path / "m.onnx").exists()
+
+
+class Outputs(nn.Module):
+    """Nested dict / tuple / list outputs, one of them a scalar."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return {"map": y, "pair": (y.mean((2, 3)), [y.sum()])}
+
+
+def test_onnx_nested_outputs_are_named_and_all_checked(tmp_path, monkeypatch):
+    x = torch.randn(2, 3, 8, 8)
+    path = fxprune.export_onnx(Outputs().eval(), tmp_path / "m.onnx", x)
+    sess = OnnxRuntimeBackend(provider="cpu").session(path.read_bytes())
+    outputs = [(o.name, o.shape) for o in sess.get_outputs()]
+    assert outputs == [("map", ["batch", 4, 6, 6]), ("pair.0", ["batch", 4]), ("pair.1.0", [])]
+    # the check compares every output: a wrong scalar (the last one) is caught
+    run = OnnxRuntimeBackend.run
+
+    def off_by_one(self, data, inputs):
+        got = run(self, data, inputs)
+        return [*got[:-1], got[-1] + 1]
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "run", off_by_one)
+    with pytest.raises(fxprune.FxpruneError, match=r"'pair\.1\.0' differs"):
+        fxprune.export_onnx(Outputs().eval(), tmp_path / "n.onnx", x)
+    assert not (tmp_path / "n.onnx").exists()

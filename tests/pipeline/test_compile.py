@@ -8,7 +8,12 @@ checks structure and consistency only (no assertion on how fast anything is).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +23,7 @@ from helpers import make_sensitive, rel_err
 from torch import fx, nn
 
 import fxprune
+import fxprune.pipeline.plots
 from fxprune.latency.tables import LatencyConfig
 from fxprune.pipeline.compile import Budget
 from fxprune.rewrite.prune import channel_copies
@@ -243,10 +249,183 @@ def test_unconstrained_coupling(resnet, reads, tmp_path):
     rebuilt = fxprune.rebuild(
         torchvision.models.resnet18(), x, out / "plan.json", out / "pruned_state_dict.pt"
     )
+    loaded = torch.load(out / "pruned_model.pt", weights_only=False)  # slices, gathers, splits
     with torch.no_grad():
         assert torch.allclose(rebuilt(x), result.model(x), atol=1e-5)
+        assert torch.equal(loaded(x), result.model(x))
 
 
 def test_bad_coupling(resnet, tmp_path):
     with pytest.raises(ValueError, match="coupling"):
         _compile(resnet, 0.6, tmp_path, coupling="loose")
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """A cheap CompileResult: SmallNet on the fake backend."""
+    torch.manual_seed(0)
+    model = make_sensitive(SmallNet().eval(), torch.randn(1, 3, 32, 32))
+    return fxprune.compile(
+        model,
+        0.5,
+        example_inputs=torch.randn(1, 3, 32, 32),
+        backend=FakeBackend(),
+        cache=tmp_path_factory.mktemp("cache"),
+        latency_config=QUIET,
+        progress=False,
+    )
+
+
+_ARTEFACTS = {
+    "plan.json",
+    "pruned_state_dict.pt",
+    "pruned_model.pt",
+    "pruned.onnx",
+    "report.md",
+    "report.json",
+    "widths.png",
+}
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()
+    }
+
+
+def test_pruned_model_loads_in_a_fresh_process(small, tmp_path):
+    """pruned_model.pt unpickles in a new interpreter that imports nothing but torch (and
+    fxprune on the path): the pickle carries no tracer whose constructor needs arguments."""
+    out = small.save(tmp_path / "run", onnx=False)
+    x = torch.randn(2, 3, 32, 32)
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        torch.save(small.model(x), tmp_path / "want.pt")
+    script = (
+        "import sys, torch\n"
+        "model = torch.load(sys.argv[1], weights_only=False)\n"
+        "with torch.no_grad():\n"
+        "    torch.save(model(torch.load(sys.argv[2])), sys.argv[3])\n"
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(fxprune.__file__).parents[1]),
+        "OMP_NUM_THREADS": "1",
+    }
+    args = [out / "pruned_model.pt", tmp_path / "x.pt", tmp_path / "got.pt"]
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    got, want = torch.load(tmp_path / "got.pt"), torch.load(tmp_path / "want.pt")
+    assert got.shape == want.shape == (2, 10)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def _broken(result: fxprune.CompileResult) -> fxprune.CompileResult:
+    """The same result with non-finite outputs (one NaN weight)."""
+    model = copy.deepcopy(result.model)
+    with torch.no_grad():
+        model.get_submodule("fc").weight[0, 0] = float("nan")
+    return dataclasses.replace(result, model=model)
+
+
+@pytest.mark.parametrize("failure", ["onnx check", "plot"])
+def test_failed_save_leaves_the_directory_as_it_was(small, tmp_path, monkeypatch, failure):
+    """A save that fails anywhere changes nothing: no file of the new run beside the old one's,
+    the user's own files untouched, no temporary directory left behind."""
+    out = small.save(tmp_path / "run")
+    (out / "notes.txt").write_text("mine")
+    before = _snapshot(out)
+    assert set(before) >= _ARTEFACTS
+    again = _broken(small)
+    if failure == "plot":
+        with torch.no_grad():
+            again.model.get_submodule("fc").weight.zero_()  # finite, but other weights
+
+        def fail(*args, **kwargs):
+            raise OSError("no space left on device")
+
+        monkeypatch.setattr(fxprune.pipeline.plots, "plot_widths", fail)
+    with pytest.raises((fxprune.FxpruneError, OSError)):
+        again.save(out)
+    assert _snapshot(out) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_failed_first_save_creates_nothing(small, tmp_path):
+    with pytest.raises(fxprune.FxpruneError, match="not finite"):
+        _broken(small).save(tmp_path / "run")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_replaces_its_own_artefacts_only(small, tmp_path):
+    """A later save keeps what the user put in the directory, replaces our files, and removes
+    our artefacts that it does not write itself (pruned.onnx with onnx=False)."""
+    out = small.save(tmp_path / "run")
+    (out / "notes.txt").write_text("mine")
+    (out / "data").mkdir()
+    (out / "data" / "x.csv").write_text("1,2")
+    (out / "plan.json").write_text("{}")  # an edited artefact is ours to replace
+    small.save(out, onnx=False)
+    names = {p.name for p in out.iterdir()}
+    assert names == (_ARTEFACTS - {"pruned.onnx"}) | {"notes.txt", "data"}
+    assert (out / "notes.txt").read_text() == "mine"
+    assert (out / "data" / "x.csv").read_text() == "1,2"
+    assert fxprune.Plan.load(out / "plan.json") == small.plan
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+class DictNet(SmallNet):
+    """SmallNet returning a dict (logits and pooled features)."""
+
+    def forward(self, x):
+        x = self.a(x)
+        x = x + self.c(self.b(x))
+        pooled = x.mean((2, 3))
+        return {"logits": self.fc(pooled), "features": pooled}
+
+
+def test_save_with_onnx_for_dict_outputs(tmp_path):
+    """Dict outputs export as named ONNX outputs, each checked against torch."""
+    torch.manual_seed(0)
+    model = make_sensitive(DictNet().eval(), torch.randn(1, 3, 32, 32))
+    x = torch.randn(1, 3, 32, 32)
+    result = fxprune.compile(
+        model,
+        0.5,
+        example_inputs=x,
+        backend=FakeBackend(),
+        cache=tmp_path / "cache",
+        latency_config=QUIET,
+        progress=False,
+    )
+    out = result.save(tmp_path / "run")
+    from fxprune.backends import OnnxRuntimeBackend
+
+    backend = OnnxRuntimeBackend(provider="cpu")
+    data = (out / "pruned.onnx").read_bytes()
+    assert [o.name for o in backend.session(data).get_outputs()] == ["logits", "features"]
+    got = backend.run(data, (x,))
+    with torch.no_grad():
+        want = result.model(x)
+    assert [g.shape for g in got] == [(1, 10), (1, 64)]
+    assert rel_err(torch.from_numpy(got[0]), want["logits"]) < 1e-4
+    assert rel_err(torch.from_numpy(got[1]), want["features"]) < 1e-4
+
+
+def test_compile_result_repr_is_one_line(small):
+    text = repr(small)
+    assert "\n" not in text and len(text) < 300
+    assert "GraphModule(" not in text and "tensor(" not in text
+    assert text.startswith("CompileResult(")
+    assert f"measured {small.measured_ms:.3g} ms" in text
+    assert f"dense {small.dense_ms:.3g} ms" in text
+    assert f"{len(small.plan.kept)} groups pruned" in text
+    assert f"{len(small.plan.removed_blocks)} blocks removed" in text
+    assert "met" in text and small.backend in text
