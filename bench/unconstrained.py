@@ -190,14 +190,14 @@ def run_case(name, model, analysis, x, sparsity, backend, multiple, pool, repeat
         t0 = time.perf_counter()
         cost = MeasuredReads(backend) if reads == "measure" else None
         if cost is not None:
-            gm, rw = measured_rewrite(analysis, plan, cost, reorder=reorder)
+            gm, rw, choice = measured_rewrite(analysis, plan, cost, reorder=reorder)
         else:
             gm, rw = rewrite(analysis, plan, reorder=reorder, reads=reads)
         info[key].update(rewrite_s=time.perf_counter() - t0, reads=rw.counts())
         if key == "ours":
             info[key]["orders"] = [o.__dict__ for o in rw.layout.orders]
             info[key]["read_ms"] = cost.decisions
-            info[key]["whole_check"] = rw.whole_check
+            info[key]["whole_check"] = choice.to_dict() if choice is not None else {}
             same = rw.kinds() == kinds_exact and rw.segment_block is None
             if same:  # the same graph as ours_exact: time it once, not as two models
                 gm = variants["ours_exact"]
@@ -238,7 +238,7 @@ def run_case(name, model, analysis, x, sparsity, backend, multiple, pool, repeat
             align=align,
         )
         cost = MeasuredReads(backend)
-        variants["ours_pool"], rw = measured_rewrite(analysis, pooled, cost)
+        variants["ours_pool"], rw, _ = measured_rewrite(analysis, pooled, cost)
         info["ours_pool"] = {"pool": pool, "reads": rw.counts(), "mass_kept": 0.0}
         info["ours_pool"]["mass_kept"] = mass_kept(analysis, pooled)
         oracle_pool = fxprune.masked_forward(analysis, pooled, x)

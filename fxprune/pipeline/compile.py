@@ -254,7 +254,7 @@ def _rounds_markdown(rounds: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _export_record(pruned: fx.GraphModule, info: Any, reads: str) -> dict[str, Any]:
+def _export_record(pruned: fx.GraphModule, info: Any, choice: Any, reads: str) -> dict[str, Any]:
     """How an unconstrained round was exported: the reads kept, their copies, the segments.
 
     ``kept`` is what the whole-model check chose (exact / measured / segmented / lean /
@@ -264,7 +264,7 @@ def _export_record(pruned: fx.GraphModule, info: Any, reads: str) -> dict[str, A
     from fxprune.rewrite.prune import channel_copies
 
     gathers, slices = channel_copies(pruned)
-    check = info.whole_check
+    check = choice.to_dict() if choice is not None else {}
     out = {"kept": check.get("kept", reads), "gathers": gathers, "slices": slices}
     out["vs_exact"] = check.get("vs_exact", {})
     if check.get("runoff"):
@@ -435,9 +435,12 @@ def compile(
             if reads == "measure":
                 from fxprune.measure.export_choice import measured_rewrite
 
-                pruned, info = measured_rewrite(analysis, plan, rewrite_options["read_cost"])
+                pruned, info, choice = measured_rewrite(
+                    analysis, plan, rewrite_options["read_cost"]
+                )
             else:
                 pruned, info = rewrite(analysis, plan, **rewrite_options)
+                choice = None
             # record the reads taken so rebuild() reproduces this exact structure
             notes = {**plan.notes, "reads": info.kinds()}
             if info.segment_block is not None:
@@ -447,7 +450,7 @@ def compile(
             if info.read_block is not None:
                 notes["read_block"] = info.read_block
             plan = dataclasses.replace(plan, notes=notes)
-            export = _export_record(pruned, info, str(rewrite_options["reads"]))
+            export = _export_record(pruned, info, choice, str(rewrite_options["reads"]))
         else:
             pruned, export = prune(analysis, plan), None
         solved_for[id(plan)] = solved

@@ -53,9 +53,6 @@ class RewriteInfo:
 
     layout: Layout
     reads: dict[str, ConsumerRead] = field(default_factory=dict)
-    #: with ``reads="measure"``: the whole-model candidates timed side by side, as multiples
-    #: of the exact reads (``{"vs_exact": {"measured": r, "segmented": r}, "kept": name}``)
-    whole_check: dict[str, Any] = field(default_factory=dict)
     #: set when the model carries read tensors as segments (:mod:`fxprune.rewrite.segment`)
     segments: SegmentInfo | None = None
     segment_block: int | None = None

@@ -167,15 +167,15 @@ def test_whole_model_check_keeps_a_clear_winner_else_fewest_copies(fan, measured
     # the stem's group (read by a and b) and the residual (read by c) are segmentable
     plan = fxprune.unconstrained_plan(a, random_input_masks(a, 5))
     judge = ScriptedReads(measured, segmented)
-    gm, info = measured_rewrite(a, plan, judge)
+    gm, info, choice = measured_rewrite(a, plan, judge)
     assert judge.compared == 1
-    assert info.whole_check["kept"] == kept
-    assert info.whole_check["vs_exact"] == {"measured": measured, "segmented": segmented}
-    assert info.whole_check["measured_reads"]["full"] == len(plan.consumers)
+    assert choice.to_dict()["kept"] == kept
+    assert choice.to_dict()["vs_exact"] == {"measured": measured, "segmented": segmented}
+    assert choice.to_dict()["measured_reads"]["full"] == len(plan.consumers)
     assert info.counts()["full"] == (len(plan.consumers) if kept == "measured" else 0)
     assert (info.segment_block is not None) == (kept == "segmented")
     assert (info.segments is not None and info.segments.regions != []) == (kept == "segmented")
-    copies = info.whole_check["copies"]
+    copies = choice.to_dict()["copies"]
     assert copies["exact"]["gathers"] + copies["exact"]["slices"] > 0
     assert copies["measured"] == copies["segmented"] == {"gathers": 0, "slices": 0}
     assert channel_copies(gm) == tuple(copies[kept].values())
@@ -190,9 +190,9 @@ def test_a_close_call_is_measured_again(fan, second_look, kept):
     _, x, a = fan
     plan = fxprune.unconstrained_plan(a, random_input_masks(a, 5))
     judge = ScriptedReads(1.04, 1.3, runoff=second_look)
-    gm, info = measured_rewrite(a, plan, judge)
+    gm, _, choice = measured_rewrite(a, plan, judge)
     assert judge.compared == 1 and judge.runoffs == 1
-    check = info.whole_check
+    check = choice.to_dict()
     assert check["runoff"] == {"kept": "exact", "rival": "measured", "rival_vs_kept": second_look}
     assert check["kept"] == kept
     assert channel_copies(gm) == tuple(check["copies"][kept].values())
@@ -429,8 +429,8 @@ def test_lean_candidate_spends_the_copy_budget_on_the_cheapest_gathers(
     assert len(gathers) >= 3  # past the three scripted, every gather costs 10 ms to remove
     # candidates: exact, segmented (scripted slow), and lean where a gather fits the budget
     judge = LeanReads(extras, exact_ms=100.0, ratios=[1.0, 1.5, lean_ratio])
-    gm, info = measured_rewrite(a, plan, judge)
-    check = info.whole_check
+    gm, info, choice = measured_rewrite(a, plan, judge)
+    check = choice.to_dict()
     if want_replaced == 0:
         assert "lean" not in check and judge.compared == [2]
         assert check["kept"] == "exact" and info.kinds() == exact.kinds()
@@ -462,8 +462,8 @@ def test_aligned_lean_pads_leans_reads_and_ties_a_clear_winner(ratios, kept):
     _, x, a = analysed_toy(Star)
     plan = fxprune.unconstrained_plan(a, random_input_masks(a, 0, min_keep=0.4))
     judge = LeanReads([0.2, 0.3, 0.4], exact_ms=100.0, ratios=ratios, block=4)
-    gm, info = measured_rewrite(a, plan, judge)
-    check = info.whole_check
+    gm, info, choice = measured_rewrite(a, plan, judge)
+    check = choice.to_dict()
     assert list(check["copies"]) == ["exact", "segmented", "lean", "aligned", "aligned_lean"]
     assert check["kept"] == kept
     # aligned_lean 0.83 against aligned 0.80: a close call, measured again (and lost)
