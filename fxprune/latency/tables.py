@@ -55,6 +55,7 @@ from fxprune.backends import (
     layout_block_of,
 )
 from fxprune.core.meta import LATENCY
+from fxprune.core.progress import reporter
 from fxprune.latency.denoise import candidate_counts, class_of, denoise_2d
 from fxprune.latency.steps import detect_period
 from fxprune.latency.unit_specs import UnitSpec, build_unit, unit_spec
@@ -104,7 +105,8 @@ class LatencyConfig:
             narrow to start with. Below it the runtime leaves its layout between layers, a
             cost that units timed alone do not show (see
             :meth:`~fxprune.backends.OnnxRuntimeBackend.layout_block`).
-        progress: show a rich progress bar.
+        progress: report progress (through :mod:`fxprune.core.progress`: logging by default,
+            a rich bar under the CLI).
     """
 
     sweep_halfwidth: int = 20
@@ -355,25 +357,8 @@ def model_fingerprint(gm: fx.GraphModule, inputs: Sequence[Any]) -> str:
 
 @contextlib.contextmanager
 def _progress(enabled: bool) -> Iterator[Any]:
-    if not enabled:
-        yield None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
-
-    columns = (
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, transient=False) as progress:
-        yield progress
+    """The current progress reporter (:func:`fxprune.core.progress.reporter`), or None."""
+    yield reporter() if enabled else None
 
 
 def _collect(analysis: Any) -> list[_Layer]:
