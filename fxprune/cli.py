@@ -10,14 +10,31 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+if TYPE_CHECKING:
+    from fxprune.pipeline.compile import Budget
+
 __all__ = ["main"]
+
+
+#: exit statuses: 1 only for a missed budget under --strict; 2 as argparse's usage errors
+EXIT_MISSED = 1
+EXIT_USAGE = 2
+
+#: the ways out of an infeasible budget this CLI has flags for (no flag offers smaller counts)
+_CLI_SPELLING = {"solver": "pass --solver minlp", "allow_block_removal": "drop --no-blocks"}
+
+
+class _UsageError(Exception):
+    """An argument that only turns out bad once used (a checkpoint that does not load)."""
 
 
 def _load_model(name: str, checkpoint: str | None) -> torch.nn.Module:
@@ -29,9 +46,72 @@ def _load_model(name: str, checkpoint: str | None) -> torch.nn.Module:
         ) from exc
     model = torchvision.models.get_model(name, weights=None)
     if checkpoint:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        try:
+            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+            model.load_state_dict(
+                state.get("state_dict", state) if isinstance(state, dict) else state
+            )
+        except Exception as exc:  # torch raises many types for a bad file or a wrong model
+            raise _UsageError(
+                f"argument --checkpoint: {checkpoint} is not a state dict of {name} "
+                f"({type(exc).__name__}: {exc})"
+            ) from exc
     return model.eval()
+
+
+# argparse type functions: a bad value is a usage error (exit 2), never a traceback
+
+
+def _budget(text: str) -> Budget:
+    from fxprune.pipeline.compile import Budget
+
+    try:
+        return Budget.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+
+    return parse
+
+
+def _fraction(text: str) -> float:
+    value = _positive(float)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"a fraction of the channels, in (0, 1]; got {text}")
+    return value
+
+
+def _model_name(name: str) -> str:
+    try:
+        import torchvision
+    except ImportError:  # pragma: no cover  (_load_model says what to install)
+        return name
+    if name.lower() not in torchvision.models.list_models():
+        raise argparse.ArgumentTypeError(
+            f"unknown torchvision model {name!r} (e.g. resnet50, mobilenet_v2; "
+            "torchvision.models.list_models() lists them all)"
+        )
+    return name.lower()
+
+
+def _backend_name(name: str) -> str:
+    from fxprune import backends
+
+    if name.lower() not in backends._BACKENDS:
+        raise argparse.ArgumentTypeError(
+            f"unknown backend {name!r}; choose one of {', '.join(sorted(backends._BACKENDS))}"
+        )
+    return name
 
 
 def _summary_table(report: dict) -> Table:
@@ -58,22 +138,33 @@ def _parser() -> argparse.ArgumentParser:
     ):
         s = sub.add_parser(name, help=help_)
         s.add_argument(
-            "--model", default="resnet50", help="torchvision model name (random weights)"
+            "--model",
+            type=_model_name,
+            default="resnet50",
+            help="torchvision model name (random weights)",
         )
         s.add_argument("--checkpoint", help="state dict to load into the model")
-        s.add_argument("--size", type=int, default=224, help="input resolution (square)")
-        s.add_argument("--batch", type=int, default=1)
+        s.add_argument("--size", type=_positive(int), default=224, help="input resolution (square)")
+        s.add_argument("--batch", type=_positive(int), default=1)
         s.add_argument("--out", type=Path, default=None, help="output directory")
     co = sub.choices["compile"]
     co.add_argument(
         "--budget",
+        type=_budget,
         default="0.5",
         help="latency budget: a fraction of the dense latency (0.5, '0.5x') or a time ('25ms')",
     )
-    co.add_argument("--backend", default="onnxruntime", help="onnxruntime (default) or torch")
+    co.add_argument(
+        "--backend",
+        type=_backend_name,
+        default="onnxruntime",
+        help="onnxruntime (default) or torch",
+    )
     co.add_argument("--solver", default="minlp", choices=["minlp", "knapsack", "uniform"])
-    co.add_argument("--time-limit", type=float, default=30.0, help="SCIP time limit (s)")
-    co.add_argument("--max-rounds", type=int, default=4, help="solve-measure rounds at most")
+    co.add_argument("--time-limit", type=_positive(float), default=30.0, help="SCIP time limit (s)")
+    co.add_argument(
+        "--max-rounds", type=_positive(int), default=4, help="solve-measure rounds at most"
+    )
     co.add_argument("--no-blocks", action="store_true", help="never remove residual blocks")
     co.add_argument(
         "--coupling",
@@ -85,23 +176,52 @@ def _parser() -> argparse.ArgumentParser:
     co.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
     co.add_argument("--strict", action="store_true", help="exit 1 if the budget was missed")
     pr = sub.choices["prune"]
-    pr.add_argument("--keep", type=float, default=0.5, help="fraction of channels kept per group")
-    pr.add_argument("--multiple", type=int, default=8, help="round kept counts to this multiple")
+    pr.add_argument(
+        "--keep", type=_fraction, default=0.5, help="fraction of channels kept per group"
+    )
+    pr.add_argument(
+        "--multiple",
+        type=_positive(int),
+        default=8,
+        help="round kept counts to this multiple",
+    )
     pr.add_argument("--plan", type=Path, help="apply this plan JSON instead of a uniform plan")
     pr.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; the exit status.
+
+    0: done (with ``compile``, also a missed budget unless ``--strict``). 1: ``compile
+    --strict`` and no round met the budget. 2: bad arguments (argparse's usage errors), or
+    input fxprune cannot use as given: an infeasible budget, a model that does not trace at
+    ``--size``, a bad ``--plan`` or ``--checkpoint``; the message says what to change.
+    """
     import fxprune
-    from fxprune.core.io import atomic_write, write_json, write_text
 
     args = _parser().parse_args(argv)
     console = Console(stderr=True)
     out = args.out or Path("runs") / args.model
     x = torch.randn(args.batch, 3, args.size, args.size)
-    if args.command == "compile":
-        return _compile(args, console, out, x)
+    try:
+        if args.command == "compile":
+            return _compile(args, console, out, x)
+        return _run(args, console, out, x)
+    except _UsageError as exc:
+        console.print(f"fxprune {args.command}: error: {exc}", style="red", markup=False)
+    except fxprune.InfeasibleBudget as exc:
+        console.print(exc.message(_CLI_SPELLING), style="red", markup=False)
+    except fxprune.FxpruneError as exc:
+        console.print(f"error: {exc}", style="red", markup=False)
+    return EXIT_USAGE
+
+
+def _run(args: argparse.Namespace, console: Console, out: Path, x: torch.Tensor) -> int:
+    """``analyze`` and ``prune``."""
+    import fxprune
+    from fxprune.core.io import atomic_write, write_json, write_text
+
     timings: dict[str, float] = {}
     with Progress(
         SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
@@ -162,25 +282,21 @@ def main(argv: list[str] | None = None) -> int:
 def _compile(args: argparse.Namespace, console: Console, out: Path, x: torch.Tensor) -> int:
     import fxprune
 
-    budget = args.budget  # "0.5", "0.5x" or "25ms": Budget.parse reads all of them
+    budget = args.budget  # a Budget: argparse parsed it
     model = _load_model(args.model, args.checkpoint)
     console.log(f"compiling {args.model} ({args.batch}×3×{args.size}×{args.size}) to {budget}")
-    try:
-        result = fxprune.compile(
-            model,
-            budget,
-            example_inputs=x,
-            backend=args.backend,
-            cache=args.cache,
-            solver=args.solver,
-            time_limit=args.time_limit,
-            max_rounds=args.max_rounds,
-            allow_block_removal=not args.no_blocks,
-            coupling=args.coupling,
-        )
-    except fxprune.InfeasibleBudget as exc:
-        console.print(f"[red]{exc}")
-        return 2
+    result = fxprune.compile(  # InfeasibleBudget: main prints it, exit 2
+        model,
+        budget,
+        example_inputs=x,
+        backend=args.backend,
+        cache=args.cache,
+        solver=args.solver,
+        time_limit=args.time_limit,
+        max_rounds=args.max_rounds,
+        allow_block_removal=not args.no_blocks,
+        coupling=args.coupling,
+    )
     result.save(out, onnx=not args.no_onnx)
     report = {"model": args.model, "summary": result.summary()}
     console.print(_summary_table(report))
@@ -188,12 +304,17 @@ def _compile(args: argparse.Namespace, console: Console, out: Path, x: torch.Ten
         f"wrote {out}/ (plan.json, pruned_state_dict.pt, pruned_model.pt"
         f"{'' if args.no_onnx else ', pruned.onnx'}, report.md, report.json, widths.png)"
     )
-    if not result.budget_met:
+    if result.dense_meets_budget:
+        console.print(
+            f"[green]the dense model already meets the budget ({result.dense_ms:.3f} ms ≤ "
+            f"{result.budget_ms:.3f} ms): nothing to prune, wrote it unchanged"
+        )
+    elif not result.budget_met:
         console.print(
             f"[yellow]no round met the budget within tolerance; wrote the closest plan "
             f"({result.measured_ms / result.budget_ms:.3f}× budget, see report.md)"
         )
-        return 1 if args.strict else 0
+        return EXIT_MISSED if args.strict else 0
     return 0
 
 

@@ -48,21 +48,67 @@ __all__ = [
 ]
 
 
+#: how each way out of an infeasible budget is spelt in Python (the CLI passes its own flags)
+_PYTHON_SPELLING: Mapping[str, str] = {
+    "solver": "pass solver='minlp'",
+    "allow_block_removal": "pass allow_block_removal=True",
+    "layout_floor": "pass latency_config=LatencyConfig(layout_floor=False)",
+}
+
+
 class InfeasibleBudget(FxpruneError):
-    """No plan meets the budget; ``min_latency`` is the smallest reachable."""
+    """No plan meets the budget; ``min_latency`` is the smallest reachable.
 
-    def __init__(self, budget: float, min_latency: float, dense: float | None = None) -> None:
-        def show(v: float) -> str:
-            return f"{v:.4g}" if dense is None else f"{v:.4g} ms ({v / dense:.1%} of dense)"
+    The message names only ways out that apply. ``block_removal`` lists what would let
+    residual blocks go when the model has removable ones that were not offered: ``"solver"``
+    (the knapsack / uniform baselines never remove blocks) and/or ``"allow_block_removal"``
+    (it was off); empty when blocks were offered or there are none. ``layout_block`` is the
+    runtime's blocked-layout width when it kept smaller counts out of the tables
+    (``LatencyConfig.layout_floor``), else 1.
+    """
 
-        super().__init__(
-            f"The latency budget {show(budget)} cannot be met: the smallest latency this model "
-            f"can reach under the allowed channel counts is {show(min_latency)}. Raise the "
-            "budget to at least that, or allow smaller counts / block removal."
-        )
+    def __init__(
+        self,
+        budget: float,
+        min_latency: float,
+        dense: float | None = None,
+        *,
+        block_removal: tuple[str, ...] = (),
+        layout_block: int = 1,
+    ) -> None:
         self.budget = budget
         self.min_latency = min_latency
         self.dense = dense
+        self.block_removal = tuple(block_removal)
+        self.layout_block = layout_block
+        super().__init__(self.message())
+
+    def message(self, spelling: Mapping[str, str] | None = None) -> str:
+        """The explanation, with each way out spelt as in ``spelling`` (default: Python).
+
+        A way out missing from ``spelling`` (a CLI without that flag) is left out.
+        """
+        spelling = _PYTHON_SPELLING if spelling is None else spelling
+
+        def show(v: float) -> str:
+            d = self.dense
+            return f"{v:.4g}" if d is None else f"{v:.4g} ms ({v / d:.1%} of dense)"
+
+        ways = []
+        blocks = [spelling[k] for k in self.block_removal if k in spelling]
+        if blocks and len(blocks) == len(self.block_removal):
+            ways.append(f"{' and '.join(blocks)} so that residual blocks can be removed too")
+        if self.layout_block > 1 and "layout_floor" in spelling:
+            ways.append(
+                f"{spelling['layout_floor']} to offer counts below the runtime's "
+                f"{self.layout_block}-channel layout block (they run outside its fast layout)"
+            )
+        text = (
+            f"The latency budget {show(self.budget)} cannot be met: the smallest latency this "
+            f"model can reach under the allowed channel counts is {show(self.min_latency)}. "
+            "Raise the budget to at least that"
+        )
+        return text + "".join(f", or {w}" for w in ways) + "."
 
 
 @dataclass(frozen=True)

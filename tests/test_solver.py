@@ -128,6 +128,24 @@ def test_infeasible_budget_reports_minimum():
     assert info.value.min_latency == pytest.approx(3.0)
 
 
+def test_infeasible_message_names_only_the_ways_out_given():
+    bare = str(InfeasibleBudget(2.0, 3.0))
+    assert bare.endswith("Raise the budget to at least that.")
+    assert "block" not in bare and "smaller counts" not in bare and "layout" not in bare
+    both = InfeasibleBudget(
+        2.0, 3.0, 10.0, block_removal=("solver", "allow_block_removal"), layout_block=16
+    )
+    msg = str(both)
+    assert "3 ms (30.0% of dense)" in msg
+    assert "pass solver='minlp' and pass allow_block_removal=True so that residual blocks" in msg
+    assert "LatencyConfig(layout_floor=False)" in msg and "16-channel layout block" in msg
+    # a front end without a spelling for a way out leaves that way out
+    cli = both.message({"solver": "--solver minlp", "allow_block_removal": "drop --no-blocks"})
+    assert "--solver minlp and drop --no-blocks" in cli and "layout" not in cli
+    assert "allow_block_removal=True" not in cli
+    assert "block" not in both.message({"allow_block_removal": "drop --no-blocks"})
+
+
 def test_baselines_report_the_channel_only_minimum():
     p = _tiny()  # 1.5 ms is reachable only by removing the block
     assert min_latency(p) == pytest.approx(1.0)

@@ -28,9 +28,20 @@ def uniform_plan(
     *,
     multiple: int = 8,
     scores: Mapping[str, np.ndarray] | None = None,
-    include_inexact: bool = True,
+    include_inexact: bool = False,
 ) -> Plan:
-    """Keep the top ``keep`` fraction of every prunable group, by importance score."""
+    """Keep the top ``keep`` fraction of every prunable group, by importance score.
+
+    Args:
+        keep: fraction of each group's channels kept, in (0, 1].
+        multiple: kept counts are rounded to a multiple of this.
+        scores: per group, one score per channel; L2 magnitude by default.
+        include_inexact: also prune *inexact* groups, whose channels reach a LayerNorm or a
+            GroupNorm (or another reduction over channels). Pruning those changes the norm's
+            statistics, so the pruned model is no longer the original with those channels
+            zeroed (``masked_forward``), only an approximation to fine-tune. Off by default:
+            such groups keep every channel and the plan is exact.
+    """
     if not 0 < keep <= 1:
         raise ValueError(f"keep must be in (0, 1], got {keep}")
     scores = scores if scores is not None else magnitude_scores(analysis)
@@ -56,7 +67,13 @@ def uniform_plan(
         plan.kept,
         (),
         analysis.signature,
-        {"strategy": "uniform", "keep": keep, "multiple": multiple, "importance": "l2-magnitude"},
+        {
+            "strategy": "uniform",
+            "keep": keep,
+            "multiple": multiple,
+            "importance": "l2-magnitude",
+            "include_inexact": include_inexact,
+        },
     )
 
 

@@ -8,11 +8,15 @@ leaf modules such as BatchNorm and Dropout keep their own train/eval behaviour i
 from __future__ import annotations
 
 import copy
+import os
+import traceback
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from fxprune.core.errors import TraceError
 from fxprune.core.meta import MODULE_PATH
@@ -36,6 +40,7 @@ class _PathTracer(fx.Tracer):
         self._leaf_names = leaf_names
         self.path: list[str] = []
         self.failed_at: str | None = None  # innermost module whose forward raised
+        self.branched_on: fx.Node | None = None  # the value Python control flow asked about
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if isinstance(m, self._leaf_types) or module_qualified_name in self._leaf_names:
@@ -58,6 +63,14 @@ class _PathTracer(fx.Tracer):
         node.meta[MODULE_PATH] = self.path[-1] if self.path else ""
         return node
 
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        self.branched_on = obj.node  # `if proxy:`, `while proxy:`, `proxy and ...`
+        return super().to_bool(obj)
+
+    def iter(self, obj: fx.Proxy):  # type: ignore[override]
+        self.branched_on = obj.node  # `for v in proxy:` with a length fx cannot know
+        return super().iter(obj)
+
 
 def as_input_tuple(
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
@@ -65,6 +78,17 @@ def as_input_tuple(
     """Accept a single tensor or a sequence of tensors."""
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
+    if not isinstance(example_inputs, Sequence) or isinstance(example_inputs, str):
+        raise TypeError(
+            f"example_inputs is a {type(example_inputs).__name__}: pass a tensor or a sequence "
+            "of tensors, one per forward argument (e.g. torch.randn(1, 3, 224, 224))"
+        )
+    for i, t in enumerate(example_inputs):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"example_inputs[{i}] is a {type(t).__name__}, not a tensor: pass one example "
+                "tensor per forward argument (e.g. torch.randn(1, 3, 224, 224), not its shape)"
+            )
     return tuple(example_inputs)
 
 
@@ -81,13 +105,15 @@ def trace(
         example_inputs: tensors with the deployment's rank and a representative size.
         leaf_modules: module classes or qualified names to keep opaque (not traced into).
             fxprune freezes the channels such a module touches, so this is the escape hatch for
-            modules with data-dependent control flow.
+            modules with data-dependent control flow. The top-level module cannot be a leaf;
+            a function registered with ``torch.fx.wrap`` is the same escape hatch inside it.
 
     Returns:
         A GraphModule whose nodes carry ``tensor_meta`` (shape, dtype) and the module path.
 
     Raises:
-        TraceError: naming the module and op that stopped tracing, and what to do about it.
+        TraceError: the real cause first, then the module and source line that stopped
+            tracing (or the node whose op failed on the example inputs), and what to do.
     """
     inputs = as_input_tuple(example_inputs)
     leaf_types = tuple(m for m in (leaf_modules or ()) if isinstance(m, type))
@@ -97,27 +123,133 @@ def trace(
     try:
         graph = tracer.trace(root)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError...)
-        where = tracer.failed_at or "<top level>"
-        kind = type(root.get_submodule(where)).__name__ if tracer.failed_at else type(root).__name__
-        raise TraceError(
-            f"torch.fx could not trace {type(model).__name__}: inside module '{where}' ({kind}) "
-            f"the forward did `{exc}` ({type(exc).__name__}). fx records operations on symbolic "
-            f"values and cannot follow Python control flow or conversions that depend on tensor "
-            f"values. Either keep that module opaque with "
-            f"`leaf_modules=[{kind if tracer.failed_at else 'YourModule'}]` or `leaf_modules=['{where}']` (fxprune then "
-            f"freezes the channels it touches) or make its forward traceable (e.g. use "
-            f"torch.where instead of `if tensor:`)."
-        ) from exc
+        raise TraceError(_trace_failure(root, tracer, exc)) from exc
     # A pickled GraphModule records its graph's tracer class and re-traces its code with it
     # when loaded (keeping every submodule a leaf, whatever the class). Record none: a saved
     # model then loads wherever torch and the model's own module classes import.
     graph._tracer_cls = None
     gm = fx.GraphModule(root, graph, root.__class__.__name__)
-    _propagate_shapes(gm, inputs)
+    _propagate_shapes(gm, inputs, root)
     return gm
 
 
-def _propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> None:
+# what a shape-only condition is computed from: sizes, never tensor contents
+_SHAPE_METHODS = frozenset({"size", "dim", "ndimension", "numel", "nelement"})
+_SHAPE_ATTRS = frozenset({"shape", "ndim"})
+
+
+def _is_size(n: fx.Node) -> bool:
+    """``x.size(...)``, ``x.dim()``, ``x.numel()``, ``x.shape``, ``x.ndim``."""
+    if n.op == "call_method":
+        return n.target in _SHAPE_METHODS
+    return n.op == "call_function" and n.target is getattr and n.args[1] in _SHAPE_ATTRS
+
+
+def _reads_only_shapes(node: fx.Node) -> bool:
+    """Whether ``node``'s value follows from tensor sizes alone (``x.shape[1] == 3``)."""
+    seen: dict[fx.Node, bool] = {}
+
+    def visit(n: fx.Node) -> bool:
+        if n not in seen:
+            if _is_size(n):
+                seen[n] = True
+            elif n.op in ("placeholder", "get_attr", "call_module") or not n.all_input_nodes:
+                seen[n] = False  # a tensor (or a value fx cannot see into)
+            else:
+                seen[n] = all(visit(i) for i in n.all_input_nodes)
+        return seen[n]
+
+    return visit(node)
+
+
+def _user_line(exc: BaseException) -> str:
+    """The innermost line of the user's code in ``exc``'s traceback: ``file:line: `code```."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # fxprune/
+    skip = (os.path.dirname(torch.__file__) + os.sep, package + os.sep)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(skip)]
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" at {f.filename}:{f.lineno}: `{(f.line or '').strip()}`"
+
+
+def _trace_failure(root: nn.Module, tracer: _PathTracer, exc: Exception) -> str:
+    """Why tracing stopped, where, and what to do: the message of the TraceError raised."""
+    where = tracer.failed_at
+    kind = type(root.get_submodule(where) if where else root).__name__
+    subject = f"module '{where}' ({kind})" if where else f"the top-level forward of {kind}"
+    if where:
+        opaque = (
+            f"Keep that module opaque with `leaf_modules=[{kind}]` or `leaf_modules=['{where}']` "
+            "(fxprune then freezes the channels it touches)"
+        )
+    else:  # the root is always traced: it cannot be a leaf
+        opaque = (
+            "The top-level module cannot be kept opaque: move that code into a submodule and "
+            "pass it in `leaf_modules`, or (if it calls no submodule) into a module-level "
+            "function registered with `torch.fx.wrap`, which fx records as one opaque call "
+            "(fxprune then freezes the channels it touches)"
+        )
+    line = _user_line(exc)
+    branch = tracer.branched_on
+    is_branch = isinstance(exc, fx.proxy.TraceError) and branch is not None
+    if is_branch and _reads_only_shapes(branch):
+        return (
+            f"{subject} branches on a tensor's shape{line}. torch.fx traces sizes as symbolic "
+            f"values too, so it cannot follow Python control flow on them. {opaque}; or decide "
+            "the branch outside the traced code (a constructor argument, or a constant if that "
+            "size is fixed for deployment; not a channel count, which pruning changes)."
+        )
+    if is_branch:
+        return (
+            f"{subject} branches on tensor values{line}. torch.fx records operations "
+            "symbolically and cannot follow Python control flow that depends on what a tensor "
+            f"holds. {opaque}; or compute both branches and select with torch.where."
+        )
+    return (
+        f"{type(exc).__name__}: {exc}\n(raised while torch.fx traced {subject}{line}). fx "
+        "records operations on symbolic values and cannot run Python conversions or control "
+        f"flow that need real ones. {opaque}; or make that code traceable."
+    )
+
+
+class _ShapeProp(fx.Interpreter):
+    """ShapeProp's ``tensor_meta`` on every node, remembering the node that failed.
+
+    torch's ShapeProp prints a traceback and re-raises a wrapper that buries the op's message
+    under the node's metadata; this raises the op's own exception, untouched.
+    """
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.extra_traceback = False  # keep the op's message as it is
+        self.failed: fx.Node | None = None
+
+    def run_node(self, n: fx.Node) -> Any:
+        try:
+            result = super().run_node(n)
+        except Exception:
+            self.failed = n
+            raise
+        tensors = False
+
+        def extract(obj: Any) -> Any:
+            nonlocal tensors
+            if isinstance(obj, torch.Tensor):
+                tensors = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = map_aggregate(result, extract)
+        if tensors:
+            n.meta["tensor_meta"] = meta
+        n.meta["type"] = type(result)
+        return result
+
+
+def _propagate_shapes(
+    gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], root: nn.Module
+) -> None:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(inputs):
         raise TraceError(
@@ -125,12 +257,26 @@ def _propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...]) -> N
             f"({', '.join(p.name for p in placeholders)}) but {len(inputs)} example input(s) were "
             "given. Pass one example tensor per forward argument."
         )
+    prop = _ShapeProp(gm)
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
+            prop.run(*inputs)
     except Exception as exc:
-        raise TraceError(
-            f"Running the traced graph on the example inputs failed: {exc}. Check that the "
-            "example inputs have the shape and dtype the model expects (e.g. ViT needs its "
-            "exact image size)."
-        ) from exc
+        raise TraceError(_shape_failure(root, prop.failed, inputs, exc)) from exc
+
+
+def _shape_failure(
+    root: nn.Module, node: fx.Node | None, inputs: tuple[torch.Tensor, ...], exc: Exception
+) -> str:
+    shapes = ", ".join(f"{list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for t in inputs)
+    where = ""
+    if node is not None:
+        path = str(node.target) if node.op == "call_module" else node.meta.get(MODULE_PATH, "")
+        kind = type(root.get_submodule(path)).__name__  # gm keeps only leaves
+        module = f"module '{path}' ({kind})" if path else f"the top-level forward ({kind})"
+        where = f" at node {node.name} in {module}: {node.format_node()}"
+    return (
+        f"{type(exc).__name__}: {exc}\n(raised running the traced graph on the example "
+        f"input(s) {shapes}{where}). Check that the example inputs have the shape and dtype "
+        "the model expects: channels, image size (e.g. ViT needs its exact size), batch."
+    )

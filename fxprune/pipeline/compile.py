@@ -10,7 +10,10 @@ the most important plan that met the budget, and every round's figures.
 
 Budgets: a float in ``(0, 1]`` is a fraction of the dense model's latency *measured side by side*
 with the pruned one in the same round (runs alternate in short bursts, so host drift cancels); a string with
-a unit (``"25ms"``, ``"0.025s"``, ``"800us"``) or :meth:`Budget.ms` is an absolute time.
+a unit (``"25ms"``, ``"0.025s"``, ``"800us"``) or :meth:`Budget.ms` is an absolute time. A
+budget the dense model may already meet (``1.0``, or any absolute time) is checked first with one
+measurement of the dense model; if it does, the result is that model unchanged
+(``dense_meets_budget``): no tables, no solve, no rounds.
 """
 
 from __future__ import annotations
@@ -134,6 +137,8 @@ class CompileResult:
     params: tuple[int, int] = (0, 0)
     macs: tuple[int, int] = (0, 0)
     tables: LatencyTables | None = field(default=None, repr=False)
+    #: the budget was already met by the dense model: ``model`` is it, unchanged, measured once
+    dense_meets_budget: bool = False
 
     @property
     def speedup(self) -> float:
@@ -149,6 +154,7 @@ class CompileResult:
             "measured_ms": self.measured_ms,
             "measured_over_budget": self.measured_ms / self.budget_ms,
             "budget_met": self.budget_met,
+            "dense_meets_budget": self.dense_meets_budget,
             "speedup": self.speedup,
             "importance_kept": self.importance_kept,
             "importance_method": self.importance_method,
@@ -346,7 +352,8 @@ def compile(
         progress: rich progress output.
 
     Raises:
-        InfeasibleBudget: with the smallest latency the model can reach.
+        InfeasibleBudget: with the smallest latency the model can reach, and the options that
+            would let it go lower (only those that apply).
     """
     if solver not in _SOLVERS:
         raise ValueError(f"solver must be one of {sorted(_SOLVERS)}, got {solver!r}")
@@ -366,6 +373,13 @@ def compile(
 
     with log.stage("trace and analyse", timings, "analyze_s"):
         analysis = analyze(model, inputs, leaf_modules=leaf_modules)
+    if budget.fraction is None or budget.fraction >= 1:  # a budget the dense model may meet
+        with log.stage("measure the dense model", timings, "dense_s"):
+            (m_d,) = measure_side_by_side(
+                be, [analysis.gm], analysis.example_inputs, measure_config, sessions
+            )
+        if m_d.median_ms <= budget.resolve(m_d.median_ms):
+            return _dense_result(analysis, budget, m_d.median_ms, be, timings, log)
     with log.stage("importance", timings, "importance_s"):
         importance = channel_importance(analysis, data, loss_fn, max_batches=max_batches)
     with log.stage("latency tables", timings, "tables_s", spin=False):  # has its own bar
@@ -377,13 +391,13 @@ def compile(
         with log.stage("in-model layer scales", timings, "in_model_s"):
             latency.set_scales(in_model_factors(analysis, tables, be))
 
-    def problem() -> PruningProblem:
+    def problem(blocks: bool = allow_block_removal) -> PruningProblem:
         return build_problem(
             analysis,
             latency,
             importance.scores,
             importance_method=importance.method,
-            allow_block_removal=allow_block_removal,
+            allow_block_removal=blocks,
         )
 
     with log.stage("build problem", timings, "problem_s"):
@@ -423,7 +437,13 @@ def compile(
                     raise
                 sol = _solve(solver, pp, budget_ms, warm, opts)
             except InfeasibleBudget as again:
-                raise InfeasibleBudget(budget_ms, again.min_latency, dense_ms) from None
+                raise InfeasibleBudget(
+                    budget_ms,
+                    again.min_latency,
+                    dense_ms,
+                    block_removal=_block_removal_hint(pp, solver, allow_block_removal, problem),
+                    layout_block=_layout_floor_hint(analysis, tables),
+                ) from None
         timings["solve_s"] += time.perf_counter() - start
         start = time.perf_counter()
         solved = plan = pp.plan(sol, _notes(analysis, importance.method, budget, solver))
@@ -549,6 +569,82 @@ def compile(
             count_macs(pruned, analysis.example_inputs),
         ),
         tables=tables,
+    )
+
+
+def _block_removal_hint(
+    pp: PruningProblem,
+    solver: str,
+    allow_block_removal: bool,
+    problem: Callable[[bool], PruningProblem],
+) -> tuple[str, ...]:
+    """What would let residual blocks go, if the model has removable ones not offered."""
+    offered = pp if allow_block_removal else problem(True)
+    if not offered.problem.blocks:
+        return ()  # no block the solver could remove
+    needs = () if solver == "minlp" else ("solver",)  # the baselines prune channels only
+    return needs + (() if allow_block_removal else ("allow_block_removal",))
+
+
+def _layout_floor_hint(analysis: Analysis, tables: LatencyTables) -> int:
+    """The runtime's layout block when it kept smaller counts out of some group's grid, else 1."""
+    block = int(tables.notes.get("layout_block", 1))
+    floored = any(
+        min(grid) >= block and analysis.group(name).size > block
+        for name, grid in tables.group_grids.items()
+        if grid
+    )
+    return block if block > 1 and floored else 1
+
+
+def _dense_result(
+    analysis: Analysis,
+    budget: Budget,
+    dense_ms: float,
+    be: Backend,
+    timings: dict[str, float],
+    log: _Log,
+) -> CompileResult:
+    """The dense model, unchanged, for a budget it already meets (measured once, nothing solved)."""
+    from fxprune.pipeline.report import count_macs, count_params
+
+    budget_ms = budget.resolve(dense_ms)
+    note = (
+        f"the dense model already meets the budget ({dense_ms:.4g} ms ≤ {budget_ms:.4g} ms): "
+        "nothing pruned"
+    )
+    log.say(note)
+    plan = Plan(
+        {},
+        (),
+        analysis.signature,
+        {
+            "strategy": "compile/dense",
+            "budget": str(budget),
+            "note": note,
+            "input_shapes": [list(t.shape) for t in analysis.example_inputs],
+        },
+    )
+    params, macs = count_params(analysis.gm), count_macs(analysis.gm)
+    return CompileResult(
+        model=prune(analysis, plan),  # a copy: the result never aliases the analysed graph
+        plan=plan,
+        analysis=analysis,
+        budget=budget,
+        budget_ms=budget_ms,
+        dense_ms=dense_ms,
+        predicted_ms=dense_ms,
+        measured_ms=dense_ms,
+        budget_met=True,
+        importance_kept=1.0,
+        importance_method="none",
+        solver={"name": "none", "status": note},
+        rounds=[],
+        timings={**timings, "total_s": sum(timings.values())},
+        backend=identity_label(be.identity()),
+        params=(params, params),
+        macs=(macs, macs),
+        dense_meets_budget=True,
     )
 
 

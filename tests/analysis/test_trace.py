@@ -83,3 +83,156 @@ def test_traced_module_pickles(leaf_modules):
     with torch.no_grad():
         assert torch.equal(loaded(x), gm(x))
     assert [n.op for n in loaded.graph.nodes] == [n.op for n in gm.graph.nodes]
+
+
+class Stem(nn.Module):
+    """A conv stem inside a Sequential, then a functional head: two places for a bad input."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+        self.head = Head()
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(2, 8 * 14 * 14))
+
+    def forward(self, x):
+        return nn.functional.linear(torch.flatten(x, 1), self.w)
+
+
+def test_wrong_input_channels_says_the_real_cause_first(capsys):
+    with pytest.raises(fxprune.TraceError) as info:
+        fxprune.analyze(Stem(), torch.randn(1, 4, 16, 16))
+    msg = str(info.value)
+    first = msg.splitlines()[0]
+    assert first.startswith("RuntimeError: ")
+    assert "expected input[1, 4, 16, 16] to have 3 channels" in first
+    assert "module 'body.0' (Conv2d)" in msg and "node body_0" in msg
+    assert "[1, 4, 16, 16]" in msg.split("example input", 1)[1]  # the shapes that were given
+    for noise in ("ShapeProp", "tlparse", "meta=", "While executing", "Original traceback"):
+        assert noise not in msg
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert capsys.readouterr().err == ""  # no traceback printed on the way
+
+
+def test_failing_function_names_the_module_it_is_in():
+    with pytest.raises(fxprune.TraceError) as info:
+        fxprune.analyze(Stem(), torch.randn(1, 3, 20, 20))  # the head's weight needs 16×16
+    msg = str(info.value)
+    assert msg.startswith("RuntimeError: ") and "mat1 and mat2 shapes cannot be multiplied" in msg
+    assert "node linear" in msg and "module 'head' (Head)" in msg
+
+
+def test_non_tensor_example_input_is_named():
+    with pytest.raises(TypeError, match=r"example_inputs\[0\] is a list"):
+        fxprune.analyze(Stem(), [[1, 3, 16, 16]])
+
+
+class ShapeIf(nn.Module):
+    def forward(self, x):
+        if x.shape[1] == 3:
+            return x * 2
+        return x
+
+
+class SizeIf(nn.Module):
+    def forward(self, x):
+        if x.size(-1) > 1:
+            return x * 2
+        return x
+
+
+class DimIf(nn.Module):
+    def forward(self, x):
+        if x.dim() == 4:
+            return x * 2
+        return x
+
+
+class ValueIf(nn.Module):
+    def forward(self, x):
+        if x.mean() > x.shape[0]:  # a value compared with a size is still a value
+            return x * 2
+        return x
+
+
+def _gated(gate: nn.Module) -> nn.Module:
+    net = Net()
+    net.gate = gate
+    return net
+
+
+@pytest.mark.parametrize(
+    ("gate", "source"),
+    [
+        (ShapeIf(), "if x.shape[1] == 3:"),
+        (SizeIf(), "if x.size(-1) > 1:"),
+        (DimIf(), "if x.dim() == 4:"),
+    ],
+)
+def test_branch_on_a_shape_is_reported_as_such(gate, source):
+    with pytest.raises(fxprune.TraceError) as info:
+        fxprune.analyze(_gated(gate), torch.randn(1, 3, 4, 4))
+    msg = str(info.value)
+    assert msg.startswith(f"module 'gate' ({type(gate).__name__}) branches on a tensor's shape")
+    assert source in msg and "test_trace.py:" in msg  # the user's own line
+    assert "tensor values" not in msg and "torch.where" not in msg
+    assert f"leaf_modules=[{type(gate).__name__}]" in msg and "leaf_modules=['gate']" in msg
+    # the hint works
+    a = fxprune.analyze(_gated(gate), torch.randn(1, 3, 4, 4), leaf_modules=["gate"])
+    assert not a.group("conv").prunable
+
+
+@pytest.mark.parametrize("gate", [DataDependent(), ValueIf()])
+def test_branch_on_values_is_reported_as_such(gate):
+    with pytest.raises(fxprune.TraceError) as info:
+        fxprune.analyze(_gated(gate), torch.randn(1, 3, 4, 4))
+    msg = str(info.value)
+    assert msg.startswith(f"module 'gate' ({type(gate).__name__}) branches on tensor values")
+    assert "shape" not in msg.split(".")[0]
+    assert "torch.where" in msg and f"leaf_modules=[{type(gate).__name__}]" in msg
+
+
+class TopShape(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.shape[-1] > 1:
+            y = y.mean((2, 3), keepdim=True)
+        return self.head(y)
+
+
+@torch.fx.wrap
+def _pool_if_wide(y: torch.Tensor) -> torch.Tensor:
+    return y.mean((2, 3), keepdim=True) if y.shape[-1] > 1 else y
+
+
+class TopShapeWrapped(TopShape):
+    def forward(self, x):
+        return self.head(_pool_if_wide(self.conv(x)))
+
+
+def test_branch_in_the_top_level_forward_gets_a_hint_that_works():
+    x = torch.randn(1, 3, 4, 4)
+    with pytest.raises(fxprune.TraceError) as info:
+        fxprune.analyze(TopShape(), x)
+    msg = str(info.value)
+    assert msg.startswith("the top-level forward of TopShape branches on a tensor's shape")
+    assert "if y.shape[-1] > 1:" in msg
+    assert "<top level>" not in msg and "leaf_modules=['" not in msg
+    assert "torch.fx.wrap" in msg and "submodule" in msg
+    # the hint works: the branch in a wrapped function is one opaque call, its channels frozen
+    model = TopShapeWrapped().eval()
+    a = fxprune.analyze(model, x)
+    assert not a.group("conv").prunable
+    torch.testing.assert_close(fxprune.prune(a, fxprune.Plan.empty(a))(x), model(x))

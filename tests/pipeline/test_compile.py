@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -45,13 +46,13 @@ class Skewed(FakeBackend):
 
 def _compile(model, budget, tmp_path, backend=None, **kw):
     x = torch.randn(1, 3, 64, 64)
+    kw.setdefault("latency_config", QUIET)
     return fxprune.compile(
         model,
         budget,
         example_inputs=x,
         backend=backend or FakeBackend(),
         cache=tmp_path / "cache",
-        latency_config=QUIET,
         progress=False,
         **kw,
     )
@@ -119,6 +120,80 @@ def test_infeasible_budget_says_the_minimum(resnet, tmp_path):
     err = info.value
     assert err.min_latency > err.budget and err.dense is not None
     assert "of dense" in str(err)
+    # block removal was off and resnet18 has removable blocks: the hint names the keyword;
+    # the fake backend has no layout block, so nothing allows smaller counts
+    assert err.block_removal == ("allow_block_removal",) and err.layout_block == 1
+    assert "allow_block_removal=True" in str(err) and "smaller counts" not in str(err)
+
+
+@pytest.mark.parametrize(("solver", "hint"), [("minlp", None), ("uniform", "solver='minlp'")])
+def test_infeasible_budget_with_block_removal_on_names_only_what_applies(
+    resnet, solver, hint, tmp_path
+):
+    with pytest.raises(fxprune.InfeasibleBudget) as info:
+        _compile(resnet, 0.01, tmp_path, solver=solver)
+    msg = str(info.value)
+    assert "allow_block_removal" not in msg and "smaller counts" not in msg
+    if hint is None:  # the exact solver could remove blocks already: nothing left to allow
+        assert info.value.block_removal == () and "block" not in msg
+    else:  # the baselines never remove blocks; the exact solver would
+        assert info.value.block_removal == ("solver",) and hint in msg
+
+
+class LayoutBlocked(FakeBackend):
+    """A runtime with a 16-channel blocked layout: no group is offered fewer than 16."""
+
+    def layout_block(self) -> int:
+        return 16
+
+
+def _plain_cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(32, 4),
+    ).eval()
+
+
+def test_infeasible_budget_under_a_layout_floor_names_the_config_that_lifts_it(tmp_path):
+    with pytest.raises(fxprune.InfeasibleBudget) as info:
+        _compile(_plain_cnn(), 0.01, tmp_path, backend=LayoutBlocked())
+    err = info.value
+    assert err.layout_block == 16 and err.block_removal == ()  # no blocks to remove
+    assert "LatencyConfig(layout_floor=False)" in str(err) and "16-channel" in str(err)
+    assert "allow_block_removal" not in str(err) and "solver=" not in str(err)
+    # the hint applies: without the floor the model reaches a smaller latency
+    free = dataclasses.replace(QUIET, layout_floor=False)
+    with pytest.raises(fxprune.InfeasibleBudget) as again:
+        _compile(_plain_cnn(), 0.01, tmp_path, backend=LayoutBlocked(), latency_config=free)
+    assert again.value.min_latency < err.min_latency
+    assert again.value.layout_block == 1 and "layout_floor" not in str(again.value)
+
+
+@pytest.mark.parametrize("budget", ["1000ms", 1.0])
+def test_budget_the_dense_model_meets_returns_it_after_one_measurement(resnet, budget, tmp_path):
+    backend = FakeBackend()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "budget missed" warning either
+        result = _compile(resnet, budget, tmp_path, backend=backend)
+    assert len(backend.calls) == 1  # the dense model, once: no tables, no solve, no rounds
+    assert result.dense_meets_budget and result.budget_met and result.rounds == []
+    assert result.plan.kept == {} and result.plan.removed_blocks == ()
+    assert "already meets the budget" in result.plan.notes["note"]
+    assert result.measured_ms == result.dense_ms <= result.budget_ms and result.speedup == 1.0
+    assert result.params[0] == result.params[1] and result.macs[0] == result.macs[1]
+    assert result.summary()["dense_meets_budget"] is True
+    assert result.model is not result.analysis.gm
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), resnet(x))
+    out = result.save(tmp_path / "run", onnx=False)
+    assert json.loads((out / "report.json").read_text())["summary"]["dense_meets_budget"]
 
 
 def test_budget_spellings():
