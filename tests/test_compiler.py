@@ -19,6 +19,7 @@ from torch import fx, nn
 
 import fxprune
 from fxprune.compiler import Budget
+from fxprune.errors import NonFiniteError
 from fxprune.passes.latency import LatencyConfig
 from fxprune.passes.prune import channel_copies
 
@@ -250,3 +251,24 @@ def test_unconstrained_coupling(resnet, reads, tmp_path):
 def test_bad_coupling(resnet, tmp_path):
     with pytest.raises(ValueError, match="coupling"):
         _compile(resnet, 0.6, tmp_path, coupling="loose")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weight_stops_compile_before_measuring(value, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    ).eval()
+    with torch.no_grad():
+        model[3].weight[7, 2, 1, 1] = value
+    backend = FakeBackend()
+    with pytest.raises(NonFiniteError, match=r"'3\.weight'"):
+        _compile(model, 0.5, tmp_path, backend=backend)
+    assert backend.calls == []  # refused before any latency was measured
