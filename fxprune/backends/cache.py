@@ -225,6 +225,15 @@ class LatencyCache:
                         cached.median_ms,
                     )
                     return cached
+                logger.info(
+                    "latency cache entry %s (%s) is unstable (relative spread %.3g); measuring "
+                    "again (%d of %d)",
+                    entry,
+                    _describe(key),
+                    cached.rel_spread,
+                    done + 1,
+                    tries,
+                )
         fresh = measure()
         problem = measurement_problem(fresh.to_dict())
         if problem is not None:
