@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["FxpruneError", "PlanError", "TraceError"]
+__all__ = ["FxpruneError", "NonFiniteError", "PlanError", "TraceError"]
 
 
 class FxpruneError(Exception):
@@ -15,3 +15,7 @@ class TraceError(FxpruneError):
 
 class PlanError(FxpruneError):
     """A Plan does not fit the analysed model (wrong architecture, bad indices, emptied group)."""
+
+
+class NonFiniteError(FxpruneError):
+    """A weight, gradient or importance score is NaN or infinite, so channels cannot be ranked."""

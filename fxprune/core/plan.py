@@ -30,9 +30,15 @@ if TYPE_CHECKING:
 
 __all__ = ["Plan"]
 
-_FORMAT = "fxprune.core.plan"
+_FORMAT = "fxprune.plan"
 _VERSION = 1
 _VERSIONS = (1, 2)
+# Every top-level key a plan file may hold (what to_dict writes), and hints for likely mix-ups.
+_KEYS = ("consumers", "format", "groups", "notes", "removed_blocks", "signature", "version")
+_HINTS = {
+    "kept": "The kept indices per group are written as 'groups' (Plan.kept in Python).",
+    "blocks": "Removed blocks are written as 'removed_blocks'.",
+}
 
 
 @dataclass(frozen=True)
@@ -97,22 +103,54 @@ class Plan:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Plan:
-        if data.get("format") != _FORMAT:
-            raise PlanError("Not an fxprune plan (missing 'format': 'fxprune.core.plan').")
-        if data.get("version") not in _VERSIONS:
+    def from_dict(cls, data: Any) -> Plan:
+        """The plan in ``data`` (a parsed plan file), checked field by field.
+
+        The schema is strict: an unknown key or a value of the wrong type is a :class:`PlanError`
+        naming the key (and the group and position of a bad index), because a misspelt section
+        would otherwise load as a plan that silently prunes nothing.
+        """
+        if not isinstance(data, Mapping):
             raise PlanError(
-                f"Plan version {data.get('version')} is not supported by this fxprune "
+                f"A plan must be a JSON object (the file Plan.save writes), got {_kind(data)}."
+            )
+        if data.get("format") != _FORMAT:
+            raise PlanError("Not an fxprune plan (missing 'format': 'fxprune.plan').")
+        version = data.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version not in _VERSIONS:
+            raise PlanError(
+                f"Plan version {version!r} is not supported by this fxprune "
                 f"(reads versions {', '.join(map(str, _VERSIONS))}); upgrade fxprune or "
                 "re-create the plan."
+            )
+        unknown = sorted(set(data) - set(_KEYS), key=str)
+        if unknown:
+            hint = "".join(f" {_HINTS[k]}" for k in unknown if k in _HINTS)
+            raise PlanError(
+                f"Plan has unknown key {', '.join(repr(k) for k in unknown)}; allowed keys are "
+                f"{', '.join(repr(k) for k in _KEYS)}.{hint}"
+            )
+        if "consumers" in data and version < 2:
+            raise PlanError(
+                "A version 1 plan has no 'consumers' (per-consumer input channels came with "
+                "version 2): set 'version': 2 or drop 'consumers'."
+            )
+        signature = data.get("signature", "")
+        if not isinstance(signature, str):
+            raise PlanError(f"Plan 'signature' must be a string, got {_kind(signature)}.")
+        notes = data.get("notes", {})
+        if not isinstance(notes, Mapping):
+            raise PlanError(
+                f"Plan 'notes' must be a JSON object (free-form facts about how the plan was "
+                f"made), got {_kind(notes)}."
             )
         groups = _index_lists(data.get("groups", {}), "groups", "Group")
         consumers = _index_lists(data.get("consumers", {}), "consumers", "Consumer")
         return cls(
             {k: tuple(v) for k, v in groups.items()},
-            tuple(data.get("removed_blocks", ())),
-            str(data.get("signature", "")),
-            dict(data.get("notes", {})),
+            _block_names(data.get("removed_blocks", [])),
+            signature,
+            dict(notes),
             {k: tuple(v) for k, v in consumers.items()},
         )
 
@@ -130,7 +168,19 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
-        return cls.from_json(Path(path).read_text())
+        """Read a plan file written by :meth:`save`; a bad file is a PlanError naming it."""
+        raw = Path(path).read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise PlanError(
+                f"Plan file {os.fspath(path)} is not UTF-8 text ({exc.reason} at byte "
+                f"{exc.start}); a plan is the JSON file Plan.save writes."
+            ) from exc
+        try:
+            return cls.from_json(text)
+        except PlanError as exc:
+            raise PlanError(f"Plan file {os.fspath(path)}: {exc}") from exc.__cause__
 
     # ---- checking ----------------------------------------------------------------------
     def validate(self, analysis: Analysis) -> None:
@@ -142,14 +192,51 @@ class Plan:
         analysis.validate_plan(self)
 
 
+def _kind(value: Any) -> str:
+    """A value's JSON type and a short excerpt, for error messages."""
+    if value is None:
+        return "null"
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
+    names.update({int: "a number", float: "a number"})
+    text = json.dumps(value, default=repr)
+    excerpt = text if len(text) <= 40 else f"{text[:40]}..."
+    return f"{names.get(type(value), type(value).__name__)} {excerpt}"
+
+
 def _index_lists(value: Any, key: str, what: str) -> dict[str, list[int]]:
-    """Check a JSON section mapping names to lists of distinct integer indices."""
-    if not isinstance(value, dict) or not all(isinstance(v, list) for v in value.values()):
-        raise PlanError(f"Plan '{key}' must map names to lists of kept indices.")
+    """Check a JSON section mapping names to lists of distinct non-negative integer indices."""
+    if not isinstance(value, Mapping):
+        raise PlanError(
+            f"Plan '{key}' must be a JSON object mapping names to lists of kept indices, got "
+            f"{_kind(value)}."
+        )
     for name, idx in value.items():
-        if not all(isinstance(i, int) and not isinstance(i, bool) for i in idx):
-            raise PlanError(f"{what} '{name}': kept indices must be integers, got {idx[:5]}...")
+        if not isinstance(idx, list):
+            raise PlanError(
+                f"{what} '{name}' in '{key}' must be a list of kept indices, got {_kind(idx)}."
+            )
+        for pos, i in enumerate(idx):
+            if not isinstance(i, int) or isinstance(i, bool) or i < 0:
+                raise PlanError(
+                    f"{what} '{name}' in '{key}': kept indices must be non-negative integers; "
+                    f"position {pos} holds {json.dumps(i, default=repr)}."
+                )
         if len(set(idx)) != len(idx):
             dup = sorted({i for i in idx if idx.count(i) > 1})[:5]
-            raise PlanError(f"{what} '{name}': duplicate kept indices {dup}.")
-    return value
+            raise PlanError(f"{what} '{name}' in '{key}': duplicate kept indices {dup}.")
+    return dict(value)
+
+
+def _block_names(value: Any) -> tuple[str, ...]:
+    """Check the 'removed_blocks' section: a list of distinct block names."""
+    if not isinstance(value, list):
+        raise PlanError(f"Plan 'removed_blocks' must be a list of block names, got {_kind(value)}.")
+    for pos, name in enumerate(value):
+        if not isinstance(name, str):
+            raise PlanError(
+                f"Plan 'removed_blocks'[{pos}] must be a block name (a string), got {_kind(name)}."
+            )
+    if len(set(value)) != len(value):
+        twice = next(name for pos, name in enumerate(value) if name in value[:pos])
+        raise PlanError(f"Plan 'removed_blocks' names '{twice}' twice.")
+    return tuple(value)

@@ -314,14 +314,14 @@ class _Measurer:
         digest = hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()
         if digest not in self.memo:
 
-            def run() -> dict[str, Any]:
+            def run() -> Measurement:
                 self.measured += 1
                 module, inputs = build_unit(layer.spec, cin, cout, layer.act)
                 if self.kernels:
-                    return self.backend.measure_kernels(module, inputs, config).to_dict()
-                return self.backend.measure(module, inputs, config).to_dict()
+                    return self.backend.measure_kernels(module, inputs, config)
+                return self.backend.measure(module, inputs, config)
 
-            self.memo[digest] = Measurement.from_dict(self.cache.get_or_measure(key, run))
+            self.memo[digest] = self.cache.get_measurement(key, run)
             self.points += 1
         if task is not None:
             self.progress.advance(task)
@@ -337,13 +337,13 @@ class _Measurer:
             "backend": self.identity,
         }
 
-        def run() -> dict[str, Any]:
+        def run() -> Measurement:
             self.measured += 1
             if isinstance(self.backend, SessionMeasurement):  # round three sessions
-                return self.backend.measure_sessions(gm, inputs, config, 3).to_dict()
-            return self.backend.measure(gm, inputs, config).to_dict()
+                return self.backend.measure_sessions(gm, inputs, config, 3)
+            return self.backend.measure(gm, inputs, config)
 
-        return Measurement.from_dict(self.cache.get_or_measure(key, run))
+        return self.cache.get_measurement(key, run)
 
 
 def model_fingerprint(gm: fx.GraphModule, inputs: Sequence[Any]) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 
 import numpy as np
@@ -15,6 +16,7 @@ from torch import nn
 
 import fxprune
 from fxprune.analysis.importance import channel_importance, magnitude_scores, taylor_scores
+from fxprune.core.errors import NonFiniteError
 
 
 def _setup():
@@ -91,3 +93,91 @@ def test_distributed_equals_single_process(tmp_path):
     got = np.load(out)
     for name, v in single.items():
         np.testing.assert_allclose(got[name], v, rtol=1e-5, atol=1e-12)
+
+
+# -------------------------------------------------------------------- non-finite weights
+
+
+class SmallNet(nn.Module):
+    """conv-BN-ReLU twice, pooled into a linear head: every parameter kind importance reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.bn2(self.conv2(self.stem(x))))
+        return self.fc(y.mean((2, 3)))
+
+
+def _small(poison: str | None = None, value: float = float("nan")) -> nn.Module:
+    torch.manual_seed(0)
+    model = SmallNet().eval()
+    if poison is not None:
+        with torch.no_grad():
+            model.get_parameter(poison).view(-1)[1] = value
+    return model
+
+
+_X = torch.randn(2, 3, 8, 8)
+_POISONED = [
+    ("conv2.weight", float("nan")),
+    ("conv2.weight", float("inf")),
+    ("stem.1.weight", float("-inf")),
+    ("fc.weight", float("nan")),
+    ("conv2.bias", float("inf")),  # not scored by magnitude, but it breaks the pruned model
+]
+
+
+@pytest.mark.parametrize(("param", "value"), _POISONED)
+def test_non_finite_weight_is_an_error_naming_the_parameter(param, value):
+    a = fxprune.analyze(_small(param, value), _X)
+    for score in (magnitude_scores, channel_importance):
+        with pytest.raises(NonFiniteError, match=rf"'{re.escape(param)}'.*{value}") as err:
+            score(a)
+        assert "checkpoint" in str(err.value)  # says what to do
+
+
+@pytest.mark.parametrize(("param", "value"), _POISONED[:2])
+def test_taylor_refuses_non_finite_weights_before_running(param, value):
+    a = fxprune.analyze(_small(param, value), _X)
+    calls = []
+
+    def loss(out, target):
+        calls.append(1)
+        return out.sum()
+
+    with pytest.raises(NonFiniteError, match=re.escape(param)):
+        taylor_scores(a, [_X], loss)
+    assert calls == []
+
+
+def test_taylor_names_the_batch_with_a_non_finite_gradient():
+    a = fxprune.analyze(_small(), _X)
+    batches = [(_X, 0), (_X, 1), (_X, 2), (_X, 3)]
+
+    def loss(out, target):  # batch 2 blows up
+        return out.sum() * (float("inf") if target == 2 else 1.0)
+
+    with pytest.raises(NonFiniteError, match=r"batch 2.*gradient of '[a-z0-9.]+\.weight'"):
+        taylor_scores(a, batches, loss)
+    assert all(np.isfinite(v).all() for v in taylor_scores(a, batches[:2], loss).scores.values())
+
+
+def test_overflowing_magnitude_score_names_the_group_and_its_layers():
+    model = _small()
+    with torch.no_grad():
+        model.conv2.weight[5, 2, 1, 1] = 1e30  # finite, but its square is not (float32)
+    a = fxprune.analyze(model, _X)
+    with pytest.raises(NonFiniteError, match=r"group '[^']+' is inf at index \d.*conv2") as err:
+        magnitude_scores(a)
+    assert "l2-magnitude" in str(err.value)
+
+
+def test_finite_model_scores_are_finite():
+    a = fxprune.analyze(_small(), _X)
+    scores = magnitude_scores(a)
+    assert scores and all(np.isfinite(v).all() and (v > 0).all() for v in scores.values())

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import multiprocessing as mp
 from pathlib import Path
 
 import pytest
 
+import fxprune
 from fxprune.backends import LatencyCache, Measurement, OnnxRuntimeBackend, key_digest
 from fxprune.backends.cache import default_cache_dir
 
@@ -277,3 +280,152 @@ def test_concurrent_writers_leave_every_entry_readable(tmp_path: Path) -> None:
         assert value is not None and value["median_ms"] % 1000 % 10 == h
     assert len(cache) == 1 + N_PROCS * N_WRITES + 10
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+# ------------------------------------------------------------- measurements: schema, ranges
+
+
+def _stable(median: float = 1.25, spread: float = 0.05) -> Measurement:
+    return Measurement(
+        median_ms=median,
+        p10_ms=median * (1 - spread / 2),
+        p90_ms=median * (1 + spread / 2),
+        rel_spread=spread,
+        samples=(median * (1 - spread / 2), median, median * (1 + spread / 2)),
+        stable=True,
+        backend_id="onnxruntime-cpu#0123456789ab",
+    )
+
+
+def _unstable(median: float, spread: float) -> Measurement:
+    return dataclasses.replace(_stable(median, spread), stable=False)
+
+
+class Meter:
+    """Hands out the given measurements in turn, counting the calls."""
+
+    def __init__(self, *figures: Measurement) -> None:
+        self.figures = list(figures)
+        self.calls = 0
+
+    def __call__(self) -> Measurement:
+        self.calls += 1
+        return self.figures.pop(0)
+
+
+def _put_raw(cache: LatencyCache, value: dict) -> Path:
+    """An entry with a valid checksum holding ``value`` as it is (what a hand edit or a bug
+    in an older version could leave)."""
+    cache.put(op_key(), value)
+    return cache.path / f"{key_digest(op_key())}.json"
+
+
+def test_measurement_is_measured_once(cache: LatencyCache) -> None:
+    meter = Meter(_stable())
+    assert cache.get_measurement(op_key(), meter) == _stable()
+    assert cache.get_measurement(op_key(), meter) == _stable()
+    assert meter.calls == 1
+    assert Measurement.from_dict(cache.get(op_key())) == _stable()
+
+
+def _without(field: str) -> dict:
+    d = _stable().to_dict()
+    del d[field]
+    return d
+
+
+_IMPLAUSIBLE = {
+    "missing median_ms": _without("median_ms"),
+    "missing samples": _without("samples"),
+    "missing stable": _without("stable"),
+    "missing backend_id": _without("backend_id"),
+    "negative median": {**_stable().to_dict(), "median_ms": -1.0, "p10_ms": -1.1},
+    "zero median": {**_stable().to_dict(), "median_ms": 0.0, "p10_ms": 0.0},
+    "an hour and more": {**_stable().to_dict(), "median_ms": 4e6, "p90_ms": 4e6},
+    "median as a string": {**_stable().to_dict(), "median_ms": "1.25"},
+    "median as a boolean": {**_stable().to_dict(), "median_ms": True},
+    "p10 above the median": {**_stable().to_dict(), "p10_ms": 2.0},
+    "negative spread": {**_stable().to_dict(), "rel_spread": -0.1},
+    "no samples": {**_stable().to_dict(), "samples": []},
+    "negative sample": {**_stable().to_dict(), "samples": [1.0, -1.0]},
+    "huge sample": {**_stable().to_dict(), "samples": [1.0, 1e12]},
+    "samples as a string": {**_stable().to_dict(), "samples": "1.0"},
+    "stable as a string": {**_stable().to_dict(), "stable": "yes"},
+    "backend_id as a number": {**_stable().to_dict(), "backend_id": 3},
+    "round_ms negative": {**_stable().to_dict(), "round_ms": [-2.0]},
+    "not a measurement": {"median_ms": 1.0},
+}
+
+
+@pytest.mark.parametrize("value", list(_IMPLAUSIBLE.values()), ids=list(_IMPLAUSIBLE))
+def test_implausible_entry_is_a_miss_re_measured_and_overwritten(
+    cache: LatencyCache, value: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    entry = _put_raw(cache, value)
+    fresh = _stable(0.9)
+    meter = Meter(fresh)
+    with caplog.at_level(logging.WARNING, logger="fxprune.backends.cache"):
+        assert cache.get_measurement(op_key(), meter) == fresh
+    assert meter.calls == 1
+    assert Measurement.from_dict(cache.get(op_key())) == fresh
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and entry.name in warned[0] and "measuring again" in warned[0]
+    assert cache.get_measurement(op_key(), meter) == fresh  # now trusted: not measured again
+
+
+def test_nan_entry_is_a_miss(cache: LatencyCache) -> None:
+    entry = _put_raw(cache, _stable().to_dict())
+    record = json.loads(entry.read_text())
+    record["value"]["median_ms"] = float("nan")  # json.dumps writes NaN; the checksum cannot
+    entry.write_text(json.dumps(record), encoding="utf-8")
+    meter = Meter(_stable(0.9))
+    assert cache.get_measurement(op_key(), meter) == _stable(0.9)
+    assert meter.calls == 1
+
+
+def test_corrupt_entry_is_rebuilt_by_get_measurement(cache: LatencyCache) -> None:
+    entry = _put_raw(cache, _stable().to_dict())
+    entry.write_text(entry.read_text()[:30], encoding="utf-8")
+    meter = Meter(_stable(0.9))
+    assert cache.get_measurement(op_key(), meter) == _stable(0.9)
+    assert json.loads(entry.read_text())["value"] == _stable(0.9).to_dict()
+
+
+def test_implausible_fresh_measurement_is_an_error_and_not_stored(cache: LatencyCache) -> None:
+    bad = dataclasses.replace(_stable(), median_ms=-0.5)
+    with pytest.raises(fxprune.FxpruneError, match=r"onnxruntime-cpu.*median_ms.*-0\.5"):
+        cache.get_measurement(op_key(), Meter(bad))
+    assert cache.get(op_key()) is None
+
+
+def test_unstable_entry_is_re_measured_next_time(cache: LatencyCache) -> None:
+    meter = Meter(_unstable(2.0, 0.4), _stable(1.5))
+    assert cache.get_measurement(op_key(), meter) == _unstable(2.0, 0.4)
+    assert cache.get_measurement(op_key(), meter) == _stable(1.5)  # a later run tries again
+    assert meter.calls == 2
+    assert cache.get_measurement(op_key(), meter) == _stable(1.5)  # stable: trusted from now
+    assert meter.calls == 2
+
+
+def test_unstable_entry_keeps_the_quieter_figure_and_is_accepted_after_n_tries(
+    cache: LatencyCache, caplog: pytest.LogCaptureFixture
+) -> None:
+    quiet, noisy, noisier = _unstable(2.0, 0.2), _unstable(2.5, 0.3), _unstable(3.0, 0.5)
+    meter = Meter(noisy, quiet, noisier)
+    assert cache.get_measurement(op_key(), meter, tries=3) == noisy
+    assert cache.get_measurement(op_key(), meter, tries=3) == quiet  # quieter: replaces it
+    assert cache.get_measurement(op_key(), meter, tries=3) == quiet  # noisier: kept the quiet
+    assert meter.calls == 3
+    with caplog.at_level(logging.WARNING, logger="fxprune.backends.cache"):
+        assert cache.get_measurement(op_key(), meter, tries=3) == quiet
+    assert meter.calls == 3  # accepted after three measurements, not measured for ever
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "unstable" in warned[0] and "3 measurements" in warned[0]
+    assert json.loads((cache.path / f"{key_digest(op_key())}.json").read_text())["tries"] == 3
+
+
+def test_unstable_figure_can_be_taken_as_it_is(cache: LatencyCache) -> None:
+    meter = Meter(_unstable(2.0, 0.4))
+    assert cache.get_measurement(op_key(), meter, tries=1) == _unstable(2.0, 0.4)
+    assert cache.get_measurement(op_key(), meter, tries=1) == _unstable(2.0, 0.4)
+    assert meter.calls == 1

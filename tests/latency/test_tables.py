@@ -6,6 +6,8 @@ depends on how fast anything runs.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -179,6 +181,27 @@ def test_warm_cache_measures_nothing_and_gives_the_same_tables(tmp_path):
     _, cold, _ = build(Tiny(), tmp_path)
     _, warm, backend = build(Tiny(), tmp_path)
     assert backend.calls == [] and warm.measured == 0
+    assert {n: t.table for n, t in warm.layers.items()} == {
+        n: t.table for n, t in cold.layers.items()
+    }
+    assert warm.dense_ms == cold.dense_ms
+
+
+def test_damaged_cache_figures_are_measured_again(tmp_path):
+    """Entries with a valid checksum but a missing field or an absurd figure are misses."""
+    _, cold, first = build(Tiny(), tmp_path)
+    cache = LatencyCache(tmp_path)
+    entries = sorted(tmp_path.glob("*.json"))
+    for i, path in enumerate(entries):
+        record = json.loads(path.read_text())
+        value = record["value"]
+        if i % 2:
+            del value["median_ms"]
+        else:
+            value.update(median_ms=-5.0, p10_ms=-5.0, p90_ms=-5.0)
+        cache.put(record["key"], value)  # re-checksummed: only the schema can tell
+    _, warm, backend = build(Tiny(), tmp_path)
+    assert len(backend.calls) == len(first.calls) == len(entries)
     assert {n: t.table for n, t in warm.layers.items()} == {
         n: t.table for n, t in cold.layers.items()
     }

@@ -25,6 +25,7 @@ from torch import fx, nn
 
 import fxprune
 import fxprune.pipeline.plots
+from fxprune.core.errors import NonFiniteError
 from fxprune.latency.tables import LatencyConfig
 from fxprune.pipeline.compile import Budget
 from fxprune.rewrite.prune import channel_copies
@@ -504,3 +505,24 @@ def test_compile_result_repr_is_one_line(small):
     assert f"{len(small.plan.kept)} groups pruned" in text
     assert f"{len(small.plan.removed_blocks)} blocks removed" in text
     assert "met" in text and small.backend in text
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weight_stops_compile_before_measuring(value, tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 10),
+    ).eval()
+    with torch.no_grad():
+        model[3].weight[7, 2, 1, 1] = value
+    backend = FakeBackend()
+    with pytest.raises(NonFiniteError, match=r"'3\.weight'"):
+        _compile(model, 0.5, tmp_path, backend=backend)
+    assert backend.calls == []  # refused before any latency was measured
