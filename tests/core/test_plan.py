@@ -92,7 +92,7 @@ def test_json_is_plain(analysis):
 
 # ---------------------------------------------------------------------- strict file schema
 
-_PLANS = sorted((Path(__file__).parents[1] / "bench" / "results" / "compile_plans").glob("*.json"))
+_PLANS = sorted((Path(__file__).parents[2] / "bench" / "results" / "compile_plans").glob("*.json"))
 
 
 def _doc(**fields) -> dict:
