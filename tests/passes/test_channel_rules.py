@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import check_plan, make_sensitive, rel_err
+from helpers import check_plan, check_planned_shapes, make_sensitive, rel_err
 from hypothesis import HealthCheck, given, settings
 from strategies import plans
 from torch import nn
@@ -435,7 +436,11 @@ def test_one_channel_slice_broadcast_freezes_its_group(name):
     assert a.group("b").frozen == ("model output",)
     with pytest.raises(fxprune.PlanError, match="frozen"):
         fxprune.Plan({"a": (0, 1, 3, 4, 5, 6)}, (), a.signature).validate(a)
-    check_plan(a, fxprune.Plan.empty(a), x)
+    # how users met it: channel 2 scores lowest, and uniform_plan dropped it
+    scores = {"a": np.array([5.0, 4.0, 0.0, 3.0, 2.0, 6.0, 7.0])}
+    plan = fxprune.uniform_plan(a, 0.5, multiple=1, scores=scores)
+    assert "a" not in plan.kept
+    check_plan(a, plan, x)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
@@ -459,3 +464,12 @@ def test_oracle_comparison_detects_a_wrong_rewrite():
     p2 = fxprune.Plan({"a": (2, 3)}, (), a.signature)
     with torch.no_grad():
         assert rel_err(fxprune.prune(a, p1)(x), fxprune.masked_forward(a, p2, x)) > 1e-3
+
+
+def test_planned_shapes_check_detects_a_wrong_width():
+    """Negative control: a model pruned for one plan fails the channel-count check of another."""
+    _, _, a = _analysis("concat")
+    pruned = fxprune.prune(a, fxprune.Plan({"a": (0, 1)}, (), a.signature))
+    check_planned_shapes(a, fxprune.Plan({"a": (0, 1)}, (), a.signature), pruned)
+    with pytest.raises(AssertionError, match=r"'a' \(node a\): pruned"):
+        check_planned_shapes(a, fxprune.Plan({"a": (0, 1, 2)}, (), a.signature), pruned)
