@@ -76,6 +76,9 @@ class ChannelContext:
         self.layers: list[LayerRecord] = []
         #: (units of one tensor's channel dim, number of equal segments, reason)
         self.equal_count: list[tuple[np.ndarray, int, str]] = []
+        #: (unit, reason): a tensor of this one unit was broadcast; frozen unless the unit's
+        #: group has a single index (``channel_groups`` decides once the groups are known)
+        self.lone: list[tuple[int, str]] = []
         self._module_units: dict[tuple[str, str], np.ndarray] = {}
         self._weight_owner: dict[int, str] = {}
 
@@ -200,7 +203,13 @@ class ChannelContext:
     def combine(self, node: fx.Node, inputs: list[fx.Node]) -> np.ndarray:
         """The map of an elementwise op with broadcasting: inputs that are full-size along the
         output's channel dim are joined position-wise; broadcast ones are left alone (their
-        value is shared by every channel, so nothing of theirs is pruned here)."""
+        value is shared by every channel, so nothing of theirs is pruned here).
+
+        An input broadcast along the output's channel dim that has channels of its own along
+        another dim is frozen: the output's map follows one dim only, so it could not say that
+        pruning those channels shrinks the output along theirs. (An input with no channel dim,
+        such as a one-channel slice, is recorded in ``lone``: ``channel_groups`` freezes it
+        where its group could prune it.)"""
         out_shape = self.shape(node)
         assert out_shape is not None
         nd = len(out_shape)
@@ -211,9 +220,14 @@ class ChannelContext:
                 continue
             pad = nd - u.ndim
             items.append((u.reshape((1,) * pad + u.shape), (1,) * pad + tuple(s)))
+        lone = (
+            f"{describe(node, self.gm)} broadcasts a tensor of one channel of this group: "
+            "pruning that channel would leave nothing to broadcast"
+        )
         dims = sorted({d for u, _ in items for d in varying_dims(u)})
         if not dims:
             covering = [u for u, s in items if s == tuple(out_shape)]
+            self.lone.extend((int(u.flat[0]), lone) for u, s in items if s != tuple(out_shape))
             if not covering:
                 return self.single(out_shape, f"broadcast result of {describe(node)}")
             for u in covering[1:]:
@@ -223,8 +237,16 @@ class ChannelContext:
         result: np.ndarray | None = None
         for u, s in items:
             if s[cdim] != out_shape[cdim]:
-                if varying_dims(u):  # varies elsewhere but is broadcast along cdim
+                if not varying_dims(u):
+                    self.lone.append((int(u.flat[0]), lone))
+                else:  # varies elsewhere but is broadcast along cdim
                     self.table.union_all(u)
+                    self.freeze(
+                        u,
+                        f"{describe(node, self.gm)} broadcasts it along dim {cdim} while it "
+                        "has channels along another dim: pruning them would shrink the result "
+                        "along a dim the rewrite does not follow",
+                    )
                 continue
             u1 = self.force_dim(u, cdim, out_shape[cdim])
             if result is None:

@@ -11,6 +11,7 @@ Results: ``node.meta["fxprune.channels"]`` for every tensor node, and a :class:`
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,7 +26,7 @@ from fxprune.analysis.channel_context import (
     is_tensor_node,
 )
 from fxprune.analysis.channel_rules import lookup_rule
-from fxprune.core.meta import CHANNELS
+from fxprune.core.meta import CHANNELS, TENSOR_META
 
 __all__ = ["ChannelSpaces", "Group", "analyze_channels"]
 
@@ -133,9 +134,67 @@ def _visit(ctx: ChannelContext, node: fx.Node):
     return result
 
 
+def _lone_channels(ctx: ChannelContext, unit_class: np.ndarray) -> dict[int, list[str]]:
+    """Unit classes that some tensor holds as its only channel, with the reasons to freeze them.
+
+    A channel map that varies along no dim says "nothing here is pruned", and the rules and the
+    rewrite read it so: a broadcast leaves the tensor alone, a squeeze, a view or a split keeps
+    its literal sizes. That holds for a tensor whose unit is frozen or stands for a whole tensor
+    (pruning it empties every layer that reads it, which a plan may not do), but not for
+    ``y[:, k:k+1]``: pruning channel ``k`` empties that tensor alone, and ``y - y[:, k:k+1]``
+    fails to broadcast, while the masking oracle, which never changes a shape, computes on.
+
+    So a class is frozen where a used tensor *selects* it alone, whatever the tensor is used
+    for: its map is one unit out of an input's larger map, and it has fewer elements than that
+    input (a slice, a split piece; not a reshape, which keeps every element). And where
+    ``ChannelContext.combine`` broadcast a tensor of one unit (``ctx.lone``). Only in groups of
+    two or more indices: a group of one can be emptied only inside a removed block, where
+    nothing runs.
+    """
+    lone: dict[int, list[str]] = {}
+
+    def add(unit: int, reason: str) -> None:
+        c = int(unit_class[unit])
+        if c not in ctx.table.frozen and reason not in lone.setdefault(c, []):
+            lone[c].append(reason)
+
+    for node in ctx.gm.graph.nodes:
+        u = node.meta.get(CHANNELS)
+        if not isinstance(u, np.ndarray) or u.size != 1 or not node.users:
+            continue  # a split's pieces are looked at where getitem takes them, if used
+        unit, shape = int(u.flat[0]), ctx.shape(node)
+        for src in _sources(node) if shape is not None else []:
+            v, src_shape = src.meta[CHANNELS], ctx.shape(src)
+            if v.size > 1 and unit in v and math.prod(shape) < math.prod(src_shape):
+                add(
+                    unit,
+                    f"{describe(node, ctx.gm)} takes one channel of this group on its own: "
+                    "pruning it would leave an empty tensor where the graph broadcasts, "
+                    "squeezes or reshapes one channel",
+                )
+                break
+    for unit, reason in ctx.lone:
+        add(unit, reason)
+    return lone
+
+
+def _sources(node: fx.Node) -> list[fx.Node]:
+    """The tensor inputs of ``node``, looking through a tuple (a split) to what it split."""
+    inputs = []
+    for a in node.all_input_nodes:
+        inputs.extend(a.all_input_nodes if isinstance(a.meta.get(CHANNELS), tuple) else [a])
+    return [
+        a
+        for a in inputs
+        if isinstance(a.meta.get(CHANNELS), np.ndarray)
+        and hasattr(a.meta.get(TENSOR_META), "shape")
+    ]
+
+
 def _form_groups(ctx: ChannelContext) -> ChannelSpaces:
     table = ctx.table
     unit_class = table.find_array(np.arange(len(table), dtype=np.int64))
+    lone = _lone_channels(ctx, unit_class)
     # Classes that appear in one root belong to one group: join them with a second union-find.
     owner: dict[int, int] = {}
     parent = list(range(len(ctx.roots)))
@@ -174,6 +233,8 @@ def _form_groups(ctx: ChannelContext) -> ChannelSpaces:
         gid = len(groups)
         for i, c in enumerate(order):
             class_index[c] = (gid, i)
+            for reason in lone.get(c, []) if len(order) > 1 else []:
+                table.freeze(np.asarray([c]), reason)
         frozen = sorted({r for c in order for r in table.frozen.get(c, [])})
         inexact = sorted({r for c in order for r in table.inexact.get(c, [])})
         groups.append(

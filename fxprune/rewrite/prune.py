@@ -361,8 +361,8 @@ def _rewrite_args(node: fx.Node, maps: dict[str, Any], keep_unit: np.ndarray) ->
         elif isinstance(args[1 + cdim], int) and args[1 + cdim] != -1:
             args[1 + cdim] = int(mask.sum())
         node.args = tuple(args)
-    elif (node.op == "call_method" and target in ("split", "chunk")) or (
-        node.op == "call_function" and target in (torch.split, torch.chunk)
+    elif (node.op == "call_method" and target in ("split", "chunk", "tensor_split")) or (
+        node.op == "call_function" and target in (torch.split, torch.chunk, torch.tensor_split)
     ):
         src = node.args[0]
         got = _keep_along(maps.get(src.name), keep_unit)
@@ -373,11 +373,9 @@ def _rewrite_args(node: fx.Node, maps: dict[str, Any], keep_unit: np.ndarray) ->
         dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % outs[0].ndim
         if dim != cdim:
             return
-        sizes = []
-        for u, meta in zip(outs, node.meta["tensor_meta"], strict=False):
-            sizes.append(
-                int(keep_unit[u.reshape(-1)].sum()) if u.shape[dim] > 1 else meta.shape[dim]
-            )
+        # the source varies along ``dim``, so each piece's map is exactly its channels (a piece
+        # of one channel included: it is empty when that channel is pruned)
+        sizes = [int(keep_unit[u.reshape(-1)].sum()) for u in outs]
         node.args, node.kwargs = (src, sizes, dim), {}
         if node.op == "call_method":
             node.target = "split"

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import check_plan, make_sensitive, rel_err
+from helpers import check_plan, check_planned_shapes, make_sensitive, rel_err
 from hypothesis import HealthCheck, given, settings
 from strategies import plans
 from torch import nn
@@ -191,6 +192,73 @@ class Unknown(nn.Module):
         return self.c(self.b(x)) + z.mean()
 
 
+class SplitPieces(nn.Module):
+    """tensor_split by indices, and a split whose one-channel first piece nobody reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 1)
+        self.b = nn.Conv2d(2, 2, 1)
+        self.c = nn.Conv2d(4, 2, 1)
+        self.d = nn.Conv2d(5, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        p, q = torch.tensor_split(y, [2], dim=1)
+        _, rest = torch.split(y, [1, 5], 1)
+        return self.b(p) + self.c(q) + self.d(rest)
+
+
+class RowGate(nn.Module):
+    """A gate with channels of its own along H (a slice of ``fc``'s features viewed as rows),
+    broadcast along ``a``'s channels: pruning ``fc`` would shrink the product along H."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 12, 1)
+        self.fc = nn.Linear(8, 10)
+        self.b = nn.Conv2d(12, 2, 1)
+        self.h = nn.Linear(10, 2)
+
+    def forward(self, x):
+        f = self.fc(x.mean((1, 3)))
+        gate = f[:, :8].view(x.shape[0], 1, 8, 1)
+        return self.b(self.a(x) * gate).mean((2, 3)) + self.h(f)
+
+
+class SliceBroadcast(nn.Module):
+    """``y - y[:, k:k+1]``: one channel of ``a`` broadcast against all of ``a`` (issue 16)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 7, 1)
+        self.bn = nn.BatchNorm2d(7)
+        self.b = nn.Conv2d(7, 2, 1)
+
+    def forward(self, x):
+        y = self.bn(self.a(x))
+        return self.b(y - y[:, 2:3])
+
+
+class _Centre(torch.autograd.Function):
+    """A custom autograd Function; fx traces through its forward (the backward is not kept)."""
+
+    @staticmethod
+    def forward(ctx, y):
+        return y - y[:, 2:3]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad - grad.sum(1, keepdim=True)
+
+
+class FunctionSliceBroadcast(SliceBroadcast):
+    """The same broadcast, traced out of a custom ``autograd.Function``."""
+
+    def forward(self, x):
+        return self.b(_Centre.apply(self.bn(self.a(x))))
+
+
 CASES = {
     "concat": (Concat, (1, 3, 8, 8)),
     "split_chunk": (SplitChunk, (1, 3, 8, 8)),
@@ -204,6 +272,10 @@ CASES = {
     "tied": (TiedWeights, (1, 3, 8, 8)),
     "channels_last_ln": (ChannelsLastLN, (1, 3, 8, 8)),
     "unknown": (Unknown, (1, 3, 8, 8)),
+    "split_pieces": (SplitPieces, (1, 3, 8, 8)),
+    "row_gate": (RowGate, (1, 3, 8, 8)),
+    "slice_broadcast": (SliceBroadcast, (1, 3, 8, 8)),
+    "function_slice_broadcast": (FunctionSliceBroadcast, (1, 3, 8, 8)),
 }
 
 
@@ -335,6 +407,42 @@ def test_unknown_op_freezes_what_it_touches():
         fxprune.Plan({"a": (0,)}, (), a.signature).validate(a)
 
 
+def test_split_pieces_rewrite_with_pruned_channels():
+    """Piece sizes follow the kept channels: tensor_split's indices, and a one-channel piece
+    that nobody reads (it does not freeze the group: only a tensor that is used can break)."""
+    _, x, a = _analysis("split_pieces")
+    assert a.group("a").prunable
+    pruned = check_plan(a, fxprune.Plan({"a": (0, 3, 4)}, (), a.signature), x)
+    assert (pruned.b.in_channels, pruned.c.in_channels, pruned.d.in_channels) == (1, 2, 2)
+    pruned = check_plan(a, fxprune.Plan({"a": (1, 2, 5)}, (), a.signature), x)
+    assert (pruned.b.in_channels, pruned.c.in_channels, pruned.d.in_channels) == (1, 2, 3)
+
+
+def test_gate_broadcast_along_channels_freezes_its_own_channels():
+    _, x, a = _analysis("row_gate")
+    assert a.group("a").prunable
+    assert any("broadcasts it along dim 1" in r for r in a.group("fc").frozen)
+    check_plan(a, fxprune.Plan({"a": (0, 5, 11)}, (), a.signature), x)
+
+
+@pytest.mark.parametrize("name", ["slice_broadcast", "function_slice_broadcast"])
+def test_one_channel_slice_broadcast_freezes_its_group(name):
+    """Dropping channel 2 would leave ``y[:, 2:3]`` empty, and the subtraction could no longer
+    broadcast it: the group is kept whole, and the report says why."""
+    _, x, a = _analysis(name)
+    g = a.group("a")
+    assert not g.prunable
+    assert any("getitem" in r and "one channel" in r for r in g.frozen), g.frozen
+    assert a.group("b").frozen == ("model output",)
+    with pytest.raises(fxprune.PlanError, match="frozen"):
+        fxprune.Plan({"a": (0, 1, 3, 4, 5, 6)}, (), a.signature).validate(a)
+    # how users met it: channel 2 scores lowest, and uniform_plan dropped it
+    scores = {"a": np.array([5.0, 4.0, 0.0, 3.0, 2.0, 6.0, 7.0])}
+    plan = fxprune.uniform_plan(a, 0.5, multiple=1, scores=scores)
+    assert "a" not in plan.kept
+    check_plan(a, plan, x)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_random_plans_equal_masking(name):
     _, x, a = _analysis(name)
@@ -356,3 +464,12 @@ def test_oracle_comparison_detects_a_wrong_rewrite():
     p2 = fxprune.Plan({"a": (2, 3)}, (), a.signature)
     with torch.no_grad():
         assert rel_err(fxprune.prune(a, p1)(x), fxprune.masked_forward(a, p2, x)) > 1e-3
+
+
+def test_planned_shapes_check_detects_a_wrong_width():
+    """Negative control: a model pruned for one plan fails the channel-count check of another."""
+    _, _, a = _analysis("concat")
+    pruned = fxprune.prune(a, fxprune.Plan({"a": (0, 1)}, (), a.signature))
+    check_planned_shapes(a, fxprune.Plan({"a": (0, 1)}, (), a.signature), pruned)
+    with pytest.raises(AssertionError, match=r"'a' \(node a\): pruned"):
+        check_planned_shapes(a, fxprune.Plan({"a": (0, 1, 2)}, (), a.signature), pruned)
