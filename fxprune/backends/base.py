@@ -78,8 +78,8 @@ class MeasureConfig:
         max_rel_spread: accept a round when (p90 - p10) / median is at most this.
         max_rounds: re-measure at most this many times before reporting ``stable=False``.
         min_seconds: side-by-side timing (:func:`time_interleaved`) adds repeats until every
-            model has run at least this long: a 7 ms model needs hundreds of runs before its
-            median is steady to a few percent on a shared host.
+            model has run at least this long: a model of a few milliseconds needs hundreds of
+            runs before its median settles on a shared host.
     """
 
     warmup: int = 10
@@ -146,10 +146,9 @@ def relative_latency(measurement: Measurement, reference: Measurement) -> float:
 
     The median of the per-round ratios, not the ratio of the medians: on a shared host the
     speed drifts between alternation rounds (a few tenths of a second apart) by more than the
-    models differ from round to round, and a paired ratio cancels that drift. Measured on
-    MobileNetV2 here (six repeats of one side-by-side measurement), the spread of a pruned /
-    dense ratio fell from 2.5-4% (ratio of medians) to 1.3-2.4% (paired). Falls back to the
-    ratio of medians when the two were not timed in the same rounds.
+    models differ from round to round, and a paired ratio cancels that drift, so repeated
+    measurements of one ratio spread less. Falls back to the ratio of medians when the two
+    were not timed in the same rounds.
     """
     a, b = measurement.round_ms, reference.round_ms
     if a and len(a) == len(b):

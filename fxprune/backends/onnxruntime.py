@@ -5,9 +5,9 @@ is exported with constant folding, so BN folds into the preceding conv and ORT f
 activation, exactly as a deployed model would run.
 
 Exporter: torch 2.14 still ships the TorchScript-based exporter (``dynamo=False``). It is
-deprecated but about 7x faster per export than the dynamo exporter (≈0.2 s vs ≈1.5 s for a conv
-unit) and gives the same fused graph for conv/linear units, which matters when a table needs
-hundreds of exports. If it fails or disappears we fall back to the dynamo exporter.
+deprecated but several times faster per export than the dynamo exporter and gives the same
+fused graph for conv/linear units, which matters when a table needs hundreds of exports. If it
+fails or disappears we fall back to the dynamo exporter.
 
 Session options are set explicitly (never left to ORT's defaults, which depend on the host) and
 are all part of :meth:`OnnxRuntimeBackend.identity`, so cached figures cannot be mixed up.
@@ -246,9 +246,10 @@ class OnnxRuntimeBackend:
             down explicitly so the identity never depends on ORT's own default.
         graph_optimization_level: ``"disable" | "basic" | "extended" | "all"``.
         allow_spinning: let idle intra-op threads spin-wait (ORT's default). Off by default:
-            on this 2-core host spinning made MobileNetV2 slower even alone (8.6 vs 7.6 ms),
-            and idle pools of other live sessions spinning beside a timed one doubled its
-            figure, which ruins side-by-side timing. Deploy with the setting you measured.
+            spinning threads compete for the cores the timed session needs, so on a host
+            with few cores it can slow a model even alone, and the idle pools of other live
+            sessions spinning beside a timed one inflate its figure, which ruins side-by-side
+            timing. Deploy with the setting you measured.
     """
 
     def __init__(
@@ -335,15 +336,15 @@ class OnnxRuntimeBackend:
     def layout_block(self) -> int:
         """The channel block of the runtime's blocked conv layout (NCHWc); 1 when it has none.
 
-        ORT's CPU optimizer runs a conv in NCHWc (blocks of 8 channels with AVX2, 16 with
-        AVX-512) when its input has at least one block of channels. A tensor narrower than
-        a block makes the runtime leave the layout: a ``ReorderOutput`` back to NCHW before
-        the consumer, which then runs a slower NCHW-input kernel. A unit timed alone cannot
-        show that cost (its own input is NCHW anyway), but a whole model pays it: on
-        MobileNetV2 here (AVX-512), 8 channels in ``features.1`` instead of 16 made the model
-        0.2-0.4 ms *slower* while the tables said no change. So the probe asks the optimizer
-        itself: the smallest power of two ``c`` for which a ``c → c`` 1×1 conv gets its input
-        reordered into blocks. Cached per backend.
+        ORT's CPU optimizer runs a conv in NCHWc when its input has at least one block of
+        channels; the block follows the CPU's vector width (e.g. 8 or 16 channels), so it is
+        asked for, never assumed. A tensor narrower than a block makes the runtime leave the
+        layout: a ``ReorderOutput`` back to NCHW before the consumer, which then runs a
+        slower NCHW-input kernel. A unit timed alone cannot show that cost (its own input is
+        NCHW anyway), but a whole model pays it, so pruning a layer below the block can make
+        the model *slower* while the tables predict no change. So the probe asks the
+        optimizer itself: the smallest power of two ``c`` for which a ``c → c`` 1×1 conv gets
+        its input reordered into blocks. Cached per backend.
         """
         if self._layout_block is not None:
             return self._layout_block
@@ -390,9 +391,9 @@ class OnnxRuntimeBackend:
     ) -> Measurement:
         """Like :meth:`measure`, over ``sessions`` fresh sessions of one export.
 
-        Figures of one model differ by several percent from session to session here (buffer
-        placement, thread placement on a shared host); runs go round the sessions and the
-        median over all of them is reported, so one unlucky session cannot make a reference.
+        Figures of one model differ from session to session (buffer placement, thread
+        placement on a shared host); runs go round the sessions and the median over all of
+        them is reported, so one unlucky session cannot make a reference.
         """
         return self.measure_interleaved([module], example_inputs, config, sessions)[0]
 
@@ -406,7 +407,7 @@ class OnnxRuntimeBackend:
         """Time several modules side by side, run by run (:func:`time_interleaved`).
 
         A ratio of two models' latencies measured minutes apart on a shared host is off by
-        the host's drift (±15–30% here), and even alternating whole sessions lets a burst of
+        the host's drift between the two, and even alternating whole sessions lets a burst of
         interference hit one model only. So every module gets ``sessions`` fresh sessions of
         one export, and each repeat runs every session of every module once; per module the
         median over all its runs is reported.
@@ -500,9 +501,9 @@ class OnnxRuntimeBackend:
 
         A unit run on its own pays for layout conversions (``ReorderInput`` /
         ``ReorderOutput`` to and from the blocked NCHWc layout) that a whole model pays only
-        at its ends; summed over units they overstate a model (by about half for MobileNetV2
-        here). Each sample is the sum of the kernel times of one run's nodes whose op is not
-        in ``exclude``. One round; ``stable`` says whether the spread met the limit.
+        at its ends; summed over units they overstate a model. Each sample is the sum of the
+        kernel times of one run's nodes whose op is not in ``exclude``. One round; ``stable``
+        says whether the spread met the limit.
         """
         config = config or MeasureConfig()
         per_node: dict[str, list[float]] = {}

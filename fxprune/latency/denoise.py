@@ -1,9 +1,9 @@
 """Denoise measured latency curves without erasing the runtime's alignment steps.
 
 Latency is not monotone in channel count: kernels vectorise over channels, so an aligned count
-(a multiple of 8 or 16) can run much faster than its unaligned neighbours — on ONNX Runtime CPU
-a conv unit took 0.89 ms at 64 channels and 1.29 ms at 63. A plain monotone or smoothing fit
-would treat those steps as noise. The structure we rely on instead:
+(a multiple of the kernel's vector or block width) can run much faster than its unaligned
+neighbours, even with one channel fewer. A plain monotone or smoothing fit would treat those
+steps as noise. The structure we rely on instead:
 
 * **Alignment classes.** For an alignment period ``P`` (a power of two), count ``c`` belongs to
   class ``min(v2(c), log2 P)``, where ``v2(c)`` is the number of times 2 divides ``c``. With
@@ -53,8 +53,8 @@ __all__ = [
 #: Alignment periods considered, smallest first.
 PERIODS: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
 
-# Tuned on synthetic step curves with 2% jitter and 15% one-sided spikes (fit error 0.4x the
-# raw error) and with 5% symmetric noise (0.8x, with a bias of about -0.4 sigma).
+# Tuned on synthetic step curves (as in tests/latency/test_denoise.py: small jitter with
+# one-sided spikes, and symmetric noise) so that the fit's error stays below the raw error.
 _HUBER_M = 0.02  # residuals beyond 2% of the median time are outliers (linear loss)
 _ASYM = 0.5  # extra linear cost of fitting above a raw figure, relative to Huber's slope
 _SMOOTH = 0.1  # weight of the squared second differences, relative to the data term

@@ -1,10 +1,11 @@
 """What each layer costs *inside* the whole model, from one profiled run of the dense model.
 
 A unit timed alone (its own session, cold thread pool, its own input in cache) does not cost
-what the same layer costs in the model: on this host small late layers cost up to 2× more alone,
-large early ones a little less. The tables keep the *shape* of each layer's cost over channel
-counts (steps, alignment); this module supplies each layer's *scale*: the runtime's per-kernel
-profile of the dense model gives every conv/linear kernel's time, and
+what the same layer costs in the model, and the difference varies by layer and in both
+directions (small late layers tend to cost more alone, large early ones can cost less). The
+tables keep the *shape* of each layer's cost over channel counts (steps, alignment); this
+module supplies each layer's *scale*: the runtime's per-kernel profile of the dense model gives
+every conv/linear kernel's time, and
 
     factor[layer] = time of its kernel in the dense model / its table's cost at full width
 
@@ -37,7 +38,7 @@ __all__ = ["in_model_factors", "match_kernels"]
 
 _CONV_OPS = {"Conv", "FusedConv", "NchwcConv", "QLinearConv"}
 _MATMUL_OPS = {"Gemm", "MatMul", "FusedMatMul", "FusedGemm"}
-# activations the runtime may leave unfused right after a layer (SiLU runs as QuickGelu here);
+# activations the runtime may leave unfused right after a layer (ORT may run SiLU as QuickGelu);
 # a unit's table includes its activation, so its in-model time does too
 _ACTIVATION_OPS = {"QuickGelu", "Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "Gelu"}
 

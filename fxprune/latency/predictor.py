@@ -228,10 +228,10 @@ class LatencyModel(_Linear):
         Args:
             measured: figures (ms) for ``plans``; measured on the backend when omitted.
             include_dense: also fit the dense model's figure from the tables (free).
-            per_layer: also fit a cost per live layer. A unit timed alone pays a few µs
-                more per kernel than inside a model (cold thread pool, cold caches), which a
-                slope cannot absorb when removed blocks change the number of layers. Needs
-                at least four points.
+            per_layer: also fit a cost per live layer. A unit timed alone pays a fixed
+                overhead per kernel that it does not pay inside a model (cold thread pool, cold
+                caches), which a slope cannot absorb when removed blocks change the number of
+                layers. Needs at least four points.
         """
         if measured is None:
             measured = [self.measure(p).median_ms for p in plans]

@@ -1,14 +1,14 @@
 """Find the channel-count period a runtime rewards, from a 1-D sweep of measured latencies.
 
-Two shapes of step occur on ONNX Runtime CPU, often in the same unit:
+Two shapes of step occur (both on ONNX Runtime CPU, often in the same unit):
 
 * **Aligned counts are faster than their neighbours** (an unaligned *input* count sends a conv
   down a slower, non-blocked path): :func:`~fxprune.latency.denoise.alignment_classes`.
 * **A staircase**: the kernel computes output channels in blocks, so every count in
   ``(P·(k−1), P·k]`` costs about what ``P·k`` does, and the time jumps right after each multiple
-  of ``P`` (measured here: a 3×3 conv at 28×28 takes 0.81 ms at 64 outputs, 1.04 ms at 65,
-  1.07 ms at 72 and 1.60 ms at 73). Aligned counts are then not faster than their left
-  neighbour, only cheaper per channel, so the first test sees nothing: :func:`staircase_period`.
+  of ``P`` (one channel past a multiple costs almost a whole block more). Aligned counts are
+  then not faster than their left neighbour, only cheaper per channel, so the first test sees
+  nothing: :func:`staircase_period`.
 
 In both shapes the counts worth offering are the multiples of ``P``. :func:`refine_period` then
 asks whether multiples of ``2P`` are better still, and :func:`detect_period` combines the three.

@@ -75,8 +75,8 @@ _FORMAT = 1
 _SWEEP = MeasureConfig(warmup=2, repeats=10, max_rel_spread=0.15, max_rounds=2)
 _GRID = MeasureConfig(warmup=5, repeats=20, max_rel_spread=0.1, max_rounds=3)
 # The dense figure sets the constant part of every uncalibrated prediction, so its runs go round
-# three sessions for about 2 s (0.7 s each): one 30-run session at a busy moment once made it
-# 77 ms for a model that runs 45 ms, and the cache kept it.
+# three sessions for at least 0.7 s each: a single short session at a busy moment can be far off,
+# and the cache would keep it.
 _WHOLE = MeasureConfig(warmup=5, repeats=30, max_rel_spread=0.1, max_rounds=3, min_seconds=0.7)
 
 
@@ -101,7 +101,8 @@ class LatencyConfig:
             One runtime's kernels share one channel blocking, and sweeps of tiny layers (7×7
             maps, where per-run overhead dominates) can miss it.
         layout_floor: no group is offered fewer channels than the runtime's blocked-layout
-            width (``backend.layout_block()``, 16 for ORT with AVX-512), unless it is that
+            width (``backend.layout_block()``: the runtime's channel block, e.g. 8 or 16 on
+            ORT CPU depending on the CPU's vector width), unless it is that
             narrow to start with. Below it the runtime leaves its layout between layers, a
             cost that units timed alone do not show (see
             :meth:`~fxprune.backends.OnnxRuntimeBackend.layout_block`).

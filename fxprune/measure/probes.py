@@ -30,7 +30,7 @@ class ReadUnit(nn.Module):
 
     With ``producer_channels``, the read's input first goes through a per-channel 1×1
     (depthwise) conv, so that it arrives in the layout a conv output has inside the model.
-    On ONNX Runtime CPU that matters more than the copy itself: convs run in a blocked layout
+    On ONNX Runtime CPU that can matter more than the copy itself: convs run in a blocked layout
     (NCHWc), and a Slice or Gather on channels makes the optimizer convert the whole tensor
     back to NCHW before the copy and the kept part forward again after it. A unit fed
     straight from its (NCHW) session input pays neither conversion, and so prices an exact
@@ -121,9 +121,9 @@ def measure_segment_cost(backend: Backend, config: MeasureConfig | None = None) 
 
     Three pairs are timed side by side at 28×28 (128 → 512 → 128): whole, as 8 segments, and
     whole at half the middle width. Eight segments add 7 producer and 7 consumer convs; the half
-    width removes 256 channels' multiply-adds from both convs. Measured on a 2-core AVX2 host
-    with ONNX Runtime CPU, an extra conv cost 30-50 µs (at every ResNet-50 stage width, in a
-    separate experiment), about 2.5-3M multiply-adds' worth.
+    width removes 256 channels' multiply-adds from both convs. The ratio of the two prices
+    (how many multiply-adds one conv launch is worth) is what decides whether a segment pays;
+    it depends on the runtime, the CPU and the batch size, hence the probe.
     """
     config = config or MeasureConfig(warmup=5, repeats=30, min_seconds=0.5)
     c_in, c, c_out, hw = 128, 512, 128, 28

@@ -44,9 +44,9 @@ class MeasuredReads:
 
     - ``tie``: models measured within this fraction of the exact reads (or, when one wins
       clearly, of the fastest) count as equally fast, and the one with fewer copies is kept.
-      On this 2-core host two copies of one ResNet-50 graph, timed side by side, came out
-      0.93-1.06x each other (sd 4% over five measurements), so a smaller difference is not
-      evidence.
+      Two copies of one graph timed side by side do not measure exactly 1.0x each other on
+      a shared host, so a difference within that noise (of the median over
+      ``check_repeats``) is not evidence.
     - ``copy_budget``: the latency, as a fraction of the exact model's, that the check may
       spend (by the unit timings) on replacing gathers with gather-free reads.
     - ``check_repeats``: whole-model measurements per check, each in a fresh random order; the
@@ -95,7 +95,7 @@ class MeasuredReads:
             ms = {k: f.median_ms for k, f in zip(kinds, figures, strict=True)}
             best = min(kinds, key=lambda k: ms[k])
             exact = next(k for k in kinds if k in ("slice", "gather"))
-            # a zero-padded read must win clearly: unit timings carry a few % of noise, and
+            # a zero-padded read must win clearly: unit timings are noisy, and
             # the exact read also saves parameters and multiply-adds in the whole model.
             # A gather is the exception: a full read that is not slower copies nothing, and
             # a copy is the cost that varies most between runtimes and batch sizes

@@ -4,10 +4,10 @@ After reordering, a consumer with its own kept inputs reads a contiguous range o
 tensor (a ``narrow``). In eager PyTorch at batch 1 that is a free view; on ONNX Runtime CPU it
 is not: convolutions run in a blocked channel layout (NCHWc), a Slice or Gather on channels is
 not a blocked op, so the optimizer converts the whole tensor out of the blocked layout and the
-kept part back in, and each read costs about what reading the whole tensor would
-(``bench/segmented_reads.py``). Measured on ResNet-50 at 30% per-layer sparsity, an export whose
-consumers read everything (zero weight columns, no copy) runs as fast as constrained pruning at
-the same stored size; with exact reads the copies eat what the pruned inputs save.
+kept part back in, so a read can cost about what reading the whole tensor would
+(``bench/segmented_reads.py`` measures it). The copies can then eat what the pruned inputs
+save, while an export whose consumers read everything (zero weight columns, no copy) pays
+none of them.
 
 This pass removes the cut instead of paying for it. A *region* is a set of tensors joined by
 channel-wise ops (BN, activations, adds and multiplies, depthwise convs, pooling, flatten to
@@ -26,16 +26,17 @@ the region is then carried as one tensor per segment:
 
 The result computes the same function (summation order aside) and exports to ONNX like any
 GraphModule. Whether it is faster is the runtime's call: it trades every copy for more, smaller
-convs. Cut at every read boundary, ResNet-50 at 30% per-layer sparsity had 19 segments and 185
-convs (53 with exact reads) and lost to exact reads by 10-50% at batch 1 on a 2-core AVX2 host.
-With a :class:`SegmentCost` (the backend's measured price of one more conv and of a
-multiply-add), :func:`_merge` keeps only the cuts that pay for their convs: the same model gets
-6 segments and 55 convs, every consumer of a merged segment reading it whole with zero columns.
-``rewrite(reads="measure")`` times the result against the other reads and keeps it when it
-wins, or ties with fewer copies. Segments should be multiples of the runtime's channel block
-(8 or 16 on ONNX Runtime CPU), or the partial convs leave the blocked layout: plans rounded
-with ``multiple=``/``align=`` give such boundaries. Regions whose tensors come from anything but a conv or linear (an input, a
-parameter, an unknown op) are left alone.
+convs. Cut at every read boundary, a residual network gets many narrow segments and several
+times as many convs as with exact reads, and the extra launches can cost more than the copies
+they replace. With a :class:`SegmentCost` (the backend's measured price of one more conv and of
+a multiply-add), :func:`_merge` keeps only the cuts that pay for their convs, every consumer of
+a merged segment reading it whole with zero columns. ``rewrite(reads="measure")`` times the
+result against the other reads and keeps it when it wins, or ties with fewer copies. Segments
+should be multiples of the runtime's channel block (e.g. 8 or 16 on ONNX Runtime CPU,
+depending on the CPU's vector width; ask ``backend.layout_block()``), or the partial convs
+leave the blocked layout: plans rounded with ``multiple=``/``align=`` give such boundaries.
+Regions whose tensors come from anything but a conv or linear (an input, a parameter, an
+unknown op) are left alone.
 """
 
 from __future__ import annotations
@@ -64,9 +65,9 @@ class SegmentCost:
     partial conv per consumer that reads into it (``launch_s`` each); a consumer also pays
     ``mac_s`` per multiply-accumulate for every channel of every segment it touches, including
     the zero columns up to the segment's ends. Cutting at every read boundary (no cost model)
-    gave ResNet-50 19 segments, some 8 channels wide: on ONNX Runtime CPU each extra conv costs
-    about what 2.5-4M multiply-adds do (``measure_segment_cost``), far more than such a segment
-    saves. Measure it with :func:`fxprune.measure.probes.measure_segment_cost`.
+    can leave segments a single channel block wide, and on a runtime where a conv launch is
+    worth millions of multiply-adds such a segment saves far less than its convs cost. Measure
+    the prices with :func:`fxprune.measure.probes.measure_segment_cost`.
     """
 
     launch_s: float

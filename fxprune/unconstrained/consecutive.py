@@ -101,7 +101,7 @@ def order_channels(
     the identity; and up to 16 (``_MAX_KICKS``) passes that each force one rejected set in,
     heaviest first, ahead of the best order's contiguous sets. The best order found is returned,
     the identity on ties. At most 19 passes of O(m) refinement steps (amortised; O(m²) if every
-    merge fails), O(n log n) each: 0.1–0.3 s at n=2000, m=60.
+    merge fails), O(n log n) each.
 
     Args:
         n: number of channels.

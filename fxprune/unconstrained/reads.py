@@ -16,8 +16,8 @@ multiply-adds. :class:`ReadChooser` is how the rewrite asks for a choice it cann
 (the read followed by its pruned layer) side by side on the backend — what ``fxprune.compile``
 uses.
 :class:`ReadCost` is the cheap analytic alternative: one price per copied element and per MAC
-(:func:`fxprune.measure.probes.measure_read_cost`); on ONNX Runtime CPU it mispriced zero-padded
-reads on DenseNet-121 and EfficientNetV2-S (a MAC's cost varies too much between layers).
+(:func:`fxprune.measure.probes.measure_read_cost`). It can misprice zero-padded reads, because
+a MAC's cost varies between layers (kernel, width, layout) more than one price can follow.
 ``policy="exact"`` always reads exactly what the plan keeps (slice or gather).
 """
 
@@ -133,12 +133,14 @@ def pad_read(read: ConsumerRead, n_local: int, block: int) -> ConsumerRead:
     """``read`` widened to a multiple of ``block`` positions, the added ones zero columns.
 
     ONNX Runtime CPU runs a conv in its blocked layout (NCHWc) only when its input channels
-    are a multiple of the block (8 with AVX2); otherwise in plain NCHW, which was about 25%
-    slower per multiply-add here. Per-layer masks at 30% sparsity give nearly every consumer
-    an unaligned count (0.7 x 64 = 45), so ResNet-50 ran 48 of 53 convs in NCHW. A read with a
-    few zero columns costs those columns' multiply-adds and keeps the conv blocked. A slice
-    (or span) grows to the right, else to the left, into a span; a gather takes the nearest
-    positions it does not read; a read that would cover the whole tensor becomes a full read.
+    are a multiple of the block (the runtime's channel block, e.g. 8 or 16 depending on the
+    CPU's vector width; ask ``backend.layout_block()``); otherwise in plain NCHW, which is
+    slower per multiply-add. Per-layer masks give nearly every consumer an unaligned count
+    (at 30% sparsity, 0.7 × 64 = 45), so most convs of such a model would run unblocked. A
+    read with a few zero columns costs those columns' multiply-adds and keeps the conv
+    blocked. A slice (or span) grows to the right, else to the left, into a span; a gather
+    takes the nearest positions it does not read; a read that would cover the whole tensor
+    becomes a full read.
     Full reads, and reads already aligned, are returned as they are.
     """
     k = read.length
