@@ -259,63 +259,13 @@ def _build(problem: Problem, budget: float | None, objective: str):
     _check(problem)
     m = Model("fxprune")
     m.hideOutput()
-    z = {b.name: m.addVar(f"z[{b.name}]", vtype="B") for b in problem.blocks}
-    y: dict[str, list] = {}
+    z, y = _choice_vars(m, problem)
     for g in problem.groups:
-        y[g.name] = [m.addVar(f"y[{g.name},{k}]", vtype="B") for k in range(len(g.counts))]
-        m.addCons(quicksum(y[g.name]) == 1)
-        if g.block is not None:
-            m.addCons(y[g.name][0] == z[g.block])  # a removed block keeps nothing, and only then
-    for g in problem.groups:
-        if not g.sum_of:
-            continue
-        # exactly the smallest option covering the members' total:
-        #   counts[k-1] < total ≤ counts[k]  ⇔  Σ (counts[k-1]+1)·y_k ≤ total ≤ Σ counts[k]·y_k
-        total = g.offset + quicksum(
-            coef * c * y[member][k]
-            for member, coef in g.sum_of
-            for k, c in enumerate(problem.group(member).counts)
-        )
-        ys = y[g.name]
-        m.addCons(quicksum(c * v for c, v in zip(g.counts, ys, strict=True)) >= total - 1e-6)
-        lower = [0.0, *(c + 1e-3 for c in g.counts[:-1])]
-        m.addCons(quicksum(c * v for c, v in zip(lower, ys, strict=True)) <= total)
+        if g.sum_of:
+            _derived_constraints(m, problem, g, y)
     terms = []
     for o, op in enumerate(problem.ops):
-        t = np.asarray(op.table, dtype=float)
-        internal = {g.name for g in problem.groups if g.block is not None and g.block == op.block}
-        # an op in a block that touches an internal group already costs 0 through y[g][0];
-        # one that touches only outside groups (e.g. a depthwise conv on the residual) is gated
-        gate = (
-            z[op.block]
-            if op.block is not None and not ({op.in_group, op.out_group} & internal)
-            else None
-        )
-        if op.in_group and op.out_group:
-            ins, outs = y[op.in_group], y[op.out_group]
-            p = [
-                [m.addVar(f"p[{o},{i},{j}]", lb=0.0, ub=1.0) for j in range(t.shape[1])]
-                for i in range(t.shape[0])
-            ]
-            for i in range(t.shape[0]):
-                m.addCons(quicksum(p[i]) == ins[i])
-            for j in range(t.shape[1]):
-                m.addCons(quicksum(p[i][j] for i in range(t.shape[0])) == outs[j])
-            cells = [(t[i, j], p[i][j]) for i in range(t.shape[0]) for j in range(t.shape[1])]
-        elif op.in_group:
-            cells = list(zip(t[:, 0], y[op.in_group], strict=True))
-        elif op.out_group:
-            cells = list(zip(t[0, :], y[op.out_group], strict=True))
-        else:
-            cells = [(t[0, 0], 1.0)]
-        for c, v in cells:
-            if c == 0:
-                continue
-            if gate is not None:  # cost only while the block is kept: q ≥ v − z, q ≥ 0
-                q = m.addVar(lb=0.0, ub=1.0)
-                m.addCons(q >= v - gate)
-                v = q
-            terms.append(c * v)
+        terms.extend(_op_terms(m, problem, o, op, y, z))
     latency = quicksum(terms) + problem.const
     value = quicksum(
         g.importance[k] * y[g.name][k] for g in problem.groups for k in range(len(g.counts))
@@ -327,6 +277,84 @@ def _build(problem: Problem, budget: float | None, objective: str):
     else:
         m.setObjective(latency, "minimize")
     return m, y, z
+
+
+def _choice_vars(m, problem: Problem) -> tuple[dict, dict[str, list]]:
+    """Binary ``z`` per block (removed) and one-hot ``y`` per group (its option)."""
+    from pyscipopt import quicksum
+
+    z = {b.name: m.addVar(f"z[{b.name}]", vtype="B") for b in problem.blocks}
+    y: dict[str, list] = {}
+    for g in problem.groups:
+        y[g.name] = [m.addVar(f"y[{g.name},{k}]", vtype="B") for k in range(len(g.counts))]
+        m.addCons(quicksum(y[g.name]) == 1)
+        if g.block is not None:
+            m.addCons(y[g.name][0] == z[g.block])  # a removed block keeps nothing, and only then
+    return z, y
+
+
+def _derived_constraints(m, problem: Problem, g: GroupSpec, y: Mapping[str, list]) -> None:
+    """Pin a derived group's option to the smallest count covering its members' total.
+
+    ``counts[k-1] < total ≤ counts[k]``  ⇔  ``Σ (counts[k-1]+1)·y_k ≤ total ≤ Σ counts[k]·y_k``.
+    """
+    from pyscipopt import quicksum
+
+    total = g.offset + quicksum(
+        coef * c * y[member][k]
+        for member, coef in g.sum_of
+        for k, c in enumerate(problem.group(member).counts)
+    )
+    ys = y[g.name]
+    m.addCons(quicksum(c * v for c, v in zip(g.counts, ys, strict=True)) >= total - 1e-6)
+    lower = [0.0, *(c + 1e-3 for c in g.counts[:-1])]
+    m.addCons(quicksum(c * v for c, v in zip(lower, ys, strict=True)) <= total)
+
+
+def _op_terms(m, problem: Problem, o: int, op: OpCost, y: Mapping[str, list], z: Mapping) -> list:
+    """One op's latency terms ``cost · v``, pair variables linearising ``y_inᵀ C y_out``."""
+    t = np.asarray(op.table, dtype=float)
+    internal = {g.name for g in problem.groups if g.block is not None and g.block == op.block}
+    # an op in a block that touches an internal group already costs 0 through y[g][0];
+    # one that touches only outside groups (e.g. a depthwise conv on the residual) is gated
+    gate = (
+        z[op.block]
+        if op.block is not None and not ({op.in_group, op.out_group} & internal)
+        else None
+    )
+    if op.in_group and op.out_group:
+        cells = _pair_cells(m, o, t, y[op.in_group], y[op.out_group])
+    elif op.in_group:
+        cells = list(zip(t[:, 0], y[op.in_group], strict=True))
+    elif op.out_group:
+        cells = list(zip(t[0, :], y[op.out_group], strict=True))
+    else:
+        cells = [(t[0, 0], 1.0)]
+    terms = []
+    for c, v in cells:
+        if c == 0:
+            continue
+        if gate is not None:  # cost only while the block is kept: q ≥ v − z, q ≥ 0
+            q = m.addVar(lb=0.0, ub=1.0)
+            m.addCons(q >= v - gate)
+            v = q
+        terms.append(c * v)
+    return terms
+
+
+def _pair_cells(m, o: int, t: np.ndarray, ins: list, outs: list) -> list:
+    """(cost, p[i, j]) per table cell, ``p`` tied to the one-hot ``y`` on both sides."""
+    from pyscipopt import quicksum
+
+    p = [
+        [m.addVar(f"p[{o},{i},{j}]", lb=0.0, ub=1.0) for j in range(t.shape[1])]
+        for i in range(t.shape[0])
+    ]
+    for i in range(t.shape[0]):
+        m.addCons(quicksum(p[i]) == ins[i])
+    for j in range(t.shape[1]):
+        m.addCons(quicksum(p[i][j] for i in range(t.shape[0])) == outs[j])
+    return [(t[i, j], p[i][j]) for i in range(t.shape[0]) for j in range(t.shape[1])]
 
 
 def _read(problem: Problem, m, y, z) -> tuple[dict[str, int], frozenset[str]]:
@@ -444,44 +472,16 @@ def solve_knapsack(
     is re-evaluated exactly; the knapsack budget is tightened by bisection until the exact
     latency fits. Blocks are never removed (HALP prunes channels only).
     """
-    from pyscipopt import Model, quicksum
-
     start = time.perf_counter()
     _, full_latency = evaluate(problem, _full_choice(problem), set())
     costs = _linearised_costs(problem)
-
-    def knapsack(cap: float) -> dict[str, int] | None:
-        m = Model("knapsack")
-        m.hideOutput()
-        m.setParam("limits/time", time_limit)
-        y = {
-            g.name: {k: m.addVar(vtype="B") for k, c in enumerate(g.counts) if c > 0}
-            for g in problem.groups
-            if not g.sum_of
-        }
-        for vs in y.values():
-            m.addCons(quicksum(vs.values()) == 1)
-        m.addCons(
-            quicksum(costs[n][k] * v for n, vs in y.items() for k, v in vs.items())
-            <= cap - full_latency
-        )
-        m.setObjective(
-            quicksum(
-                problem.group(n).importance[k] * v for n, vs in y.items() for k, v in vs.items()
-            ),
-            "maximize",
-        )
-        m.optimize()
-        if m.getNSols() == 0:
-            return None
-        return {n: max(vs, key=lambda k: m.getVal(vs[k])) for n, vs in y.items()}
 
     best: tuple[float, dict[str, int], float] | None = None
     lo, hi = full_latency + sum(c.min() for c in costs.values()), budget
     for cap in [budget, *([None] * rounds)]:
         if cap is None:
             cap = (lo + hi) / 2
-        choice = knapsack(cap)
+        choice = _knapsack(problem, costs, cap - full_latency, time_limit)
         if choice is None:
             lo = cap
             continue
@@ -507,6 +507,33 @@ def solve_knapsack(
         time.perf_counter() - start,
         "knapsack",
     )
+
+
+def _knapsack(
+    problem: Problem, costs: Mapping[str, np.ndarray], cap: float, time_limit: float
+) -> dict[str, int] | None:
+    """The most important choice whose linearised extra latency is at most ``cap`` (None: none)."""
+    from pyscipopt import Model, quicksum
+
+    m = Model("knapsack")
+    m.hideOutput()
+    m.setParam("limits/time", time_limit)
+    y = {
+        g.name: {k: m.addVar(vtype="B") for k, c in enumerate(g.counts) if c > 0}
+        for g in problem.groups
+        if not g.sum_of
+    }
+    for vs in y.values():
+        m.addCons(quicksum(vs.values()) == 1)
+    m.addCons(quicksum(costs[n][k] * v for n, vs in y.items() for k, v in vs.items()) <= cap)
+    m.setObjective(
+        quicksum(problem.group(n).importance[k] * v for n, vs in y.items() for k, v in vs.items()),
+        "maximize",
+    )
+    m.optimize()
+    if m.getNSols() == 0:
+        return None
+    return {n: max(vs, key=lambda k: m.getVal(vs[k])) for n, vs in y.items()}
 
 
 def solve_uniform(problem: Problem, budget: float, *, iters: int = 40) -> Solution:

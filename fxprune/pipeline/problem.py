@@ -26,7 +26,7 @@ The solver never sees an fx graph; this module is the only translator between th
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -138,96 +138,19 @@ def build_problem(
         allow_block_removal: offer removable residual blocks to the solver.
         include_inexact: also prune groups whose pruning is not exactly masking (LayerNorm).
     """
-    tables = latency.tables
-    spaces = analysis.spaces
-    grids = tables.group_grids
-    free = [
-        g
-        for g in analysis.groups
-        if g.prunable
-        and g.size >= 2
-        and g.name in grids
-        and (include_inexact or not g.inexact)
-        and len(grids[g.name]) > 1
-    ]
-    free_names = {g.name for g in free}
-    gid_of = {g.name: i for i, g in enumerate(analysis.groups)}
-
-    # ---- blocks: innermost, fully described by groups of the problem
-    block_of_group: dict[str, str] = {}
-    block_groups: dict[str, tuple[str, ...]] = {}
-    if allow_block_removal:
-        for block in _innermost_blocks(analysis):
-            inside = analysis.internal_groups(block)
-            if inside and all(g in free_names for g in inside):
-                block_groups[block.name] = tuple(inside)
-                block_of_group.update(dict.fromkeys(inside, block.name))
-    block_of_node = {n: b for b in block_groups for n in analysis.block(b).region}
-
+    grids = latency.tables.group_grids
+    free = _free_groups(analysis, grids, include_inexact)
+    block_groups = (
+        _removable_blocks(analysis, {g.name for g in free}) if allow_block_removal else {}
+    )
     scores = {g.name: np.asarray(scores.get(g.name, np.zeros(g.size)), float) for g in free}
     total = float(sum(s.sum() for s in scores.values()))
-    specs: dict[str, GroupSpec] = {}
-    for g in free:
-        counts = tuple(int(c) for c in grids[g.name])
-        value = [float(scores[g.name][keep_mask(g, scores[g.name], c)].sum()) for c in counts]
-        block = block_of_group.get(g.name)
-        if block is not None:
-            counts, value = (0, *counts), [0.0, *value]
-        norm = total if total > 0 else 1.0
-        specs[g.name] = GroupSpec(g.name, counts, tuple(v / norm for v in value), block)
-
-    # ---- ops: one per layer table
-    records = {rec.node: rec for rec in spaces.layers}
-    all_specs: dict[str, GroupSpec] = dict(specs)  # free groups, then derived ones as they appear
-    ops: list[OpCost] = []
-    derived: dict[tuple, GroupSpec] = {}
-
-    def axis(units: np.ndarray, grid: tuple[int, ...]) -> str | None:
-        """The problem group an axis of a layer reads (direct or derived), None if fixed."""
-        classes = spaces.unit_class[units]
-        per_group: dict[str, int] = defaultdict(int)
-        fixed = 0
-        for c in classes.tolist():
-            hit = spaces.class_index.get(c)
-            name = analysis.groups[hit[0]].name if hit is not None else None
-            if name in specs:
-                per_group[name] += 1
-            else:
-                fixed += 1
-        if not per_group:
-            return None
-        if len(per_group) == 1 and not fixed:
-            ((name, n),) = per_group.items()
-            if n == analysis.groups[gid_of[name]].size and tuple(grid) == tuple(
-                c for c in specs[name].counts if c > 0
-            ):
-                return name
-        members = tuple(
-            (name, n / analysis.groups[gid_of[name]].size) for name, n in sorted(per_group.items())
-        )
-        key = (tuple(grid), members, fixed)
-        if key not in derived:
-            name = f"sum#{len(derived)}"
-            derived[key] = all_specs[name] = GroupSpec(
-                name,
-                tuple(int(c) for c in grid),
-                (0.0,) * len(grid),
-                sum_of=members,
-                offset=float(fixed),
-            )
-        return derived[key].name
-
-    for node, lat in tables.layers.items():
-        rec = records[node]
-        in_group = axis(rec.in_units, lat.in_grid) if "in" in lat.axes else None
-        if lat.axes == "channel":
-            out_group = axis(rec.out_units, lat.out_grid)
-        else:
-            out_group = axis(rec.out_units, lat.out_grid) if "out" in lat.axes else None
-        ops.append(_op(node, lat, in_group, out_group, all_specs, latency, block_of_node))
+    specs = _group_specs(free, scores, total, grids, block_groups)
+    axes = _Axes(analysis, specs)
+    ops = _ops(analysis, latency, axes, block_groups)  # makes the derived groups it needs
     problem = Problem(
-        groups=(*specs.values(), *derived.values()),
-        ops=tuple(ops),
+        groups=(*specs.values(), *axes.derived.values()),
+        ops=ops,
         blocks=tuple(BlockSpec(b) for b in block_groups),
         const=float(latency.b),
     )
@@ -240,6 +163,127 @@ def build_problem(
         tuple(specs),
         block_groups,
     )
+
+
+def _free_groups(
+    analysis: Analysis, grids: Mapping[str, Sequence[int]], include_inexact: bool
+) -> list[Group]:
+    """The groups the solver may shrink: prunable, two or more indices, a grid of counts."""
+    return [
+        g
+        for g in analysis.groups
+        if g.prunable
+        and g.size >= 2
+        and g.name in grids
+        and (include_inexact or not g.inexact)
+        and len(grids[g.name]) > 1
+    ]
+
+
+def _removable_blocks(analysis: Analysis, free_names: set[str]) -> dict[str, tuple[str, ...]]:
+    """Per removable block, its groups: innermost blocks whose groups are all in the problem."""
+    block_groups: dict[str, tuple[str, ...]] = {}
+    for block in _innermost_blocks(analysis):
+        inside = analysis.internal_groups(block)
+        if inside and all(g in free_names for g in inside):
+            block_groups[block.name] = tuple(inside)
+    return block_groups
+
+
+def _group_specs(
+    free: Sequence[Group],
+    scores: Mapping[str, np.ndarray],
+    total: float,
+    grids: Mapping[str, Sequence[int]],
+    block_groups: Mapping[str, tuple[str, ...]],
+) -> dict[str, GroupSpec]:
+    """One spec per free group: its grid's counts, each worth its top-k share of ``total``.
+
+    A group inside a removable block gets a leading option "count 0", worth nothing.
+    """
+    block_of_group = {g: b for b, inside in block_groups.items() for g in inside}
+    specs: dict[str, GroupSpec] = {}
+    for g in free:
+        counts = tuple(int(c) for c in grids[g.name])
+        value = [float(scores[g.name][keep_mask(g, scores[g.name], c)].sum()) for c in counts]
+        block = block_of_group.get(g.name)
+        if block is not None:
+            counts, value = (0, *counts), [0.0, *value]
+        norm = total if total > 0 else 1.0
+        specs[g.name] = GroupSpec(g.name, counts, tuple(v / norm for v in value), block)
+    return specs
+
+
+class _Axes:
+    """Which problem group each layer axis reads; derived groups are made as they appear."""
+
+    def __init__(self, analysis: Analysis, specs: Mapping[str, GroupSpec]) -> None:
+        self.analysis = analysis
+        self.specs = specs
+        #: free groups, then derived ones as they appear (the specs every op may name)
+        self.all_specs: dict[str, GroupSpec] = dict(specs)
+        self.derived: dict[tuple, GroupSpec] = {}
+        self.gid_of = {g.name: i for i, g in enumerate(analysis.groups)}
+
+    def group(self, units: np.ndarray, grid: tuple[int, ...]) -> str | None:
+        """The problem group an axis of a layer reads (direct or derived), None if fixed."""
+        spaces, groups = self.analysis.spaces, self.analysis.groups
+        per_group: dict[str, int] = defaultdict(int)
+        fixed = 0
+        for c in spaces.unit_class[units].tolist():
+            hit = spaces.class_index.get(c)
+            name = groups[hit[0]].name if hit is not None else None
+            if name in self.specs:
+                per_group[name] += 1
+            else:
+                fixed += 1
+        if not per_group:
+            return None
+        if len(per_group) == 1 and not fixed:
+            ((name, n),) = per_group.items()
+            if n == groups[self.gid_of[name]].size and tuple(grid) == tuple(
+                c for c in self.specs[name].counts if c > 0
+            ):
+                return name
+        members = tuple(
+            (name, n / groups[self.gid_of[name]].size) for name, n in sorted(per_group.items())
+        )
+        return self._derived(tuple(grid), members, fixed)
+
+    def _derived(self, grid: tuple[int, ...], members: tuple, fixed: int) -> str:
+        """The derived group ``fixed + Σ coef·count(member)`` over ``grid`` (made once)."""
+        key = (grid, members, fixed)
+        if key not in self.derived:
+            name = f"sum#{len(self.derived)}"
+            self.derived[key] = self.all_specs[name] = GroupSpec(
+                name,
+                tuple(int(c) for c in grid),
+                (0.0,) * len(grid),
+                sum_of=members,
+                offset=float(fixed),
+            )
+        return self.derived[key].name
+
+
+def _ops(
+    analysis: Analysis,
+    latency: LatencyModel,
+    axes: _Axes,
+    block_groups: Mapping[str, tuple[str, ...]],
+) -> tuple[OpCost, ...]:
+    """One calibrated cost table per layer with a latency table, over its axes' groups."""
+    records = {rec.node: rec for rec in analysis.spaces.layers}
+    block_of_node = {n: b for b in block_groups for n in analysis.block(b).region}
+    ops: list[OpCost] = []
+    for node, lat in latency.tables.layers.items():
+        rec = records[node]
+        in_group = axes.group(rec.in_units, lat.in_grid) if "in" in lat.axes else None
+        if lat.axes == "channel":
+            out_group = axes.group(rec.out_units, lat.out_grid)
+        else:
+            out_group = axes.group(rec.out_units, lat.out_grid) if "out" in lat.axes else None
+        ops.append(_op(node, lat, in_group, out_group, axes.all_specs, latency, block_of_node))
+    return tuple(ops)
 
 
 def _op(

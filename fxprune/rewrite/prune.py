@@ -8,14 +8,16 @@ Steps: (1) removed blocks — each add is rewired to its shortcut and the dead b
 kept channels; (5) in unconstrained plans, consumers with their own kept inputs read them with a
 slice, a gather or a zero-padded read (:mod:`fxprune.unconstrained.reads`), after each group's channels
 were put in the order that makes the most of those reads slices (:mod:`fxprune.unconstrained.layout`);
-(6) lint, dead-module removal, recompile. The analysed graph is not modified.
+(6) lint, dead-module removal, recompile, and shapes propagated again on the example inputs, so
+every node's ``tensor_meta`` describes the pruned graph (later passes read it, not re-run
+ShapeProp). The analysed graph is not modified.
 """
 
 from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +30,7 @@ from fxprune.core.channel_units import expand_index, varying_dims
 from fxprune.core.errors import PlanError
 from fxprune.core.meta import CHANNELS
 from fxprune.rewrite.pruners import lookup_pruner
-from fxprune.rewrite.segment import SegmentCost, SegmentInfo, segment
+from fxprune.rewrite.segment import SegmentCost, SegmentInfo, refresh_shapes, segment
 from fxprune.unconstrained.layout import Layout, channel_layout
 from fxprune.unconstrained.reads import (
     POLICY_OF_KIND,
@@ -92,6 +94,9 @@ def rewrite(
 ) -> tuple[fx.GraphModule, RewriteInfo]:
     """The pruned GraphModule and what was decided on the way.
 
+    Every node of the result carries ``tensor_meta`` for its pruned shape (propagated on
+    ``analysis.example_inputs``); ``analysis.gm`` is left as it was.
+
     Args:
         reorder: permute groups' channels so consumer subsets become slices (unconstrained plans).
         reads: how consumers with their own kept inputs read them: "exact" (slice or gather),
@@ -122,17 +127,41 @@ def rewrite(
 
         plan = align_unions(analysis, plan, read_block)
     gm = copy.deepcopy(analysis.gm)
-    maps = {n.name: n.meta.get(CHANNELS) for n in analysis.gm.graph.nodes}
     keep_unit = analysis.spaces.keep_units(plan.kept)
-    nodes = {n.name: n for n in gm.graph.nodes}
-    table = None
-    if plan.consumers:
-        table = analysis.consumers
+    table = analysis.consumers if plan.consumers else None
     layout = channel_layout(analysis, plan, keep_unit, table, reorder=reorder)
     info = RewriteInfo(layout, read_block=read_block)
+    _remove_blocks(gm, analysis, plan.removed_blocks)
+    _prune_layers(gm, analysis, plan, layout, _ReadPolicy(reads, read_cost, read_block), info)
+    _slice_parameters(gm, analysis, layout)
+    _rewrite_counts(gm, analysis, keep_unit)
+    _finish(gm, analysis.example_inputs)
+    if segment_block is not None:
+        gm, info.segments = segment(gm, analysis.example_inputs, segment_block, segment_cost)
+        info.segment_block, info.segment_cost = segment_block, segment_cost
+    return gm, info
 
+
+@dataclass(frozen=True)
+class _ReadPolicy:
+    """How consumers read their own kept inputs: ``rewrite``'s reads, read_cost, read_block."""
+
+    reads: str | Mapping[str, str]
+    cost: ReadCost | ReadChooser | None
+    block: int | None
+
+    def policy(self, node: str) -> str:
+        """The read policy for one consumer (a recorded read kind maps to its policy)."""
+        if isinstance(self.reads, str):
+            return self.reads
+        return POLICY_OF_KIND[self.reads.get(node, "gather")]
+
+
+def _remove_blocks(gm: fx.GraphModule, analysis: Analysis, removed_blocks: Iterable[str]) -> None:
+    """Rewire each removed block's add to its shortcut and eliminate the dead branch."""
+    nodes = {n.name: n for n in gm.graph.nodes}
     replaced: dict[str, str] = {}  # removed add -> the node now standing for it
-    removed = set(plan.removed_blocks)
+    removed = set(removed_blocks)
     for block in analysis.blocks:  # graph order, so chained and nested blocks resolve
         if block.name not in removed:
             continue
@@ -146,29 +175,41 @@ def rewrite(
         gm.graph.erase_node(add)
         replaced[block.name] = shortcut
     gm.graph.eliminate_dead_code()
-    live = {n.name for n in gm.graph.nodes}
 
+
+def _prune_layers(
+    gm: fx.GraphModule,
+    analysis: Analysis,
+    plan: Plan,
+    layout: Layout,
+    policy: _ReadPolicy,
+    info: RewriteInfo,
+) -> None:
+    """Replace every live weight layer by its pruned copy; consumers get their reads.
+
+    Each module is pruned once (a module called twice is one layer), and modules that shared a
+    parameter (tied weights) share its pruned version. The reads go to ``info.reads``.
+    """
+    nodes = {n.name: n for n in gm.graph.nodes}  # the live ones, after block removal
     done: set[str] = set()
     tied: dict[int, nn.Parameter] = {}
     for rec in analysis.spaces.layers:
-        if rec.node not in live or rec.target in done:
+        if rec.node not in nodes or rec.target in done:
             continue
         done.add(rec.target)
         in_idx, out_idx = layout.positions(rec.in_units), layout.positions(rec.out_units)
         read = None
         if rec.node in plan.consumers:
-            policy = (
-                reads if isinstance(reads, str) else POLICY_OF_KIND[reads.get(rec.node, "gather")]
-            )
+            consumer = analysis.consumers[rec.node]
             read = _consumer_read(
                 gm,
-                table[rec.node],
+                consumer,
                 plan.consumers[rec.node],
                 in_idx,
                 out_idx,
-                policy,
-                read_cost,
-                read_block,
+                policy.policy(rec.node),
+                policy.cost,
+                policy.block,
             )
             info.reads[rec.node] = read
             in_idx = in_idx[read.local]
@@ -181,29 +222,34 @@ def rewrite(
             continue  # functional layer (F.layer_norm): its parameters are sliced below
         new = _pruned(module, rec.target, in_idx, out_idx, read)
         for pname, value in list(new.named_parameters(recurse=False)):
-            original = getattr(module, pname)
-            # modules that shared a parameter (tied weights) share its pruned version too
-            setattr(new, pname, tied.setdefault(id(original), value))
+            setattr(new, pname, tied.setdefault(id(getattr(module, pname)), value))
         _set_submodule(gm, rec.target, new)
         if read is not None:
-            _insert_read(gm, nodes[rec.node], table[rec.node].dim, read)
+            _insert_read(gm, nodes[rec.node], consumer.dim, read)
 
+
+def _slice_parameters(gm: fx.GraphModule, analysis: Analysis, layout: Layout) -> None:
+    """Slice the parameters the graph uses directly (layer scales, class tokens) to the layout."""
     for root in analysis.spaces.roots:
         if root.kind == "param":
             idx = layout.positions(root.units)
             if not _identity(idx, root.units):
                 _slice_parameter(gm, root.name, idx)
 
+
+def _rewrite_counts(gm: fx.GraphModule, analysis: Analysis, keep_unit: np.ndarray) -> None:
+    """Recompute literal channel counts (view sizes, splits, chunks, slices) for the kept ones."""
+    maps = {n.name: n.meta.get(CHANNELS) for n in analysis.gm.graph.nodes}
     for node in gm.graph.nodes:
         _rewrite_args(node, maps, keep_unit)
 
+
+def _finish(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> None:
+    """Lint, drop unused modules, recompile, and make every ``tensor_meta`` the pruned shape."""
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
-    if segment_block is not None:
-        gm, info.segments = segment(gm, analysis.example_inputs, segment_block, segment_cost)
-        info.segment_block, info.segment_cost = segment_block, segment_cost
-    return gm, info
+    refresh_shapes(gm, example_inputs)
 
 
 def channel_copies(gm: fx.GraphModule) -> tuple[int, int]:

@@ -52,9 +52,10 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxprune.analysis.ops import traits_of
+from fxprune.core.meta import TENSOR_META
 from fxprune.rewrite.pruners import lookup_pruner
 
-__all__ = ["SegmentCost", "SegmentInfo", "segment"]
+__all__ = ["SegmentCost", "SegmentInfo", "refresh_shapes", "segment"]
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ class _Pieces:
 
 
 def _shape(node: object) -> tuple[int, ...] | None:
-    meta = getattr(node, "meta", {}).get("tensor_meta") if isinstance(node, fx.Node) else None
+    meta = getattr(node, "meta", {}).get(TENSOR_META) if isinstance(node, fx.Node) else None
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
@@ -287,6 +288,10 @@ def segment(
     by ``narrow``/``index_select``; it is not modified. A model with no such reads comes back
     as an unchanged copy.
 
+    Shapes are read from the nodes' ``tensor_meta``, which the rewrite keeps current; a graph
+    that never had shapes propagated (e.g. one re-traced after loading) is propagated on
+    ``example_inputs`` first. The segmented result's ``tensor_meta`` describes its own nodes.
+
     Args:
         block: segment boundaries are snapped outwards to multiples of this (the runtime's
             channel block, :meth:`OnnxRuntimeBackend.layout_block`); a read then also covers
@@ -297,8 +302,46 @@ def segment(
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}")
     gm = copy.deepcopy(gm)
-    ShapeProp(gm).propagate(*example_inputs)
+    if not _has_shapes(gm):
+        refresh_shapes(gm, example_inputs)
     info = SegmentInfo()
+    regions, aligned = _regions(gm)
+    bounds, reads = _region_reads(gm, regions, block)
+    chosen = _choose_segments(gm, regions, aligned, bounds, reads, cost, info)
+    if not chosen:
+        return gm, info
+    segments = {n: chosen[regions.find(n)] for n in regions.parent if regions.find(n) in chosen}
+    out = _Rewriter(gm, segments, aligned, info).run()
+    refresh_shapes(out, example_inputs)  # the pieces, partial convs and sums are new nodes
+    return out, info
+
+
+def refresh_shapes(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> None:
+    """Propagate shapes through ``gm`` again, so every node's ``tensor_meta`` is current.
+
+    Runs :class:`~torch.fx.passes.shape_prop.ShapeProp` in eval mode without autograd, so
+    BatchNorm statistics are not updated, then restores every module's training flag. Stale
+    entries are dropped first: a node whose output is not a tensor carries none.
+    """
+    for node in gm.graph.nodes:
+        node.meta.pop(TENSOR_META, None)
+    modes = [(m, m.training) for m in gm.modules()]
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _has_shapes(gm: fx.GraphModule) -> bool:
+    """Whether shapes were ever propagated through ``gm`` (its inputs carry ``tensor_meta``)."""
+    return all(TENSOR_META in n.meta for n in gm.graph.nodes if n.op == "placeholder")
+
+
+def _regions(gm: fx.GraphModule) -> tuple[_Regions, dict[fx.Node, list[fx.Node]]]:
+    """The regions of ``gm``, and each channel-wise node's args that share its channels."""
     regions = _Regions()
     aligned: dict[fx.Node, list[fx.Node]] = {}
     for node in gm.graph.nodes:
@@ -307,7 +350,16 @@ def segment(
             aligned[node] = args
             for a in args:
                 regions.union(node, a)
-    # every read of a region: a narrow cuts it at its (snapped) ends, a gather at nowhere
+    return regions, aligned
+
+
+def _region_reads(
+    gm: fx.GraphModule, regions: _Regions, block: int
+) -> tuple[dict[fx.Node, set[int]], dict[fx.Node, list[_RegionRead]]]:
+    """Per region root, its read boundaries snapped to ``block`` and its reads.
+
+    A narrow cuts its region at its (snapped) ends, a gather at nowhere.
+    """
     bounds: dict[fx.Node, set[int]] = {}
     reads: dict[fx.Node, list[_RegionRead]] = {}
     for node in gm.graph.nodes:
@@ -324,6 +376,23 @@ def segment(
         reads.setdefault(regions.find(src), []).append(
             _RegionRead(span, len(node.users), _macs_per_channel(node, gm))
         )
+    return bounds, reads
+
+
+def _choose_segments(
+    gm: fx.GraphModule,
+    regions: _Regions,
+    aligned: dict[fx.Node, list[fx.Node]],
+    bounds: dict[fx.Node, set[int]],
+    reads: dict[fx.Node, list[_RegionRead]],
+    cost: SegmentCost | None,
+    info: SegmentInfo,
+) -> dict[fx.Node, list[tuple[int, int]]]:
+    """Per segmentable region root, its segments (recorded in ``info.regions``).
+
+    A region is segmented only if all its tensors have one channel count and come from a
+    conv/linear or a channel-wise op; with ``cost``, only the cuts that pay are kept.
+    """
     members: dict[fx.Node, list[fx.Node]] = {}
     for n in list(regions.parent):
         members.setdefault(regions.find(n), []).append(n)
@@ -345,10 +414,7 @@ def segment(
         info.regions.append(
             {"region": root.name, "channels": c, "bounds": edges, "candidates": candidates}
         )
-    if not chosen:
-        return gm, info
-    segments = {n: chosen[regions.find(n)] for n in regions.parent if regions.find(n) in chosen}
-    return _Rewriter(gm, segments, aligned, info).run(), info
+    return chosen
 
 
 def _depthwise_node(node: fx.Node, gm: fx.GraphModule) -> bool:

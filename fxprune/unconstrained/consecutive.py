@@ -117,53 +117,78 @@ def order_channels(
         raise ValueError(f"max_sets must be non-negative or None, got {max_sets}")
 
     identity = list(range(n))
-    best_perm, best_flags = identity, _flags(identity, arrays)
-    if all(best_flags):
-        return Ordering(tuple(identity), tuple(best_flags), exact=True)
+    flags = _flags(identity, arrays)
+    if all(flags):
+        return Ordering(tuple(identity), tuple(flags), exact=True)
     perm = consecutive_ones_order(n, arrays)
     if perm is not None:
         return Ordering(tuple(perm), tuple(_flags(perm, arrays)), exact=True)
 
-    reps, rep_of = _distinct_nontrivial(n, arrays)
-    rep_weight = np.zeros(len(reps))
-    for i, r in enumerate(rep_of):
-        if r >= 0:
-            rep_weight[r] += w[i]
-    overlap = _overlap_matrix(n, reps)
-    degree = overlap.sum(axis=1)
-    by_weight = sorted(range(len(reps)), key=lambda r: (-rep_weight[r], -reps[r].size, r))
-    # sets that overlap nothing never conflict, so a set's overlaps measure what it may block
-    by_ratio = sorted(by_weight, key=lambda r: -rep_weight[r] / (1 + degree[r]))
-
-    def contiguous_reps(flags: list[bool]) -> set[int]:
-        return {rep_of[i] for i, ok in enumerate(flags) if ok and rep_of[i] >= 0}
-
-    def attempt(candidates: list[int]) -> None:
-        nonlocal best_perm, best_flags, best_score
-        ranks, kept = _greedy(n, reps, overlap, candidates[:max_sets])
-        perm = _assemble(n, ranks)
-        _check_contiguous(perm, [reps[r] for r in kept])
-        flags = _flags(perm, arrays)
-        score = float(np.dot(w, flags))
-        if score > best_score:
-            best_perm, best_flags, best_score = perm, flags, score
-
-    best_score = float(np.dot(w, best_flags))
-    attempt(by_weight)
-    attempt(by_ratio)
+    search = _GreedySearch(n, arrays, w, max_sets)
+    by_weight, by_ratio = search.offer_orders()
+    search.attempt(by_weight)
+    search.attempt(by_ratio)
     # The sets one order makes contiguous are C1P, so offering them first keeps them all: seeded
-    # with the identity's, a pass can only match or beat the identity. A kick forces one rejected
-    # set in ahead of the best order's contiguous sets, evicting what conflicts with it.
-    attempt(_to_front(by_weight, contiguous_reps(_flags(identity, arrays))))
-    kicks = 0
-    for r in by_weight[:max_sets]:
-        if kicks == _MAX_KICKS:
-            break
-        current = contiguous_reps(best_flags)
-        if r not in current:
-            kicks += 1
-            attempt([r, *(c for c in _to_front(by_weight, current) if c != r)])
-    return Ordering(tuple(best_perm), tuple(best_flags), exact=all(best_flags))
+    # with the identity's, a pass can only match or beat the identity.
+    search.attempt(_to_front(by_weight, search.contiguous_reps(flags)))
+    search.kick(by_weight)
+    return Ordering(tuple(search.perm), tuple(search.flags), exact=all(search.flags))
+
+
+class _GreedySearch:
+    """Greedy passes over one family of sets, keeping the best order found (identity on ties)."""
+
+    def __init__(
+        self, n: int, arrays: list[np.ndarray], w: np.ndarray, max_sets: int | None
+    ) -> None:
+        self.n, self.arrays, self.w, self.max_sets = n, arrays, w, max_sets
+        self.reps, self.rep_of = _distinct_nontrivial(n, arrays)
+        self.overlap = _overlap_matrix(n, self.reps)
+        self.perm = list(range(n))
+        self.flags = _flags(self.perm, arrays)
+        self.score = float(np.dot(w, self.flags))
+
+    def offer_orders(self) -> tuple[list[int], list[int]]:
+        """The distinct sets heaviest first, and by weight per overlapping set."""
+        rep_weight = np.zeros(len(self.reps))
+        for i, r in enumerate(self.rep_of):
+            if r >= 0:
+                rep_weight[r] += self.w[i]
+        degree = self.overlap.sum(axis=1)
+        reps = self.reps
+        by_weight = sorted(range(len(reps)), key=lambda r: (-rep_weight[r], -reps[r].size, r))
+        # sets that overlap nothing never conflict, so a set's overlaps measure what it may block
+        by_ratio = sorted(by_weight, key=lambda r: -rep_weight[r] / (1 + degree[r]))
+        return by_weight, by_ratio
+
+    def contiguous_reps(self, flags: list[bool]) -> set[int]:
+        """The distinct sets that ``flags`` (one per input set) marks contiguous."""
+        return {self.rep_of[i] for i, ok in enumerate(flags) if ok and self.rep_of[i] >= 0}
+
+    def attempt(self, candidates: list[int]) -> None:
+        """One greedy pass offering ``candidates`` in order; kept if it beats the best so far."""
+        ranks, kept = _greedy(self.n, self.reps, self.overlap, candidates[: self.max_sets])
+        perm = _assemble(self.n, ranks)
+        _check_contiguous(perm, [self.reps[r] for r in kept])
+        flags = _flags(perm, self.arrays)
+        score = float(np.dot(self.w, flags))
+        if score > self.score:
+            self.perm, self.flags, self.score = perm, flags, score
+
+    def kick(self, by_weight: list[int]) -> None:
+        """Up to ``_MAX_KICKS`` passes, each forcing one rejected set in, heaviest first.
+
+        The forced set goes ahead of the best order's contiguous sets, evicting what conflicts
+        with it.
+        """
+        kicks = 0
+        for r in by_weight[: self.max_sets]:
+            if kicks == _MAX_KICKS:
+                break
+            current = self.contiguous_reps(self.flags)
+            if r not in current:
+                kicks += 1
+                self.attempt([r, *(c for c in _to_front(by_weight, current) if c != r)])
 
 
 def runs(perm: Sequence[int], s: Iterable[int]) -> list[tuple[int, int]]:

@@ -69,6 +69,29 @@ def unconstrained_plan(
     may still read subsets.
     """
     table = analysis.consumers
+    masks = _consumer_masks(table, input_masks)
+    removed = tuple(removed_blocks)
+    dead = {n for b in removed for n in analysis.block(b).region}
+    read = _read_classes(analysis, masks, dead, table)
+    internal = {g for b in removed for g in analysis.internal_groups(analysis.block(b))}
+    kept = _kept_unions(analysis, read, internal, include_inexact, align)
+    keep_unit = analysis.spaces.keep_units(kept)
+    own: dict[str, tuple[int, ...]] = {}
+    for name, m in masks.items():
+        if name in dead:
+            continue
+        available = keep_unit[table[name].units]
+        if (m & available).sum() < available.sum():  # reads less than its tensor keeps
+            own[name] = tuple(np.flatnonzero(m & available).tolist())
+    plan = Plan(kept, removed, analysis.signature, dict(notes or {}), own)
+    plan.validate(analysis)
+    return plan
+
+
+def _consumer_masks(
+    table: Mapping[str, Consumer], input_masks: Mapping[str, Iterable[bool]]
+) -> dict[str, np.ndarray]:
+    """The masks by consumer node name, each checked to be one boolean per input, not all False."""
     by_target = {c.target: c for c in table.values()}
     masks: dict[str, np.ndarray] = {}
     for key, mask in input_masks.items():
@@ -87,11 +110,17 @@ def unconstrained_plan(
         if not m.any():
             raise PlanError(f"Mask for '{key}' keeps no input channel; keep at least one.")
         masks[c.node] = m
+    return masks
 
-    removed = tuple(removed_blocks)
-    dead = {n for b in removed for n in analysis.block(b).region}
-    read = _read_classes(analysis, masks, dead, table)
-    internal = {g for b in removed for g in analysis.internal_groups(analysis.block(b))}
+
+def _kept_unions(
+    analysis: Analysis,
+    read: np.ndarray,
+    internal: set[str],
+    include_inexact: bool,
+    align: int | Mapping[str, Sequence[int]] | None,
+) -> dict[str, tuple[int, ...]]:
+    """Per pruned group, the channels something reads (rounded up to ``align``)."""
     kept: dict[str, tuple[int, ...]] = {}
     for g in analysis.groups:
         if g.frozen or g.equal_count or (g.inexact and not include_inexact):
@@ -103,17 +132,7 @@ def unconstrained_plan(
             _align_keep(keep, align, g.name)
         if not keep.all():
             kept[g.name] = tuple(np.flatnonzero(keep).tolist())
-    keep_unit = analysis.spaces.keep_units(kept)
-    own: dict[str, tuple[int, ...]] = {}
-    for name, m in masks.items():
-        if name in dead:
-            continue
-        available = keep_unit[table[name].units]
-        if (m & available).sum() < available.sum():  # reads less than its tensor keeps
-            own[name] = tuple(np.flatnonzero(m & available).tolist())
-    plan = Plan(kept, removed, analysis.signature, dict(notes or {}), own)
-    plan.validate(analysis)
-    return plan
+    return kept
 
 
 def consumer_choice(
