@@ -19,29 +19,33 @@ plot per model. Run: ``python -m bench.compile`` (about an hour here; ``--models
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 
 import fxprune
+from bench._common import (
+    MEASURE,
+    RESULTS,
+    argument_parser,
+    commit,
+    cpu_backend,
+    random_init,
+    write_results,
+)
 from fxprune.analysis.importance import magnitude_scores
-from fxprune.backends import MeasureConfig, get_backend, measure_side_by_side
-from fxprune.core.io import write_json
+from fxprune.backends import MeasureConfig, measure_side_by_side
+from fxprune.core.io import write_text
 from fxprune.latency.tables import LatencyConfig
 
 MODELS = ["resnet50", "mobilenet_v2", "efficientnet_b0", "regnet_y_800mf", "convnext_tiny"]
 BUDGETS = [0.5, 0.3, 0.7]  # the first one runs cold
-RESULTS = Path(__file__).parent / "results"
-MEASURE = MeasureConfig(warmup=5, repeats=30, min_seconds=1.5)
 VERIFY = MeasureConfig(warmup=5, repeats=60, min_seconds=3.0)
 
 
@@ -153,18 +157,16 @@ def run_case(name, model, x, budget, solver, cache, backend):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="*", default=MODELS)
+    p = argument_parser(__doc__, models=MODELS, out=RESULTS / "compile.json")
     p.add_argument("--budgets", nargs="*", type=float, default=BUDGETS)
     p.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
     p.add_argument("--baselines", nargs="*", default=["knapsack", "uniform"])
-    p.add_argument("--out", type=Path, default=RESULTS / "compile.json")
     p.add_argument("--render", action="store_true", help="only re-render the Markdown")
     args = p.parse_args(argv)
     if args.render:
-        args.out.with_suffix(".md").write_text(render(json.loads(args.out.read_text())))
+        write_text(args.out.with_suffix(".md"), render(json.loads(args.out.read_text())))
         return 0
-    backend = get_backend("ort", provider="cpu")
+    backend = cpu_backend()
     x = torch.randn(1, 3, 224, 224)
     out: dict = {
         "backend": repr(backend),
@@ -175,18 +177,15 @@ def main(argv=None) -> int:
     if args.out.exists():  # keep models benchmarked by an earlier (partial) run
         out["models"] = json.loads(args.out.read_text()).get("models", {})
     for name in args.models:
-        torch.manual_seed(0)
-        model = torchvision.models.get_model(name, weights=None).eval()
+        model = random_init(name)
         cache_dir = Path(tempfile.mkdtemp(prefix=f"fxprune-bench-{name}-"))
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip()
+        at = commit()
         entry = out["models"].get(name) or {"cases": {}}  # add to cases of an earlier run
-        entry["commit"] = commit
+        entry["commit"] = at
         out["models"][name] = entry
         try:
             for i, budget in enumerate(args.budgets):
-                case: dict = {"cold": i == 0, "commit": commit}
+                case: dict = {"cold": i == 0, "commit": at}
                 ours, case["ours"] = run_case(name, model, x, budget, "minlp", cache_dir, backend)
                 print(
                     f"{name} @ {budget}: ours {case['ours']['measured_over_budget']:.3f}× "
@@ -214,11 +213,10 @@ def main(argv=None) -> int:
                     except ImportError:
                         pass
                 entry["cases"][str(budget)] = case
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                write_json(args.out, out)
+                write_results(args.out, out)
         finally:
             shutil.rmtree(cache_dir, ignore_errors=True)
-    (args.out.with_suffix(".md")).write_text(render(out))
+    write_results(args.out, out, render(out))
     print(render(out))
     return 0
 

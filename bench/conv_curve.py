@@ -7,14 +7,10 @@ runtime (ONNX Runtime, batch 1), finds the alignment period, fits it, and writes
 cache, so a re-run only measures what changed.
 
     python -m bench.conv_curve [--start 32] [--stop 96] [--threads N] [--cache-dir DIR]
-
-(from the repository root; ``python bench/conv_curve.py`` works once fxprune is installed).
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 import warnings
 from dataclasses import asdict
@@ -27,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from torch import nn
 
+from bench._common import RESULTS, argument_parser, write_results
 from fxprune.backends import (
     LatencyCache,
     MeasureConfig,
@@ -38,7 +35,6 @@ from fxprune.latency import alignment_classes, candidate_counts, denoise
 
 __all__ = ["conv_unit", "main"]
 
-RESULTS = Path(__file__).resolve().parent / "results"
 HW = 56
 
 
@@ -101,7 +97,7 @@ def _plot(
 
 def main(argv: list[str] | None = None) -> int:
     """Measure the curve, denoise it, write JSON and PNG, print a summary."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--start", type=int, default=32)
     parser.add_argument("--stop", type=int, default=96)
     parser.add_argument("--outer", type=int, default=None, help="fixed in/out channels")
@@ -168,7 +164,6 @@ def main(argv: list[str] | None = None) -> int:
     t_fit = time.perf_counter() - t_fit
     candidates = [c for c in candidate_counts(int(counts[-1]), alignment.period) if c >= counts[0]]
 
-    args.out.mkdir(parents=True, exist_ok=True)
     result = {
         "unit": "1x1->3x3->1x1 conv+BN+ReLU, 56x56, batch 1",
         "outer": args.outer,
@@ -191,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         "denoise_s": t_fit,
         "cache_hits": hits,
     }
-    (args.out / "conv_curve.json").write_text(json.dumps(result, indent=1))
+    write_results(args.out / "conv_curve.json", result)
     png = args.out / "conv_curve.png"
     _plot(png, counts, raw, p10, p90, curve.fitted, candidates, alignment.period)
 

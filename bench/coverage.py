@@ -2,15 +2,13 @@
 
 Writes ``bench/results/coverage.json`` and ``bench/results/coverage.md``.
 
-    python bench/coverage.py            # all models (large ones take a while)
-    python bench/coverage.py --plans 3 --models resnet50 mobilenet_v2
+    python -m bench.coverage            # all models (large ones take a while)
+    python -m bench.coverage --plans 3 --models resnet50 mobilenet_v2
 """
 
 from __future__ import annotations
 
-import argparse
 import gc
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -21,14 +19,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import fxprune
+from bench._common import RESULTS, argument_parser, make_sensitive, rel_err, write_results
 from fxprune.analysis.plans import random_plan
-from fxprune.core.io import write_json, write_text
 from fxprune.pipeline.report import prunable_fraction
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from helpers import check_planned_shapes, make_sensitive, rel_err
-
-OUT = Path(__file__).resolve().parent / "results"
+from fxprune.rewrite.shapes import check_planned_shapes
 
 
 def input_size(name: str) -> int:
@@ -111,12 +105,12 @@ def to_markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> int:
+    p = argument_parser(__doc__)
     p.add_argument("--models", nargs="*", default=None)
     p.add_argument("--plans", type=int, default=3, help="random plans per model")
-    p.add_argument("--out", type=Path, default=OUT)
-    args = p.parse_args()
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
     names = args.models or torchvision.models.list_models(module=torchvision.models)
     rows = []
     console = Console(stderr=True)
@@ -133,16 +127,15 @@ def main() -> None:
             rows.append(run_model(name, args.plans))
             gc.collect()
             progress.advance(task)
-    args.out.mkdir(parents=True, exist_ok=True)
     env = {
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "plans_per_model": args.plans,
     }
-    write_json(args.out / "coverage.json", {"env": env, "rows": rows})
-    write_text(args.out / "coverage.md", to_markdown(rows))
+    write_results(args.out / "coverage.json", {"env": env, "rows": rows}, to_markdown(rows))
     console.print(to_markdown(rows))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -16,7 +16,6 @@ Writes ``bench/results/latency.json``, ``latency.md`` and plots.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -28,11 +27,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torchvision
 from rich.console import Console
 from rich.table import Table
 
 import fxprune
+from bench._common import RESULTS, argument_parser, random_init, write_results
 from fxprune.backends import (
     LatencyCache,
     OnnxRuntimeBackend,
@@ -45,8 +44,6 @@ from fxprune.latency.plots import plot_layer_curve, plot_layer_surface, plot_pre
 from fxprune.latency.predictor import LatencyModel, MacsModel, relative_errors
 from fxprune.latency.sampling import random_aligned_plan
 from fxprune.latency.tables import LatencyConfig, annotate_latency
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _stats(errors: np.ndarray) -> dict[str, float]:
@@ -64,8 +61,7 @@ def _pick_layer(tables: Any, axes: str) -> Any:
 
 
 def run_model(name: str, args: argparse.Namespace, console: Console) -> dict[str, Any]:
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None).eval()
+    model = random_init(name)
     x = torch.randn(1, 3, args.size, args.size)
     analysis = fxprune.analyze(model, x)
     backend = OnnxRuntimeBackend(provider="cpu", threads=args.threads)
@@ -298,7 +294,7 @@ def _markdown(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--models", nargs="+", default=["resnet50", "mobilenet_v2"])
     parser.add_argument("--eval", type=int, default=20)
     parser.add_argument("--calib", type=int, default=5)
@@ -327,11 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
     }
     results = [run_model(name, args, console) for name in args.models]
-    (args.out / "latency.json").write_text(
-        json.dumps({"meta": meta, "backend": ident, "results": results}, indent=1)
-    )
     md = _markdown(results, meta)
-    (args.out / "latency.md").write_text(md)
+    write_results(
+        args.out / "latency.json", {"meta": meta, "backend": ident, "results": results}, md
+    )
     table = Table(title="latency prediction (median / p90 of |pred/meas − 1|)")
     for col in (
         "model",

@@ -21,13 +21,11 @@ Over a k-channel producer (only what this consumer reads):
   (NCHWc) layout is never left; this is the representation a zero-copy unconstrained export
   would use, with every tensor that consumers read different subsets of kept as segments.
 
-    python bench/segmented_reads.py [--backend ort|torch] [--out bench/results/segmented_reads.json]
+    python -m bench.segmented_reads [--backend ort|torch] [--out bench/results/segmented_reads.json]
 """
 
 from __future__ import annotations
 
-import argparse
-import subprocess
 from pathlib import Path
 
 import torch
@@ -35,12 +33,18 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from fxprune.backends import MeasureConfig, get_backend, measure_side_by_side, relative_latency
-from fxprune.core.io import write_json
+from bench._common import (
+    RESULTS,
+    argument_parser,
+    commit,
+    cpu_backend,
+    paired_ratios,
+    write_results,
+)
+from fxprune.backends import MeasureConfig
 
 __all__ = ["ReadUnit", "main"]
 
-RESULTS = Path(__file__).resolve().parent / "results"
 #: (C, consumer outputs, resolution): a ResNet-50 stage-1 and stage-3 stream read by a
 #: bottleneck's first conv, and a MobileNetV2-like expansion
 SHAPES = [(256, 64, 56), (1024, 256, 14), (128, 512, 28)]
@@ -100,17 +104,14 @@ def _sum(terms) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argument_parser(__doc__)
     p.add_argument("--backend", choices=["ort", "torch"], default="ort")
     p.add_argument("--repeats", type=int, default=3, help="side-by-side measurements per shape")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     out_path = args.out or RESULTS / f"segmented_reads_{args.backend}.json"
-    backend = get_backend(args.backend, **({"provider": "cpu"} if args.backend == "ort" else {}))
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    out: dict = {"backend": repr(backend), "identity": backend.identity(), "commit": commit}
+    backend = cpu_backend(args.backend)
+    out: dict = {"backend": repr(backend), "identity": backend.identity(), "commit": commit()}
     out["cases"] = []
     table = Table(title=f"read ÷ full ({args.backend}, batch 1; median of {args.repeats})")
     for col in ["C→out @ HW", "k", "full ms", *KINDS]:
@@ -121,15 +122,12 @@ def main(argv: list[str] | None = None) -> int:
         units = [ReadUnit(kind, c, c_out, runs).eval() for kind in KINDS]
         x = torch.randn(1, c, hw, hw)
         with torch.no_grad():
-            ref = units[KINDS.index("full")]
-            _check_equal(units, ref, x, runs)
-            ratios: dict[str, list[float]] = {k: [] for k in KINDS}
-            full_ms = []
-            for _ in range(args.repeats):
-                meas = measure_side_by_side(backend, units, (x,), MEASURE, 1)
-                full_ms.append(meas[0].median_ms)
-                for kind, m in zip(KINDS, meas, strict=True):
-                    ratios[kind].append(relative_latency(m, meas[0]))
+            _check_equal(units, units[KINDS.index("full")], x, runs)
+        variants = dict(zip(KINDS, units, strict=True))
+        ratios, rounds = paired_ratios(
+            backend, variants, x, args.repeats, MEASURE, reference="full", shuffle=False
+        )
+        full_ms = [r["full"].median_ms for r in rounds]
         med = {k: float(torch.tensor(v).median()) for k, v in ratios.items()}
         case = {"c": c, "c_out": c_out, "hw": hw, "runs": runs, "full_ms": full_ms}
         out["cases"].append({**case, "vs_full": med, "vs_full_runs": ratios})
@@ -137,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(
             f"{c}→{c_out} @ {hw}", str(k), f"{min(full_ms):.3f}", *(f"{med[x]:.3f}" for x in KINDS)
         )
-        write_json(out_path, out)
+        write_results(out_path, out)
     Console().print(table)
     return 0
 

@@ -35,38 +35,41 @@ Gathers are counted the same way for every variant (aten-level dispatch during o
 index/index_select/gather on activations, bench/_upscale.py). Writes
 ``bench/results/unconstrained.{json,md,png}``.
 
-    python bench/unconstrained.py [--models resnet18 ...] [--sparsity 0.3 0.5]
+    python -m bench.unconstrained [--models resnet18 ...] [--sparsity 0.3 0.5]
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-import _upscale
 
 import fxprune
-from fxprune.backends import MeasureConfig, get_backend, measure_side_by_side, relative_latency
-from fxprune.core.io import write_json
+from bench import _upscale
+from bench._common import (
+    RESULTS,
+    argument_parser,
+    commit,
+    commits,
+    cpu_backend,
+    format_paired,
+    paired,
+    paired_ratios,
+    random_init,
+    rel_err,
+    write_results,
+)
+from fxprune.core.io import write_text
 from fxprune.measure.export_choice import measured_rewrite
 from fxprune.measure.reads import MeasuredReads
 from fxprune.rewrite.prune import rewrite
 from fxprune.rewrite.segment import SegmentCost, segment
 
-RESULTS = Path(__file__).parent / "results"
 MODELS = ["resnet18", "resnet50", "mobilenet_v2", "efficientnet_v2_s", "densenet121"]
-MEASURE = MeasureConfig(warmup=5, repeats=30, min_seconds=1.5)
 
 
 def stored_params(m: torch.nn.Module) -> int:
@@ -139,33 +142,6 @@ def mass_kept(analysis, plan) -> float:
         kept += float(energy[mask].sum())
         total += float(energy.sum())
     return kept / total
-
-
-def paired_ratios(backend, variants: dict, x, repeats: int) -> tuple[dict, dict]:
-    """Each variant's latency / dense, from ``repeats`` side-by-side measurements.
-
-    Every repeat times the distinct modules in a fresh random order (a module's place in the
-    alternation and in memory should not decide a 5% comparison: two identical graphs once came
-    out 0.85x and 0.96x dense in one measurement). Returns the per-repeat paired ratios and the
-    last repeat's measurement per variant.
-    """
-    unique: list[torch.nn.Module] = []
-    for v in variants.values():
-        if not any(v is u for u in unique):
-            unique.append(v)
-    ratios: dict[str, list[float]] = {k: [] for k in variants}
-    last: dict[str, object] = {}
-    rng = np.random.default_rng(0)
-    for _ in range(repeats):
-        order = [unique[i] for i in rng.permutation(len(unique))]
-        with torch.no_grad():
-            meas = measure_side_by_side(backend, order, (x,), MEASURE, 1)
-        by_module = {id(u): m for u, m in zip(order, meas, strict=True)}
-        dense = by_module[id(variants["dense"])]
-        for k, v in variants.items():
-            ratios[k].append(relative_latency(by_module[id(v)], dense))
-            last[k] = by_module[id(v)]
-    return ratios, last
 
 
 def run_case(name, model, analysis, x, sparsity, backend, multiple, pool, repeats=3) -> dict:
@@ -259,16 +235,16 @@ def run_case(name, model, analysis, x, sparsity, backend, multiple, pool, repeat
     oracle_pool = locals().get("oracle_pool")
     out: dict = {"plan_s": plan_s, "consumers": len(plan.consumers), "variants": {}}
     keys = list(variants)
-    ratios, meas = paired_ratios(backend, variants, x, repeats)
+    ratios, rounds = paired_ratios(backend, variants, x, repeats)
     for k in keys:
-        m = meas[k]
+        m = rounds[-1][k]
         v = variants[k]
         with torch.no_grad():
             y = v(x)
         err = None
         if k in ("naive", "ours_exact", "ours", "ours_segmented", "authors", "ours_pool"):
             ref = oracle_pool if k == "ours_pool" else want
-            err = float((y - ref).abs().max() / ref.abs().max())
+            err = rel_err(y, ref)
         out["variants"][k] = {
             **_upscale.count_gathers(v, x),
             "ms": m.median_ms,
@@ -285,9 +261,9 @@ def run_case(name, model, analysis, x, sparsity, backend, multiple, pool, repeat
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="*", default=MODELS)
-    p.add_argument("--sparsity", nargs="*", type=float, default=[0.3, 0.5])
+    p = argument_parser(
+        __doc__, models=MODELS, sparsity=[0.3, 0.5], out=RESULTS / "unconstrained.json"
+    )
     p.add_argument(
         "--multiple",
         type=int,
@@ -307,34 +283,30 @@ def main(argv=None) -> int:
         "--repeats", type=int, default=3, help="side-by-side measurements per case (median)"
     )
     p.add_argument("--batch", type=int, default=1, help="batch size of every measurement")
-    p.add_argument("--out", type=Path, default=RESULTS / "unconstrained.json")
     p.add_argument("--render", action="store_true", help="only re-render the Markdown")
     args = p.parse_args(argv)
     if args.render:
         out = json.loads(args.out.read_text())
-        args.out.with_suffix(".md").write_text(render(out))
+        write_text(args.out.with_suffix(".md"), render(out))
         plot(out, args.out.with_suffix(".png"))
         return 0
-    backend = get_backend(args.backend, **({"provider": "cpu"} if args.backend == "ort" else {}))
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    out: dict = {"backend": repr(backend), "commit": commit}
+    backend = cpu_backend(args.backend)
+    at = commit()
+    out: dict = {"backend": repr(backend), "commit": at}
     out["multiple"] = args.multiple
     out["matched_on"] = "nonzero_params"
     out["models"] = json.loads(args.out.read_text()).get("models", {}) if args.out.exists() else {}
     x = torch.randn(args.batch, 3, 224, 224)
     out["batch"] = args.batch
     for name in args.models:
-        torch.manual_seed(0)
-        model = torchvision.models.get_model(name, weights=None).eval()
+        model = random_init(name)
         analysis = fxprune.analyze(model, x)
         entry = out["models"].setdefault(name, {})
         for s in args.sparsity:
             entry[str(s)] = run_case(
                 name, model, analysis, x, s, backend, args.multiple, args.pool, args.repeats
             )
-            entry[str(s)]["commit"] = commit  # a rerun of some cases keeps the others' commit
+            entry[str(s)]["commit"] = at  # a rerun of some cases keeps the others' commit
             v = entry[str(s)]["variants"]
             print(
                 f"{name} @ {s}: gathers naive {v['naive']['gathers']} ours_exact "
@@ -345,9 +317,8 @@ def main(argv=None) -> int:
                 f"m8 {v.get('constrained_matched_m8', {}).get('vs_dense', float('nan')):.3f}×",
                 flush=True,
             )
-            RESULTS.mkdir(parents=True, exist_ok=True)
-            write_json(args.out, out)
-    args.out.with_suffix(".md").write_text(render(out))
+            write_results(args.out, out)
+    write_results(args.out, out, render(out))
     plot(out, args.out.with_suffix(".png"))
     print(render(out))
     return 0
@@ -395,44 +366,12 @@ def plot(out: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _commits(out: dict) -> str:
-    """The commit of the results, or of each case where cases were rerun at other commits."""
-    per = {
-        f"{n} {s}": c.get("commit", out.get("commit"))
-        for n, cs in out["models"].items()
-        for s, c in cs.items()
-    }
-    if len(set(per.values())) <= 1:
-        return str(next(iter(per.values()), out.get("commit")))
-    return "; ".join(
-        f"{c} ({', '.join(k for k, v in per.items() if v == c)})"
-        for c in dict.fromkeys(per.values())
-    )
-
-
 def _runtime(backend_repr: str) -> str:
     return "PyTorch eager CPU" if backend_repr.startswith("TorchEager") else "ONNX Runtime CPU"
 
 
-def paired(v: dict, a: str, b: str) -> np.ndarray:
-    """Variant ``a`` / variant ``b`` per repeat (paired), or the one ratio of the medians."""
-    ra, rb = v[a].get("vs_dense_runs"), v[b].get("vs_dense_runs")
-    if ra and len(ra) == len(rb):
-        return np.asarray(ra) / np.asarray(rb)
-    return np.asarray([v[a]["vs_dense"] / v[b]["vs_dense"]])
-
-
-def format_paired(v: dict, a: str, b: str) -> str:
-    """``a`` / ``b``: the median of per-repeat ratios and their range ("—" if one is missing)."""
-    if a not in v or b not in v:
-        return "—"
-    r = paired(v, a, b)
-    if r.size < 2:
-        return f"{r[0]:.3f}"
-    return f"{np.median(r):.3f} ({r.min():.3f}–{r.max():.3f})"
-
-
-def _ours_over_matched(v: dict, key: str = "constrained_matched") -> np.ndarray:
+def ours_over_matched(v: dict, key: str = "constrained_matched") -> np.ndarray:
+    """``ours`` / ``key`` per repeat (paired)."""
     return paired(v, "ours", key)
 
 
@@ -452,13 +391,11 @@ def _targets(out: dict) -> list[str]:
             if "gathers" in v.get("authors", {}):
                 with_authors += 1
                 few = v["ours"]["gathers"] < v["authors"]["gathers"]
-            ok = bool(np.median(_ours_over_matched(v)) <= 1.05)
+            ok = bool(np.median(ours_over_matched(v)) <= 1.05)
             fewer, within, both = fewer + few, within + ok, both + (few and ok)
             if "constrained_matched_m8" in v:
                 n_m8 += 1
-                within_m8 += bool(
-                    np.median(_ours_over_matched(v, "constrained_matched_m8")) <= 1.05
-                )
+                within_m8 += bool(np.median(ours_over_matched(v, "constrained_matched_m8")) <= 1.05)
     lines = [
         f"Targets: ours has fewer gathers than the authors in {fewer}/{with_authors} cases; "
         f"ours ÷ matched constrained ≤ 1.05 in {within}/{n}; both in {both}/{n}."
@@ -485,7 +422,7 @@ def render(out: dict) -> str:
         f"# unconstrained export ({_runtime(out['backend'])}, batch {out.get('batch', 1)}, "
         "224×224, random init)",
         "",
-        f"commit {_commits(out)}; kept counts rounded to multiples of {out.get('multiple', 1)}",
+        f"commit {commits(out)}; kept counts rounded to multiples of {out.get('multiple', 1)}",
         "",
         "Cells: gathers / gathered channels / latency × dense (paired, median of repeats). "
         "`ours`: each consumer's read timed on the backend; kept (non-zero) params, of stored "

@@ -19,30 +19,29 @@ ratios to dense, median of ``--repeats`` shuffled measurements, as ``bench/uncon
 
 Writes ``bench/results/unconstrained_aligned.{json,md}``.
 
-    python bench/unconstrained_aligned.py [--models resnet50 ...] [--sparsity 0.3]
+    python -m bench.unconstrained_aligned [--models resnet50 ...] [--sparsity 0.3]
 """
 
 from __future__ import annotations
 
-import argparse
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import torch
-import torchvision
-
-sys.path.insert(0, str(Path(__file__).parent))
-
-from unconstrained import MODELS, format_paired, matched_constrained, nonzero_params, paired_ratios
 
 import fxprune
-from fxprune.backends import get_backend
-from fxprune.core.io import write_json
+from bench._common import (
+    RESULTS,
+    argument_parser,
+    commit,
+    cpu_backend,
+    format_paired,
+    paired_ratios,
+    random_init,
+    rel_err,
+    write_results,
+)
+from bench.unconstrained import MODELS, matched_constrained, nonzero_params, stored_params
 from fxprune.rewrite.prune import channel_copies, rewrite
 
-RESULTS = Path(__file__).parent / "results"
 VARIANTS = (
     "ours_exact",
     "ours_aligned",
@@ -71,7 +70,7 @@ def run_case(analysis, x, sparsity: float, backend, block: int, repeats: int) ->
     with torch.no_grad():
         want = fxprune.masked_forward(analysis, plan, x)
         for k in ("ours_exact", "ours_aligned"):
-            err[k] = float((variants[k](x) - want).abs().max() / want.abs().max())
+            err[k] = rel_err(variants[k](x), want)
     ratios, _ = paired_ratios(backend, variants, x, repeats)
     out: dict = {"variants": {}}
     for k in VARIANTS:
@@ -82,7 +81,7 @@ def run_case(analysis, x, sparsity: float, backend, block: int, repeats: int) ->
             "vs_dense": float(np.median(ratios[k])),
             "vs_dense_runs": ratios[k],
             "nonzero_params": nonzero_params(g),
-            "stored_params": sum(p.numel() for p in g.parameters()),
+            "stored_params": stored_params(g),
             "convs_aligned": sum(m.in_channels % block == 0 for m in convs),
             "convs": len(convs),
             "gathers": gathers,
@@ -124,24 +123,18 @@ def render(out: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="*", default=MODELS)
-    p.add_argument("--sparsity", nargs="*", type=float, default=[0.3])
+    p = argument_parser(
+        __doc__, models=MODELS, sparsity=[0.3], out=RESULTS / "unconstrained_aligned.json"
+    )
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, default=RESULTS / "unconstrained_aligned.json")
     args = p.parse_args(argv)
-    backend = get_backend("ort", provider="cpu")
+    backend = cpu_backend()
     block = backend.layout_block()
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    out: dict = {"backend": repr(backend), "commit": commit, "block": block}
+    out: dict = {"backend": repr(backend), "commit": commit(), "block": block}
     out.update(repeats=args.repeats, models={})
     x = torch.randn(1, 3, 224, 224)
     for name in args.models:
-        torch.manual_seed(0)
-        model = torchvision.models.get_model(name, weights=None).eval()
-        analysis = fxprune.analyze(model, x)
+        analysis = fxprune.analyze(random_init(name), x)
         for s in args.sparsity:
             case = run_case(analysis, x, s, backend, block, args.repeats)
             out["models"].setdefault(name, {})[str(s)] = case
@@ -153,8 +146,8 @@ def main(argv=None) -> int:
                 f"{v['constrained_matched_m8']['vs_dense']:.3f}",
                 flush=True,
             )
-            write_json(args.out, out)
-    args.out.with_suffix(".md").write_text(render(out))
+            write_results(args.out, out)
+    write_results(args.out, out, render(out))
     print(render(out))
     return 0
 

@@ -25,32 +25,31 @@ constrained, as ``bench/unconstrained.py`` measured it side by side, would fall 
 that JSON is present. If that bound is still above 1.05, the gap to constrained is in the
 plan's convs, not in the export. Writes ``bench/results/unconstrained_profile.{json,md,png}``.
 
-    python bench/unconstrained_profile.py [--models resnet50 ...] [--sparsity 0.3 0.5]
+    python -m bench.unconstrained_profile [--models resnet50 ...] [--sparsity 0.3 0.5]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-import torchvision
 from rich.progress import track
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from unconstrained import MODELS, macs_by_kind, matched_constrained, nonzero_params
-
 import fxprune
-from fxprune.backends import MeasureConfig, get_backend
-from fxprune.core.io import write_json
+from bench._common import RESULTS, argument_parser, commit, cpu_backend, random_init, write_results
+from bench.unconstrained import (
+    MODELS,
+    macs_by_kind,
+    matched_constrained,
+    nonzero_params,
+    ours_over_matched,
+)
+from fxprune.backends import MeasureConfig
+from fxprune.core.io import write_text
 from fxprune.rewrite.prune import channel_copies, rewrite
 
-RESULTS = Path(__file__).parent / "results"
 CATEGORY = {
     "Conv": "conv",
     "FusedConv": "conv",
@@ -110,9 +109,7 @@ def _copy_free_bound(case: dict, measured: dict | None) -> str:
     """ours ÷ matched (side by side, from bench/unconstrained.py) with ours' copies free."""
     if measured is None:
         return "—"
-    from unconstrained import _ours_over_matched
-
-    ratio = float(np.median(_ours_over_matched(measured)))
+    ratio = float(np.median(ours_over_matched(measured)))
     ours = case["variants"]["ours_exact"]["share"]["copy"]
     matched = case["variants"]["constrained_matched"]["share"]["copy"]
     exact = measured["ours_exact"]["vs_dense"] / measured["ours"]["vs_dense"]
@@ -180,11 +177,10 @@ def plot(out: dict, path: Path) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="*", default=MODELS)
-    p.add_argument("--sparsity", nargs="*", type=float, default=[0.3, 0.5])
+    p = argument_parser(
+        __doc__, models=MODELS, sparsity=[0.3, 0.5], out=RESULTS / "unconstrained_profile.json"
+    )
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--out", type=Path, default=RESULTS / "unconstrained_profile.json")
     p.add_argument(
         "--measured",
         type=Path,
@@ -196,26 +192,21 @@ def main(argv=None) -> int:
     measured = json.loads(args.measured.read_text()) if args.measured.exists() else None
     if args.render:
         out = json.loads(args.out.read_text())
-        args.out.with_suffix(".md").write_text(render(out, measured))
+        write_text(args.out.with_suffix(".md"), render(out, measured))
         plot(out, args.out.with_suffix(".png"))
         return 0
-    backend = get_backend("ort", provider="cpu")
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
-    out: dict = {"backend": repr(backend), "commit": commit, "models": {}}
+    backend = cpu_backend()
+    out: dict = {"backend": repr(backend), "commit": commit(), "models": {}}
     x = torch.randn(1, 3, 224, 224)
     cases = [(n, s) for n in args.models for s in args.sparsity]
     analyses: dict[str, fxprune.Analysis] = {}
     for name, s in track(cases, description="profiling"):
         if name not in analyses:
-            torch.manual_seed(0)
-            model = torchvision.models.get_model(name, weights=None).eval()
-            analyses[name] = fxprune.analyze(model, x)
+            analyses[name] = fxprune.analyze(random_init(name), x)
         case = run_case(analyses[name], x, s, backend, args.rounds)
         out["models"].setdefault(name, {})[str(s)] = case
-        write_json(args.out, out)
-    args.out.with_suffix(".md").write_text(render(out, measured))
+        write_results(args.out, out)
+    write_results(args.out, out, render(out, measured))
     plot(out, args.out.with_suffix(".png"))
     print(render(out, measured))
     return 0
