@@ -8,9 +8,11 @@ pruned model, its ONNX file and a report. ``prune`` applies a given plan (or a u
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -205,9 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path("runs") / args.model
     x = torch.randn(args.batch, 3, args.size, args.size)
     try:
-        if args.command == "compile":
-            return _compile(args, console, out, x)
-        return _run(args, console, out, x)
+        with _library_output(console):
+            if args.command == "compile":
+                return _compile(args, console, out, x)
+            return _run(args, console, out, x)
     except _UsageError as exc:
         console.print(f"fxprune {args.command}: error: {exc}", style="red", markup=False)
     except fxprune.InfeasibleBudget as exc:
@@ -215,6 +218,33 @@ def main(argv: list[str] | None = None) -> int:
     except fxprune.FxpruneError as exc:
         console.print(f"error: {exc}", style="red", markup=False)
     return EXIT_USAGE
+
+
+@contextlib.contextmanager
+def _library_output(console: Console) -> Iterator[None]:
+    """Show the library's log messages and progress (``fxprune.core.progress``) with rich."""
+    from rich.logging import RichHandler
+    from rich.progress import BarColumn, MofNCompleteColumn
+
+    from fxprune.core.progress import reporting
+
+    logger = logging.getLogger("fxprune")
+    handler = RichHandler(console=console, show_path=False, markup=False)
+    previous = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    try:
+        with Progress(*columns, console=console) as bars, reporting(bars):
+            yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(previous)
 
 
 def _run(args: argparse.Namespace, console: Console, out: Path, x: torch.Tensor) -> int:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import re
 import time
 import warnings
@@ -58,6 +59,8 @@ from fxprune.solver import (
 )
 
 __all__ = ["Budget", "CompileResult", "compile"]
+
+logger = logging.getLogger("fxprune")
 
 _UNITS = {"s": 1000.0, "ms": 1.0, "us": 1e-3, "µs": 1e-3}
 
@@ -690,27 +693,20 @@ def _notes(analysis: Analysis, method: str, budget: Budget, solver: str) -> dict
 
 
 class _Log:
-    """Stage timing plus rich output (silent when ``progress`` is off)."""
+    """Stage timing and messages through :mod:`logging` (logger ``fxprune``; the CLI shows
+    them with rich). With ``progress`` off, nothing is logged."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
-        self.console = None
-        if enabled:
-            from rich.console import Console
-
-            self.console = Console(stderr=True)
 
     def say(self, text: str) -> None:
-        if self.console is not None:
-            self.console.log(text)
+        if self.enabled:
+            logger.info(text)
 
     @contextlib.contextmanager
     def spinner(self, text: str) -> Iterator[None]:
-        if self.console is None:
-            yield
-            return
-        with self.console.status(text):
-            yield
+        self.say(f"{text} …")
+        yield
 
     @contextlib.contextmanager
     def stage(
