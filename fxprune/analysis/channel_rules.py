@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxprune.analysis.channel_context import ChannelContext, LayerRecord, describe
-from fxprune.analysis.ops import entry_for, register_op
+from fxprune.analysis.ops import _ELEMENTWISE_ACTIVATIONS, entry_for, register_op
 from fxprune.core.channel_units import expand_index, varying_dims
 
 __all__ = [
@@ -120,30 +120,8 @@ def spatial(ctx: ChannelContext, node: fx.Node, *_: Any) -> np.ndarray:
     return u
 
 
-_ACTIVATIONS = (
-    nn.ReLU,
-    nn.ReLU6,
-    nn.SiLU,
-    nn.GELU,
-    nn.Hardswish,
-    nn.Hardsigmoid,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.SELU,
-    nn.CELU,
-    nn.Mish,
-    nn.Softplus,
-    nn.Hardtanh,
-    nn.PReLU,
-    nn.Dropout,
-    nn.Dropout1d,
-    nn.Dropout2d,
-    nn.Dropout3d,
-    nn.AlphaDropout,
-    nn.Identity,
-)
+# elementwise activations and dropouts (the op table's), plus PReLU (per-channel slopes)
+_ACTIVATIONS = (*_ELEMENTWISE_ACTIVATIONS, nn.PReLU)
 register_module_rule(*(a for a in _ACTIVATIONS if a is not nn.PReLU))(passthrough)
 register_module_rule(
     nn.MaxPool1d,
