@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["FxpruneError", "NonFiniteError", "PlanError", "TraceError"]
+__all__ = ["ConfigError", "FxpruneError", "NonFiniteError", "PlanError", "TraceError"]
 
 
 class FxpruneError(Exception):
@@ -19,3 +19,7 @@ class PlanError(FxpruneError):
 
 class NonFiniteError(FxpruneError):
     """A weight, gradient or importance score is NaN or infinite, so channels cannot be ranked."""
+
+
+class ConfigError(FxpruneError, ValueError):
+    """A setting fxprune does not accept; the message names the field and the values it takes."""

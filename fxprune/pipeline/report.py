@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -16,7 +16,14 @@ if TYPE_CHECKING:
     from fxprune.analysis import Analysis
     from fxprune.core.plan import Plan
 
-__all__ = ["analysis_report", "count_macs", "count_params", "prunable_fraction", "render_markdown"]
+__all__ = [
+    "analysis_report",
+    "count_macs",
+    "count_params",
+    "prunable_fraction",
+    "render_markdown",
+    "rounds_markdown",
+]
 
 
 def count_params(module: nn.Module) -> int:
@@ -175,4 +182,23 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {b['name']} | {b['shortcut']} | {b['branch']} | {b['nodes']} | {b['removed']} |"
         )
+    return "\n".join(lines) + "\n"
+
+
+def rounds_markdown(rounds: Sequence[Mapping[str, Any]]) -> str:
+    """The budget rounds of a compile report (``report["rounds"]``) as a Markdown table."""
+    export = any("export" in r for r in rounds)
+    lines = ["", "## Budget rounds", ""]
+    head = "| round | target ms | predicted ms | measured ms | dense ms | budget ms | met |"
+    lines += [head + (" export (gathers, slices) |" if export else "")]
+    lines += ["|---:|---:|---:|---:|---:|---:|---|" + ("---|" if export else "")]
+    for r in rounds:
+        row = (
+            f"| {r['round']} | {r['target_ms']:.3f} | {r['predicted_ms']:.3f} | "
+            f"{r['measured_ms']:.3f} | {r['dense_ms']:.3f} | {r['budget_ms']:.3f} | {r['met']} |"
+        )
+        if export:
+            e = r.get("export", {})
+            row += f" {e.get('kept', '—')} ({e.get('gathers', 0)}, {e.get('slices', 0)}) |"
+        lines.append(row)
     return "\n".join(lines) + "\n"

@@ -1,0 +1,320 @@
+"""``CompileConfig``: every setting of :func:`fxprune.compile`, grouped, frozen and validated.
+
+A config is checked when it is made, so a bad option fails before any tracing or timing, with a
+:class:`~fxprune.core.errors.ConfigError` naming the field and the values it takes. The keyword
+arguments ``compile`` took before (``solver=``, ``max_rounds=``, ``coupling=``, …) still work
+through :func:`config_from_keywords`, with a ``DeprecationWarning`` naming where each one lives
+now.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fxprune.backends import LatencyCache, MeasureConfig
+from fxprune.core.errors import ConfigError
+from fxprune.latency.tables import LatencyConfig
+from fxprune.unconstrained.reads import POLICIES
+
+__all__ = [
+    "COUPLINGS",
+    "FRONTENDS",
+    "SOLVERS",
+    "CompileConfig",
+    "LoopConfig",
+    "SolveConfig",
+    "UnconstrainedConfig",
+    "config_from_keywords",
+]
+
+#: how compile times whole models by default (per session)
+WHOLE_MODEL = MeasureConfig(warmup=5, repeats=30, min_seconds=1.5)
+SOLVERS = ("minlp", "knapsack", "uniform")
+COUPLINGS = ("constrained", "unconstrained")
+FRONTENDS = ("fx", "export", "auto")
+
+
+def _fail(owner: str, name: str, value: Any, takes: str) -> None:
+    raise ConfigError(f"{owner}.{name} must be {takes}, got {value!r}")
+
+
+def _choice(owner: str, name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in allowed:
+        _fail(owner, name, value, f"one of {', '.join(map(repr, allowed))}")
+
+
+def _number(owner: str, name: str, value: Any, lo: float, hi: float | None = None) -> None:
+    """``value`` is a real number (not a bool) in ``[lo, hi)`` (``hi=None``: no upper end)."""
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not ok or not (lo <= value and (hi is None or value < hi)):
+        _fail(owner, name, value, f"a number in [{lo:g}, {'∞' if hi is None else f'{hi:g}'})")
+
+
+def _positive(owner: str, name: str, value: Any) -> None:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not ok or not value > 0:
+        _fail(owner, name, value, "a number > 0")
+
+
+def _count(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        _fail(owner, name, value, "an integer ≥ 1")
+
+
+def _flag(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        _fail(owner, name, value, "True or False")
+
+
+def _instance(owner: str, name: str, value: Any, kind: type, optional: bool = False) -> None:
+    if not (isinstance(value, kind) or (optional and value is None)):
+        _fail(owner, name, value, f"a {kind.__name__}" + (" or None" if optional else ""))
+
+
+@dataclass(frozen=True)
+class SolveConfig:
+    """How each round's plan is solved.
+
+    Attributes:
+        solver: ``"minlp"`` (exact, SCIP), or the baselines ``"knapsack"`` / ``"uniform"``.
+        time_limit: the solver's time limit per solve, in seconds (``minlp`` and ``knapsack``).
+        gap: SCIP's relative optimality gap (``minlp``).
+    """
+
+    solver: str = "minlp"
+    time_limit: float = 30.0
+    gap: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _choice("SolveConfig", "solver", self.solver, SOLVERS)
+        _positive("SolveConfig", "time_limit", self.time_limit)
+        _number("SolveConfig", "gap", self.gap, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """The measured budget loop: when a round meets the budget and when to solve again.
+
+    Attributes:
+        tolerance: a measured latency up to ``budget·(1 + tolerance)`` meets the budget.
+        margin: the solver aims at ``budget·(1 − margin)`` to leave room for noise.
+        slack: a plan measured under ``budget·(1 − slack)`` is loosened in a further round.
+        max_rounds: solve–measure rounds at most.
+        sessions: how many runtime sessions each round's pruned and dense models are timed in
+            (side by side, per session as :class:`~fxprune.MeasureConfig` says).
+    """
+
+    tolerance: float = 0.02
+    margin: float = 0.02
+    slack: float = 0.05
+    max_rounds: int = 4
+    sessions: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("tolerance", "margin", "slack"):
+            _number("LoopConfig", name, getattr(self, name), 0.0, 1.0)
+        _count("LoopConfig", "max_rounds", self.max_rounds)
+        _count("LoopConfig", "sessions", self.sessions)
+
+
+@dataclass(frozen=True)
+class UnconstrainedConfig:
+    """Unconstrained coupling (UCPE): each conv/linear keeps its own best input channels.
+
+    Each consumer keeps as many inputs as the solved plan gives it; shared tensors keep the
+    union, channels are reordered, and the budget is met by the measured exported model,
+    copies included.
+
+    Attributes:
+        reads: how consumers read their inputs: ``"measure"`` (time each consumer's slice /
+            gather / zero-padded candidates and whole-model variants on the backend, keep the
+            fastest), ``"auto"`` (one probed copy and MAC price), ``"exact"``, ``"span"``,
+            ``"full"``; see :mod:`fxprune.unconstrained.reads`.
+    """
+
+    reads: str = "measure"
+
+    def __post_init__(self) -> None:
+        _choice("UnconstrainedConfig", "reads", self.reads, POLICIES)
+
+
+@dataclass(frozen=True)
+class CompileConfig:
+    """Every setting of :func:`fxprune.compile` (the model, budget, inputs, data and backend
+    are its arguments).
+
+    Attributes:
+        solve: how each round is solved (:class:`SolveConfig`).
+        loop: the measured budget loop (:class:`LoopConfig`).
+        unconstrained: prune without coupling constraints (:class:`UnconstrainedConfig`);
+            ``None`` (the default) is constrained pruning: coupled tensors keep the same
+            channels.
+        latency: how latency tables are built (:class:`~fxprune.LatencyConfig`); ``None``: the
+            defaults, with this config's ``progress``.
+        measure: how whole models are timed, per session (:class:`~fxprune.MeasureConfig`).
+        allow_block_removal: let the solver remove residual blocks (MDP); else channels only.
+        in_model_scales: scale each layer's table to its kernel time inside the profiled dense
+            model (:mod:`fxprune.latency.in_model`; ONNX Runtime only).
+        leaf_modules: module classes or qualified names to keep opaque (their channels freeze).
+        cache: latency cache (a :class:`~fxprune.backends.LatencyCache` or a directory);
+            ``None``: the default location.
+        progress: log stages and progress (logger ``fxprune``; the CLI shows it with rich).
+        frontend: selects the capture front end that turns the model into a graph: ``"fx"``
+            (symbolic tracing), ``"export"`` (``torch.export``) or ``"auto"`` (the first that
+            works).
+    """
+
+    solve: SolveConfig = SolveConfig()
+    loop: LoopConfig = LoopConfig()
+    unconstrained: UnconstrainedConfig | None = None
+    latency: LatencyConfig | None = None
+    measure: MeasureConfig = WHOLE_MODEL
+    allow_block_removal: bool = True
+    in_model_scales: bool = False
+    leaf_modules: tuple[type | str, ...] | None = None
+    cache: LatencyCache | str | os.PathLike | None = field(default=None, compare=False)
+    progress: bool = True
+    frontend: str = "auto"
+
+    def __post_init__(self) -> None:
+        owner = "CompileConfig"
+        _instance(owner, "solve", self.solve, SolveConfig)
+        _instance(owner, "loop", self.loop, LoopConfig)
+        _instance(owner, "unconstrained", self.unconstrained, UnconstrainedConfig, True)
+        _instance(owner, "latency", self.latency, LatencyConfig, True)
+        _instance(owner, "measure", self.measure, MeasureConfig)
+        for name in ("allow_block_removal", "in_model_scales", "progress"):
+            _flag(owner, name, getattr(self, name))
+        if self.leaf_modules is not None:
+            leaves = self.leaf_modules
+            if isinstance(leaves, (str, type)) or not isinstance(leaves, Iterable):
+                _fail(owner, "leaf_modules", leaves, "a sequence of module classes or names")
+            leaves = tuple(leaves)
+            if not all(isinstance(m, (str, type)) for m in leaves):
+                _fail(owner, "leaf_modules", leaves, "a sequence of module classes or names")
+            object.__setattr__(self, "leaf_modules", leaves)
+        if not (self.cache is None or isinstance(self.cache, (LatencyCache, str, os.PathLike))):
+            _fail(owner, "cache", self.cache, "a LatencyCache, a directory or None")
+        _choice(owner, "frontend", self.frontend, FRONTENDS)
+
+    @property
+    def coupling(self) -> str:
+        """``"constrained"`` or ``"unconstrained"`` (recorded in the plan's notes)."""
+        return "constrained" if self.unconstrained is None else "unconstrained"
+
+    def tables_config(self) -> LatencyConfig:
+        """The latency-table settings: ``latency`` as given, else the defaults with ``progress``."""
+        return self.latency or LatencyConfig(progress=self.progress)
+
+    def latency_cache(self) -> LatencyCache | None:
+        """``cache`` as a :class:`LatencyCache` (a directory is opened here, not when made)."""
+        if self.cache is None or isinstance(self.cache, LatencyCache):
+            return self.cache
+        return LatencyCache(self.cache)
+
+
+# The keyword arguments compile() took before CompileConfig, and where each one lives now.
+_SOLVE = ("solver", "time_limit", "gap")
+_LOOP = ("tolerance", "margin", "slack", "max_rounds", "sessions")
+_UNCONSTRAINED = ("coupling", "reads")
+_TOP = {
+    "allow_block_removal": "allow_block_removal",
+    "in_model_scales": "in_model_scales",
+    "latency_config": "latency",
+    "measure_config": "measure",
+    "leaf_modules": "leaf_modules",
+    "cache": "cache",
+    "progress": "progress",
+}
+#: every keyword :func:`config_from_keywords` translates
+LEGACY_KEYWORDS = (*_SOLVE, *_LOOP, *_UNCONSTRAINED, *_TOP)
+#: the arguments ``compile`` takes itself
+COMPILE_ARGUMENTS = (
+    "example_inputs",
+    "data",
+    "loss_fn",
+    "max_batches",
+    "backend",
+    "config",
+)
+
+
+def config_from_keywords(
+    config: CompileConfig | None, keywords: Mapping[str, Any], *, stacklevel: int = 3
+) -> CompileConfig:
+    """The :class:`CompileConfig` for ``compile(config=..., **keywords)``, validated.
+
+    ``keywords`` are the deprecated keyword arguments (``solver=``, ``max_rounds=``,
+    ``coupling=``, …); each is put where it lives now, with one ``DeprecationWarning`` that
+    names those places. ``stacklevel`` points the warning at ``compile``'s caller.
+
+    Raises:
+        TypeError: for a keyword ``compile`` does not take (the message lists those it does).
+        ConfigError: for a bad value; for ``reads`` without ``coupling="unconstrained"`` (it
+            would be ignored); for deprecated keywords together with ``config`` (say each
+            setting once: in the config).
+    """
+    unknown = sorted(set(keywords) - set(LEGACY_KEYWORDS))
+    if unknown:
+        raise TypeError(
+            f"compile() got unexpected keyword argument(s) {', '.join(unknown)}; it takes "
+            f"{', '.join(COMPILE_ARGUMENTS)} and, deprecated, {', '.join(LEGACY_KEYWORDS)} "
+            "(settings go in config=CompileConfig(...))"
+        )
+    if config is not None and not isinstance(config, CompileConfig):
+        raise ConfigError(f"compile(config=) must be a CompileConfig, got {config!r}")
+    if not keywords:
+        return config or CompileConfig()
+    places = [_where(k) for k in keywords]
+    if config is not None:
+        raise ConfigError(
+            f"compile() got config= and the deprecated keyword argument(s) "
+            f"{', '.join(keywords)}: give each setting once, in the config ({'; '.join(places)})"
+        )
+    warnings.warn(
+        f"compile({', '.join(f'{k}=' for k in keywords)}) is deprecated: pass "
+        f"config=CompileConfig(...) with {'; '.join(places)}",
+        DeprecationWarning,
+        stacklevel=stacklevel,
+    )
+    return _translate(keywords)
+
+
+def _translate(keywords: Mapping[str, Any]) -> CompileConfig:
+    """The deprecated keywords, each in its place in a new config."""
+    solve = SolveConfig(**{k: keywords[k] for k in _SOLVE if k in keywords})
+    loop = LoopConfig(**{k: keywords[k] for k in _LOOP if k in keywords})
+    top = {_TOP[k]: keywords[k] for k in _TOP if k in keywords}
+    if top.get("measure", WHOLE_MODEL) is None:  # None always meant "compile's default"
+        del top["measure"]
+    coupling = keywords.get("coupling", "constrained")
+    _choice("compile(coupling=)", "coupling", coupling, COUPLINGS)
+    unconstrained = None
+    if coupling == "unconstrained":
+        reads = {"reads": keywords["reads"]} if "reads" in keywords else {}
+        unconstrained = UnconstrainedConfig(**reads)
+    elif "reads" in keywords:
+        raise ConfigError(
+            f"compile(reads={keywords['reads']!r}) applies to unconstrained coupling only and "
+            "would be ignored: pass coupling='unconstrained' too (or "
+            "config=CompileConfig(unconstrained=UnconstrainedConfig(reads=...)))"
+        )
+    return CompileConfig(solve=solve, loop=loop, unconstrained=unconstrained, **top)
+
+
+def _where(keyword: str) -> str:
+    """Where a deprecated keyword of ``compile`` lives in :class:`CompileConfig`."""
+    if keyword in _SOLVE:
+        return f"{keyword} → solve=SolveConfig({keyword}=...)"
+    if keyword in _LOOP:
+        return f"{keyword} → loop=LoopConfig({keyword}=...)"
+    if keyword == "coupling":
+        return "coupling='unconstrained' → unconstrained=UnconstrainedConfig()"
+    if keyword == "reads":
+        return "reads → unconstrained=UnconstrainedConfig(reads=...)"
+    return f"{keyword} → {_TOP[keyword]}=..."
