@@ -191,15 +191,18 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / (b.abs().max() + 1e-12))
 
 
-def make_sensitive(model: nn.Module, example: torch.Tensor, seed: int = 0) -> nn.Module:
+def make_sensitive(
+    model: nn.Module, example: torch.Tensor | None = None, seed: int = 0
+) -> nn.Module:
     """Make a random-init model's output depend on every channel, in place.
 
     Fresh torchvision models have BN at identity, ConvNeXt layer scales at 1e-6 and ViT heads
     at zero, and deep random nets often lose the input entirely, which would let a channel
     mix-up pass the oracle comparison. So: zero heads get small random weights, layer scales
     become O(1), BatchNorm statistics are re-estimated on random data of ``example``'s shape
-    (keeping activations normalised all the way down), and BN affines are randomised: the
-    recipe the test suite applies to the models it checks.
+    (keeping activations normalised all the way down; without ``example`` they are randomised
+    instead), and BN affines are randomised: the recipe the test suite applies to the models it checks (the
+    tests import this one copy).
     """
     g = torch.Generator().manual_seed(seed)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -212,7 +215,7 @@ def make_sensitive(model: nn.Module, example: torch.Tensor, seed: int = 0) -> nn
         for name, p in model.named_parameters():
             if name.endswith("layer_scale"):
                 p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
-        if bns:
+        if example is not None and bns:
             was_training = model.training
             momenta = [m.momentum for m in bns]
             for m in bns:
@@ -230,4 +233,7 @@ def make_sensitive(model: nn.Module, example: torch.Tensor, seed: int = 0) -> nn
             if m.affine:
                 m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                 m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            if example is None:
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
     return model

@@ -121,17 +121,14 @@ def bench_torch_pruning(model, x, analysis, scores, backend, target_ratio, steps
 
 def run_case(name, model, x, budget, solver, cache, backend):
     start = time.perf_counter()
-    res = fxprune.compile(
-        model,
-        budget,
-        example_inputs=x,
-        backend=backend,
+    config = fxprune.CompileConfig(
+        solve=fxprune.SolveConfig(solver=solver),
+        measure=MEASURE,
+        latency=LatencyConfig(progress=False),
         cache=cache,
-        solver=solver,
-        measure_config=MEASURE,
-        latency_config=LatencyConfig(progress=False),
         progress=False,
     )
+    res = fxprune.compile(model, budget, example_inputs=x, backend=backend, config=config)
     wall = time.perf_counter() - start
     counts = {g: len(idx) for g, idx in res.plan.kept.items()}
     (RESULTS / "compile_plans").mkdir(parents=True, exist_ok=True)
@@ -150,7 +147,7 @@ def run_case(name, model, x, budget, solver, cache, backend):
         "wall_s": wall,
         "timings": res.timings,
         "solver": res.solver,
-        "rounds": res.rounds,
+        "rounds": [r.to_dict() for r in res.rounds],
         "kept_counts": counts,
         "removed_blocks_names": list(res.plan.removed_blocks),
     }

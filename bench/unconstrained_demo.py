@@ -18,6 +18,7 @@ import torchvision
 
 import fxprune
 from bench._common import RESULTS, argument_parser, write_results
+from fxprune.rewrite.api import ExportSpec
 from fxprune.unconstrained.layout import channel_layout
 
 
@@ -43,19 +44,24 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None).eval()
     for coupling in ["constrained", "unconstrained"]:
-        r = fxprune.compile(
-            model, 0.5, example_inputs=x, cache=cache, coupling=coupling, progress=False
-        )
+        unconstrained = fxprune.UnconstrainedConfig() if coupling == "unconstrained" else None
+        config = fxprune.CompileConfig(unconstrained=unconstrained, cache=cache, progress=False)
+        r = fxprune.compile(model, 0.5, example_inputs=x, config=config)
         s = r.summary()
         s["rounds_detail"] = [
-            {k: v for k, v in rr.items() if k in ("measured_ms", "dense_ms", "predicted_ms", "met")}
+            {
+                "predicted_ms": rr.predicted_ms,
+                "measured_ms": rr.measured_ms,
+                "dense_ms": rr.dense_ms,
+                "met": rr.met,
+            }
             for rr in r.rounds
         ]
         if coupling == "unconstrained":
             s["consumers"] = len(r.plan.consumers)
+            reads = ExportSpec.from_notes(r.plan.notes).reads or {}
             s["reads"] = {
-                k: list(r.plan.notes["reads"].values()).count(k)
-                for k in ("slice", "gather", "span", "full")
+                k: list(reads.values()).count(k) for k in ("slice", "gather", "span", "full")
             }
         s["timings"] = r.timings
         out[coupling] = s

@@ -1,9 +1,11 @@
 """fxprune: latency-aware structured pruning as torch.fx graph passes.
 
 :func:`compile` does everything: prune a model to a latency budget measured on the target
-runtime. The parts: start with :func:`analyze` (trace + channel groups + removable blocks), make or
-load a :class:`Plan`, and :func:`prune` to get the smaller GraphModule. Every result can be checked
-against :func:`masked_forward`, the masking oracle.
+runtime; its settings are one :class:`CompileConfig` (:class:`SolveConfig`, :class:`LoopConfig`,
+:class:`UnconstrainedConfig`, :class:`LatencyConfig`, :class:`MeasureConfig`). The parts: start
+with :func:`analyze` (trace + channel groups + removable blocks), make or load a :class:`Plan`,
+and :func:`prune` to get the smaller GraphModule. Every result can be checked against
+:func:`masked_forward`, the masking oracle.
 
 The package is layered (each imports only those before it): ``core`` → ``analysis`` (and
 ``solver``) → ``unconstrained`` → ``rewrite`` → ``backends`` → ``measure`` → ``latency`` →
@@ -23,6 +25,7 @@ from fxprune.core.errors import FxpruneError, PlanError, TraceError
 from fxprune.core.plan import Plan
 from fxprune.latency.tables import LatencyConfig
 from fxprune.pipeline.compile import Budget, CompileResult, compile
+from fxprune.pipeline.config import CompileConfig, LoopConfig, SolveConfig, UnconstrainedConfig
 from fxprune.pipeline.report import analysis_report, render_markdown
 from fxprune.rewrite.api import prune, rebuild
 from fxprune.rewrite.mask import masked_forward
@@ -35,14 +38,18 @@ __version__ = "0.1.0"
 __all__ = [
     "Analysis",
     "Budget",
+    "CompileConfig",
     "CompileResult",
     "FxpruneError",
     "InfeasibleBudget",
     "LatencyConfig",
+    "LoopConfig",
     "MeasureConfig",
     "Plan",
     "PlanError",
+    "SolveConfig",
     "TraceError",
+    "UnconstrainedConfig",
     "analysis_report",
     "analyze",
     "compile",

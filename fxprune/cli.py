@@ -315,18 +315,15 @@ def _compile(args: argparse.Namespace, console: Console, out: Path, x: torch.Ten
     budget = args.budget  # a Budget: argparse parsed it
     model = _load_model(args.model, args.checkpoint)
     console.log(f"compiling {args.model} ({args.batch}×3×{args.size}×{args.size}) to {budget}")
-    result = fxprune.compile(  # InfeasibleBudget: main prints it, exit 2
-        model,
-        budget,
-        example_inputs=x,
-        backend=args.backend,
-        cache=args.cache,
-        solver=args.solver,
-        time_limit=args.time_limit,
-        max_rounds=args.max_rounds,
+    config = fxprune.CompileConfig(
+        solve=fxprune.SolveConfig(solver=args.solver, time_limit=args.time_limit),
+        loop=fxprune.LoopConfig(max_rounds=args.max_rounds),
+        unconstrained=fxprune.UnconstrainedConfig() if args.coupling == "unconstrained" else None,
         allow_block_removal=not args.no_blocks,
-        coupling=args.coupling,
+        cache=args.cache,
     )
+    # InfeasibleBudget: main prints it, exit 2
+    result = fxprune.compile(model, budget, example_inputs=x, backend=args.backend, config=config)
     result.save(out, onnx=not args.no_onnx)
     report = {"model": args.model, "summary": result.summary()}
     console.print(_summary_table(report))

@@ -7,54 +7,8 @@ import torch
 from torch import nn
 
 import fxprune
+from bench._common import make_sensitive  # noqa: F401  (one copy, shared with the benches)
 from fxprune.rewrite.shapes import check_planned_shapes, planned_counts  # noqa: F401
-
-
-def make_sensitive(
-    model: nn.Module, example: torch.Tensor | None = None, seed: int = 0
-) -> nn.Module:
-    """Make a random-init model's output depend on every channel, in place.
-
-    Fresh torchvision models have BN at identity, ConvNeXt layer scales at 1e-6 and ViT heads at
-    zero, and deep random nets often lose the input entirely (EfficientNet's output is then the
-    same for any image), which would let a channel mix-up pass the oracle comparison. So:
-    zero heads get small random weights, layer scales become O(1), BatchNorm statistics are
-    re-estimated on random data of ``example``'s shape (keeping activations normalised all the
-    way down), and BN affines are randomised.
-    """
-    g = torch.Generator().manual_seed(seed)
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and not m.weight.any():
-                m.weight.normal_(0.0, 0.02, generator=g)
-                if m.bias is not None:
-                    m.bias.normal_(0.0, 0.02, generator=g)
-        for name, p in model.named_parameters():
-            if name.endswith("layer_scale"):
-                p.copy_(torch.rand(p.shape, generator=g) * 0.5 + 0.5)
-        if example is not None and bns:
-            was_training = model.training
-            momenta = [m.momentum for m in bns]
-            for m in bns:
-                m.reset_running_stats()
-                m.momentum = None  # cumulative average over the calibration batches
-            model.eval()  # only the BNs collect statistics; aux heads, dropout stay in eval
-            for m in bns:
-                m.train()
-            for _ in range(2):
-                model(torch.randn((4, *example.shape[1:]), generator=g))
-            for m, mom in zip(bns, momenta, strict=True):
-                m.momentum = mom
-            model.train(was_training)
-        for m in bns:
-            if m.affine:
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            if example is None:
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model
 
 
 def analysed_toy(cls: type[nn.Module]) -> tuple[nn.Module, torch.Tensor, fxprune.Analysis]:
