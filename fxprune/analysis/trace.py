@@ -280,3 +280,30 @@ def _shape_failure(
         f"input(s) {shapes}{where}). Check that the example inputs have the shape and dtype "
         "the model expects: channels, image size (e.g. ViT needs its exact size), batch."
     )
+
+
+__all__ += ["refresh_shapes"]  # declared beside the function, appended after the tracer
+
+
+def refresh_shapes(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> None:
+    """Propagate shapes through ``gm`` again, so every node's ``tensor_meta`` is current.
+
+    Runs :class:`~torch.fx.passes.shape_prop.ShapeProp` in eval mode without autograd, so
+    BatchNorm statistics are not updated, then restores every module's training flag. Stale
+    entries are dropped first: a node whose output is not a tensor carries none. Passes that
+    change a graph's shapes (the rewrite, segments) call it.
+    """
+    from torch.fx.passes.shape_prop import ShapeProp  # imported here: this edit stays local
+
+    from fxprune.core.meta import TENSOR_META
+
+    for node in gm.graph.nodes:
+        node.meta.pop(TENSOR_META, None)
+    modes = [(m, m.training) for m in gm.modules()]
+    gm.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(*example_inputs)
+    finally:
+        for m, training in modes:
+            m.training = training

@@ -26,11 +26,12 @@ import torch
 from torch import fx, nn
 
 from fxprune.analysis.ops import out_of_place
+from fxprune.analysis.trace import refresh_shapes
 from fxprune.core.channel_units import expand_index, varying_dims
 from fxprune.core.errors import PlanError
 from fxprune.core.meta import CHANNELS
 from fxprune.rewrite.pruners import lookup_pruner
-from fxprune.rewrite.segment import SegmentCost, SegmentInfo, refresh_shapes, segment
+from fxprune.rewrite.segment import SegmentCost, SegmentInfo, segment
 from fxprune.unconstrained.layout import Layout, channel_layout
 from fxprune.unconstrained.reads import (
     POLICY_OF_KIND,

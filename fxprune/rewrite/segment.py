@@ -49,13 +49,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 
 from fxprune.analysis.ops import traits_of
+from fxprune.analysis.trace import refresh_shapes
 from fxprune.core.meta import TENSOR_META
 from fxprune.rewrite.pruners import lookup_pruner
 
-__all__ = ["SegmentCost", "SegmentInfo", "refresh_shapes", "segment"]
+__all__ = ["SegmentCost", "SegmentInfo", "segment"]
 
 
 @dataclass(frozen=True)
@@ -314,25 +314,6 @@ def segment(
     out = _Rewriter(gm, segments, aligned, info).run()
     refresh_shapes(out, example_inputs)  # the pieces, partial convs and sums are new nodes
     return out, info
-
-
-def refresh_shapes(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> None:
-    """Propagate shapes through ``gm`` again, so every node's ``tensor_meta`` is current.
-
-    Runs :class:`~torch.fx.passes.shape_prop.ShapeProp` in eval mode without autograd, so
-    BatchNorm statistics are not updated, then restores every module's training flag. Stale
-    entries are dropped first: a node whose output is not a tensor carries none.
-    """
-    for node in gm.graph.nodes:
-        node.meta.pop(TENSOR_META, None)
-    modes = [(m, m.training) for m in gm.modules()]
-    gm.eval()
-    try:
-        with torch.no_grad():
-            ShapeProp(gm).propagate(*example_inputs)
-    finally:
-        for m, training in modes:
-            m.training = training
 
 
 def _has_shapes(gm: fx.GraphModule) -> bool:
