@@ -25,6 +25,7 @@ from torch import fx, nn
 
 import fxprune
 import fxprune.pipeline.plots
+from fxprune import CompileConfig, LoopConfig, SolveConfig, UnconstrainedConfig
 from fxprune.core.errors import NonFiniteError
 from fxprune.latency.tables import LatencyConfig
 from fxprune.pipeline.compile import Budget
@@ -45,17 +46,19 @@ class Skewed(FakeBackend):
         return base * self.factor if isinstance(module, fx.GraphModule) else base
 
 
-def _compile(model, budget, tmp_path, backend=None, **kw):
+def _compile(model, budget, tmp_path, backend=None, data=None, loss_fn=None, **fields):
+    """compile on a 64×64 input; ``fields`` are CompileConfig's (quiet tables by default)."""
     x = torch.randn(1, 3, 64, 64)
-    kw.setdefault("latency_config", QUIET)
+    fields.setdefault("latency", QUIET)
+    config = CompileConfig(cache=tmp_path / "cache", progress=False, **fields)
     return fxprune.compile(
         model,
         budget,
         example_inputs=x,
+        data=data,
+        loss_fn=loss_fn,
         backend=backend or FakeBackend(),
-        cache=tmp_path / "cache",
-        progress=False,
-        **kw,
+        config=config,
     )
 
 
@@ -98,14 +101,14 @@ def test_tighter_budget_keeps_less(resnet, tmp_path):
 def test_budget_loop_recalibrates_after_a_miss(resnet, tmp_path):
     """Whole models 1.4× what their units add up to: the uncalibrated constant is far too big,
     so the first plan lands far under the budget; refitting on it moves the next one up."""
-    result = _compile(resnet, 0.4, tmp_path, backend=Skewed(1.4), max_rounds=5)
+    result = _compile(resnet, 0.4, tmp_path, backend=Skewed(1.4), loop=LoopConfig(max_rounds=5))
     assert len(result.rounds) >= 2
     first = result.rounds[0]
-    assert abs(first["measured_ms"] / first["predicted_ms"] - 1) > 0.1
+    assert abs(first.measured_ms / first.predicted_ms - 1) > 0.1
     assert result.budget_met and result.measured_ms <= result.budget_ms * 1.02
-    assert result.measured_ms > first["measured_ms"]  # loosened towards the budget
-    assert result.importance_kept > first["importance_kept"]
-    assert [r["round"] for r in result.rounds] == list(range(len(result.rounds)))
+    assert result.measured_ms > first.measured_ms  # loosened towards the budget
+    assert result.importance_kept > first.importance_kept
+    assert [r.round for r in result.rounds] == list(range(len(result.rounds)))
 
 
 def test_absolute_budget(resnet, tmp_path):
@@ -132,7 +135,7 @@ def test_infeasible_budget_with_block_removal_on_names_only_what_applies(
     resnet, solver, hint, tmp_path
 ):
     with pytest.raises(fxprune.InfeasibleBudget) as info:
-        _compile(resnet, 0.01, tmp_path, solver=solver)
+        _compile(resnet, 0.01, tmp_path, solve=SolveConfig(solver=solver))
     msg = str(info.value)
     assert "allow_block_removal" not in msg and "smaller counts" not in msg
     if hint is None:  # the exact solver could remove blocks already: nothing left to allow
@@ -171,7 +174,7 @@ def test_infeasible_budget_under_a_layout_floor_names_the_config_that_lifts_it(t
     # the hint applies: without the floor the model reaches a smaller latency
     free = dataclasses.replace(QUIET, layout_floor=False)
     with pytest.raises(fxprune.InfeasibleBudget) as again:
-        _compile(_plain_cnn(), 0.01, tmp_path, backend=LayoutBlocked(), latency_config=free)
+        _compile(_plain_cnn(), 0.01, tmp_path, backend=LayoutBlocked(), latency=free)
     assert again.value.min_latency < err.min_latency
     assert again.value.layout_block == 1 and "layout_floor" not in str(again.value)
 
@@ -213,7 +216,7 @@ def test_budget_spellings():
 @pytest.mark.parametrize("solver", ["knapsack", "uniform"])
 def test_baselines_meet_the_budget_with_less_importance(resnet, solver, tmp_path):
     ours = _compile(resnet, 0.5, tmp_path)
-    base = _compile(resnet, 0.5, tmp_path, solver=solver)
+    base = _compile(resnet, 0.5, tmp_path, solve=SolveConfig(solver=solver))
     assert base.budget_met and base.solver["name"] == solver
     assert not base.plan.removed_blocks  # the baselines prune channels only
     # equal budgets on a deterministic backend: the exact solver keeps at least as much
@@ -276,15 +279,14 @@ def test_onnxruntime_integration(tmp_path):
         0.7,
         example_inputs=x,
         backend=fxprune.backends.get_backend("ort", provider="cpu"),
-        cache=tmp_path / "cache",
-        latency_config=config,
-        max_rounds=2,
-        progress=False,
+        config=CompileConfig(
+            latency=config, loop=LoopConfig(max_rounds=2), cache=tmp_path / "cache", progress=False
+        ),
     )
     assert 1 <= len(result.rounds) <= 2
     for r in result.rounds:
-        assert r["met"] == (r["measured_ms"] <= r["budget_ms"] * 1.02)
-        assert r["budget_ms"] == pytest.approx(0.7 * r["dense_ms"])
+        assert r.met == (r.measured_ms <= r.budget_ms * 1.02)
+        assert r.budget_ms == pytest.approx(0.7 * r.dense_ms)
     assert result.backend.startswith("onnxruntime")
     with torch.no_grad():
         want = fxprune.masked_forward(result.analysis, result.plan, x)
@@ -297,7 +299,7 @@ def test_onnxruntime_integration(tmp_path):
 def test_unconstrained_coupling(resnet, reads, tmp_path):
     """The lifted plan: consumers keep their own inputs, the measured export meets the budget,
     equals the oracle, and save/rebuild reproduces the same reads."""
-    result = _compile(resnet, 0.6, tmp_path, coupling="unconstrained", reads=reads)
+    result = _compile(resnet, 0.6, tmp_path, unconstrained=UnconstrainedConfig(reads=reads))
     plan = result.plan
     assert plan.unconstrained and plan.notes["coupling"] == "unconstrained"
     assert result.budget_met and result.measured_ms <= result.budget_ms * 1.02
@@ -314,14 +316,24 @@ def test_unconstrained_coupling(resnet, reads, tmp_path):
         "auto": {"auto"},
         "full": {"full"},
     }
-    exports = [r["export"] for r in result.rounds]
-    assert exports and all(e["kept"] in kinds[reads] for e in exports)
+    exports = [r.export for r in result.rounds]
+    assert exports and all(e.kept in kinds[reads] for e in exports)
     copies = channel_copies(result.model)
-    assert copies in {(e["gathers"], e["slices"]) for e in exports}
+    assert copies in {(e.gathers, e.slices) for e in exports}
     if reads == "full":
         assert copies == (0, 0)
     out = result.save(tmp_path / "run", onnx=False)
     assert "export (gathers, slices)" in (out / "report.md").read_text()
+    report = json.loads((out / "report.json").read_text())
+    assert [r["export"] for r in report["rounds"]] == [e.to_dict() for e in exports]
+    for saved in report["rounds"]:  # the keys saved reports have always had
+        assert set(saved["export"]) - {"runoff"} == {
+            "kept",
+            "gathers",
+            "slices",
+            "vs_exact",
+            "segments",
+        }
     rebuilt = fxprune.rebuild(
         torchvision.models.resnet18(), x, out / "plan.json", out / "pruned_state_dict.pt"
     )
@@ -331,9 +343,9 @@ def test_unconstrained_coupling(resnet, reads, tmp_path):
         assert torch.equal(loaded(x), result.model(x))
 
 
-def test_bad_coupling(resnet, tmp_path):
-    with pytest.raises(ValueError, match="coupling"):
-        _compile(resnet, 0.6, tmp_path, coupling="loose")
+def test_bad_coupling(resnet):
+    with pytest.raises(ValueError, match="coupling"):  # the deprecated keyword
+        fxprune.compile(resnet, 0.6, example_inputs=torch.randn(1, 3, 64, 64), coupling="loose")
 
 
 @pytest.fixture(scope="module")
@@ -341,15 +353,61 @@ def small(tmp_path_factory):
     """A cheap CompileResult: SmallNet on the fake backend."""
     torch.manual_seed(0)
     model = make_sensitive(SmallNet().eval(), torch.randn(1, 3, 32, 32))
+    config = CompileConfig(latency=QUIET, cache=tmp_path_factory.mktemp("cache"), progress=False)
     return fxprune.compile(
-        model,
-        0.5,
-        example_inputs=torch.randn(1, 3, 32, 32),
-        backend=FakeBackend(),
-        cache=tmp_path_factory.mktemp("cache"),
-        latency_config=QUIET,
-        progress=False,
+        model, 0.5, example_inputs=torch.randn(1, 3, 32, 32), backend=FakeBackend(), config=config
     )
+
+
+#: the keys of a round in report.json, in order: saved reports keep them
+ROUND_KEYS = [
+    "round",
+    "target_ms",
+    "predicted_ms",
+    "measured_ms",
+    "measured_stable",
+    "dense_ms",
+    "budget_ms",
+    "measured_over_budget",
+    "met",
+    "importance_kept",
+    "removed_blocks",
+    "solver",
+    "status",
+    "gap",
+    "solve_s",
+]
+
+
+def test_saved_rounds_keep_their_keys(small, tmp_path):
+    out = small.save(tmp_path / "run", onnx=False)
+    saved = json.loads((out / "report.json").read_text())["rounds"]
+    assert saved == [r.to_dict() for r in small.rounds] and saved
+    assert all(list(r) == ROUND_KEYS for r in saved)  # constrained: no "export"
+    first = small.rounds[0]
+    assert saved[0]["measured_over_budget"] == first.measured_ms / first.budget_ms
+    assert isinstance(first, fxprune.pipeline.result.Round)
+
+
+def test_deprecated_keywords_compile_the_same_plan(small, tmp_path):
+    """The keyword arguments compile took before CompileConfig still work, with a warning,
+    and give what the same settings in a config give."""
+    torch.manual_seed(0)
+    model = make_sensitive(SmallNet().eval(), torch.randn(1, 3, 32, 32))
+    with pytest.warns(DeprecationWarning, match="latency_config → latency="):
+        legacy = fxprune.compile(
+            model,
+            0.5,
+            example_inputs=torch.randn(1, 3, 32, 32),
+            backend=FakeBackend(),
+            cache=tmp_path / "cache",
+            latency_config=QUIET,
+            progress=False,
+        )
+    assert legacy.plan == small.plan
+    assert [r.to_dict() | {"solve_s": 0} for r in legacy.rounds] == [
+        r.to_dict() | {"solve_s": 0} for r in small.rounds
+    ]
 
 
 _ARTEFACTS = {
@@ -477,9 +535,7 @@ def test_save_with_onnx_for_dict_outputs(tmp_path):
         0.5,
         example_inputs=x,
         backend=FakeBackend(),
-        cache=tmp_path / "cache",
-        latency_config=QUIET,
-        progress=False,
+        config=CompileConfig(latency=QUIET, cache=tmp_path / "cache", progress=False),
     )
     out = result.save(tmp_path / "run")
     from fxprune.backends import OnnxRuntimeBackend
