@@ -44,6 +44,7 @@ from fxprune.backends import (
     measure_side_by_side,
     relative_latency,
 )
+from fxprune.core.errors import ConfigError
 from fxprune.core.plan import Plan
 from fxprune.latency.predictor import LatencyModel
 from fxprune.latency.tables import LatencyTables, annotate_latency
@@ -100,6 +101,12 @@ def compile(
             would let it go lower (only those that apply).
     """
     config = config_from_keywords(config, legacy)
+    if max_batches is not None and (
+        not isinstance(max_batches, int) or isinstance(max_batches, bool) or max_batches < 1
+    ):
+        raise ConfigError(
+            f"compile(max_batches=) must be an integer ≥ 1 or None, got {max_batches!r}"
+        )
     budget = Budget.parse(latency_budget)
     be = get_backend(backend) if isinstance(backend, str) else backend
     run = _Run(config, be, budget, _Log(config.progress))

@@ -208,6 +208,8 @@ class Untraceable(nn.Module):
         {"max_rounds": 0},
         {"coupling": "constrained", "reads": "auto"},
         {"tolerence": 0.1},
+        {"max_batches": 0},
+        {"max_batches": "all"},
     ],
 )
 def test_compile_checks_settings_before_any_work(settings):
