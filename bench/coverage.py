@@ -1,9 +1,17 @@
-"""Coverage over every torchvision classifier: traced, prunable weights, groups, blocks, oracle.
+"""Coverage over a model zoo: traced, prunable weights, groups, blocks, oracle, compile's plan.
 
-Writes ``bench/results/coverage.json`` and ``bench/results/coverage.md``.
+``--zoo torchvision`` (default): every torchvision classifier; writes
+``bench/results/coverage.json`` / ``coverage.md``. ``--zoo timm``: the timm selection of
+:mod:`bench._timm` (the smallest models of each family, CNN families first, random weights);
+each model also goes through ``fxprune.compile`` to 0.5 on a deterministic MAC-count runtime
+(:class:`bench._timm.MacsBackend`) whose plan must be valid, have its planned shapes and equal
+the masking oracle. Each timm model runs in a forked child with a time limit, so one model that
+hangs or exhausts memory is recorded and the run goes on. Writes ``coverage_timm.json`` /
+``coverage_timm.md`` with a table of the models that fall short and the op that stops each.
 
-    python -m bench.coverage            # all models (large ones take a while)
+    python -m bench.coverage            # all torchvision models (large ones take a while)
     python -m bench.coverage --plans 3 --models resnet50 mobilenet_v2
+    python -m bench.coverage --zoo timm [--models efficientnet_b0 ...] [--timeout 600]
 """
 
 from __future__ import annotations
@@ -107,10 +115,16 @@ def to_markdown(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argument_parser(__doc__)
+    p.add_argument("--zoo", choices=("torchvision", "timm"), default="torchvision")
     p.add_argument("--models", nargs="*", default=None)
     p.add_argument("--plans", type=int, default=3, help="random plans per model")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per timm model")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    if args.zoo == "timm":
+        from bench.coverage_timm import run_zoo
+
+        return run_zoo(args.models, args.plans, args.timeout, args.out)
     names = args.models or torchvision.models.list_models(module=torchvision.models)
     rows = []
     console = Console(stderr=True)
