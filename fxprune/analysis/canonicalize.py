@@ -349,7 +349,7 @@ def _place(gm: fx.GraphModule, node: fx.Node, module: nn.Module, targets: dict[s
     owners = {t.rpartition(".")[0] for t in targets.values()}
     owner_path = owners.pop() if len(owners) == 1 else ""
     owner = gm.get_submodule(owner_path) if owner_path else gm
-    module.train(owner.training)
+    module.eval()  # the call was traced in eval mode (an fx container's flag says nothing)
     if owner_path and _only_state_of(gm, owner, owner_path, targets):
         for child_name, child in owner.named_children():
             module.add_module(child_name, child)
