@@ -38,6 +38,7 @@ not lifted is kept under :data:`~fxprune.core.meta.NOT_LIFTED` for the report.
 from __future__ import annotations
 
 import logging
+import operator
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -201,6 +202,7 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     Returns ``gm``. Calls that cannot be lifted are left as they are, with the reason recorded
     in ``node.meta[NOT_LIFTED]``.
     """
+    dropped = _drop_rank_guards(gm)
     uses = _state_uses(gm)
     lifted = 0
     for node in list(gm.graph.nodes):
@@ -215,11 +217,49 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
             logger.info("not lifted: %s (%s)", node.format_node(), why)
         else:
             lifted += 1
-    if lifted:
+    if lifted or dropped:
         gm.graph.lint()
         gm.recompile()
         logger.debug("canonicalize: lifted %d functional calls", lifted)
     return gm
+
+
+_RANK_FUNCTIONS = frozenset({operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
+                             operator.ge, operator.not_, operator.and_, operator.or_})  # fmt: skip
+
+
+def _drop_rank_guards(gm: fx.GraphModule) -> int:
+    """Erase ``torch._assert`` calls that test only tensor ranks (``x.ndim == 4``); their count.
+
+    A subclass's forward often guards its input rank (timm's ``BatchNormAct2d``); the trace ran
+    it on the example, channel pruning never changes a rank, and a side-effecting assert reading
+    a residual branch would keep a removed branch alive and make it look non-single-exit.
+    """
+    dropped = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch._assert or not node.args:
+            continue
+        cond = node.args[0]
+        if not isinstance(cond, fx.Node) or not _rank_only(cond):
+            continue
+        gm.graph.erase_node(node)
+        dropped += 1
+    if dropped:  # the rank queries left unused (also those only formatted into the message)
+        for node in reversed(list(gm.graph.nodes)):
+            if not node.users and _rank_only(node):
+                gm.graph.erase_node(node)
+    return dropped
+
+
+def _rank_only(node: fx.Node) -> bool:
+    """The value is computed from constants and tensor ranks alone."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) == 2 and node.args[1] == "ndim"
+    if node.op == "call_method" and node.target in ("dim", "ndimension"):
+        return True
+    if node.op == "call_function" and node.target in _RANK_FUNCTIONS:
+        return all(_rank_only(a) for a in node.all_input_nodes)
+    return False
 
 
 def _form_of(target: Any) -> _Form | None:
