@@ -276,7 +276,7 @@ def _state_uses(gm: fx.GraphModule) -> Counter[int]:
         if node.op == "get_attr":
             value = _fetch(gm, str(node.target))
             if isinstance(value, torch.Tensor):
-                uses[id(value)] += max(len(node.users), 1)
+                uses[id(value)] += 1  # its users are checked where it is lifted
         elif node.op == "call_module":
             module = gm.get_submodule(str(node.target))
             for t in (*module.parameters(), *module.buffers()):
@@ -322,12 +322,9 @@ def _lift(gm: fx.GraphModule, node: fx.Node, form: _Form, uses: Counter[int]) ->
         return f"the input of {form.name} is not a tensor of known shape"
     values: dict[str, Any] = {}
     targets: dict[str, str] = {}
-    for name, value in bound.items():
-        if name not in form.tensors:
-            if _has_node(value):
-                return f"argument '{name}' of {form.name} is computed in the graph"
-            values[name] = value
-            continue
+    attrs: dict[str, fx.Node] = {}
+    for name in form.tensors:
+        value = bound[name]
         if value is None:
             values[name] = None
             continue
@@ -336,13 +333,27 @@ def _lift(gm: fx.GraphModule, node: fx.Node, form: _Form, uses: Counter[int]) ->
         tensor = _fetch(gm, str(value.target))
         if not isinstance(tensor, torch.Tensor):
             return f"'{name}' of {form.name} ('{value.target}') is not a tensor"
-        if uses[id(tensor)] != 1:
+        values[name], targets[name], attrs[name] = tensor, str(value.target), value
+    folded: set[fx.Node] = set()  # size queries on the lifted tensors (padding=w.shape[-1]//2)
+    for name, value in bound.items():
+        if name in form.tensors:
+            continue
+        if _has_node(value):
+            try:
+                value = fx.node.map_arg(value, lambda n: _fold(n, set(attrs.values()), folded))
+            except _NotConstant:
+                return f"argument '{name}' of {form.name} is computed in the graph"
+            if any(isinstance(v, torch.Tensor) for v in _leaves(value)):
+                return f"argument '{name}' of {form.name} is a tensor, not a constant"
+        values[name] = value
+    for name, attr in attrs.items():
+        if uses[id(values[name])] != 1 or set(attr.users) - folded - {node}:
             return (
-                f"'{value.target}' is used by more than one node (a shared parameter): "
-                f"one module cannot hold it for all its users"
+                f"'{attr.target}' is used by more than one node (a shared parameter, or one "
+                "also read elsewhere): one module cannot hold it for all its users"
             )
-        values[name] = tensor
-        targets[name] = str(value.target)
+    if any(set(n.users) - folded - {node} for n in folded):
+        return f"a size {form.name} reads is also used elsewhere"
     try:
         module = form.build(values, tuple(meta.shape))
     except (TypeError, ValueError) as exc:
@@ -359,11 +370,48 @@ def _lift(gm: fx.GraphModule, node: fx.Node, form: _Form, uses: Counter[int]) ->
     new.meta.setdefault(MODULE_PATH, path)
     node.replace_all_uses_with(new)
     gm.graph.erase_node(node)
-    for name in targets:
-        attr = bound[name]
+    for n in reversed(list(gm.graph.nodes)):
+        if n in folded and not n.users:
+            gm.graph.erase_node(n)
+    for attr in attrs.values():
         if not attr.users:
             gm.graph.erase_node(attr)
     return None
+
+
+class _NotConstant(Exception):
+    """An argument depends on more than the sizes of the lifted tensors."""
+
+
+_SIZE_FUNCTIONS = frozenset({operator.getitem, operator.floordiv, operator.mul, operator.add,
+                             operator.sub, operator.neg, getattr, len})  # fmt: skip
+
+
+def _fold(node: fx.Node, attrs: set[fx.Node], seen: set[fx.Node]) -> Any:
+    """The value of a size computed from the lifted tensors' shapes alone (else raise)."""
+    if node in attrs:
+        return _fetch(node.graph.owning_module, str(node.target))
+    if node.op == "call_function" and node.target in _SIZE_FUNCTIONS:
+        if node.target is getattr and node.args[1:] not in (("shape",),):
+            raise _NotConstant
+        fn = node.target
+    elif node.op == "call_method" and node.target == "size":
+        fn = lambda t, *a: t.size(*a)  # noqa: E731
+    else:
+        raise _NotConstant
+    args = fx.node.map_arg(node.args, lambda n: _fold(n, attrs, seen))
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: _fold(n, attrs, seen))
+    value = fn(*args, **kwargs)
+    if isinstance(value, torch.Tensor):
+        raise _NotConstant  # a tensor, not a size
+    seen.add(node)
+    return value
+
+
+def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, (tuple, list)):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value]
 
 
 def _has_node(value: Any) -> bool:
