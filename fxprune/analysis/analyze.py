@@ -14,6 +14,7 @@ import torch
 from torch import fx, nn
 
 from fxprune.analysis.blocks import Block, find_blocks, to_networkx
+from fxprune.analysis.canonicalize import canonicalize
 from fxprune.analysis.channel_groups import ChannelSpaces, Group, analyze_channels
 from fxprune.analysis.consumers import Consumer, find_consumers
 from fxprune.analysis.trace import as_input_tuple, trace
@@ -111,6 +112,7 @@ def analyze(
     """
     inputs = as_input_tuple(example_inputs)
     gm = trace(model, inputs, leaf_modules=leaf_modules)
+    gm = canonicalize(gm)
     spaces = analyze_channels(gm)
     blocks = find_blocks(gm, to_networkx(gm))
     return Analysis(gm, spaces, blocks, tuple(t.detach().clone() for t in inputs))

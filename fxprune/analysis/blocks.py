@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import networkx as nx
 import torch
-from torch import fx
+from torch import fx, nn
 
 from fxprune.core.meta import TENSOR_META
 
@@ -55,6 +55,12 @@ def find_blocks(gm: fx.GraphModule, graph: nx.DiGraph | None = None) -> list[Blo
     """Every removable residual block of the graph, in graph order."""
     graph = graph if graph is not None else to_networkx(gm)
     nodes = {n.name: n for n in gm.graph.nodes}
+    # values computed from parameters and constants alone (layer scale's gamma.reshape(...))
+    # may enter a branch anywhere: only values of the inputs count as a second entry
+    dynamic = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or any(i.name in dynamic for i in n.all_input_nodes):
+            dynamic.add(n.name)
     blocks = []
     for node in gm.graph.nodes:
         if not _is_add(node) or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
@@ -63,11 +69,23 @@ def find_blocks(gm: fx.GraphModule, graph: nx.DiGraph | None = None) -> list[Blo
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
             continue
         for shortcut, branch in ((a, b), (b, a)):
-            block = _block(gm, node, shortcut, branch, graph, nodes)
+            block = _block(gm, node, _through_identity(gm, shortcut), branch, graph, nodes, dynamic)
             if block is not None:
                 blocks.append(block)
                 break
     return blocks
+
+
+def _through_identity(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """The value an identity shortcut passes on (timm's ``self.shortcut = nn.Identity()``)."""
+    while (
+        node.op == "call_module"
+        and isinstance(gm.get_submodule(str(node.target)), nn.Identity)
+        and len(node.args) == 1
+        and isinstance(node.args[0], fx.Node)
+    ):
+        node = node.args[0]
+    return node
 
 
 def _shape(node: fx.Node):
@@ -75,7 +93,9 @@ def _shape(node: fx.Node):
     return tuple(meta.shape) if hasattr(meta, "shape") else None
 
 
-def _block(gm, add: fx.Node, s: fx.Node, b: fx.Node, graph: nx.DiGraph, nodes) -> Block | None:
+def _block(
+    gm, add: fx.Node, s: fx.Node, b: fx.Node, graph: nx.DiGraph, nodes, dynamic: set[str]
+) -> Block | None:
     if s is b or _shape(add) is None or _shape(add) != _shape(s):
         return None
     region = (nx.ancestors(graph, b.name) | {b.name}) & nx.descendants(graph, s.name)
@@ -85,7 +105,7 @@ def _block(gm, add: fx.Node, s: fx.Node, b: fx.Node, graph: nx.DiGraph, nodes) -
     for name in region:
         n = nodes[name]
         for inp in n.all_input_nodes:
-            if inp.name not in region and inp is not s and inp.op != "get_attr":
+            if inp.name not in region and inp is not s and inp.name in dynamic:
                 return None  # a second entry: s does not dominate the branch
         for user in n.users:
             if user.name not in region and user is not add:

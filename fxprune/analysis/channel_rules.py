@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fxprune.analysis.canonicalize import LIFTABLE
 from fxprune.analysis.channel_context import ChannelContext, LayerRecord, describe
 from fxprune.analysis.ops import _ELEMENTWISE_ACTIVATIONS, entry_for, register_op
 from fxprune.core.channel_units import expand_index, varying_dims
+from fxprune.core.meta import NOT_LIFTED
 
 __all__ = [
     "FunctionRule",
@@ -488,3 +490,18 @@ def softmax(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
         ctx.freeze(u, f"{describe(node, ctx.gm)} normalises over the channel dim")
         return ctx.frozen_output(node, "softmax over channels")
     return u
+
+
+# ---- functional layers the canonicalising pass could not lift ----------------------------------
+def _not_lifted(ctx: ChannelContext, node: fx.Node) -> Any:
+    """Freeze what a functional layer touches, saying why it was not lifted into a module."""
+    why = node.meta.get(NOT_LIFTED)
+    reason = f"unsupported op: {describe(node, ctx.gm)}" + (f": {why}" if why else "")
+    ctx.freeze_args(node, reason)
+    return ctx.frozen_output(node, reason)
+
+
+# F.layer_norm keeps its own rule above (it understands parameters reached by get_attr)
+register_function_rule(*(f for f in LIFTABLE if f not in (F.layer_norm, torch.layer_norm)))(
+    _not_lifted
+)

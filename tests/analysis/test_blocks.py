@@ -9,6 +9,7 @@ from helpers import check_plan, make_sensitive
 from torch import nn
 
 import fxprune
+from fxprune.analysis.plans import random_plan
 
 
 @pytest.mark.parametrize(
@@ -98,3 +99,48 @@ def test_removing_all_resnet_blocks_matches_oracle():
     names = dict(pruned.named_modules())
     assert "layer1.1.conv1" not in names and "layer1.1.bn2" not in names  # branch modules gone
     assert "layer1.1.relu" in names  # the post-add ReLU is outside the block and stays
+
+
+class TimmStyle(nn.Module):
+    """``x = self.drop_path(self.gamma * self.block(x)) + self.shortcut(x)``: an nn.Identity
+    shortcut, a layer-scale parameter multiply and a rank assert inside the branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 1)
+        self.conv = nn.Conv2d(6, 6, 3, padding=1)
+        self.gamma = nn.Parameter(torch.rand(6) + 0.5)
+        self.drop_path = nn.Identity()
+        self.shortcut = nn.Identity()
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.conv(x)
+        torch._assert(y.ndim == 4, f"expected 4D input (got {y.ndim}D input)")
+        y = y.mul(self.gamma.reshape(1, -1, 1, 1))
+        return self.drop_path(y) + self.shortcut(x)
+
+
+def test_identity_shortcut_layer_scale_and_rank_assert_make_a_block():
+    model, x = TimmStyle().eval(), torch.randn(1, 3, 6, 6)
+    a = fxprune.analyze(model, x)
+    assert len(a.blocks) == 1 and a.blocks[0].shortcut == "stem"
+    pruned = check_plan(a, fxprune.Plan({}, (a.blocks[0].name,), a.signature), x, tol=1e-6)
+    assert "conv" not in dict(pruned.named_modules())  # the branch is gone, assert and all
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [("efficientnet_b0", 9), ("mobilenetv3_large_100", 10), ("convnext_atto", 11),
+     ("resnet18", 5)],
+)  # fmt: skip
+def test_timm_drop_path_blocks_remove_like_the_oracle(name, expected):
+    timm = pytest.importorskip("timm")
+    x = torch.randn(1, 3, 64, 64)
+    model = timm.create_model(name, pretrained=False, drop_path_rate=0.1)
+    model = make_sensitive(model, x).eval()
+    a = fxprune.analyze(model, x)
+    assert len(a.blocks) == expected
+    plan = random_plan(a, 0, block_prob=0.5)
+    assert plan.removed_blocks
+    check_plan(a, plan, x)

@@ -1,0 +1,474 @@
+"""Canonicalise: lift functional calls on parameters into the stock ``torch.nn`` modules.
+
+The same convolution reaches fx in three forms: a stock ``nn.Conv2d`` (a leaf ``call_module``),
+a subclass with its own forward (timm's ``BatchNormAct2d``, ``Conv2dSame``: fx traces into it and
+sees ``F.batch_norm(x, self.running_mean, ...)``), or a hand-written ``F.conv2d(x, self.w, ...)``
+(ported or generated code, the torch.export front end). This pass rewrites the last two into the
+first, right after tracing::
+
+    F.conv2d(x, get_attr(w), get_attr(b), stride, padding, dilation, groups)
+        -> call_module(nn.Conv2d(...) holding the very same w and b)
+
+so every later pass — channel rules, pruners, latency units (conv + BN + activation), BN-Taylor
+importance, the rewrite — sees one vocabulary and needs no second rule per form. We lift rather
+than teach every pass the functional forms because those passes key on module instances (a
+pruner returns a new module, the latency tables and importance read ``module.weight``); one
+front pass keeps the op table the single place that knows an op.
+
+The canonical module holds the *same* Parameter and buffer objects (no copies), so the lifted
+graph computes exactly what the traced graph computed (in eval mode: the calls are traced with
+``training=False``). Where it lives:
+
+- when the module that owns the parameters has no other state (its own parameters and buffers
+  are exactly the call's, its children are stateless and nothing calls it as a module), the
+  canonical module *replaces* it at its path (``blocks.0.0.bn1`` stays ``blocks.0.0.bn1``, its
+  stateless children such as ``drop``/``act`` move onto it), so state-dict keys do not change;
+- otherwise the parameters move onto a new submodule under the owner, named after the call
+  (``stem.conv2d``), so the pruned model holds every tensor once.
+
+A call is lifted only when every parameter argument is a ``get_attr`` of a Parameter or buffer
+(or ``None`` where the module allows it) and every other argument but the input is a constant.
+A computed weight (timm's ``StdConv2d`` standardises its weight first) or a parameter used by
+more than one node (two calls sharing a weight, or a weight also read elsewhere) is left alone:
+one module cannot hold a tensor another op also reads, and pruning one user would silently
+change the other. Such a call stays an unknown op, so its channels freeze, and the reason it was
+not lifted is kept under :data:`~fxprune.core.meta.NOT_LIFTED` for the report.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxprune.core.meta import MODULE_PATH, NOT_LIFTED, TENSOR_META
+
+__all__ = ["LIFTABLE", "canonicalize"]
+
+logger = logging.getLogger(__name__)
+
+_MISSING = object()
+
+
+@dataclass(frozen=True)
+class _Form:
+    """A functional op: its signature (name, default) and which arguments are tensors of state."""
+
+    name: str
+    signature: tuple[tuple[str, Any], ...]
+    tensors: tuple[str, ...]  # state arguments (get_attr or None)
+    build: Callable[[dict[str, Any], tuple[int, ...]], nn.Module | None]
+
+
+def _conv(dim: int, transpose: bool):
+    cls = {
+        (1, False): nn.Conv1d,
+        (2, False): nn.Conv2d,
+        (3, False): nn.Conv3d,
+        (1, True): nn.ConvTranspose1d,
+        (2, True): nn.ConvTranspose2d,
+        (3, True): nn.ConvTranspose3d,
+    }[(dim, transpose)]
+
+    def build(a: dict[str, Any], _: tuple[int, ...]) -> nn.Module | None:
+        w, groups = a["weight"], a["groups"]
+        if w is None or w.ndim != dim + 2:
+            return None
+        if transpose:
+            cin, cout = w.shape[0], w.shape[1] * groups
+            extra = {"output_padding": a["output_padding"]}
+        else:
+            cin, cout = w.shape[1] * groups, w.shape[0]
+            extra = {}
+        return cls(
+            cin, cout, tuple(w.shape[2:]), stride=a["stride"], padding=a["padding"],
+            dilation=a["dilation"], groups=groups, bias=a["bias"] is not None, device="meta",
+            **extra,
+        )  # fmt: skip
+
+    return build
+
+
+def _batch_norm(a: dict[str, Any], in_shape: tuple[int, ...]) -> nn.Module | None:
+    rm, rv, w, b = a["running_mean"], a["running_var"], a["weight"], a["bias"]
+    if a["training"] is not False or rm is None or rv is None or (w is None) != (b is None):
+        return None  # batch statistics, or an affine nn.BatchNorm cannot express
+    cls = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}.get(
+        len(in_shape)
+    )
+    if cls is None:
+        return None
+    return cls(rm.numel(), eps=a["eps"], momentum=a["momentum"], affine=w is not None)
+
+
+def _linear(a: dict[str, Any], _: tuple[int, ...]) -> nn.Module | None:
+    w = a["weight"]
+    if w is None or w.ndim != 2:
+        return None
+    return nn.Linear(w.shape[1], w.shape[0], bias=a["bias"] is not None, device="meta")
+
+
+def _layer_norm(a: dict[str, Any], _: tuple[int, ...]) -> nn.Module | None:
+    shape, w, b = a["normalized_shape"], a["weight"], a["bias"]
+    if w is None and b is not None:
+        return None
+    return nn.LayerNorm(
+        shape, eps=a["eps"], elementwise_affine=w is not None, bias=b is not None, device="meta"
+    )
+
+
+def _group_norm(a: dict[str, Any], in_shape: tuple[int, ...]) -> nn.Module | None:
+    w, b = a["weight"], a["bias"]
+    if (w is None) != (b is None) or len(in_shape) < 2:
+        return None
+    return nn.GroupNorm(a["num_groups"], in_shape[1], eps=a["eps"], affine=w is not None)
+
+
+def _embedding(a: dict[str, Any], _: tuple[int, ...]) -> nn.Module | None:
+    w = a["weight"]
+    if w is None or w.ndim != 2 or a["max_norm"] is not None:
+        return None  # max_norm renormalises the weight in place: not a pure function
+    return nn.Embedding(
+        w.shape[0], w.shape[1], padding_idx=a["padding_idx"],
+        scale_grad_by_freq=a["scale_grad_by_freq"], sparse=a["sparse"], device="meta",
+    )  # fmt: skip
+
+
+def _instance_norm(a: dict[str, Any], in_shape: tuple[int, ...]) -> nn.Module | None:
+    w, b = a["weight"], a["bias"]
+    tracked = a["running_mean"] is not None
+    if (w is None) != (b is None) or tracked or a["use_input_stats"] is not True:
+        return None
+    cls = {3: nn.InstanceNorm1d, 4: nn.InstanceNorm2d, 5: nn.InstanceNorm3d}.get(len(in_shape))
+    if cls is None:
+        return None
+    return cls(in_shape[1], eps=a["eps"], momentum=a["momentum"], affine=w is not None)
+
+
+_CONV_SIG = (("input", _MISSING), ("weight", _MISSING), ("bias", None), ("stride", 1),
+             ("padding", 0), ("dilation", 1), ("groups", 1))  # fmt: skip
+_CONVT_SIG = (("input", _MISSING), ("weight", _MISSING), ("bias", None), ("stride", 1),
+              ("padding", 0), ("output_padding", 0), ("groups", 1), ("dilation", 1))  # fmt: skip
+_BN_SIG = (("input", _MISSING), ("running_mean", _MISSING), ("running_var", _MISSING),
+           ("weight", None), ("bias", None), ("training", False), ("momentum", 0.1),
+           ("eps", 1e-5))  # fmt: skip
+# torch.batch_norm is the ATen order: affine first, then the running statistics
+_TORCH_BN_SIG = (("input", _MISSING), ("weight", _MISSING), ("bias", _MISSING),
+                 ("running_mean", _MISSING), ("running_var", _MISSING), ("training", _MISSING),
+                 ("momentum", _MISSING), ("eps", _MISSING), ("cudnn_enabled", True))  # fmt: skip
+_LN_SIG = (("input", _MISSING), ("normalized_shape", _MISSING), ("weight", None), ("bias", None),
+           ("eps", 1e-5), ("cudnn_enable", True))  # fmt: skip
+_GN_SIG = (("input", _MISSING), ("num_groups", _MISSING), ("weight", None), ("bias", None),
+           ("eps", 1e-5), ("cudnn_enabled", True))  # fmt: skip
+_EMB_SIG = (("input", _MISSING), ("weight", _MISSING), ("padding_idx", None), ("max_norm", None),
+            ("norm_type", 2.0), ("scale_grad_by_freq", False), ("sparse", False))  # fmt: skip
+_IN_SIG = (("input", _MISSING), ("running_mean", None), ("running_var", None), ("weight", None),
+           ("bias", None), ("use_input_stats", True), ("momentum", 0.1), ("eps", 1e-5))  # fmt: skip
+
+_LINEAR_SIG = (("input", _MISSING), ("weight", _MISSING), ("bias", None))
+_WB = ("weight", "bias")
+_BN_TENSORS = ("running_mean", "running_var", "weight", "bias")
+
+#: every functional form this pass lifts, by the function object fx records
+LIFTABLE: dict[Any, _Form] = {
+    F.conv1d: _Form("conv1d", _CONV_SIG, _WB, _conv(1, False)),
+    F.conv2d: _Form("conv2d", _CONV_SIG, _WB, _conv(2, False)),
+    F.conv3d: _Form("conv3d", _CONV_SIG, _WB, _conv(3, False)),
+    F.conv_transpose1d: _Form("conv_transpose1d", _CONVT_SIG, _WB, _conv(1, True)),
+    F.conv_transpose2d: _Form("conv_transpose2d", _CONVT_SIG, _WB, _conv(2, True)),
+    F.conv_transpose3d: _Form("conv_transpose3d", _CONVT_SIG, _WB, _conv(3, True)),
+    F.batch_norm: _Form("batch_norm", _BN_SIG, _BN_TENSORS, _batch_norm),
+    torch.batch_norm: _Form("batch_norm", _TORCH_BN_SIG, _BN_TENSORS, _batch_norm),
+    F.linear: _Form("linear", _LINEAR_SIG, _WB, _linear),
+    F.layer_norm: _Form("layer_norm", _LN_SIG, _WB, _layer_norm),
+    torch.layer_norm: _Form("layer_norm", _LN_SIG, _WB, _layer_norm),
+    F.group_norm: _Form("group_norm", _GN_SIG, _WB, _group_norm),
+    torch.group_norm: _Form("group_norm", _GN_SIG, _WB, _group_norm),
+    F.embedding: _Form("embedding", _EMB_SIG, ("weight",), _embedding),
+    F.instance_norm: _Form("instance_norm", _IN_SIG, _BN_TENSORS, _instance_norm),
+}
+
+
+def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
+    """Lift every liftable functional call on parameters into a canonical module, in place.
+
+    Returns ``gm``. Calls that cannot be lifted are left as they are, with the reason recorded
+    in ``node.meta[NOT_LIFTED]``.
+    """
+    dropped = _drop_rank_guards(gm)
+    uses = _state_uses(gm)
+    lifted = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function":
+            continue
+        form = _form_of(node.target)
+        if form is None:
+            continue
+        why = _lift(gm, node, form, uses)
+        if why is not None:
+            node.meta[NOT_LIFTED] = why
+            logger.info("not lifted: %s (%s)", node.format_node(), why)
+        else:
+            lifted += 1
+    if lifted or dropped:
+        gm.graph.lint()
+        gm.recompile()
+        logger.debug("canonicalize: lifted %d functional calls", lifted)
+    return gm
+
+
+_RANK_FUNCTIONS = frozenset({operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
+                             operator.ge, operator.not_, operator.and_, operator.or_})  # fmt: skip
+
+
+def _drop_rank_guards(gm: fx.GraphModule) -> int:
+    """Erase ``torch._assert`` calls that test only tensor ranks (``x.ndim == 4``); their count.
+
+    A subclass's forward often guards its input rank (timm's ``BatchNormAct2d``); the trace ran
+    it on the example, channel pruning never changes a rank, and a side-effecting assert reading
+    a residual branch would keep a removed branch alive and make it look non-single-exit.
+    """
+    dropped = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch._assert or not node.args:
+            continue
+        cond = node.args[0]
+        if not isinstance(cond, fx.Node) or not _rank_only(cond):
+            continue
+        gm.graph.erase_node(node)
+        dropped += 1
+    if dropped:  # the rank queries left unused (also those only formatted into the message)
+        for node in reversed(list(gm.graph.nodes)):
+            if not node.users and _rank_only(node):
+                gm.graph.erase_node(node)
+    return dropped
+
+
+def _rank_only(node: fx.Node) -> bool:
+    """The value is computed from constants and tensor ranks alone."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) == 2 and node.args[1] == "ndim"
+    if node.op == "call_method" and node.target in ("dim", "ndimension"):
+        return True
+    if node.op == "call_function" and node.target in _RANK_FUNCTIONS:
+        return all(_rank_only(a) for a in node.all_input_nodes)
+    return False
+
+
+def _form_of(target: Any) -> _Form | None:
+    try:
+        return LIFTABLE.get(target)
+    except TypeError:  # unhashable target
+        return None
+
+
+def _state_uses(gm: fx.GraphModule) -> Counter[int]:
+    """How many graph nodes read each parameter/buffer (by tensor identity)."""
+    uses: Counter[int] = Counter()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            value = _fetch(gm, str(node.target))
+            if isinstance(value, torch.Tensor):
+                uses[id(value)] += 1  # its users are checked where it is lifted
+        elif node.op == "call_module":
+            module = gm.get_submodule(str(node.target))
+            for t in (*module.parameters(), *module.buffers()):
+                uses[id(t)] += 1
+    return uses
+
+
+def _fetch(gm: fx.GraphModule, target: str) -> Any:
+    owner_name, _, attr = target.rpartition(".")
+    try:
+        owner = gm.get_submodule(owner_name) if owner_name else gm
+    except AttributeError:
+        return None
+    return getattr(owner, attr, None)
+
+
+def _bind(node: fx.Node, form: _Form) -> dict[str, Any] | None:
+    """The call's arguments by name (defaults filled), or None for a form we do not know."""
+    names = [n for n, _ in form.signature]
+    if len(node.args) > len(names) or any(k not in names for k in node.kwargs):
+        return None
+    bound = dict(zip(names, node.args, strict=False))
+    for k, v in node.kwargs.items():
+        if k in bound:
+            return None
+        bound[k] = v
+    for name, default in form.signature:
+        if name not in bound:
+            if default is _MISSING:
+                return None
+            bound[name] = default
+    return bound
+
+
+def _lift(gm: fx.GraphModule, node: fx.Node, form: _Form, uses: Counter[int]) -> str | None:
+    """Replace ``node`` by a canonical module call; the reason when it cannot."""
+    bound = _bind(node, form)
+    if bound is None:
+        return f"{form.name} called with arguments this pass does not know"
+    x = bound.pop("input")
+    meta = x.meta.get(TENSOR_META) if isinstance(x, fx.Node) else None
+    if not hasattr(meta, "shape"):
+        return f"the input of {form.name} is not a tensor of known shape"
+    values: dict[str, Any] = {}
+    targets: dict[str, str] = {}
+    attrs: dict[str, fx.Node] = {}
+    for name in form.tensors:
+        value = bound[name]
+        if value is None:
+            values[name] = None
+            continue
+        if not isinstance(value, fx.Node) or value.op != "get_attr":
+            return f"'{name}' of {form.name} is computed, not a parameter or buffer"
+        tensor = _fetch(gm, str(value.target))
+        if not isinstance(tensor, torch.Tensor):
+            return f"'{name}' of {form.name} ('{value.target}') is not a tensor"
+        values[name], targets[name], attrs[name] = tensor, str(value.target), value
+    folded: set[fx.Node] = set()  # size queries on the lifted tensors (padding=w.shape[-1]//2)
+    for name, value in bound.items():
+        if name in form.tensors:
+            continue
+        if _has_node(value):
+            try:
+                value = fx.node.map_arg(value, lambda n: _fold(n, set(attrs.values()), folded))
+            except _NotConstant:
+                return f"argument '{name}' of {form.name} is computed in the graph"
+            if any(isinstance(v, torch.Tensor) for v in _leaves(value)):
+                return f"argument '{name}' of {form.name} is a tensor, not a constant"
+        values[name] = value
+    for name, attr in attrs.items():
+        if uses[id(values[name])] != 1 or set(attr.users) - folded - {node}:
+            return (
+                f"'{attr.target}' is used by more than one node (a shared parameter, or one "
+                "also read elsewhere): one module cannot hold it for all its users"
+            )
+    if any(set(n.users) - folded - {node} for n in folded):
+        return f"a size {form.name} reads is also used elsewhere"
+    try:
+        module = form.build(values, tuple(meta.shape))
+    except (TypeError, ValueError) as exc:
+        return f"{form.name} arguments do not form a torch.nn module ({exc})"
+    if module is None:
+        return f"{form.name} in a form no torch.nn module computes"
+    for name, tensor in values.items():
+        if name in form.tensors and tensor is not None:
+            _put(module, name, tensor)
+    path = _place(gm, node, module, targets)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(path, (x,))
+    new.meta = dict(node.meta)
+    new.meta.setdefault(MODULE_PATH, path)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    for n in reversed(list(gm.graph.nodes)):
+        if n in folded and not n.users:
+            gm.graph.erase_node(n)
+    for attr in attrs.values():
+        if not attr.users:
+            gm.graph.erase_node(attr)
+    return None
+
+
+class _NotConstant(Exception):
+    """An argument depends on more than the sizes of the lifted tensors."""
+
+
+_SIZE_FUNCTIONS = frozenset({operator.getitem, operator.floordiv, operator.mul, operator.add,
+                             operator.sub, operator.neg, getattr, len})  # fmt: skip
+
+
+def _fold(node: fx.Node, attrs: set[fx.Node], seen: set[fx.Node]) -> Any:
+    """The value of a size computed from the lifted tensors' shapes alone (else raise)."""
+    if node in attrs:
+        return _fetch(node.graph.owning_module, str(node.target))
+    if node.op == "call_function" and node.target in _SIZE_FUNCTIONS:
+        if node.target is getattr and node.args[1:] not in (("shape",),):
+            raise _NotConstant
+        fn = node.target
+    elif node.op == "call_method" and node.target == "size":
+        fn = lambda t, *a: t.size(*a)  # noqa: E731
+    else:
+        raise _NotConstant
+    args = fx.node.map_arg(node.args, lambda n: _fold(n, attrs, seen))
+    kwargs = fx.node.map_arg(node.kwargs, lambda n: _fold(n, attrs, seen))
+    value = fn(*args, **kwargs)
+    if isinstance(value, torch.Tensor):
+        raise _NotConstant  # a tensor, not a size
+    seen.add(node)
+    return value
+
+
+def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, (tuple, list)):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value]
+
+
+def _has_node(value: Any) -> bool:
+    found = []
+    fx.node.map_arg(value, lambda n: found.append(n))
+    return bool(found)
+
+
+def _put(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """Set ``module.<name>`` to ``tensor`` itself, as a parameter or buffer like it was."""
+    module._parameters.pop(name, None)
+    module._buffers.pop(name, None)
+    if hasattr(module, name):
+        delattr(module, name)  # a plain attribute (e.g. bias=None placeholder)
+    if isinstance(tensor, nn.Parameter):
+        module.register_parameter(name, tensor)
+    else:
+        module.register_buffer(name, tensor)
+
+
+def _place(gm: fx.GraphModule, node: fx.Node, module: nn.Module, targets: dict[str, str]) -> str:
+    """Register ``module`` on ``gm`` and take the lifted tensors off their owners; its path."""
+    owners = {t.rpartition(".")[0] for t in targets.values()}
+    owner_path = owners.pop() if len(owners) == 1 else ""
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    module.eval()  # the call was traced in eval mode (an fx container's flag says nothing)
+    if owner_path and _only_state_of(gm, owner, owner_path, targets):
+        for child_name, child in owner.named_children():
+            module.add_module(child_name, child)
+        nbt = owner._buffers.get("num_batches_tracked")
+        if nbt is not None and "num_batches_tracked" in module._buffers:
+            module.register_buffer("num_batches_tracked", nbt)
+        parent_path, _, attr = owner_path.rpartition(".")
+        setattr(gm.get_submodule(parent_path) if parent_path else gm, attr, module)
+        return owner_path
+    for target in targets.values():
+        o_path, _, attr = target.rpartition(".")
+        o = gm.get_submodule(o_path) if o_path else gm
+        o._parameters.pop(attr, None)
+        o._buffers.pop(attr, None)
+    base = node.name
+    name, i = base, 1
+    while hasattr(owner, name):
+        name, i = f"{base}_{i}", i + 1
+    owner.add_module(name, module)
+    return f"{owner_path}.{name}" if owner_path else name
+
+
+def _only_state_of(
+    gm: fx.GraphModule, owner: nn.Module, owner_path: str, targets: dict[str, str]
+) -> bool:
+    """The owner holds nothing but the lifted tensors, has stateless children, is not called."""
+    own = {n for n, t in owner._parameters.items() if t is not None}
+    own |= {n for n, t in owner._buffers.items() if t is not None and n != "num_batches_tracked"}
+    if own != {t.rpartition(".")[2] for t in targets.values()}:
+        return False
+    for child in owner.children():
+        if any(True for _ in child.parameters()) or any(True for _ in child.buffers()):
+            return False
+    return not any(n.op == "call_module" and n.target == owner_path for n in gm.graph.nodes)

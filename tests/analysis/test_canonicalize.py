@@ -1,0 +1,285 @@
+"""Canonicalise: functional calls on parameters become stock modules; the rest freezes, named."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from functional_models import FunctionalConcat, FunctionalResNet
+from helpers import check_plan, make_sensitive
+from torch import nn
+
+import fxprune
+from fxprune.analysis.canonicalize import LIFTABLE, canonicalize
+from fxprune.analysis.plans import random_plan
+from fxprune.analysis.trace import trace
+from fxprune.core.meta import MODULE_PATH, NOT_LIFTED
+from fxprune.pipeline.report import prunable_fraction
+
+
+def _randomise_bn(model: nn.Module) -> nn.Module:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model
+
+
+# ---- the three forms of each op -----------------------------------------------------------------
+class OwnConv(nn.Conv2d):
+    """A Conv2d subclass with its own forward (timm's Conv2dSame style)."""
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+
+
+class OwnBN(nn.BatchNorm2d):
+    """timm's BatchNormAct2d in small: F.batch_norm on its own tensors, then an activation."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        torch._assert(x.ndim == 4, f"expected 4D input (got {x.ndim}D input)")
+        x = F.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.1, self.eps
+        )
+        return self.act(x)
+
+
+class OwnLinear(nn.Linear):
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class OwnLN(nn.LayerNorm):
+    def forward(self, x):
+        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+class OwnGN(nn.GroupNorm):
+    def forward(self, x):
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+class ConvBNLinear(nn.Module):
+    """conv → BN → conv → BN → pool → linear → LayerNorm → linear, in one of three forms."""
+
+    def __init__(self, form: str):
+        super().__init__()
+        self.form = form
+        conv, bn, lin = {
+            "module": (nn.Conv2d, nn.BatchNorm2d, nn.Linear),
+            "subclass": (OwnConv, OwnBN, OwnLinear),
+            "functional": (nn.Conv2d, nn.BatchNorm2d, nn.Linear),
+        }[form]
+        self.c1, self.b1 = conv(3, 8, 3, padding=1), bn(8)
+        self.c2, self.b2 = conv(8, 12, 3, padding=1, groups=1), bn(12)
+        self.fc1, self.ln, self.fc2 = lin(12, 10), nn.LayerNorm(10), lin(10, 4)
+
+    def forward(self, x):
+        if self.form != "functional":
+            x = self.b2(self.c2(torch.relu(self.b1(self.c1(x)))))
+            return self.fc2(self.ln(self.fc1(x.mean((2, 3)))))
+        for c, b in ((self.c1, self.b1), (self.c2, self.b2)):
+            x = F.conv2d(x, c.weight, c.bias, padding=1)
+            x = torch.batch_norm(  # ATen argument order, all positional
+                x, b.weight, b.bias, b.running_mean, b.running_var, False, 0.1, 1e-5, True
+            )
+            x = torch.relu(x)
+        x = F.linear(x.mean((2, 3)), self.fc1.weight, bias=self.fc1.bias)
+        x = F.layer_norm(x, (10,), self.ln.weight, self.ln.bias)
+        return F.linear(x, weight=self.fc2.weight, bias=self.fc2.bias)
+
+
+@pytest.mark.parametrize("form", ["module", "subclass", "functional"])
+def test_every_form_is_lifted_and_equal(form):
+    model = _randomise_bn(ConvBNLinear(form).eval())
+    x = torch.randn(2, 3, 8, 8)
+    traced = trace(model, x)
+    gm = trace(model, x)
+    before = {id(t) for t in (*gm.parameters(), *gm.buffers())}
+    gm = canonicalize(gm)
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in LIFTABLE]
+    assert calls == []
+    kinds = [type(gm.get_submodule(n.target)) for n in gm.graph.nodes if n.op == "call_module"]
+    assert kinds.count(nn.Conv2d) == 2 and kinds.count(nn.BatchNorm2d) == 2
+    assert kinds.count(nn.Linear) == 2 and kinds.count(nn.LayerNorm) == 1
+    with torch.no_grad():
+        assert torch.equal(gm(x), traced(x))
+    # the very same tensors, not copies (a new BatchNorm brings its own num_batches_tracked)
+    after = {id(t) for t in (*gm.parameters(), *gm.buffers()) if t.ndim > 0}
+    assert after <= before
+    assert all(n.op != "call_function" or n.target is not torch._assert for n in gm.graph.nodes)
+
+
+@pytest.mark.parametrize("form", ["module", "subclass", "functional"])
+def test_every_form_prunes_like_the_oracle(form):
+    model = _randomise_bn(ConvBNLinear(form).eval())
+    x = torch.randn(2, 3, 8, 8)
+    a = fxprune.analyze(model, x)
+    assert sum(g.prunable for g in a.groups) == 3  # c1/b1, c2/b2, fc1/ln (inexact)
+    for seed in range(4):
+        check_plan(a, random_plan(a, seed), x)
+
+
+def test_subclass_keeps_its_path_and_state_dict_keys():
+    model = _randomise_bn(ConvBNLinear("subclass").eval())
+    gm = canonicalize(trace(model, torch.randn(1, 3, 8, 8)))
+    assert type(gm.get_submodule("b1")) is nn.BatchNorm2d
+    assert isinstance(gm.get_submodule("b1.act"), nn.ReLU)  # stateless child moved along
+    node = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "b1")
+    assert node.meta[MODULE_PATH] == "b1" and "tensor_meta" in node.meta
+    assert set(gm.state_dict()) == set(model.state_dict())
+
+
+class NormForms(nn.Module):
+    """group norm, instance norm, affine-free batch norm, transposed conv, embedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+        self.gn = OwnGN(2, 8)
+        self.up = nn.ConvTranspose2d(8, 6, 2, stride=2)
+        self.bn = nn.BatchNorm2d(6, affine=False)
+        self.emb = nn.Embedding(5, 6)
+
+    def forward(self, x, idx):
+        x = self.gn(self.c(x))
+        x = F.conv_transpose2d(x, self.up.weight, self.up.bias, stride=2)
+        x = F.batch_norm(x, self.bn.running_mean, self.bn.running_var, None, None, False)
+        x = F.instance_norm(x)
+        return x.mean((2, 3)) + F.embedding(idx, self.emb.weight)
+
+
+def test_norm_transpose_and_embedding_forms_are_lifted_and_equal():
+    model = _randomise_bn(NormForms().eval())
+    x, idx = torch.randn(2, 3, 6, 6), torch.tensor([1, 3])
+    traced = trace(model, (x, idx))
+    gm = canonicalize(trace(model, (x, idx)))
+    kinds = {type(gm.get_submodule(n.target)) for n in gm.graph.nodes if n.op == "call_module"}
+    assert {nn.GroupNorm, nn.ConvTranspose2d, nn.BatchNorm2d, nn.Embedding} <= kinds
+    assert nn.InstanceNorm2d in kinds
+    assert not any(n.op == "call_function" and n.target in LIFTABLE for n in gm.graph.nodes)
+    with torch.no_grad():
+        assert torch.equal(gm(x, idx), traced(x, idx))
+
+
+# ---- what must not be lifted --------------------------------------------------------------------
+class StdConv(nn.Conv2d):
+    """timm's StdConv2d in small: the weight is computed (standardised) before the conv."""
+
+    def forward(self, x):
+        w = self.weight - self.weight.mean((1, 2, 3), keepdim=True)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class Computed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.std = StdConv(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.c3(self.std(torch.relu(self.c1(x))))
+
+
+class Shared(nn.Module):
+    """One weight applied by two functional calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(8, 8, 1, 1))
+        self.c3 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.c1(x))
+        x = F.conv2d(torch.relu(F.conv2d(x, self.w)), self.w)
+        return self.c3(x)
+
+
+@pytest.mark.parametrize(
+    ("cls", "why", "path"),
+    [(Computed, "is computed", "std"), (Shared, "used by more than one node", "")],
+)
+def test_unliftable_call_freezes_and_is_named(cls, why, path):
+    torch.manual_seed(0)
+    model, x = cls().eval(), torch.randn(1, 3, 6, 6)
+    a = fxprune.analyze(model, x)
+    convs = [n for n in a.gm.graph.nodes if n.op == "call_function" and n.target is F.conv2d]
+    assert convs and all(why in n.meta[NOT_LIFTED] for n in convs)
+    frozen = [r for g in a.groups for r in g.frozen if "conv2d at node" in r]
+    assert frozen and all(why in r for r in frozen)
+    if path:
+        assert any(f"(in '{path}')" in r for r in frozen)
+    with torch.no_grad():
+        assert torch.equal(a.gm(x), trace(model, x)(x))
+    check_plan(a, random_plan(a, 0), x)  # what is left prunable still prunes exactly
+
+
+def test_parameter_also_read_elsewhere_is_not_lifted():
+    class AlsoRead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 3, 1, 1))
+
+        def forward(self, x):
+            return F.conv2d(x, self.w) * self.w.sum()
+
+    gm = canonicalize(trace(AlsoRead(), torch.randn(1, 3, 4, 4)))
+    (conv,) = [n for n in gm.graph.nodes if n.target is F.conv2d]
+    assert "more than one node" in conv.meta[NOT_LIFTED]
+
+
+def test_size_asserts_stay():
+    class SizeGuard(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            torch._assert(x.shape[2] == 6, "height must be 6")
+            return self.c(x)
+
+    gm = canonicalize(trace(SizeGuard(), torch.randn(1, 3, 6, 6)))
+    assert any(n.target is torch._assert for n in gm.graph.nodes)
+
+
+# ---- hand-written functional models and timm ---------------------------------------------------
+@pytest.mark.parametrize("cls", [FunctionalResNet, FunctionalConcat])
+def test_functional_models_are_prunable_and_exact(cls):
+    model, x = cls().eval(), torch.randn(2, 3, 16, 16)
+    a = fxprune.analyze(model, x)
+    assert prunable_fraction(a)["prunable"] > 0.9
+    with torch.no_grad():
+        assert torch.equal(a.gm(x), model(x))
+    for seed in range(3):
+        check_plan(a, random_plan(a, seed), x)
+    if cls is FunctionalResNet:
+        assert len(a.blocks) == 2
+        plan = fxprune.Plan({}, tuple(b.name for b in a.blocks), a.signature)
+        check_plan(a, plan, x)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "mobilenetv3_large_100"])
+def test_timm_bn_act_models_are_prunable_and_exact(name):
+    timm = pytest.importorskip("timm")
+    x = torch.randn(1, 3, 96, 96)
+    model = make_sensitive(timm.create_model(name, pretrained=False), x).eval()
+    a = fxprune.analyze(model, x)
+    assert prunable_fraction(a)["prunable"] >= 0.9
+    assert not any(
+        n.op == "call_function" and n.target in LIFTABLE for n in a.gm.graph.nodes
+    )  # every BatchNormAct2d lifted
+    with torch.no_grad():
+        assert torch.equal(a.gm(x), model(x))
+    for seed in range(2):
+        check_plan(a, random_plan(a, seed), x)
