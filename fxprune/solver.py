@@ -21,6 +21,7 @@ group around the full model, and uniform width scaling found by bisection.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ __all__ = [
     "derived_option",
     "evaluate",
     "min_latency",
+    "share",
     "solve_knapsack",
     "solve_minlp",
     "solve_uniform",
@@ -119,9 +121,11 @@ class GroupSpec:
     counts: tuple[int, ...]
     importance: tuple[float, ...]
     block: str | None = None  # the removable block this group lives in (then counts[0] == 0)
-    #: a *derived* group (an op reading several groups, e.g. a DenseNet concatenation): its
-    #: count is the smallest option ≥ ``offset + Σ coef·count(member)``; not chosen freely
-    sum_of: tuple[tuple[str, float], ...] = ()
+    #: a *derived* group (an op reading several groups, e.g. a DenseNet concatenation, or a
+    #: slice of one): its count is the smallest option ≥ ``offset + Σ share(member)``, where a
+    #: member's share is ``coef·count(member)`` for a float ``coef``, or ``coef[k]`` at the
+    #: member's option ``k`` for a tuple (one entry per option); not chosen freely
+    sum_of: tuple[tuple[str, float | tuple[float, ...]], ...] = ()
     offset: float = 0.0
 
     def __post_init__(self) -> None:
@@ -183,11 +187,16 @@ class Solution:
         return {g.name: g.counts[choice[g.name]] for g in problem.groups}
 
 
+def share(problem: Problem, member: str, coef: float | tuple[float, ...], k: int) -> float:
+    """What ``member`` at its option ``k`` adds to a derived group's total."""
+    if isinstance(coef, tuple):
+        return float(coef[k])
+    return coef * problem.group(member).counts[k]
+
+
 def derived_option(problem: Problem, group: GroupSpec, choice: Mapping[str, int]) -> int:
     """The option of a derived group: the smallest count covering its members' total."""
-    total = group.offset + sum(
-        coef * problem.group(m).counts[choice[m]] for m, coef in group.sum_of
-    )
+    total = group.offset + sum(share(problem, m, coef, choice[m]) for m, coef in group.sum_of)
     for k, c in enumerate(group.counts):
         if c >= total - 1e-9:
             return k
@@ -247,9 +256,11 @@ def _check(problem: Problem) -> None:
     for g in problem.groups:
         if g.block is not None and g.block not in blocks:
             raise ValueError(f"group {g.name}: unknown block {g.block}")
-        for member, _ in g.sum_of:
+        for member, coef in g.sum_of:
             if member not in names or problem.group(member).sum_of:
                 raise ValueError(f"derived group {g.name}: {member} is not a free group")
+            if isinstance(coef, tuple) and len(coef) != len(problem.group(member).counts):
+                raise ValueError(f"derived group {g.name}: one share per option of {member}")
 
 
 def _build(problem: Problem, budget: float | None, objective: str):
@@ -301,9 +312,9 @@ def _derived_constraints(m, problem: Problem, g: GroupSpec, y: Mapping[str, list
     from pyscipopt import quicksum
 
     total = g.offset + quicksum(
-        coef * c * y[member][k]
+        share(problem, member, coef, k) * v
         for member, coef in g.sum_of
-        for k, c in enumerate(problem.group(member).counts)
+        for k, v in enumerate(y[member])
     )
     ys = y[g.name]
     m.addCons(quicksum(c * v for c, v in zip(g.counts, ys, strict=True)) >= total - 1e-6)
@@ -365,10 +376,15 @@ def _read(problem: Problem, m, y, z) -> tuple[dict[str, int], frozenset[str]]:
 
 def channels_only(problem: Problem) -> Problem:
     """The problem without block removal (what the channel-only baselines can reach)."""
+    inside = {g.name for g in problem.groups if g.block is not None}
+
+    def drop_first(sum_of: tuple) -> tuple:  # per-option shares lose the "count 0" entry too
+        return tuple((m, c[1:] if isinstance(c, tuple) and m in inside else c) for m, c in sum_of)
+
     groups = tuple(
         GroupSpec(g.name, g.counts[1:], g.importance[1:], None, g.sum_of, g.offset)
         if g.block is not None
-        else g
+        else dataclasses.replace(g, sum_of=drop_first(g.sum_of))
         for g in problem.groups
     )
     ops = []

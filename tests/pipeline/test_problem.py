@@ -31,6 +31,8 @@ MODELS = {
     "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(), 64),
     "regnet_y_400mf": (lambda: torchvision.models.regnet_y_400mf(), 64),  # grouped convs, SE
     "densenet121": (lambda: torchvision.models.densenet121(), 64),  # concatenations
+    # channel split + shuffle: layers read a slice of a group, some its indices twice
+    "shufflenet_v2_x0_5": (lambda: torchvision.models.shufflenet_v2_x0_5(), 64),
 }
 
 
