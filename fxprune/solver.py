@@ -21,9 +21,11 @@ group around the full model, and uniform width scaling found by bisection.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -36,12 +38,15 @@ __all__ = [
     "OpCost",
     "Problem",
     "Solution",
+    "WarmStart",
     "brute_force",
     "channels_only",
     "complete",
+    "default_time_limit",
     "derived_option",
     "evaluate",
     "min_latency",
+    "share",
     "solve_knapsack",
     "solve_minlp",
     "solve_uniform",
@@ -119,9 +124,11 @@ class GroupSpec:
     counts: tuple[int, ...]
     importance: tuple[float, ...]
     block: str | None = None  # the removable block this group lives in (then counts[0] == 0)
-    #: a *derived* group (an op reading several groups, e.g. a DenseNet concatenation): its
-    #: count is the smallest option ≥ ``offset + Σ coef·count(member)``; not chosen freely
-    sum_of: tuple[tuple[str, float], ...] = ()
+    #: a *derived* group (an op reading several groups, e.g. a DenseNet concatenation, or a
+    #: slice of one): its count is the smallest option ≥ ``offset + Σ share(member)``, where a
+    #: member's share is ``coef·count(member)`` for a float ``coef``, or ``coef[k]`` at the
+    #: member's option ``k`` for a tuple (one entry per option); not chosen freely
+    sum_of: tuple[tuple[str, float | tuple[float, ...]], ...] = ()
     offset: float = 0.0
 
     def __post_init__(self) -> None:
@@ -165,8 +172,27 @@ class Problem:
 
 
 @dataclass(frozen=True)
+class WarmStart:
+    """A plan SCIP was offered before its search: where it came from and what it is worth."""
+
+    source: str  # "given" (the caller's), "uniform", "knapsack"
+    choice: Mapping[str, int]
+    removed: frozenset[str]
+    objective: float
+    latency: float
+    #: it meets the budget, so SCIP was given it (and the result is at least as good)
+    used: bool
+
+
+@dataclass(frozen=True)
 class Solution:
-    """Option index per group, removed blocks, and how the solver got there."""
+    """Option index per group, removed blocks, and how the solver got there.
+
+    ``status`` is the solver's: for SCIP ``"optimal"``, ``"gaplimit"`` (within ``gap``) or
+    ``"timelimit"`` (its best plan when time ran out; ``gap`` says how far from proven).
+    ``incumbent`` names where the returned plan came from: ``"scip"`` (found by the search),
+    a warm start's source, or ``"fastest"`` (SCIP's fastest plan, when nothing else was found).
+    """
 
     choice: Mapping[str, int]
     removed: frozenset[str]
@@ -177,17 +203,52 @@ class Solution:
     time_s: float = 0.0
     solver: str = ""
     rounds: tuple[dict, ...] = field(default_factory=tuple)
+    time_limit: float | None = None
+    time_limit_rule: str = ""  # "given" or "scaled" (default_time_limit)
+    warm_starts: tuple[WarmStart, ...] = ()
+    incumbent: str = ""
 
     def counts(self, problem: Problem) -> dict[str, int]:
         choice = complete(problem, self.choice)
         return {g.name: g.counts[choice[g.name]] for g in problem.groups}
 
+    def summary(self) -> str:
+        """One sentence for a report: how the solver stopped and where the plan came from."""
+        if self.time_limit is None:
+            return f"{self.solver}: {self.status} in {self.time_s:.1f} s."
+        gap = f"gap {self.gap:.2%}" if np.isfinite(self.gap) else "no bound on the gap yet"
+        stop = {
+            "optimal": "proved the plan optimal",
+            "gaplimit": f"stopped within its gap ({gap})",
+            "timelimit": f"hit its {self.time_limit:.3g} s time limit "
+            f"({self.time_limit_rule}); {gap}",
+        }.get(self.status, f"stopped ({self.status}, {gap})")
+        used = [w for w in self.warm_starts if w.used]
+        starts = (
+            "warm-started from " + ", ".join(f"{w.source} ({w.objective:.1%})" for w in used)
+            if used
+            else "no feasible warm start"
+        )
+        source = {
+            "scip": "found by SCIP's search",
+            "fastest": "the fastest plan SCIP found",
+        }.get(self.incumbent, f"the {self.incumbent} warm start (SCIP found nothing better)")
+        return (
+            f"{self.solver} {stop} after {self.time_s:.1f} s; {starts}; "
+            f"the plan is {source}, keeping {self.objective:.1%} of the importance."
+        )
+
+
+def share(problem: Problem, member: str, coef: float | tuple[float, ...], k: int) -> float:
+    """What ``member`` at its option ``k`` adds to a derived group's total."""
+    if isinstance(coef, tuple):
+        return float(coef[k])
+    return coef * problem.group(member).counts[k]
+
 
 def derived_option(problem: Problem, group: GroupSpec, choice: Mapping[str, int]) -> int:
     """The option of a derived group: the smallest count covering its members' total."""
-    total = group.offset + sum(
-        coef * problem.group(m).counts[choice[m]] for m, coef in group.sum_of
-    )
+    total = group.offset + sum(share(problem, m, coef, choice[m]) for m, coef in group.sum_of)
     for k, c in enumerate(group.counts):
         if c >= total - 1e-9:
             return k
@@ -247,28 +308,46 @@ def _check(problem: Problem) -> None:
     for g in problem.groups:
         if g.block is not None and g.block not in blocks:
             raise ValueError(f"group {g.name}: unknown block {g.block}")
-        for member, _ in g.sum_of:
+        for member, coef in g.sum_of:
             if member not in names or problem.group(member).sum_of:
                 raise ValueError(f"derived group {g.name}: {member} is not a free group")
+            if isinstance(coef, tuple) and len(coef) != len(problem.group(member).counts):
+                raise ValueError(f"derived group {g.name}: one share per option of {member}")
 
 
-def _build(problem: Problem, budget: float | None, objective: str):
+#: the value a variable takes under a choice and a set of removed blocks (full warm starts)
+_ValueOf = Callable[[Mapping[str, int], frozenset[str]], float]
+
+
+@dataclass
+class _Milp:
+    """The SCIP model and its variables, each with the value a given choice gives it."""
+
+    m: Any
+    y: dict[str, list]
+    z: dict[str, Any]
+    #: every variable with its value as a function of (complete choice, removed blocks)
+    values: list[tuple[Any, _ValueOf]]
+
+
+def _build(problem: Problem, budget: float | None, objective: str) -> _Milp:
     """The exact MILP in SCIP. ``objective`` is "importance" (max) or "latency" (min)."""
     from pyscipopt import Model, quicksum
 
     _check(problem)
     m = Model("fxprune")
     m.hideOutput()
-    z, y = _choice_vars(m, problem)
+    milp = _Milp(m, {}, {}, [])
+    _choice_vars(milp, problem)
     for g in problem.groups:
         if g.sum_of:
-            _derived_constraints(m, problem, g, y)
+            _derived_constraints(m, problem, g, milp.y)
     terms = []
     for o, op in enumerate(problem.ops):
-        terms.extend(_op_terms(m, problem, o, op, y, z))
+        terms.extend(_op_terms(milp, problem, o, op))
     latency = quicksum(terms) + problem.const
     value = quicksum(
-        g.importance[k] * y[g.name][k] for g in problem.groups for k in range(len(g.counts))
+        g.importance[k] * milp.y[g.name][k] for g in problem.groups for k in range(len(g.counts))
     )
     if budget is not None:
         m.addCons(latency <= budget)
@@ -276,21 +355,27 @@ def _build(problem: Problem, budget: float | None, objective: str):
         m.setObjective(value, "maximize")
     else:
         m.setObjective(latency, "minimize")
-    return m, y, z
+    return milp
 
 
-def _choice_vars(m, problem: Problem) -> tuple[dict, dict[str, list]]:
+def _is(group: str, k: int) -> _ValueOf:
+    return lambda choice, removed: float(choice[group] == k)
+
+
+def _choice_vars(milp: _Milp, problem: Problem) -> None:
     """Binary ``z`` per block (removed) and one-hot ``y`` per group (its option)."""
     from pyscipopt import quicksum
 
-    z = {b.name: m.addVar(f"z[{b.name}]", vtype="B") for b in problem.blocks}
-    y: dict[str, list] = {}
+    m = milp.m
+    for b in problem.blocks:
+        milp.z[b.name] = m.addVar(f"z[{b.name}]", vtype="B")
+        milp.values.append((milp.z[b.name], lambda c, r, b=b.name: float(b in r)))
     for g in problem.groups:
-        y[g.name] = [m.addVar(f"y[{g.name},{k}]", vtype="B") for k in range(len(g.counts))]
-        m.addCons(quicksum(y[g.name]) == 1)
-        if g.block is not None:
-            m.addCons(y[g.name][0] == z[g.block])  # a removed block keeps nothing, and only then
-    return z, y
+        milp.y[g.name] = [m.addVar(f"y[{g.name},{k}]", vtype="B") for k in range(len(g.counts))]
+        milp.values.extend((v, _is(g.name, k)) for k, v in enumerate(milp.y[g.name]))
+        m.addCons(quicksum(milp.y[g.name]) == 1)
+        if g.block is not None:  # a removed block keeps nothing, and only then
+            m.addCons(milp.y[g.name][0] == milp.z[g.block])
 
 
 def _derived_constraints(m, problem: Problem, g: GroupSpec, y: Mapping[str, list]) -> None:
@@ -301,9 +386,9 @@ def _derived_constraints(m, problem: Problem, g: GroupSpec, y: Mapping[str, list
     from pyscipopt import quicksum
 
     total = g.offset + quicksum(
-        coef * c * y[member][k]
+        share(problem, member, coef, k) * v
         for member, coef in g.sum_of
-        for k, c in enumerate(problem.group(member).counts)
+        for k, v in enumerate(y[member])
     )
     ys = y[g.name]
     m.addCons(quicksum(c * v for c, v in zip(g.counts, ys, strict=True)) >= total - 1e-6)
@@ -311,41 +396,42 @@ def _derived_constraints(m, problem: Problem, g: GroupSpec, y: Mapping[str, list
     m.addCons(quicksum(c * v for c, v in zip(lower, ys, strict=True)) <= total)
 
 
-def _op_terms(m, problem: Problem, o: int, op: OpCost, y: Mapping[str, list], z: Mapping) -> list:
+def _op_terms(milp: _Milp, problem: Problem, o: int, op: OpCost) -> list:
     """One op's latency terms ``cost · v``, pair variables linearising ``y_inᵀ C y_out``."""
     t = np.asarray(op.table, dtype=float)
+    y = milp.y
     internal = {g.name for g in problem.groups if g.block is not None and g.block == op.block}
     # an op in a block that touches an internal group already costs 0 through y[g][0];
     # one that touches only outside groups (e.g. a depthwise conv on the residual) is gated
-    gate = (
-        z[op.block]
-        if op.block is not None and not ({op.in_group, op.out_group} & internal)
-        else None
-    )
+    gated = op.block is not None and not ({op.in_group, op.out_group} & internal)
     if op.in_group and op.out_group:
-        cells = _pair_cells(m, o, t, y[op.in_group], y[op.out_group])
+        cells = _pair_cells(milp, o, t, op.in_group, op.out_group)
     elif op.in_group:
-        cells = list(zip(t[:, 0], y[op.in_group], strict=True))
+        cells = [(t[i, 0], v, _is(op.in_group, i)) for i, v in enumerate(y[op.in_group])]
     elif op.out_group:
-        cells = list(zip(t[0, :], y[op.out_group], strict=True))
+        cells = [(t[0, j], v, _is(op.out_group, j)) for j, v in enumerate(y[op.out_group])]
     else:
-        cells = [(t[0, 0], 1.0)]
+        cells = [(t[0, 0], 1.0, lambda c, r: 1.0)]
     terms = []
-    for c, v in cells:
+    for c, v, value in cells:
         if c == 0:
             continue
-        if gate is not None:  # cost only while the block is kept: q ≥ v − z, q ≥ 0
-            q = m.addVar(lb=0.0, ub=1.0)
-            m.addCons(q >= v - gate)
+        if gated:  # cost only while the block is kept: q ≥ v − z, q ≥ 0
+            q = milp.m.addVar(f"q[{o},{len(terms)}]", lb=0.0, ub=1.0)
+            milp.m.addCons(q >= v - milp.z[op.block])
+            milp.values.append(
+                (q, lambda ch, r, f=value, b=op.block: max(0.0, f(ch, r) - float(b in r)))
+            )
             v = q
         terms.append(c * v)
     return terms
 
 
-def _pair_cells(m, o: int, t: np.ndarray, ins: list, outs: list) -> list:
-    """(cost, p[i, j]) per table cell, ``p`` tied to the one-hot ``y`` on both sides."""
+def _pair_cells(milp: _Milp, o: int, t: np.ndarray, g_in: str, g_out: str) -> list:
+    """(cost, p[i, j], value) per table cell, ``p`` tied to the one-hot ``y`` on both sides."""
     from pyscipopt import quicksum
 
+    m, ins, outs = milp.m, milp.y[g_in], milp.y[g_out]
     p = [
         [m.addVar(f"p[{o},{i},{j}]", lb=0.0, ub=1.0) for j in range(t.shape[1])]
         for i in range(t.shape[0])
@@ -354,21 +440,43 @@ def _pair_cells(m, o: int, t: np.ndarray, ins: list, outs: list) -> list:
         m.addCons(quicksum(p[i]) == ins[i])
     for j in range(t.shape[1]):
         m.addCons(quicksum(p[i][j] for i in range(t.shape[0])) == outs[j])
-    return [(t[i, j], p[i][j]) for i in range(t.shape[0]) for j in range(t.shape[1])]
+    cells = []
+    for i in range(t.shape[0]):
+        for j in range(t.shape[1]):
+            value = lambda c, r, i=i, j=j: float(c[g_in] == i and c[g_out] == j)  # noqa: E731
+            milp.values.append((p[i][j], value))
+            cells.append((t[i, j], p[i][j], value))
+    return cells
 
 
-def _read(problem: Problem, m, y, z) -> tuple[dict[str, int], frozenset[str]]:
-    choice = {name: int(np.argmax([m.getVal(v) for v in vs])) for name, vs in y.items()}
-    removed = frozenset(b for b, v in z.items() if m.getVal(v) > 0.5)
+def _add_start(milp: _Milp, problem: Problem, choice: Mapping[str, int], removed) -> bool:
+    """Hand SCIP a complete solution (every variable set); whether SCIP stored it."""
+    full = complete(problem, choice)
+    removed = frozenset(removed)
+    sol = milp.m.createSol()
+    for var, value in milp.values:
+        milp.m.setSolVal(sol, var, value(full, removed))
+    return bool(milp.m.addSol(sol, free=True))
+
+
+def _read(milp: _Milp) -> tuple[dict[str, int], frozenset[str]]:
+    m = milp.m
+    choice = {name: int(np.argmax([m.getVal(v) for v in vs])) for name, vs in milp.y.items()}
+    removed = frozenset(b for b, v in milp.z.items() if m.getVal(v) > 0.5)
     return choice, removed
 
 
 def channels_only(problem: Problem) -> Problem:
     """The problem without block removal (what the channel-only baselines can reach)."""
+    inside = {g.name for g in problem.groups if g.block is not None}
+
+    def drop_first(sum_of: tuple) -> tuple:  # per-option shares lose the "count 0" entry too
+        return tuple((m, c[1:] if isinstance(c, tuple) and m in inside else c) for m, c in sum_of)
+
     groups = tuple(
         GroupSpec(g.name, g.counts[1:], g.importance[1:], None, g.sum_of, g.offset)
         if g.block is not None
-        else g
+        else dataclasses.replace(g, sum_of=drop_first(g.sum_of))
         for g in problem.groups
     )
     ops = []
@@ -382,58 +490,182 @@ def channels_only(problem: Problem) -> Problem:
     return Problem(groups, tuple(ops), (), problem.const)
 
 
-def min_latency(problem: Problem, time_limit: float = 30.0) -> float:
-    """The smallest latency any choice reaches (exact, by SCIP)."""
-    m, y, z = _build(problem, None, "latency")
-    m.setParam("limits/time", time_limit)
-    m.optimize()
-    choice, removed = _read(problem, m, y, z)
+#: the time limit SCIP gets when the caller gives none: a base, more per thousand variables
+#: (its pair variables are the table cells), capped; see :func:`default_time_limit`
+TIME_LIMIT_BASE_S = 30.0
+TIME_LIMIT_PER_1000_VARS_S = 10.0
+TIME_LIMIT_MAX_S = 300.0
+
+
+def default_time_limit(problem: Problem) -> float:
+    """SCIP's time limit (s) for ``problem`` when none is given: it grows with the model.
+
+    ``min(TIME_LIMIT_MAX_S, TIME_LIMIT_BASE_S + TIME_LIMIT_PER_1000_VARS_S · cells / 1000)``,
+    ``cells`` = the options of every group plus the cells of every op's table (one variable
+    each in the MILP). A limit given to a solver is used as given.
+    """
+    cells = sum(len(g.counts) for g in problem.groups) + sum(
+        int(np.size(op.table)) for op in problem.ops
+    )
+    return min(TIME_LIMIT_MAX_S, TIME_LIMIT_BASE_S + TIME_LIMIT_PER_1000_VARS_S * cells / 1000)
+
+
+def _fastest(problem: Problem, time_limit: float) -> tuple[dict[str, int], frozenset[str], bool]:
+    """The fastest choice SCIP finds within ``time_limit``, and whether it proved it fastest."""
+    milp = _build(problem, None, "latency")
+    # every group at its smallest option and every block removed: a start that always exists
+    smallest = {g.name: 0 for g in _free(problem)}
+    _add_start(milp, problem, smallest, frozenset(b.name for b in problem.blocks))
+    milp.m.setParam("limits/time", time_limit)
+    milp.m.optimize()
+    choice, removed = _read(milp)
+    return choice, removed, milp.m.getStatus() == "optimal"
+
+
+def min_latency(problem: Problem, time_limit: float | None = None) -> float:
+    """The smallest latency any choice reaches (exact, by SCIP; else the best found in time)."""
+    limit = default_time_limit(problem) if time_limit is None else time_limit
+    choice, removed, _ = _fastest(problem, limit)
     return evaluate(problem, choice, removed)[1]
+
+
+def _starts(
+    milp: _Milp,
+    problem: Problem,
+    budget: float,
+    warm_start: Solution | None,
+    heuristics: bool,
+    time_limit: float,
+) -> tuple[WarmStart, ...]:
+    """Offer SCIP feasible plans: the caller's, uniform scaling's, the knapsack's.
+
+    Each is evaluated exactly; one over the budget (or missing a group) is listed, not used.
+    """
+    found: list[tuple[str, Mapping[str, int], frozenset[str]]] = []
+    if warm_start is not None and all(g.name in warm_start.choice for g in _free(problem)):
+        found.append(("given", warm_start.choice, frozenset(warm_start.removed)))
+    if heuristics:
+        uniform = _uniform(problem, budget)
+        if uniform is not None:
+            found.append(("uniform", uniform[1], frozenset()))
+        # a warm start need not be the knapsack's optimum: a loose gap, a short limit per solve
+        per_solve = min(5.0, max(0.5, time_limit / 20))
+        knapsack = _knapsack_search(problem, budget, per_solve, rounds=8, gap=1e-2)
+        if knapsack is not None:
+            found.append(("knapsack", knapsack[1], frozenset()))
+    out = []
+    for source, choice, removed in found:
+        value, latency = evaluate(problem, choice, removed)
+        used = latency <= budget
+        if used:  # SCIP may decline a duplicate; _best still weighs every used start
+            _add_start(milp, problem, choice, removed)
+        out.append(WarmStart(source, dict(choice), removed, value, latency, used))
+    return tuple(out)
 
 
 def solve_minlp(
     problem: Problem,
     budget: float,
     *,
-    time_limit: float = 30.0,
+    time_limit: float | None = None,
     gap: float = 1e-3,
     warm_start: Solution | None = None,
+    heuristics: bool = True,
 ) -> Solution:
-    """MDP's problem, solved to a certified ``gap`` (or the time limit) by SCIP.
+    """MDP's problem, solved to a certified ``gap`` by SCIP, or its best plan at the time limit.
+
+    SCIP starts from every feasible plan it is given (``warm_start``) or that the uniform and
+    knapsack baselines find (``heuristics``), so whenever one of them meets the budget a plan
+    comes back: at the time limit it is SCIP's incumbent, with status ``"timelimit"`` and its
+    gap — a result, not an error. The returned :class:`Solution` records the time limit and
+    where it came from, the warm starts and which plan won (:meth:`Solution.summary`).
+
+    Args:
+        time_limit: seconds for SCIP's search (the heuristics run before it); ``None`` scales
+            it with the problem (:func:`default_time_limit`); a number is used as given.
+        gap: relative optimality gap at which SCIP stops.
+        warm_start: a plan to start from (e.g. the previous round's), used if it fits.
+        heuristics: also start from the uniform and knapsack baselines' plans.
 
     Raises:
-        InfeasibleBudget: with the smallest reachable latency.
+        InfeasibleBudget: no plan meets the budget, with the smallest reachable latency.
+        FxpruneError: SCIP ran out of time before finding any plan or proving there is none,
+            and no warm start nor the fastest plan found meets the budget.
     """
     start = time.perf_counter()
-    m, y, z = _build(problem, budget, "importance")
-    m.setParam("limits/time", time_limit)
+    limit = default_time_limit(problem) if time_limit is None else float(time_limit)
+    rule = "scaled" if time_limit is None else "given"
+    milp = _build(problem, budget, "importance")
+    starts = _starts(milp, problem, budget, warm_start, heuristics, limit)
+    m = milp.m
+    m.setParam("limits/time", limit)
     m.setParam("limits/gap", gap)
-    if warm_start is not None:
-        sol = m.createPartialSol()
-        for name, k in complete(problem, warm_start.choice).items():
-            for i, v in enumerate(y[name]):
-                m.setSolVal(sol, v, 1.0 if i == k else 0.0)
-        for b, v in z.items():
-            m.setSolVal(sol, v, 1.0 if b in warm_start.removed else 0.0)
-        m.addSol(sol)
     m.optimize()
     status = m.getStatus()
-    if m.getNSols() == 0:
+    record = {"time_limit": limit, "time_limit_rule": rule, "warm_starts": starts}
+    best = _best(milp, problem, starts)
+    if best is None:
         if status == "infeasible":
-            raise InfeasibleBudget(budget, min_latency(problem, time_limit))
-        raise FxpruneError(f"SCIP found no plan within {time_limit:.0f} s (status {status}).")
-    choice, removed = _read(problem, m, y, z)
-    value, latency = evaluate(problem, choice, removed)
+            raise InfeasibleBudget(budget, min_latency(problem, limit))
+        choice, removed, proved = _fastest(problem, limit)
+        value, latency = evaluate(problem, choice, removed)
+        if latency > budget:
+            if proved:
+                raise InfeasibleBudget(budget, latency)
+            raise FxpruneError(
+                f"SCIP found no plan meeting the budget {budget:.4g} within its {limit:.3g} s "
+                f"time limit (status {status}), nor did the uniform or knapsack baselines; the "
+                f"fastest plan it found takes {latency:.4g}. Raise time_limit, or the budget."
+            )
+        best = (value, latency, choice, removed, "fastest")
+    value, latency, choice, removed, incumbent = best
     return Solution(
         choice,
         removed,
         value,
         latency,
         status,
-        float(m.getGap()),
+        _gap(m, value),
         time.perf_counter() - start,
         "scip-minlp",
+        incumbent=incumbent,
+        **record,
     )
+
+
+def _best(
+    milp: _Milp, problem: Problem, starts: tuple[WarmStart, ...]
+) -> tuple[float, float, dict[str, int], frozenset[str], str] | None:
+    """(importance, latency, choice, removed, source) of the best plan: SCIP's incumbent, or a
+    warm start SCIP did not keep (a duplicate, or one its tolerances rejected); None: none."""
+    best = None
+    if milp.m.getNSols() > 0:
+        choice, removed = _read(milp)
+        value, latency = evaluate(problem, choice, removed)
+        full = complete(problem, choice)
+        source = next(
+            (
+                w.source
+                for w in starts
+                if w.used and w.removed == removed and complete(problem, w.choice) == full
+            ),
+            "scip",
+        )
+        best = (value, latency, choice, removed, source)
+    for w in starts:
+        if w.used and (best is None or w.objective > best[0] + 1e-12):
+            best = (w.objective, w.latency, dict(w.choice), w.removed, w.source)
+    return best
+
+
+def _gap(m, value: float) -> float:
+    """SCIP's relative gap between ``value`` and its dual bound; inf while it has none."""
+    dual = float(m.getDualbound())
+    if abs(dual) >= m.infinity():
+        return float("inf")
+    if abs(dual - value) <= 1e-12:
+        return 0.0
+    return abs(dual - value) / max(min(abs(dual), abs(value)), 1e-12)
 
 
 def _linearised_costs(problem: Problem) -> dict[str, np.ndarray]:
@@ -473,27 +705,7 @@ def solve_knapsack(
     latency fits. Blocks are never removed (HALP prunes channels only).
     """
     start = time.perf_counter()
-    _, full_latency = evaluate(problem, _full_choice(problem), set())
-    costs = _linearised_costs(problem)
-
-    best: tuple[float, dict[str, int], float] | None = None
-    lo, hi = full_latency + sum(c.min() for c in costs.values()), budget
-    for cap in [budget, *([None] * rounds)]:
-        if cap is None:
-            cap = (lo + hi) / 2
-        choice = _knapsack(problem, costs, cap - full_latency, time_limit)
-        if choice is None:
-            lo = cap
-            continue
-        value, latency = evaluate(problem, choice, set())
-        if latency <= budget:
-            if best is None or value > best[0]:
-                best = (value, choice, latency)
-            if cap >= budget:
-                break  # the linearised budget itself holds exactly: nothing to tighten
-            lo = cap
-        else:
-            hi = cap
+    best = _knapsack_search(problem, budget, time_limit, rounds)
     if best is None:
         raise InfeasibleBudget(budget, min_latency(channels_only(problem), time_limit))
     value, choice, latency = best
@@ -509,8 +721,40 @@ def solve_knapsack(
     )
 
 
+def _knapsack_search(
+    problem: Problem, budget: float, time_limit: float, rounds: int, gap: float = 0.0
+) -> tuple[float, dict[str, int], float] | None:
+    """(importance, choice, latency) of the best knapsack choice meeting ``budget``, or None."""
+    _, full_latency = evaluate(problem, _full_choice(problem), set())
+    costs = _linearised_costs(problem)
+
+    best: tuple[float, dict[str, int], float] | None = None
+    lo, hi = full_latency + sum(c.min() for c in costs.values()), budget
+    for cap in [budget, *([None] * rounds)]:
+        if cap is None:
+            cap = (lo + hi) / 2
+        choice = _knapsack(problem, costs, cap - full_latency, time_limit, gap)
+        if choice is None:
+            lo = cap
+            continue
+        value, latency = evaluate(problem, choice, set())
+        if latency <= budget:
+            if best is None or value > best[0]:
+                best = (value, choice, latency)
+            if cap >= budget:
+                break  # the linearised budget itself holds exactly: nothing to tighten
+            lo = cap
+        else:
+            hi = cap
+    return best
+
+
 def _knapsack(
-    problem: Problem, costs: Mapping[str, np.ndarray], cap: float, time_limit: float
+    problem: Problem,
+    costs: Mapping[str, np.ndarray],
+    cap: float,
+    time_limit: float,
+    gap: float = 0.0,
 ) -> dict[str, int] | None:
     """The most important choice whose linearised extra latency is at most ``cap`` (None: none)."""
     from pyscipopt import Model, quicksum
@@ -518,6 +762,7 @@ def _knapsack(
     m = Model("knapsack")
     m.hideOutput()
     m.setParam("limits/time", time_limit)
+    m.setParam("limits/gap", gap)
     y = {
         g.name: {k: m.addVar(vtype="B") for k, c in enumerate(g.counts) if c > 0}
         for g in problem.groups
@@ -539,6 +784,19 @@ def _knapsack(
 def solve_uniform(problem: Problem, budget: float, *, iters: int = 40) -> Solution:
     """Uniform width scaling: the largest fraction f with every group at ≤ f of its width."""
     start = time.perf_counter()
+    best = _uniform(problem, budget, iters)
+    if best is None:
+        raise InfeasibleBudget(budget, min_latency(channels_only(problem)))
+    value, choice, latency = best
+    return Solution(
+        choice, frozenset(), value, latency, "feasible", 0.0, time.perf_counter() - start, "uniform"
+    )
+
+
+def _uniform(
+    problem: Problem, budget: float, iters: int = 40
+) -> tuple[float, dict[str, int], float] | None:
+    """(importance, choice, latency) of the widest uniform scaling meeting ``budget``, or None."""
 
     def choice_at(f: float) -> dict[str, int]:
         out = {}
@@ -560,11 +818,7 @@ def solve_uniform(problem: Problem, budget: float, *, iters: int = 40) -> Soluti
                 hi = mid
     choice = choice_at(lo)
     value, latency = evaluate(problem, choice, set())
-    if latency > budget:
-        raise InfeasibleBudget(budget, min_latency(channels_only(problem)))
-    return Solution(
-        choice, frozenset(), value, latency, "feasible", 0.0, time.perf_counter() - start, "uniform"
-    )
+    return None if latency > budget else (value, choice, latency)
 
 
 def brute_force(problem: Problem, budget: float) -> Solution:

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fxprune.solver import (
+    TIME_LIMIT_BASE_S,
+    TIME_LIMIT_MAX_S,
     BlockSpec,
     GroupSpec,
     InfeasibleBudget,
@@ -16,6 +21,7 @@ from fxprune.solver import (
     brute_force,
     channels_only,
     complete,
+    default_time_limit,
     evaluate,
     min_latency,
     solve_knapsack,
@@ -179,3 +185,95 @@ def test_baselines_feasible_and_never_better_than_minlp(problem, frac):
             continue  # a baseline may fail where the exact problem (with blocks) succeeds
         assert sol.latency <= budget + 1e-6
         assert sol.objective <= best.objective + 1e-6
+
+
+def _chain(n: int = 40, k: int = 12, seed: int = 0) -> Problem:
+    """A chain of ``n`` groups with ``k`` options each and noisy bilinear costs: too big for
+    SCIP to finish in no time, easy for the baselines."""
+    rng = np.random.default_rng(seed)
+    counts = tuple(range(8, 8 * k + 1, 8))
+    groups = tuple(
+        GroupSpec(f"g{g}", counts, tuple((np.sort(rng.random(k)).cumsum() / (n * k)).tolist()))
+        for g in range(n)
+    )
+    ops = []
+    for a, b in itertools.pairwise(groups):
+        t = np.outer(np.asarray(a.counts, float), np.asarray(b.counts, float)) / 1000.0
+        ops.append(OpCost(f"{a.name}->{b.name}", a.name, b.name, t + rng.random(t.shape) * 0.5))
+    return Problem(groups, tuple(ops), (), const=1.0)
+
+
+def test_time_limit_returns_the_warm_started_incumbent():
+    p = _chain()
+    budget = 0.5 * evaluate(p, _full(p), set())[1]
+    sol = solve_minlp(p, budget, time_limit=0.0)  # SCIP stops before its search starts
+    assert sol.status == "timelimit"
+    assert sol.latency <= budget + 1e-9
+    assert (sol.objective, sol.latency) == pytest.approx(evaluate(p, sol.choice, sol.removed))
+    assert sol.time_limit == 0.0 and sol.time_limit_rule == "given"
+    used = [w for w in sol.warm_starts if w.used]
+    assert {w.source for w in used} >= {"uniform", "knapsack"}
+    assert sol.objective >= max(w.objective for w in used) - 1e-12
+    assert sol.incumbent in {"scip", *(w.source for w in used)}
+    if sol.incumbent != "scip":  # then the plan is that warm start's
+        (w,) = [w for w in used if w.source == sol.incumbent][:1]
+        assert complete(p, w.choice) == complete(p, sol.choice)
+    text = sol.summary()
+    assert "time limit" in text and "warm-started from uniform" in text and "knapsack" in text
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=problems(), frac=st.floats(0.2, 1.0))
+def test_warm_starts_are_feasible_and_never_beat_the_result(problem, frac):
+    budget = frac * evaluate(problem, _full(problem), set())[1]
+    try:
+        sol = solve_minlp(problem, budget, time_limit=5.0)
+    except InfeasibleBudget:
+        return
+    for w in sol.warm_starts:
+        value, latency = evaluate(problem, w.choice, w.removed)
+        assert (w.objective, w.latency) == pytest.approx((value, latency))
+        assert w.used == (latency <= budget)  # SCIP takes every plan that meets the budget
+        assert not w.removed  # the baselines prune channels only
+        if w.used:
+            assert sol.objective >= w.objective - 1e-9
+    assert sol.latency <= budget + 1e-6
+
+
+def test_given_warm_start_is_used_and_reported():
+    p = _chain(n=6, k=4)
+    budget = 0.6 * evaluate(p, _full(p), set())[1]
+    warm = solve_uniform(p, budget)
+    sol = solve_minlp(p, budget, warm_start=warm, heuristics=False, time_limit=0.0)
+    (w,) = sol.warm_starts
+    assert w.source == "given" and w.used and w.objective == pytest.approx(warm.objective)
+    assert sol.objective >= warm.objective - 1e-12 and sol.latency <= budget + 1e-9
+    too_tight = dataclasses.replace(warm, choice=_full(p))  # over the budget: listed, not used
+    sol = solve_minlp(p, budget, warm_start=too_tight, heuristics=False)
+    assert [w.used for w in sol.warm_starts] == [False]
+    assert sol.latency <= budget + 1e-9
+
+
+def test_time_limit_scales_with_the_problem_unless_given():
+    small, big = _chain(n=4, k=4), _chain(n=60, k=12)
+    assert default_time_limit(small) < default_time_limit(big) <= TIME_LIMIT_MAX_S
+    assert default_time_limit(small) >= TIME_LIMIT_BASE_S
+    huge = _chain(n=300, k=16)
+    assert default_time_limit(huge) == TIME_LIMIT_MAX_S
+    budget = 0.7 * evaluate(small, _full(small), set())[1]
+    sol = solve_minlp(small, budget)
+    assert sol.time_limit == default_time_limit(small) and sol.time_limit_rule == "scaled"
+    sol = solve_minlp(small, budget, time_limit=7.0)
+    assert sol.time_limit == 7.0 and sol.time_limit_rule == "given"
+
+
+def test_infeasible_budget_with_warm_starts_reports_minimum():
+    p = _chain(n=5, k=4)
+    smallest = min_latency(p)
+    names = [g.name for g in p.groups]
+    everything = itertools.product(range(4), repeat=len(names))
+    want = min(evaluate(p, dict(zip(names, c, strict=True)), set())[1] for c in everything)
+    assert smallest == pytest.approx(want)
+    with pytest.raises(InfeasibleBudget) as info:
+        solve_minlp(p, 0.9 * smallest, warm_start=solve_uniform(p, 1.1 * smallest))
+    assert info.value.min_latency == pytest.approx(smallest)

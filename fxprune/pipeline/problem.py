@@ -4,20 +4,27 @@ The solver never sees an fx graph; this module is the only translator between th
 
 * **Groups.** Every prunable coupling group with a latency grid becomes a :class:`GroupSpec`
   whose options are the grid's counts (runtime-friendly counts, DESIGN.md §5). Option ``k`` is
-  worth the importance of the group's top-``k`` indices (prefix sums of sorted scores; for a
-  group feeding a grouped conv, the top ``k / parts`` of each part), normalised by the total
+  worth the importance of the ``k`` indices :func:`keep_mask` keeps, normalised by the total
   importance of all groups in the problem, so the objective reads "fraction of importance kept".
+* **Segments.** A layer may read only part of a group (a channel split: ShuffleNet's halves,
+  Res2Net's chunks), some indices more than once. The group's indices are partitioned by which
+  layer axes read them, and a count is shared out over the segments in proportion to their sizes
+  (at least one each once the count allows), each keeping its top scores. So a layer reading a
+  slice keeps its share of the count — what the derived groups below assume — and never nothing.
+  An option whose kept indices would still leave some layer axis empty, or that cannot be kept
+  exactly (a grouped conv's equal parts), is not offered: any solution's plan is valid.
 * **Blocks.** A residual block is removable when it holds at least one group, every group
   produced inside it is in the problem, and it contains no other block (a nested block's outer
   block is left in place). Its groups get a leading option "count 0", taken iff the block goes:
   removing a block loses exactly the importance of the groups inside it (MDP's block score).
 * **Ops.** Every conv/linear layer with a latency table is one :class:`OpCost` over the options
-  of the group on its input and on its output. A layer axis that reads exactly one group's
-  channels indexes that group's options directly. Any other axis (a concatenation of several
+  of the group on its input and on its output. A layer axis that reads each index of exactly one
+  group once indexes that group's options directly. Any other axis (a concatenation of several
   groups, a flatten that repeats a channel, a slice of a group, frozen channels alongside) reads
-  ``offset + Σ coef·count(g)`` channels — ``coef`` = the layer's positions of ``g`` per index of
-  ``g`` — and becomes a *derived* group over the layer's grid of totals. Counts of 0 (inside a
-  removed block) cost 0.
+  ``offset + Σ share(g)`` channels — ``share(g)`` at each option of ``g`` = the axis's positions
+  among the indices that option keeps, known exactly since :func:`keep_mask` is deterministic —
+  and becomes a *derived* group: over its exact totals when it reads one group, else over the
+  layer's grid of totals (rounded up). Counts of 0 (inside a removed block) cost 0.
 * **Calibration.** Table cells are ``a·C + per_layer`` and the constant is ``b``, the
   :class:`~fxprune.latency.LatencyModel`'s calibrated terms; the budget loop refits them on
   whole-model measurements.
@@ -27,7 +34,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -40,22 +47,94 @@ if TYPE_CHECKING:
     from fxprune.analysis.channel_groups import Group
     from fxprune.latency.predictor import LatencyModel
 
-__all__ = ["PruningProblem", "build_problem", "keep_mask"]
+__all__ = ["PruningProblem", "apportion", "build_problem", "keep_mask", "read_segments"]
 
 
-def keep_mask(group: Group, scores: np.ndarray, count: int) -> np.ndarray:
-    """The ``count`` most important indices of ``group`` (equal per part for grouped convs)."""
+def keep_mask(
+    group: Group,
+    scores: np.ndarray,
+    count: int,
+    segments: Sequence[np.ndarray] | None = None,
+) -> np.ndarray:
+    """The ``count`` indices of ``group`` to keep: the most important of each segment.
+
+    ``count`` is shared out equally over a grouped conv's parts, and within each part over
+    ``segments`` (index sets that layers read wholly or not at all, see :func:`read_segments`)
+    in proportion to their sizes, at least one each when the count allows (:func:`apportion`).
+    Without segments the whole group is one segment: its top-``count`` scores.
+    """
     mask = np.zeros(group.size, dtype=bool)
     if count <= 0:
         return mask
     if group.equal_count:
         parts = [np.unique(p) for p in group.equal_count[0]]
         per = count // len(parts)
-        for p in parts:
-            mask[p[np.argsort(-scores[p], kind="stable")[:per]]] = True
-        return mask
-    mask[np.argsort(-scores, kind="stable")[:count]] = True
+    else:
+        parts, per = [np.arange(group.size)], count
+    for p in parts:
+        subs = [p] if segments is None or len(segments) < 2 else _split(p, segments)
+        for s, k in zip(subs, apportion(per, [len(s) for s in subs]), strict=True):
+            mask[s[np.argsort(-scores[s], kind="stable")[:k]]] = True
     return mask
+
+
+def _split(indices: np.ndarray, segments: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``indices`` cut along ``segments`` (non-empty pieces, in segment order)."""
+    pieces = [np.intersect1d(indices, s) for s in segments]
+    return [x for x in pieces if x.size]
+
+
+def apportion(count: int, sizes: Sequence[int]) -> np.ndarray:
+    """``count`` shared over bins of ``sizes`` in proportion (largest remainder, ties to the
+    first bin), each bin at most its size and at least 1 when ``count ≥ len(sizes)``."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    total = int(sizes.sum())
+    if count >= total:
+        return sizes.copy()
+    quota = count * sizes / total
+    alloc = np.floor(quota).astype(np.int64)
+    order = np.argsort(-(quota - alloc), kind="stable")
+    alloc[order[: count - int(alloc.sum())]] += 1
+    if count >= len(sizes):  # no bin left empty: a bin with two or more gives one up
+        for j in np.flatnonzero(alloc == 0):
+            alloc[int(np.argmax(alloc))] -= 1
+            alloc[j] += 1
+    return alloc
+
+
+def _axis_reads(analysis: Analysis) -> dict[str, list[np.ndarray]]:
+    """Per group, the distinct indices of it that each layer axis (input, output) reads."""
+    spaces = analysis.spaces
+    n = len(spaces.unit_class)
+    gid = np.full(n, -1, dtype=np.int64)
+    pos = np.zeros(n, dtype=np.int64)
+    for c, (g, i) in spaces.class_index.items():
+        gid[c], pos[c] = g, i
+    reads: dict[str, list[np.ndarray]] = defaultdict(list)
+    for rec in spaces.layers:
+        for units in (rec.in_units, rec.out_units):
+            cls = spaces.unit_class[np.asarray(units).ravel()]
+            g, i = gid[cls], pos[cls]
+            for k in np.unique(g[g >= 0]).tolist():
+                reads[analysis.groups[k].name].append(np.unique(i[g == k]))
+    return reads
+
+
+def read_segments(size: int, reads: Sequence[np.ndarray]) -> tuple[np.ndarray, ...]:
+    """The indices ``0..size-1`` partitioned by which of ``reads`` contain them.
+
+    Every read is a union of segments; ordered by first index. One segment when every read
+    covers the whole group (the common case).
+    """
+    if all(r.size == size for r in reads):
+        return (np.arange(size),)
+    member = np.zeros((size, len(reads)), dtype=bool)
+    for j, r in enumerate(reads):
+        member[r, j] = True
+    _, inverse = np.unique(member, axis=0, return_inverse=True)
+    inverse = np.asarray(inverse).ravel()
+    segments = [np.flatnonzero(inverse == k) for k in np.unique(inverse)]
+    return tuple(sorted(segments, key=lambda s: int(s[0])))
 
 
 @dataclass
@@ -71,6 +150,8 @@ class PruningProblem:
     group_names: tuple[str, ...]
     #: per problem block: the analysis groups it holds
     block_groups: dict[str, tuple[str, ...]]
+    #: per group split by what layers read of it: its segments (see :func:`read_segments`)
+    segments: dict[str, tuple[np.ndarray, ...]] = field(default_factory=dict)
 
     def plan(self, solution: Solution, notes: Mapping | None = None) -> Plan:
         """The Plan a solution describes: top-``k`` indices per group, removed blocks."""
@@ -80,7 +161,7 @@ class PruningProblem:
             group = self.analysis.group(name)
             if self.problem.group(name).block in solution.removed:
                 continue  # the whole block goes; its groups' indices do not matter
-            masks[name] = keep_mask(group, self.scores[name], counts[name])
+            masks[name] = keep_mask(group, self.scores[name], counts[name], self.segments.get(name))
         plan = Plan.from_keep_masks(self.analysis, masks, sorted(solution.removed))
         return Plan(plan.kept, plan.removed_blocks, plan.signature, dict(notes or {}))
 
@@ -145,8 +226,11 @@ def build_problem(
     )
     scores = {g.name: np.asarray(scores.get(g.name, np.zeros(g.size)), float) for g in free}
     total = float(sum(s.sum() for s in scores.values()))
-    specs = _group_specs(free, scores, total, grids, block_groups)
-    axes = _Axes(analysis, specs)
+    reads = _axis_reads(analysis)
+    segments = {g.name: read_segments(g.size, reads[g.name]) for g in free}
+    segments = {name: seg for name, seg in segments.items() if len(seg) > 1}
+    specs, masks = _group_specs(free, scores, total, grids, block_groups, reads, segments)
+    axes = _Axes(analysis, specs, masks)
     ops = _ops(analysis, latency, axes, block_groups)  # makes the derived groups it needs
     problem = Problem(
         groups=(*specs.values(), *axes.derived.values()),
@@ -162,6 +246,7 @@ def build_problem(
         importance_method,
         tuple(specs),
         block_groups,
+        segments,
     )
 
 
@@ -196,30 +281,49 @@ def _group_specs(
     total: float,
     grids: Mapping[str, Sequence[int]],
     block_groups: Mapping[str, tuple[str, ...]],
-) -> dict[str, GroupSpec]:
-    """One spec per free group: its grid's counts, each worth its top-k share of ``total``.
+    reads: Mapping[str, Sequence[np.ndarray]],
+    segments: Mapping[str, tuple[np.ndarray, ...]],
+) -> tuple[dict[str, GroupSpec], dict[str, list[np.ndarray]]]:
+    """One spec per free group (its grid's valid counts, each worth its kept share of
+    ``total``), and per group the kept-index mask of each option.
 
+    A count is offered only if :func:`keep_mask` keeps exactly that many indices and every
+    layer axis reading the group keeps at least one of them (always true of the full count).
     A group inside a removable block gets a leading option "count 0", worth nothing.
     """
     block_of_group = {g: b for b, inside in block_groups.items() for g in inside}
     specs: dict[str, GroupSpec] = {}
+    masks: dict[str, list[np.ndarray]] = {}
     for g in free:
-        counts = tuple(int(c) for c in grids[g.name])
-        value = [float(scores[g.name][keep_mask(g, scores[g.name], c)].sum()) for c in counts]
+        counts, value, kept = [], [], []
+        for c in sorted({int(c) for c in grids[g.name]}):
+            mask = keep_mask(g, scores[g.name], c, segments.get(g.name))
+            if int(mask.sum()) == c and all(mask[r].any() for r in reads.get(g.name, ())):
+                counts.append(c)
+                value.append(float(scores[g.name][mask].sum()))
+                kept.append(mask)
         block = block_of_group.get(g.name)
         if block is not None:
-            counts, value = (0, *counts), [0.0, *value]
+            counts, value = [0, *counts], [0.0, *value]
+            kept.insert(0, np.zeros(g.size, dtype=bool))
         norm = total if total > 0 else 1.0
-        specs[g.name] = GroupSpec(g.name, counts, tuple(v / norm for v in value), block)
-    return specs
+        specs[g.name] = GroupSpec(g.name, tuple(counts), tuple(v / norm for v in value), block)
+        masks[g.name] = kept
+    return specs, masks
 
 
 class _Axes:
     """Which problem group each layer axis reads; derived groups are made as they appear."""
 
-    def __init__(self, analysis: Analysis, specs: Mapping[str, GroupSpec]) -> None:
+    def __init__(
+        self,
+        analysis: Analysis,
+        specs: Mapping[str, GroupSpec],
+        masks: Mapping[str, Sequence[np.ndarray]],
+    ) -> None:
         self.analysis = analysis
         self.specs = specs
+        self.masks = masks
         #: free groups, then derived ones as they appear (the specs every op may name)
         self.all_specs: dict[str, GroupSpec] = dict(specs)
         self.derived: dict[tuple, GroupSpec] = {}
@@ -228,30 +332,38 @@ class _Axes:
     def group(self, units: np.ndarray, grid: tuple[int, ...]) -> str | None:
         """The problem group an axis of a layer reads (direct or derived), None if fixed."""
         spaces, groups = self.analysis.spaces, self.analysis.groups
-        per_group: dict[str, int] = defaultdict(int)
+        per_group: dict[str, list[int]] = defaultdict(list)
         fixed = 0
         for c in spaces.unit_class[units].tolist():
             hit = spaces.class_index.get(c)
             name = groups[hit[0]].name if hit is not None else None
             if name in self.specs:
-                per_group[name] += 1
+                per_group[name].append(hit[1])
             else:
                 fixed += 1
         if not per_group:
             return None
         if len(per_group) == 1 and not fixed:
-            ((name, n),) = per_group.items()
-            if n == groups[self.gid_of[name]].size and tuple(grid) == tuple(
+            ((name, idx),) = per_group.items()
+            size = groups[self.gid_of[name]].size
+            # direct only when the axis reads every index once: a slice, or an index read
+            # twice, keeps a share of the count, which a derived group models
+            if len(idx) == size == len(set(idx)) and {
                 c for c in self.specs[name].counts if c > 0
-            ):
+            } <= set(grid):
                 return name
-        members = tuple(
-            (name, n / groups[self.gid_of[name]].size) for name, n in sorted(per_group.items())
-        )
+        members = tuple((name, self._shares(name, idx)) for name, idx in sorted(per_group.items()))
+        if len(members) == 1:  # its totals are known exactly: they are the options
+            grid = tuple(sorted({int(fixed + t) for t in members[0][1]}))
         return self._derived(tuple(grid), members, fixed)
 
+    def _shares(self, name: str, idx: list[int]) -> tuple[float, ...]:
+        """Per option of group ``name``: how many of the axis's positions ``idx`` it keeps."""
+        reads = np.bincount(np.asarray(idx, dtype=np.int64), minlength=len(self.masks[name][0]))
+        return tuple(float(reads[mask].sum()) for mask in self.masks[name])
+
     def _derived(self, grid: tuple[int, ...], members: tuple, fixed: int) -> str:
-        """The derived group ``fixed + Σ coef·count(member)`` over ``grid`` (made once)."""
+        """The derived group ``fixed + Σ share(member)`` over ``grid`` (made once)."""
         key = (grid, members, fixed)
         if key not in self.derived:
             name = f"sum#{len(self.derived)}"

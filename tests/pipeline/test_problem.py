@@ -7,6 +7,8 @@ must be valid, prune to the masking oracle, and have the latency the problem say
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -21,7 +23,7 @@ from fxprune.analysis.importance import magnitude_scores
 from fxprune.backends import LatencyCache
 from fxprune.latency.predictor import LatencyModel
 from fxprune.latency.tables import LatencyConfig, annotate_latency
-from fxprune.pipeline.problem import build_problem, keep_mask
+from fxprune.pipeline.problem import apportion, build_problem, keep_mask, read_segments
 from fxprune.solver import Solution, evaluate, solve_minlp
 
 QUIET = LatencyConfig(progress=False, unit_timing="wall")
@@ -31,6 +33,8 @@ MODELS = {
     "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(), 64),
     "regnet_y_400mf": (lambda: torchvision.models.regnet_y_400mf(), 64),  # grouped convs, SE
     "densenet121": (lambda: torchvision.models.densenet121(), 64),  # concatenations
+    # channel split + shuffle: layers read a slice of a group, some its indices twice
+    "shufflenet_v2_x0_5": (lambda: torchvision.models.shufflenet_v2_x0_5(), 64),
 }
 
 
@@ -73,7 +77,8 @@ def test_dense_choice_is_the_dense_prediction(built):
 def test_random_solutions_round_trip(built):
     _, analysis, latency, pp, x = built
     rng = np.random.default_rng(1)
-    derived = any(g.sum_of for g in pp.problem.groups)
+    # a total over several groups is rounded up to the layer's grid; one group's is exact
+    rounded = any(len(g.sum_of) > 1 for g in pp.problem.groups)
     for _ in range(3):
         sol = _random_solution(pp, rng)
         plan = pp.plan(sol)
@@ -84,7 +89,7 @@ def test_random_solutions_round_trip(built):
             if pp.problem.group(g).block not in sol.removed:
                 assert len(plan.kept.get(g, range(analysis.group(g).size))) == counts[g]
         predicted = latency.predict(plan)
-        if derived:  # a concatenation's total is rounded up to its grid in the problem
+        if rounded:  # a concatenation's total is rounded up to its grid in the problem
             assert sol.latency == pytest.approx(predicted, rel=0.1)
         else:
             assert sol.latency == pytest.approx(predicted, rel=1e-9)
@@ -135,5 +140,105 @@ def test_keep_mask_keeps_the_top_scores(size, parts, count, seed):
     for seg in segments:
         kept, dropped = scores[seg][mask[seg]], scores[seg][~mask[seg]]
         assert mask[seg].sum() == count // parts
+        if len(kept) and len(dropped):
+            assert kept.min() >= dropped.max()
+
+
+def test_every_option_of_every_group_is_a_valid_plan(built):
+    """Each group alone at each of its options: the plan validates, and (at its smallest) the
+    problem's latency is the predictor's (exact where no layer reads a sum of several groups)."""
+    _, analysis, latency, pp, _ = built
+    rounded = any(len(g.sum_of) > 1 for g in pp.problem.groups)
+    full = {n: len(pp.problem.group(n).counts) - 1 for n in pp.group_names}
+    for name in pp.group_names:
+        spec = pp.problem.group(name)
+        for k, c in enumerate(spec.counts):
+            if c == 0:
+                continue  # the block's removal, covered by the round trip
+            sol = Solution({**full, name: k}, frozenset(), 0.0, 0.0, "one group")
+            plan = pp.plan(sol)
+            plan.validate(analysis)
+            assert len(plan.kept.get(name, range(analysis.group(name).size))) == c
+            if not rounded and c == min(c for c in spec.counts if c > 0):  # one per group
+                want = evaluate(pp.problem, sol.choice, frozenset())[1]
+                assert latency.predict(plan) == pytest.approx(want, rel=1e-9)
+
+
+def test_a_slice_reading_layer_keeps_a_share_on_shufflenet():
+    """ShuffleNetV2: a branch reads half of a group's indices (each twice, after the shuffle);
+    its kept input is never empty and is what the problem says."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 64, 64)
+    analysis = fxprune.analyze(torchvision.models.shufflenet_v2_x0_5().eval(), x)
+    tables = annotate_latency(analysis, FakeBackend(), config=QUIET)
+    pp = build_problem(analysis, LatencyModel(analysis, tables), magnitude_scores(analysis))
+    assert pp.segments, "no group is read in slices"
+    op = next(o for o in pp.problem.ops if o.name == "stage2_1_branch2_0")
+    reader = pp.problem.group(op.in_group)
+    assert reader.sum_of, "a slice read must be a derived group, not the whole group"
+    ((member, shares),) = reader.sum_of
+    smallest = {n: 0 for n in pp.group_names} | {member: 0}
+    plan = pp.plan(Solution(smallest, frozenset(), 0.0, 0.0, "smallest"))
+    plan.validate(analysis)
+    k_in, _ = analysis.layer_keep(analysis.spaces.keep_units(plan.kept))["stage2_1_branch2_0"]
+    assert k_in == shares[0] > 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=8),
+    frac=st.floats(0.0, 1.2),
+)
+def test_apportion_shares_in_proportion(sizes, frac):
+    total = sum(sizes)
+    count = int(frac * total)
+    alloc = apportion(count, sizes)
+    assert alloc.sum() == min(count, total)
+    assert (alloc >= 0).all() and (alloc <= np.asarray(sizes)).all()
+    if len(sizes) <= count:
+        assert (alloc >= 1).all()  # no bin left empty once the count allows
+    quota = min(count, total) * np.asarray(sizes) / total
+    if count < len(sizes) or (quota >= 1).all():  # nothing moved to fill an empty bin
+        assert np.abs(alloc - quota).max() < 1
+
+
+@settings(max_examples=80, deadline=None)
+@given(size=st.integers(2, 64), n_reads=st.integers(0, 5), seed=st.integers(0, 2**16))
+def test_read_segments_partition_by_who_reads(size, n_reads, seed):
+    rng = np.random.default_rng(seed)
+    reads = [np.unique(rng.choice(size, size=rng.integers(1, size + 1))) for _ in range(n_reads)]
+    segments = read_segments(size, reads)
+    assert np.array_equal(np.sort(np.concatenate(segments)), np.arange(size))
+    member = np.zeros((size, n_reads), dtype=bool)
+    for j, r in enumerate(reads):
+        member[r, j] = True
+    for seg in segments:  # one membership per segment, a different one per segment
+        assert (member[seg] == member[seg[0]]).all()
+    assert len({member[seg[0]].tobytes() for seg in segments}) == len(segments)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    size=st.integers(2, 64),
+    cuts=st.integers(1, 6),
+    frac=st.floats(0, 1),
+    seed=st.integers(0, 2**16),
+)
+def test_keep_mask_keeps_the_top_scores_of_each_segment(size, cuts, frac, seed):
+    from fxprune.analysis.channel_groups import Group
+
+    rng = np.random.default_rng(seed)
+    bounds = np.unique(np.concatenate([[0, size], rng.integers(1, size, size=cuts - 1)]))
+    order = rng.permutation(size)  # segments need not be contiguous
+    segments = [np.sort(order[a:b]) for a, b in itertools.pairwise(bounds)]
+    scores = rng.random(size)
+    count = int(frac * size)
+    group = Group("g", size, np.arange(size), ("r",))
+    mask = keep_mask(group, scores, count, segments)
+    assert mask.sum() == count
+    want = apportion(count, [len(seg) for seg in segments])
+    for seg, k in zip(segments, want, strict=True):
+        assert mask[seg].sum() == k
+        kept, dropped = scores[seg][mask[seg]], scores[seg][~mask[seg]]
         if len(kept) and len(dropped):
             assert kept.min() >= dropped.max()
