@@ -115,4 +115,24 @@ def _block(
         ) or (n.op == "call_function" and any(i.op == "get_attr" for i in n.all_input_nodes))
     if not has_layer or set(b.users) != {add}:
         return None
-    return Block(add.name, s.name, b.name, frozenset(region))
+    return Block(add.name, s.name, b.name, frozenset(_with_static_feeders(region, nodes, dynamic)))
+
+
+def _with_static_feeders(region: set[str], nodes, dynamic: set[str]) -> set[str]:
+    """``region`` plus the parameter-only computations that feed nothing else (Swin V2's
+    ``cpb_mlp`` on its coordinate table): they die with the branch, so they belong to it."""
+    region = set(region)
+    grown = True
+    while grown:
+        grown = False
+        for name in list(region):
+            for inp in nodes[name].all_input_nodes:
+                if (
+                    inp.name not in region
+                    and inp.name not in dynamic
+                    and inp.op in ("call_module", "call_function", "call_method")
+                    and all(u.name in region for u in inp.users)
+                ):
+                    region.add(inp.name)
+                    grown = True
+    return region

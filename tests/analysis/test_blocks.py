@@ -129,6 +129,30 @@ def test_identity_shortcut_layer_scale_and_rank_assert_make_a_block():
     assert "conv" not in dict(pruned.named_modules())  # the branch is gone, assert and all
 
 
+class StaticBias(nn.Module):
+    """A branch biased by an MLP of a constant table (Swin V2's ``cpb_mlp``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.register_buffer("table", torch.randn(4, 2))
+        self.mlp = nn.Linear(2, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        bias = self.mlp(self.table).reshape(1, 4, 1, 1)
+        return x + self.conv(x) * bias
+
+
+def test_static_feeder_of_a_branch_dies_with_it():
+    model, x = StaticBias().eval(), torch.randn(1, 3, 6, 6)
+    a = fxprune.analyze(model, x)
+    assert len(a.blocks) == 1 and {"mlp", "conv"} <= a.blocks[0].region
+    pruned = check_plan(a, fxprune.Plan({}, (a.blocks[0].name,), a.signature), x, tol=1e-6)
+    assert not {"conv", "mlp"} & set(dict(pruned.named_modules()))
+
+
 @pytest.mark.parametrize(
     ("name", "expected"),
     [("efficientnet_b0", 9), ("mobilenetv3_large_100", 10), ("convnext_atto", 11),
