@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 import fxprune
@@ -28,17 +29,28 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / (b.abs().max() + 1e-12))
 
 
-def check_plan(analysis: fxprune.Analysis, plan: fxprune.Plan, x: torch.Tensor, tol: float = 1e-4):
-    """Pruned model runs, has the planned channel counts and equals the masking oracle; returns
-    the pruned module."""
+def check_plan(analysis: fxprune.Analysis, plan: fxprune.Plan, x, tol: float = 1e-4):
+    """Pruned model runs on ``x`` (a tensor or a tuple of them), has the planned channel counts
+    and equals the masking oracle on every output (tensors, or dicts / tuples / lists of them);
+    returns the pruned module."""
     pruned = fxprune.prune(analysis, plan)
     check_planned_shapes(analysis, plan, pruned)
+    inputs = x if isinstance(x, tuple) else (x,)
     with torch.no_grad():
-        got = pruned(x)
-        want = fxprune.masked_forward(analysis, plan, x)
-    assert got.shape == want.shape
-    assert rel_err(got, want) <= tol, f"pruned != oracle: rel err {rel_err(got, want):.2e}"
+        got = pruned(*inputs)
+        want = fxprune.masked_forward(analysis, plan, *inputs)
+    assert_outputs_close(got, want, tol, "pruned != oracle")
     return pruned
+
+
+def assert_outputs_close(got, want, tol: float, what: str) -> None:
+    """Same output structure, and every tensor within ``tol`` relative error."""
+    got_leaves, got_spec = pytree.tree_flatten(got)
+    want_leaves, want_spec = pytree.tree_flatten(want)
+    assert got_spec == want_spec, f"{what}: output structure {got_spec} != {want_spec}"
+    for i, (g, w) in enumerate(zip(got_leaves, want_leaves, strict=True)):
+        assert g.shape == w.shape, f"{what}: output {i} shape {tuple(g.shape)} != {tuple(w.shape)}"
+        assert rel_err(g, w) <= tol, f"{what}: output {i} rel err {rel_err(g, w):.2e}"
 
 
 def random_input_masks(analysis: fxprune.Analysis, seed: int, min_keep: float = 0.3) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING
@@ -17,7 +17,7 @@ from fxprune.analysis.blocks import Block, find_blocks, to_networkx
 from fxprune.analysis.canonicalize import canonicalize
 from fxprune.analysis.channel_groups import ChannelSpaces, Group, analyze_channels
 from fxprune.analysis.consumers import Consumer, find_consumers
-from fxprune.analysis.trace import as_input_tuple, trace
+from fxprune.analysis.trace import ExampleInputs, bind_inputs, trace
 from fxprune.analysis.validate import validate_plan
 
 if TYPE_CHECKING:
@@ -99,7 +99,7 @@ class Analysis:
 
 def analyze(
     model: nn.Module,
-    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    example_inputs: ExampleInputs,
     *,
     leaf_modules: Iterable[type | str] | None = None,
 ) -> Analysis:
@@ -107,11 +107,13 @@ def analyze(
 
     Args:
         model: the model to analyse.
-        example_inputs: one tensor per forward argument, at a representative size.
+        example_inputs: at a representative size: one tensor, one per positional argument,
+            or a dict by argument name; optional arguments not given keep their defaults.
+            ``Analysis.example_inputs`` holds the tensors in signature order.
         leaf_modules: module classes or qualified names to keep opaque (their channels freeze).
     """
-    inputs = as_input_tuple(example_inputs)
-    gm = trace(model, inputs, leaf_modules=leaf_modules)
+    inputs = bind_inputs(model, example_inputs).tensors
+    gm = trace(model, example_inputs, leaf_modules=leaf_modules)
     gm = canonicalize(gm)
     spaces = analyze_channels(gm)
     blocks = find_blocks(gm, to_networkx(gm))

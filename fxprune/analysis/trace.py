@@ -8,9 +8,12 @@ leaf modules such as BatchNorm and Dropout keep their own train/eval behaviour i
 from __future__ import annotations
 
 import copy
+import inspect
+import operator
 import os
 import traceback
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,7 +24,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 from fxprune.core.errors import TraceError
 from fxprune.core.meta import MODULE_PATH
 
-__all__ = ["as_input_tuple", "trace"]
+__all__ = ["BoundInputs", "ExampleInputs", "as_input_tuple", "bind_inputs", "trace"]
 
 
 class _PathTracer(fx.Tracer):
@@ -72,6 +75,26 @@ class _PathTracer(fx.Tracer):
         return super().iter(obj)
 
 
+#: what ``example_inputs`` may be: one tensor, one tensor per positional argument, or keyword
+#: arguments by name (tensors are inputs; other values are constants baked into the graph)
+ExampleInputs = torch.Tensor | Sequence[torch.Tensor] | Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class BoundInputs:
+    """``example_inputs`` bound to a forward signature.
+
+    ``tensors`` are the graph's inputs in signature order (the order of its placeholders);
+    ``constants`` are the arguments fixed at trace time: defaults of optional arguments that
+    were not given (timm's ``attn_mask=None``, ``is_causal=False``) and non-tensor values that
+    were given by keyword.
+    """
+
+    names: tuple[str, ...]
+    tensors: tuple[torch.Tensor, ...]
+    constants: dict[str, Any] = field(default_factory=dict)
+
+
 def as_input_tuple(
     example_inputs: torch.Tensor | Sequence[torch.Tensor],
 ) -> tuple[torch.Tensor, ...]:
@@ -80,8 +103,9 @@ def as_input_tuple(
         return (example_inputs,)
     if not isinstance(example_inputs, Sequence) or isinstance(example_inputs, str):
         raise TypeError(
-            f"example_inputs is a {type(example_inputs).__name__}: pass a tensor or a sequence "
-            "of tensors, one per forward argument (e.g. torch.randn(1, 3, 224, 224))"
+            f"example_inputs is a {type(example_inputs).__name__}: pass a tensor, a sequence "
+            "of tensors (one per forward argument) or a dict of keyword tensors (e.g. "
+            "torch.randn(1, 3, 224, 224))"
         )
     for i, t in enumerate(example_inputs):
         if not isinstance(t, torch.Tensor):
@@ -92,9 +116,68 @@ def as_input_tuple(
     return tuple(example_inputs)
 
 
+def bind_inputs(model: nn.Module, example_inputs: ExampleInputs) -> BoundInputs:
+    """Bind ``example_inputs`` to ``model.forward``'s parameters, as a call would.
+
+    Positional tensors fill the leading parameters, a dict fills parameters by name; an
+    optional parameter not given keeps its default and is not an input. A forward taking
+    ``*args`` / ``**kwargs`` (or one whose signature cannot be read) takes the tensors as given.
+
+    Raises:
+        TypeError: a value is not a tensor where one is needed, a key names no parameter, or
+            a required parameter has no example.
+    """
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        params = []
+    variadic = any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
+    if isinstance(example_inputs, Mapping):
+        return _bind_keywords(params, dict(example_inputs), variadic)
+    tensors = as_input_tuple(example_inputs)
+    if variadic or not params:
+        return BoundInputs(tuple(p.name for p in params[: len(tensors)]), tensors)
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(tensors) > len(positional):
+        raise TypeError(
+            f"{len(tensors)} example inputs were given but forward takes at most "
+            f"{len(positional)} positional argument(s) ({', '.join(p.name for p in positional)})"
+        )
+    given = dict(zip((p.name for p in positional), tensors, strict=False))
+    return _bind_keywords(params, given, variadic)
+
+
+def _bind_keywords(params: list[inspect.Parameter], given: dict[str, Any], variadic: bool):
+    names = [p.name for p in params]
+    unknown = [k for k in given if k not in names]
+    if unknown and not variadic:
+        raise TypeError(
+            f"example_inputs has key {unknown[0]!r}, which names no argument of forward "
+            f"({', '.join(names)}): use the forward's argument names"
+        )
+    order = [n for n in names if n in given] + unknown
+    constants = {n: given[n] for n in order if not isinstance(given[n], torch.Tensor)}
+    for p in params:
+        if p.name in given or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+            continue
+        if p.default is inspect.Parameter.empty:
+            raise TypeError(
+                f"forward's argument {p.name!r} has no default and no example: pass a tensor "
+                f"for it (by position, or as example_inputs={{{p.name!r}: tensor, ...}})"
+            )
+        constants[p.name] = p.default
+    if constants and variadic:
+        raise TypeError(
+            f"forward takes *args/**kwargs, so a non-tensor value ({next(iter(constants))!r}) "
+            "cannot be fixed at trace time: pass tensors only"
+        )
+    inputs = [n for n in order if n not in constants]
+    return BoundInputs(tuple(inputs), tuple(given[n] for n in inputs), constants)
+
+
 def trace(
     model: nn.Module,
-    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    example_inputs: ExampleInputs,
     *,
     leaf_modules: Iterable[type | str] | None = None,
 ) -> fx.GraphModule:
@@ -102,7 +185,10 @@ def trace(
 
     Args:
         model: any ``nn.Module``; it is copied, never modified.
-        example_inputs: tensors with the deployment's rank and a representative size.
+        example_inputs: tensors with the deployment's rank and a representative size: one
+            tensor, one per positional argument, or a dict by argument name (see
+            :func:`bind_inputs`). Optional arguments not given keep their defaults, fixed in
+            the graph; the graph's inputs are the given tensors, in signature order.
         leaf_modules: module classes or qualified names to keep opaque (not traced into).
             fxprune freezes the channels such a module touches, so this is the escape hatch for
             modules with data-dependent control flow. The top-level module cannot be a leaf;
@@ -115,22 +201,63 @@ def trace(
         TraceError: the real cause first, then the module and source line that stopped
             tracing (or the node whose op failed on the example inputs), and what to do.
     """
-    inputs = as_input_tuple(example_inputs)
+    bound = bind_inputs(model, example_inputs)
     leaf_types = tuple(m for m in (leaf_modules or ()) if isinstance(m, type))
     leaf_names = frozenset(m for m in (leaf_modules or ()) if isinstance(m, str))
     root = copy.deepcopy(model).eval()
     tracer = _PathTracer(leaf_types, leaf_names)
     try:
-        graph = tracer.trace(root)
+        graph = tracer.trace(root, concrete_args=bound.constants or None)
     except Exception as exc:  # fx raises many types (TraceError, TypeError, RuntimeError...)
         raise TraceError(_trace_failure(root, tracer, exc)) from exc
+    _drop_constant_inputs(graph, root, bound)
     # A pickled GraphModule records its graph's tracer class and re-traces its code with it
     # when loaded (keeping every submodule a leaf, whatever the class). Record none: a saved
     # model then loads wherever torch and the model's own module classes import.
     graph._tracer_cls = None
     gm = fx.GraphModule(root, graph, root.__class__.__name__)
-    _propagate_shapes(gm, inputs, root)
+    _propagate_shapes(gm, bound.tensors, root)
     return gm
+
+
+#: the guards fx adds on an argument fixed by ``concrete_args`` (``x is None``, ``x == value``)
+_GUARDS = frozenset({torch.fx._symbolic_trace._assert_is_none, torch._assert, operator.eq})
+
+
+def _drop_constant_inputs(graph: fx.Graph, root: nn.Module, bound: BoundInputs) -> None:
+    """Remove the placeholders of arguments fixed at trace time, and fx's guards on them.
+
+    fx keeps a placeholder per ``concrete_args`` entry, checked by ``_assert_is_none`` /
+    ``_assert(x == value)``: the graph would take, and check, an argument the user never
+    passes. The value is baked in, so the placeholder and its guards go; any other use of it
+    gets the constant.
+    """
+    if not bound.constants:
+        return
+    params = [p.name for p in inspect.signature(root.forward).parameters.values()]
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    for name, node in zip(params, placeholders, strict=False):
+        if name not in bound.constants:
+            continue
+        for guard in _guard_chain(node):
+            graph.erase_node(guard)
+        node.replace_all_uses_with(bound.constants[name])  # type: ignore[arg-type]
+        graph.erase_node(node)
+    graph.lint()
+
+
+def _guard_chain(node: fx.Node) -> list[fx.Node]:
+    """The guard nodes hanging off ``node``, users before what they use (erasable in order)."""
+    chain: list[fx.Node] = []
+    todo = [u for u in node.users if u.op == "call_function" and u.target in _GUARDS]
+    while todo:
+        n = todo.pop()
+        if n in chain or any(u.target not in _GUARDS for u in n.users):
+            continue
+        chain.append(n)
+        todo.extend(n.users)
+    ordered = sorted(chain, key=lambda n: list(n.graph.nodes).index(n), reverse=True)
+    return [n for n in ordered if all(u in chain for u in n.users)]
 
 
 # what a shape-only condition is computed from: sizes, never tensor contents

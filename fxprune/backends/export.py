@@ -10,14 +10,13 @@ the check runs at a second batch size too.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from fxprune.analysis.trace import as_input_tuple
+from fxprune.analysis.trace import ExampleInputs, bind_inputs
 from fxprune.core.errors import FxpruneError
 from fxprune.core.io import atomic_write
 
@@ -27,7 +26,7 @@ __all__ = ["export_onnx"]
 def export_onnx(
     module: nn.Module,
     path: str | os.PathLike,
-    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    example_inputs: ExampleInputs,
     *,
     check: bool = True,
     dynamic_batch: bool = True,
@@ -54,7 +53,7 @@ def export_onnx(
     """
     from fxprune.backends.onnxruntime import batch_size, export_to_bytes
 
-    inputs = as_input_tuple(example_inputs)
+    inputs = bind_inputs(module, example_inputs).tensors
     data = export_to_bytes(module, inputs, named_outputs=True, dynamic_batch=dynamic_batch)
     if check:
         _check(module, data, inputs, rtol, atol, other_batch=False)

@@ -26,7 +26,7 @@ import contextlib
 import logging
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +35,7 @@ from torch import fx, nn
 
 from fxprune.analysis import Analysis, analyze
 from fxprune.analysis.importance import Importance, channel_importance
-from fxprune.analysis.trace import as_input_tuple
+from fxprune.analysis.trace import ExampleInputs
 from fxprune.backends import (
     Backend,
     Measurement,
@@ -70,7 +70,7 @@ def compile(
     model: nn.Module,
     latency_budget: float | str | Budget,
     *,
-    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    example_inputs: ExampleInputs,
     data: Iterable[Any] | None = None,
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     max_batches: int | None = None,
@@ -83,7 +83,9 @@ def compile(
     Args:
         model: the model (copied; never modified).
         latency_budget: ``0.5`` = half the dense latency; ``"25ms"`` = an absolute time.
-        example_inputs: inputs at the deployment batch size and resolution.
+        example_inputs: inputs at the deployment batch size and resolution: one tensor, one
+            per positional argument, or a dict by argument name (optional arguments not
+            given keep their defaults).
         data, loss_fn: batches ``(inputs, target)`` and ``loss_fn(output, target)`` for
             first-order Taylor importance; without them, L2 magnitude (the result says which).
         max_batches: batches of ``data`` used for importance (None: all).
@@ -168,9 +170,8 @@ class _Candidate:
 
 def _analyse(run: _Run, model: nn.Module, example_inputs: Any) -> Analysis:
     """Trace the model and find its channel groups and removable blocks."""
-    inputs = as_input_tuple(example_inputs)
     with run.log.stage("trace and analyse", run.timings, "analyze_s"):
-        return analyze(model, inputs, leaf_modules=run.config.leaf_modules)
+        return analyze(model, example_inputs, leaf_modules=run.config.leaf_modules)
 
 
 def _dense_check(run: _Run, analysis: Analysis) -> CompileResult | None:

@@ -78,5 +78,16 @@ def _zero_dropped(value: torch.Tensor, keep: np.ndarray) -> torch.Tensor:
 
 
 def masked_forward(analysis: Analysis, plan: Plan, *inputs: torch.Tensor) -> Any:
-    """The oracle's output for ``plan`` on ``inputs``."""
-    return MaskingInterpreter(analysis, plan).run(*inputs)
+    """The oracle's output for ``plan`` on ``inputs``, in the containers the model returns
+    (plain dicts and lists, not fx's immutable ones)."""
+    return _plain(MaskingInterpreter(analysis, plan).run(*inputs))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_plain(v) for v in value)
+    return value

@@ -7,6 +7,7 @@ import io
 import pytest
 import torch
 import torchvision
+from helpers import check_plan
 from torch import nn
 
 import fxprune
@@ -50,7 +51,9 @@ def test_leaf_module_escape_hatch_freezes_its_channels():
 
 
 def test_wrong_number_of_inputs():
-    with pytest.raises(fxprune.TraceError, match="1 tensor input"):
+    with pytest.raises(
+        TypeError, match=r"2 example inputs .* at most 1 positional argument\(s\) \(x\)"
+    ):
         fxprune.analyze(torchvision.models.resnet18(), (torch.randn(1, 3, 32, 32),) * 2)
 
 
@@ -236,3 +239,89 @@ def test_branch_in_the_top_level_forward_gets_a_hint_that_works():
     a = fxprune.analyze(model, x)
     assert not a.group("conv").prunable
     torch.testing.assert_close(fxprune.prune(a, fxprune.Plan.empty(a))(x), model(x))
+
+
+class Optional_(nn.Module):
+    """A forward with optional arguments, as timm's ViT (``attn_mask=None, is_causal=False``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x, mask=None, flip: bool = False, scale: float = 1.0):
+        y = self.conv(x) * scale
+        if mask is not None:
+            y = y * mask
+        if flip:
+            y = -y
+        return {"out": self.head(y), "aux": [y.mean()]}
+
+
+@pytest.mark.parametrize(
+    ("inputs", "placeholders", "call"),
+    [
+        (lambda x, m: x, ["x"], lambda mod, x, m: mod(x)),
+        (lambda x, m: (x,), ["x"], lambda mod, x, m: mod(x)),
+        (lambda x, m: (x, m), ["x", "mask"], lambda mod, x, m: mod(x, m)),
+        (lambda x, m: {"mask": m, "x": x}, ["x", "mask"], lambda mod, x, m: mod(x, m)),
+        (lambda x, m: {"x": x, "flip": True, "scale": 2.0}, ["x"],
+         lambda mod, x, m: mod(x, flip=True, scale=2.0)),
+    ],
+)  # fmt: skip
+def test_optional_arguments_are_inputs_only_when_given(inputs, placeholders, call):
+    torch.manual_seed(0)
+    model, x, m = Optional_().eval(), torch.randn(1, 3, 6, 6), torch.rand(1, 1, 6, 6)
+    a = fxprune.analyze(model, inputs(x, m))
+    assert [n.target for n in a.gm.graph.nodes if n.op == "placeholder"] == placeholders
+    assert not [n for n in a.gm.graph.nodes if "assert" in str(n.target)]  # fx's guards gone
+    assert a.group("conv").prunable
+    want = call(model, x, m)
+    got = a.gm(*a.example_inputs)
+    assert torch.equal(got["out"], want["out"]) and torch.equal(got["aux"][0], want["aux"][0])
+    pruned = check_plan(a, random_plan(a, 0), a.example_inputs, tol=1e-5)
+    out = pruned(*a.example_inputs)
+    assert set(out) == {"out", "aux"} and isinstance(out["aux"], list)
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({"y": torch.randn(1, 3, 6, 6)}, r"key 'y', which names no argument .*\(x, mask, flip"),
+        ({"mask": torch.randn(1, 8, 6, 6)}, r"argument 'x' has no default and no example"),
+        ((torch.randn(1, 3, 6, 6),) * 5, r"5 example inputs .* at most 4 positional"),
+    ],
+)
+def test_inputs_that_do_not_bind_say_why(inputs, message):
+    with pytest.raises(TypeError, match=message):
+        fxprune.analyze(Optional_(), inputs)
+
+
+def test_timm_vit_traces_with_its_defaults():
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2).eval()
+    x = torch.randn(1, 3, 224, 224)
+    a = fxprune.analyze(model, x)
+    assert [n.target for n in a.gm.graph.nodes if n.op == "placeholder"] == ["x"]
+    # the MLP branches are blocks; attention support decides about the attention branches
+    assert len(a.blocks) == 2 and sum(g.prunable for g in a.groups) >= 2
+    with torch.no_grad():
+        assert torch.equal(a.gm(x), model(x))
+    check_plan(a, random_plan(a, 0), x, tol=1e-4)
+
+
+def test_segmentation_dict_output_prunes_and_exports(tmp_path):
+    import onnx
+
+    from fxprune.backends.export import export_onnx
+
+    torch.manual_seed(0)
+    model = torchvision.models.segmentation.lraspp_mobilenet_v3_large(
+        weights=None, weights_backbone=None
+    ).eval()
+    x = torch.randn(1, 3, 64, 64)
+    a = fxprune.analyze(model, {"input": x})
+    pruned = check_plan(a, random_plan(a, 1), x, tol=1e-4)
+    path = export_onnx(pruned, tmp_path / "seg.onnx", {"input": x})
+    assert [o.name for o in onnx.load(path).graph.output] == ["out"]

@@ -582,3 +582,28 @@ def test_non_finite_weight_stops_compile_before_measuring(value, tmp_path):
     with pytest.raises(NonFiniteError, match=r"'3\.weight'"):
         _compile(model, 0.5, tmp_path, backend=backend)
     assert backend.calls == []  # refused before any latency was measured
+
+
+def test_keyword_inputs_and_dict_outputs(tmp_path):
+    """A segmentation model given its input by name, returning ``{"out": ...}``: compile meets
+    the budget, its plan equals the masking oracle, and the exported ONNX holds the output."""
+    import onnx
+    from helpers import check_plan
+
+    torch.manual_seed(0)
+    model = torchvision.models.segmentation.lraspp_mobilenet_v3_large(
+        weights=None, weights_backbone=None
+    ).eval()
+    x = torch.randn(1, 3, 64, 64)
+    config = CompileConfig(
+        cache=tmp_path, latency=QUIET, progress=False, solve=SolveConfig(time_limit=2.0, gap=0.01)
+    )
+    result = fxprune.compile(model, 0.5, example_inputs={"input": x}, backend=FakeBackend(),
+                             config=config)  # fmt: skip
+    assert result.budget_met
+    assert [n.target for n in result.analysis.gm.graph.nodes if n.op == "placeholder"] == ["input"]
+    check_plan(result.analysis, result.plan, x)
+    with torch.no_grad():
+        assert set(result.model(x)) == {"out"}
+    out = result.save(tmp_path / "run")
+    assert [o.name for o in onnx.load(out / "pruned.onnx").graph.output] == ["out"]
