@@ -54,13 +54,7 @@ def _is_add(node: fx.Node) -> bool:
 def find_blocks(gm: fx.GraphModule, graph: nx.DiGraph | None = None) -> list[Block]:
     """Every removable residual block of the graph, in graph order."""
     graph = graph if graph is not None else to_networkx(gm)
-    nodes = {n.name: n for n in gm.graph.nodes}
-    # values computed from parameters and constants alone (layer scale's gamma.reshape(...))
-    # may enter a branch anywhere: only values of the inputs count as a second entry
-    dynamic = set()
-    for n in gm.graph.nodes:
-        if n.op == "placeholder" or any(i.name in dynamic for i in n.all_input_nodes):
-            dynamic.add(n.name)
+    ctx = _Context(gm, graph, {n.name: n for n in gm.graph.nodes}, _dynamic(gm), _dead(gm, graph))
     blocks = []
     for node in gm.graph.nodes:
         if not _is_add(node) or len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
@@ -69,11 +63,51 @@ def find_blocks(gm: fx.GraphModule, graph: nx.DiGraph | None = None) -> list[Blo
         if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
             continue
         for shortcut, branch in ((a, b), (b, a)):
-            block = _block(gm, node, _through_identity(gm, shortcut), branch, graph, nodes, dynamic)
+            block = _block(ctx, node, _through_identity(gm, shortcut), branch)
             if block is not None:
                 blocks.append(block)
                 break
     return blocks
+
+
+@dataclass(frozen=True)
+class _Context:
+    gm: fx.GraphModule
+    graph: nx.DiGraph
+    nodes: dict[str, fx.Node]
+    dynamic: frozenset[str]  # values computed from the inputs
+    dead: frozenset[str]  # see _dead
+
+
+def _dynamic(gm: fx.GraphModule) -> frozenset[str]:
+    """The values computed from the inputs. Values computed from parameters and constants alone
+    (layer scale's ``gamma.reshape(...)``) may enter a branch anywhere: only these count as a
+    second entry."""
+    dynamic: set[str] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or any(i.name in dynamic for i in n.all_input_nodes):
+            dynamic.add(n.name)
+    return frozenset(dynamic)
+
+
+#: reads with no effect: an unused one may hang off a branch without leaking a value
+_PURE_FUNCTIONS = frozenset({getattr, operator.getitem})
+_PURE_METHODS = frozenset({"size", "dim"})
+
+
+def _dead(gm: fx.GraphModule, graph: nx.DiGraph) -> frozenset[str]:
+    """Pure reads no path to the output uses (an unused ``B, N, C = x.shape``)."""
+    (output,) = (n for n in gm.graph.nodes if n.op == "output")
+    live = nx.ancestors(graph, output.name) | {output.name}
+    return frozenset(
+        n.name
+        for n in gm.graph.nodes
+        if n.name not in live
+        and (
+            (n.op == "call_function" and n.target in _PURE_FUNCTIONS)
+            or (n.op == "call_method" and n.target in _PURE_METHODS)
+        )
+    )
 
 
 def _through_identity(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
@@ -93,29 +127,32 @@ def _shape(node: fx.Node):
     return tuple(meta.shape) if hasattr(meta, "shape") else None
 
 
-def _block(
-    gm, add: fx.Node, s: fx.Node, b: fx.Node, graph: nx.DiGraph, nodes, dynamic: set[str]
-) -> Block | None:
+def _block(ctx: _Context, add: fx.Node, s: fx.Node, b: fx.Node) -> Block | None:
     if s is b or _shape(add) is None or _shape(add) != _shape(s):
         return None
-    region = (nx.ancestors(graph, b.name) | {b.name}) & nx.descendants(graph, s.name)
+    region = (nx.ancestors(ctx.graph, b.name) | {b.name}) & nx.descendants(ctx.graph, s.name)
     if b.name not in region:
         return None
     has_layer = False
+    dead_users: set[str] = set()
     for name in region:
-        n = nodes[name]
+        n = ctx.nodes[name]
         for inp in n.all_input_nodes:
-            if inp.name not in region and inp is not s and inp.name in dynamic:
+            if inp.name not in region and inp is not s and inp.name in ctx.dynamic:
                 return None  # a second entry: s does not dominate the branch
         for user in n.users:
-            if user.name not in region and user is not add:
+            if user.name in ctx.dead:
+                dead_users |= {user.name} | nx.descendants(ctx.graph, user.name)
+            elif user.name not in region and user is not add:
                 return None  # the branch leaks a value: not single-exit
         has_layer |= (
-            n.op == "call_module" and any(True for _ in gm.get_submodule(n.target).parameters())
+            n.op == "call_module" and any(True for _ in ctx.gm.get_submodule(n.target).parameters())
         ) or (n.op == "call_function" and any(i.op == "get_attr" for i in n.all_input_nodes))
     if not has_layer or set(b.users) != {add}:
         return None
-    return Block(add.name, s.name, b.name, frozenset(_with_static_feeders(region, nodes, dynamic)))
+    region |= dead_users  # they go with it
+    region = _with_static_feeders(region, ctx.nodes, ctx.dynamic)
+    return Block(add.name, s.name, b.name, frozenset(region))
 
 
 def _with_static_feeders(region: set[str], nodes, dynamic: set[str]) -> set[str]:

@@ -153,6 +153,26 @@ def test_static_feeder_of_a_branch_dies_with_it():
     assert not {"conv", "mlp"} & set(dict(pruned.named_modules()))
 
 
+class UnusedShape(nn.Module):
+    """``B, N, C = x.shape`` with ``N`` unused, as timm's attention: no value leaks."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        return x + self.fc(x).reshape(b, -1, c)
+
+
+def test_unused_shape_read_does_not_stop_a_block():
+    model, x = UnusedShape().eval(), torch.randn(1, 3, 4)
+    a = fxprune.analyze(model, x)
+    assert len(a.blocks) == 1
+    pruned = check_plan(a, fxprune.Plan({}, (a.blocks[0].name,), a.signature), x, tol=1e-6)
+    assert "fc" not in dict(pruned.named_modules())
+
+
 @pytest.mark.parametrize(
     ("name", "expected"),
     [("efficientnet_b0", 9), ("mobilenetv3_large_100", 10), ("convnext_atto", 11),

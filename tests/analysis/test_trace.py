@@ -304,8 +304,7 @@ def test_timm_vit_traces_with_its_defaults():
     x = torch.randn(1, 3, 224, 224)
     a = fxprune.analyze(model, x)
     assert [n.target for n in a.gm.graph.nodes if n.op == "placeholder"] == ["x"]
-    # the MLP branches are blocks; attention support decides about the attention branches
-    assert len(a.blocks) == 2 and sum(g.prunable for g in a.groups) >= 2
+    assert len(a.blocks) == 4 and sum(g.prunable for g in a.groups) >= 2  # attention, MLP ×2
     with torch.no_grad():
         assert torch.equal(a.gm(x), model(x))
     check_plan(a, random_plan(a, 0), x, tol=1e-4)
