@@ -55,9 +55,9 @@ __all__ = [
 
 #: how each way out of an infeasible budget is spelt in Python (the CLI passes its own flags)
 _PYTHON_SPELLING: Mapping[str, str] = {
-    "solver": "pass solver='minlp'",
-    "allow_block_removal": "pass allow_block_removal=True",
-    "layout_floor": "pass latency_config=LatencyConfig(layout_floor=False)",
+    "solver": "use CompileConfig(solve=SolveConfig(solver='minlp'))",
+    "allow_block_removal": "use CompileConfig(allow_block_removal=True)",
+    "layout_floor": "use CompileConfig(latency=LatencyConfig(layout_floor=False))",
 }
 
 
@@ -615,7 +615,7 @@ def solve_minlp(
             raise FxpruneError(
                 f"SCIP found no plan meeting the budget {budget:.4g} within its {limit:.3g} s "
                 f"time limit (status {status}), nor did the uniform or knapsack baselines; the "
-                f"fastest plan it found takes {latency:.4g}. Raise time_limit, or the budget."
+                f"fastest plan it found takes {latency:.4g}. Raise SolveConfig.time_limit, or the budget."
             )
         best = (value, latency, choice, removed, "fastest")
     value, latency, choice, removed, incumbent = best

@@ -143,7 +143,10 @@ def test_infeasible_message_names_only_the_ways_out_given():
     )
     msg = str(both)
     assert "3 ms (30.0% of dense)" in msg
-    assert "pass solver='minlp' and pass allow_block_removal=True so that residual blocks" in msg
+    assert (
+        "use CompileConfig(solve=SolveConfig(solver='minlp')) and use "
+        "CompileConfig(allow_block_removal=True) so that residual blocks" in msg
+    )
     assert "LatencyConfig(layout_floor=False)" in msg and "16-channel layout block" in msg
     # a front end without a spelling for a way out leaves that way out
     cli = both.message({"solver": "--solver minlp", "allow_block_removal": "drop --no-blocks"})

@@ -161,7 +161,7 @@ class UnusedShape(nn.Module):
         self.fc = nn.Linear(4, 4)
 
     def forward(self, x):
-        b, n, c = x.shape
+        b, _n, c = x.shape
         return x + self.fc(x).reshape(b, -1, c)
 
 
