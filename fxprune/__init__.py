@@ -4,7 +4,8 @@
 runtime; its settings are one :class:`CompileConfig` (:class:`SolveConfig`, :class:`LoopConfig`,
 :class:`UnconstrainedConfig`, :class:`LatencyConfig`, :class:`MeasureConfig`). The parts: start
 with :func:`analyze` (trace + channel groups + removable blocks), make or load a :class:`Plan`,
-and :func:`prune` to get the smaller GraphModule. Every result can be checked against
+and :func:`prune` to get the smaller GraphModule (then :func:`recalibrate_norms` on data, for a
+trained model). Every result can be checked against
 :func:`masked_forward`, the masking oracle.
 
 The package is layered (each imports only those before it): ``core`` → ``analysis`` (and
@@ -30,6 +31,7 @@ from fxprune.pipeline.report import analysis_report, render_markdown
 from fxprune.rewrite.api import prune, rebuild
 from fxprune.rewrite.mask import masked_forward
 from fxprune.rewrite.pruners import register_pruner
+from fxprune.rewrite.recalibrate import recalibrate_norms
 from fxprune.solver import InfeasibleBudget
 from fxprune.unconstrained.masks import magnitude_masks, masks_from_zeros, unconstrained_plan
 
@@ -59,6 +61,7 @@ __all__ = [
     "masks_from_zeros",
     "prune",
     "rebuild",
+    "recalibrate_norms",
     "register_function_rule",
     "register_method_rule",
     "register_module_rule",

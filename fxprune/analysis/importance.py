@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fxprune.core.batches import split_batch
 from fxprune.core.errors import NonFiniteError
 
 if TYPE_CHECKING:
@@ -221,10 +222,7 @@ def taylor_scores(
     for batch in data:
         if max_batches is not None and batches >= max_batches:
             break
-        inputs, target = (
-            batch if isinstance(batch, (tuple, list)) and len(batch) == 2 else (batch, None)
-        )
-        inputs = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+        inputs, target = split_batch(batch)
         gm.zero_grad(set_to_none=True)
         out = gm(*inputs)
         loss = loss_fn(out, target)

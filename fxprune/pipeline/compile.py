@@ -53,6 +53,7 @@ from fxprune.pipeline.problem import PruningProblem, build_problem, solution_fro
 from fxprune.pipeline.result import Budget, CompileResult, Round, RoundExport
 from fxprune.rewrite.api import ExportSpec, prune
 from fxprune.rewrite.prune import RewriteInfo, rewrite
+from fxprune.rewrite.recalibrate import Recalibration, recalibrate_norms
 from fxprune.solver import (
     InfeasibleBudget,
     Solution,
@@ -121,7 +122,9 @@ def compile(
         pp = priced.problem(config.allow_block_removal)
     read_cost = _read_prices(run)
     candidates, pp = _budget_loop(run, priced, pp, read_cost)
-    return _result(run, priced, pp, candidates, _choose(run, candidates))
+    best = _choose(run, candidates)
+    recalibration = _norm_statistics(run, best.model, data, max_batches)
+    return _result(run, priced, pp, candidates, best, recalibration)
 
 
 @dataclass
@@ -429,12 +432,25 @@ def _choose(run: _Run, candidates: list[_Candidate]) -> _Candidate:
     return best
 
 
+def _norm_statistics(
+    run: _Run, model: fx.GraphModule, data: Any, max_batches: int | None
+) -> Recalibration | None:
+    """The pruned model's BatchNorm statistics re-estimated on ``data`` (when given)."""
+    if data is None or not run.config.recalibrate:
+        return None
+    with run.log.stage("recalibrate norms", run.timings, "recalibrate_s"):
+        done = recalibrate_norms(model, data, max_batches=max_batches)
+    logger.info("re-estimated %d norm layers on %d batches", done.modules, done.batches)
+    return done
+
+
 def _result(
     run: _Run,
     priced: _Priced,
     pp: PruningProblem,
     candidates: list[_Candidate],
     best: _Candidate,
+    recalibration: Recalibration | None = None,
 ) -> CompileResult:
     """The chosen candidate with the evidence: its round's figures and every round's."""
     from fxprune.pipeline.report import count_macs, count_params
@@ -470,6 +486,7 @@ def _result(
         params=(count_params(analysis.gm), count_params(best.model)),
         macs=(count_macs(analysis.gm), count_macs(best.model)),  # the rewrite refreshed shapes
         tables=priced.tables,
+        recalibration=recalibration,
     )
 
 

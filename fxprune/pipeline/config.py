@@ -164,6 +164,10 @@ class CompileConfig:
         cache: latency cache (a :class:`~fxprune.backends.LatencyCache` or a directory);
             ``None``: the default location.
         progress: log stages and progress (logger ``fxprune``; the CLI shows it with rich).
+        recalibrate: when ``compile`` has ``data``, re-estimate the pruned model's BatchNorm
+            statistics on it (the ``max_batches`` importance uses) before returning it
+            (:func:`~fxprune.recalibrate_norms`); a trained model pruned without it often
+            predicts at chance.
         frontend: selects the capture front end that turns the model into a graph: ``"fx"``
             (symbolic tracing), ``"export"`` (``torch.export``) or ``"auto"`` (the first that
             works).
@@ -179,6 +183,7 @@ class CompileConfig:
     leaf_modules: tuple[type | str, ...] | None = None
     cache: LatencyCache | str | os.PathLike | None = field(default=None, compare=False)
     progress: bool = True
+    recalibrate: bool = True
     frontend: str = "auto"
 
     def __post_init__(self) -> None:
@@ -188,7 +193,7 @@ class CompileConfig:
         _instance(owner, "unconstrained", self.unconstrained, UnconstrainedConfig, True)
         _instance(owner, "latency", self.latency, LatencyConfig, True)
         _instance(owner, "measure", self.measure, MeasureConfig)
-        for name in ("allow_block_removal", "in_model_scales", "progress"):
+        for name in ("allow_block_removal", "in_model_scales", "progress", "recalibrate"):
             _flag(owner, name, getattr(self, name))
         if self.leaf_modules is not None:
             leaves = self.leaf_modules

@@ -20,6 +20,7 @@ from fxprune.latency.tables import LatencyTables
 
 if TYPE_CHECKING:
     from fxprune.measure.export_choice import ExportChoice
+    from fxprune.rewrite.recalibrate import Recalibration
 
 __all__ = ["SAVED_FILES", "Budget", "CompileResult", "Round", "RoundExport"]
 
@@ -191,6 +192,9 @@ class CompileResult:
     tables: LatencyTables | None = field(default=None, repr=False)
     #: the budget was already met by the dense model: ``model`` is it, unchanged, measured once
     dense_meets_budget: bool = False
+    #: the pruned model's norm statistics were re-estimated on ``data`` (``None``: they were
+    #: not: no data, or ``CompileConfig.recalibrate=False``); see :func:`fxprune.recalibrate_norms`
+    recalibration: Recalibration | None = None
 
     @property
     def speedup(self) -> float:
@@ -218,6 +222,9 @@ class CompileResult:
             "macs_after": self.macs[1],
             "rounds": len(self.rounds),
             "backend": self.backend,
+            "norms_recalibrated_on_batches": (
+                self.recalibration.batches if self.recalibration else None
+            ),
         }
 
     def report(self) -> dict[str, Any]:

@@ -229,6 +229,19 @@ def test_taylor_importance_with_data(tmp_path):
     data = [(torch.randn(2, 3, 64, 64), torch.randint(0, 4, (2,))) for _ in range(2)]
     result = _compile(model, 0.5, tmp_path, data=data, loss_fn=nn.functional.cross_entropy)
     assert result.importance_method == "taylor" and result.budget_met
+    # the returned model's BatchNorm statistics were re-estimated on the data, and said so
+    assert result.recalibration.batches == 2 and result.recalibration.modules > 0
+    assert result.summary()["norms_recalibrated_on_batches"] == 2
+    plain = fxprune.prune(result.analysis, result.plan)
+    bn = next(n for n, m in plain.named_modules() if isinstance(m, nn.BatchNorm2d))
+    stats = result.model.get_submodule(bn).running_var
+    assert not torch.equal(stats, plain.get_submodule(bn).running_var)
+    fxprune.recalibrate_norms(plain, data)
+    torch.testing.assert_close(stats, plain.get_submodule(bn).running_var)
+    off = _compile(model, 0.5, tmp_path, data=data, loss_fn=nn.functional.cross_entropy,
+                   recalibrate=False)  # fmt: skip
+    assert off.recalibration is None
+    assert torch.equal(off.model(data[0][0]), fxprune.prune(off.analysis, off.plan)(data[0][0]))
 
 
 def test_save_and_rebuild(resnet, tmp_path):
