@@ -31,8 +31,8 @@ from fxprune.pipeline.report import analysis_report, render_markdown
 from fxprune.rewrite.api import prune, rebuild
 from fxprune.rewrite.mask import masked_forward
 from fxprune.rewrite.pruners import register_pruner
-from fxprune.rewrite.recalibrate import recalibrate_norms
 from fxprune.solver import InfeasibleBudget
+from fxprune.tuning import FinetuneConfig, finetune, recalibrate_norms
 from fxprune.unconstrained.masks import magnitude_masks, masks_from_zeros, unconstrained_plan
 
 __version__ = "0.1.0"
@@ -42,6 +42,7 @@ __all__ = [
     "Budget",
     "CompileConfig",
     "CompileResult",
+    "FinetuneConfig",
     "FxpruneError",
     "InfeasibleBudget",
     "LatencyConfig",
@@ -56,6 +57,7 @@ __all__ = [
     "analyze",
     "compile",
     "export_onnx",
+    "finetune",
     "magnitude_masks",
     "masked_forward",
     "masks_from_zeros",

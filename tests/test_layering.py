@@ -1,7 +1,7 @@
 """The package's layers import only downward, and no module imports itself back in a cycle.
 
 The layers, bottom first (README, CONTRIBUTING): core; analysis and the solver (siblings);
-unconstrained; rewrite; backends; measure; latency; pipeline; then the package root and the CLI.
+unconstrained; rewrite and tuning (siblings); backends; measure; latency; pipeline; then the package root and the CLI.
 Imports under ``if TYPE_CHECKING:`` are annotations only and are exempt; every other import,
 including one inside a function, counts.
 """
@@ -21,6 +21,7 @@ LAYERS = {
     "solver": 1,
     "unconstrained": 2,
     "rewrite": 3,
+    "tuning": 3,
     "backends": 4,
     "measure": 5,
     "latency": 6,

@@ -53,7 +53,6 @@ from fxprune.pipeline.problem import PruningProblem, build_problem, solution_fro
 from fxprune.pipeline.result import Budget, CompileResult, Round, RoundExport
 from fxprune.rewrite.api import ExportSpec, prune
 from fxprune.rewrite.prune import RewriteInfo, rewrite
-from fxprune.rewrite.recalibrate import Recalibration, recalibrate_norms
 from fxprune.solver import (
     InfeasibleBudget,
     Solution,
@@ -61,6 +60,7 @@ from fxprune.solver import (
     solve_minlp,
     solve_uniform,
 )
+from fxprune.tuning.recalibrate import Recalibration, recalibrate_norms
 
 __all__ = ["Budget", "CompileResult", "compile"]
 

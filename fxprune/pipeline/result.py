@@ -20,7 +20,7 @@ from fxprune.latency.tables import LatencyTables
 
 if TYPE_CHECKING:
     from fxprune.measure.export_choice import ExportChoice
-    from fxprune.rewrite.recalibrate import Recalibration
+    from fxprune.tuning.recalibrate import Recalibration
 
 __all__ = ["SAVED_FILES", "Budget", "CompileResult", "Round", "RoundExport"]
 

@@ -57,7 +57,7 @@ def test_statistics_are_the_average_over_the_batches_and_flags_restored():
     model.drop.eval()  # a mixed state the pass must give back as it was
     data = _data()
     done = fxprune.recalibrate_norms(model, data)
-    assert done == fxprune.rewrite.recalibrate.Recalibration(modules=2, batches=4)
+    assert done == fxprune.tuning.recalibrate.Recalibration(modules=2, batches=4)
     assert model.training and not model.drop.training and model.bn.training
     assert model.bn.momentum == 0.1 and model.bn2.momentum == 0.3
     # bn's input depends on no norm: the hand computation
