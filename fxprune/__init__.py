@@ -5,7 +5,8 @@ runtime; its settings are one :class:`CompileConfig` (:class:`SolveConfig`, :cla
 :class:`UnconstrainedConfig`, :class:`LatencyConfig`, :class:`MeasureConfig`). The parts: start
 with :func:`analyze` (trace + channel groups + removable blocks), make or load a :class:`Plan`,
 and :func:`prune` to get the smaller GraphModule. Every result can be checked against
-:func:`masked_forward`, the masking oracle.
+:func:`masked_forward`, the masking oracle. :func:`backend` prunes inside ``torch.compile``
+(a dynamo backend, also registered as ``backend="fxprune"``), for inference.
 
 The package is layered (each imports only those before it): ``core`` → ``analysis`` (and
 ``solver``) → ``unconstrained`` → ``rewrite`` → ``backends`` → ``measure`` → ``latency`` →
@@ -26,6 +27,7 @@ from fxprune.core.plan import Plan
 from fxprune.latency.tables import LatencyConfig
 from fxprune.pipeline.compile import Budget, CompileResult, compile
 from fxprune.pipeline.config import CompileConfig, LoopConfig, SolveConfig, UnconstrainedConfig
+from fxprune.pipeline.dynamo_backend import backend
 from fxprune.pipeline.report import analysis_report, render_markdown
 from fxprune.rewrite.api import prune, rebuild
 from fxprune.rewrite.mask import masked_forward
@@ -52,6 +54,7 @@ __all__ = [
     "UnconstrainedConfig",
     "analysis_report",
     "analyze",
+    "backend",
     "compile",
     "export_onnx",
     "magnitude_masks",
