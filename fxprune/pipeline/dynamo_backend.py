@@ -26,12 +26,20 @@ Graph breaks: each captured graph is pruned on its own. What crosses a break is 
 or output, and fxprune keeps a graph's inputs and outputs whole, so the channels that cross a
 break are frozen. Every graph's outcome is a :class:`GraphRecord` in :attr:`FxpruneBackend.graphs`
 (pruned, skipped and why, what was frozen) and is logged (logger ``fxprune``).
+
+A graph is handed on unpruned, with the reason recorded, when it has no parameters or no
+prunable channel group, when it was captured in training mode (batch statistics, dropout), when
+its budget cannot be reached or a plan does not fit it, and when dynamo made a size symbolic
+(after a recompile at another shape): pass ``dynamic=False`` to ``torch.compile`` so each input
+shape gets a static graph, pruned on its own. Where that is not what the caller asked for, the
+record is logged as a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -39,10 +47,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from fxprune.analysis import Analysis, analyze
 from fxprune.backends import Backend
+from fxprune.core.errors import ConfigError
 from fxprune.core.plan import Plan
 from fxprune.pipeline.compile import compile as fxprune_compile
 from fxprune.pipeline.config import CompileConfig
@@ -262,21 +272,23 @@ class FxpruneBackend:
         try:
             lifted = lift_parameters(gm, example_inputs)
         except Exception as exc:  # a graph fxprune cannot take: hand it on unchanged
-            return self._skip(index, gm, example_inputs, f"not liftable: {exc}", ())
+            return self._skip(index, gm, example_inputs, f"not liftable: {exc}", (), warn=True)
         shapes = tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else () for t in lifted.inputs)
-        why = self._unprunable(lifted)
+        skip = functools.partial(
+            self._skip, index, gm, example_inputs, shapes=shapes, parameters=lifted.parameters
+        )
+        why, warn = self._unprunable(lifted)
         if why is not None:
-            return self._skip(index, gm, example_inputs, why, shapes, lifted.parameters)
+            return skip(why, warn=warn)
         try:
             with _outside_dynamo():
                 record, pruned = self._prune(index, lifted, shapes)
         except _NothingToPrune as exc:
-            return self._skip(index, gm, example_inputs, str(exc), shapes, lifted.parameters)
-        except Exception as exc:
-            logger.warning("fxprune backend: graph %d not pruned: %s", index, exc)
-            return self._skip(
-                index, gm, example_inputs, f"{type(exc).__name__}: {exc}", shapes, lifted.parameters
-            )
+            return skip(str(exc))
+        except ConfigError:  # a bad setting is the caller's to fix, not a graph to skip
+            raise
+        except Exception as exc:  # (an unreachable budget, a plan for another graph, ...)
+            return skip(f"not pruned: {type(exc).__name__}: {exc}", warn=True)
         self._record(record)
         compiled = _next_backend(self.then)(pruned, list(lifted.inputs))
         positions = lifted.input_positions
@@ -286,14 +298,25 @@ class FxpruneBackend:
 
         return run
 
-    def _unprunable(self, lifted: _Lifted) -> str | None:
+    def _unprunable(self, lifted: _Lifted) -> tuple[str | None, bool]:
+        """Why the graph is handed on unpruned (None: it is not), and whether to warn."""
+        training = _training_op(lifted.gm)
+        if training is not None:
+            return (
+                f"captured in training mode ({training}): the fxprune backend is for inference; "
+                "call model.eval() first, or prune with fxprune.compile and fine-tune"
+            ), True
         if lifted.parameters < self.min_parameters:
-            return f"too small: {lifted.parameters} parameter tensors"
+            return f"too small: {lifted.parameters} parameter tensors", False
         if not lifted.inputs:
-            return "no tensor input"
+            return "no tensor input", False
         if any(not isinstance(t, torch.Tensor) for t in lifted.inputs):
-            return "symbolic (non-tensor) inputs: dynamic shapes are not supported"
-        return None
+            return (
+                "symbolic sizes among the inputs (dynamo made a dimension dynamic after a "
+                "recompile): not pruned; compile with torch.compile(..., dynamic=False) so "
+                "every input shape gets a static graph, pruned on its own"
+            ), True
+        return None, False
 
     def _prune(
         self, index: int, lifted: _Lifted, shapes: tuple[tuple[int, ...], ...]
@@ -340,15 +363,19 @@ class FxpruneBackend:
         reason: str,
         shapes: tuple[tuple[int, ...], ...],
         parameters: int = 0,
+        warn: bool = False,
     ) -> Callable[..., Any]:
-        self._record(
-            GraphRecord(index, "skipped", reason=reason, inputs=shapes, parameters=parameters)
-        )
+        """Hand the captured graph on unchanged, recording why (a warning where it matters)."""
+        record = GraphRecord(index, "skipped", reason=reason, inputs=shapes, parameters=parameters)
+        if warn:
+            logger.warning("fxprune backend: %s", record.describe())
+        self._record(record, log=not warn)
         return _next_backend(self.then)(gm, list(example_inputs))
 
-    def _record(self, record: GraphRecord) -> None:
+    def _record(self, record: GraphRecord, log: bool = True) -> None:
         self.graphs.append(record)
-        logger.info("fxprune backend: %s", record.describe())
+        if log:
+            logger.info("fxprune backend: %s", record.describe())
         for why in record.frozen:
             logger.debug("fxprune backend: graph %d frozen: %s", record.index, why)
 
@@ -371,6 +398,21 @@ def _outside_dynamo() -> Iterator[None]:
 
     with unset_fake_temporarily(), tracing(None):
         yield
+
+
+_TRAINING_ARG = {F.batch_norm: (5, "training"), F.dropout: (2, "training")}
+
+
+def _training_op(gm: fx.GraphModule) -> str | None:
+    """The first op that runs in training mode (batch statistics, dropout), if any."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in _TRAINING_ARG:
+            continue
+        index, name = _TRAINING_ARG[node.target]
+        flag = node.kwargs.get(name, node.args[index] if len(node.args) > index else False)
+        if flag is True:
+            return f"{node.name}: {node.target.__name__}(training=True)"
+    return None
 
 
 class _NothingToPrune(Exception):

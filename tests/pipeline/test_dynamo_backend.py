@@ -203,6 +203,36 @@ def test_graph_without_parameters_is_handed_on_unchanged(tmp_path):
     assert record.status == "skipped" and "too small" in record.reason
 
 
+def test_training_mode_graph_is_handed_on_unchanged(tmp_path):
+    x = torch.randn(2, 3, 16, 16)
+    model = _model(SmallCNN, x).train()
+    be = _backend(tmp_path, then="eager")
+    torch._dynamo.reset()
+    got = torch.compile(model, backend=be)(x)
+    (record,) = be.graphs
+    assert record.status == "skipped" and "training mode" in record.reason, record
+    assert "model.eval()" in record.reason
+    torch.testing.assert_close(got, copy.deepcopy(model)(x))  # batch statistics, dense
+
+
+def test_dynamic_recompile_is_skipped_with_advice_and_static_shapes_prune(tmp_path):
+    x1, x3 = torch.randn(1, 3, 16, 16), torch.randn(3, 3, 16, 16)
+    model = _model(SmallCNN, x1)
+    for dynamic, statuses in ((None, ["pruned", "skipped"]), (False, ["pruned", "pruned"])):
+        be = _backend(tmp_path, then="eager")
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend=be, dynamic=dynamic)
+        with torch.no_grad():
+            compiled(x1)
+            got = compiled(x3)
+        assert [g.status for g in be.graphs] == statuses, be.graphs
+        if dynamic is None:  # the dynamic graph runs dense, and the record says what to do
+            assert "dynamic=False" in be.graphs[1].reason
+            torch.testing.assert_close(got, model(x3))
+        else:
+            torch.testing.assert_close(got, _eager(be.graphs[1], x3), rtol=1e-4, atol=1e-5)
+
+
 def test_backend_resolves_by_name(tmp_path, caplog):
     assert BACKEND_NAME in torch._dynamo.list_backends()
     assert torch._dynamo.lookup_backend("fxprune") is fxprune_backend
