@@ -41,6 +41,7 @@ import contextlib
 import copy
 import functools
 import logging
+import os
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -61,6 +62,7 @@ from fxprune.rewrite.api import prune
 
 __all__ = [
     "BACKEND_NAME",
+    "BackendOptions",
     "FxpruneBackend",
     "GraphRecord",
     "backend",
@@ -240,31 +242,58 @@ def _move_get_attrs_after_placeholders(graph: fx.Graph) -> None:
             anchor = n
 
 
+_HALF = Budget(fraction=0.5)
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """The settings of :func:`backend` (and of ``options=`` with ``backend="fxprune"``), checked
+    when made.
+
+    Attributes:
+        budget: the latency budget each captured graph is pruned to (ignored with ``plan``).
+        then: the backend the pruned graph is compiled with: a registered name or a callable.
+        plan: a saved plan applied instead of solving (None: solve to ``budget``).
+        config: :func:`fxprune.compile`'s settings (None: its defaults).
+        latency_backend: the runtime the budget is measured on (a name or a backend).
+        min_parameters: graphs with fewer parameter/buffer tensors are handed on unpruned.
+    """
+
+    budget: Budget | None = _HALF
+    then: str | Callable[..., Any] = "inductor"
+    plan: Plan | None = None
+    config: CompileConfig | None = None
+    latency_backend: str | Backend = "onnxruntime"
+    min_parameters: int = 1
+
+    def __post_init__(self) -> None:
+        owner = "fxprune.backend"
+        if self.plan is None and self.budget is None:
+            raise ConfigError(f"{owner}: give a budget or a plan")
+        if self.budget is not None and not isinstance(self.budget, Budget):
+            raise ConfigError(f"{owner}(budget=): a Budget, got {self.budget!r}")
+        if self.plan is not None and not isinstance(self.plan, Plan):
+            raise ConfigError(f"{owner}(plan=): a Plan or a path, got {self.plan!r}")
+        if not (isinstance(self.then, str) or callable(self.then)):
+            raise ConfigError(
+                f"{owner}(then=): a backend name ('inductor', 'eager', ...) or a callable "
+                f"(gm, example_inputs) -> callable, got {self.then!r}"
+            )
+        if self.config is not None and not isinstance(self.config, CompileConfig):
+            raise ConfigError(f"{owner}(config=): a CompileConfig, got {self.config!r}")
+        if not isinstance(self.min_parameters, int) or self.min_parameters < 0:
+            raise ConfigError(f"{owner}(min_parameters=): an integer ≥ 0")
+
+
 class FxpruneBackend:
-    """A dynamo backend: prune each captured graph, then compile it with ``then``.
+    """A dynamo backend: prune each captured graph, then compile it with ``options.then``.
 
     Use through :func:`backend`. ``graphs`` lists every captured graph's :class:`GraphRecord`,
     in the order dynamo compiled them (a recompilation appends another).
     """
 
-    def __init__(
-        self,
-        budget: float | str | Budget | None = 0.5,
-        *,
-        then: str | Callable[..., Any] = "inductor",
-        plan: Plan | str | None = None,
-        config: CompileConfig | None = None,
-        latency_backend: str | Backend | None = None,
-        min_parameters: int = 1,
-    ) -> None:
-        if plan is None and budget is None:
-            raise ValueError("fxprune.backend: give a budget or a plan")
-        self.budget = Budget.parse(budget) if budget is not None else None
-        self.then = then
-        self.plan = Plan.load(plan) if isinstance(plan, str) else plan
-        self.config = config
-        self.latency_backend = latency_backend if latency_backend is not None else "onnxruntime"
-        self.min_parameters = min_parameters
+    def __init__(self, options: BackendOptions) -> None:
+        self.options = options
         self.graphs: list[GraphRecord] = []
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
@@ -290,7 +319,7 @@ class FxpruneBackend:
         except Exception as exc:  # (an unreachable budget, a plan for another graph, ...)
             return skip(f"not pruned: {type(exc).__name__}: {exc}", warn=True)
         self._record(record)
-        compiled = _next_backend(self.then)(pruned, list(lifted.inputs))
+        compiled = _next_backend(self.options.then)(pruned, list(lifted.inputs))
         positions = lifted.input_positions
 
         def run(*args: Any) -> Any:
@@ -306,7 +335,7 @@ class FxpruneBackend:
                 f"captured in training mode ({training}): the fxprune backend is for inference; "
                 "call model.eval() first, or prune with fxprune.compile and fine-tune"
             ), True
-        if lifted.parameters < self.min_parameters:
+        if lifted.parameters < self.options.min_parameters:
             return f"too small: {lifted.parameters} parameter tensors", False
         if not lifted.inputs:
             return "no tensor input", False
@@ -324,7 +353,8 @@ class FxpruneBackend:
         from fxprune.pipeline.report import count_params
 
         inputs = tuple(t.detach() for t in lifted.inputs)
-        config = self.config
+        options = self.options
+        config = options.config
         leaf = config.leaf_modules if config is not None else None
         analysis = analyze(lifted.gm, inputs, leaf_modules=leaf)
         base = {
@@ -337,15 +367,15 @@ class FxpruneBackend:
         }
         if base["prunable"] == 0:
             raise _NothingToPrune("no prunable channel group")
-        if self.plan is not None:
-            pruned = prune(analysis, self.plan)
+        if options.plan is not None:
+            pruned = prune(analysis, options.plan)
             status, result = "planned", None
         else:
             result = fxprune_compile(
                 lifted.gm,
-                self.budget,
+                options.budget,
                 example_inputs=inputs,
-                backend=self.latency_backend,
+                backend=options.latency_backend,
                 config=config,
             )
             pruned = result.model
@@ -370,7 +400,7 @@ class FxpruneBackend:
         if warn:
             logger.warning("fxprune backend: %s", record.describe())
         self._record(record, log=not warn)
-        return _next_backend(self.then)(gm, list(example_inputs))
+        return _next_backend(self.options.then)(gm, list(example_inputs))
 
     def _record(self, record: GraphRecord, log: bool = True) -> None:
         self.graphs.append(record)
@@ -380,8 +410,9 @@ class FxpruneBackend:
             logger.debug("fxprune backend: graph %d frozen: %s", record.index, why)
 
     def __repr__(self) -> str:
-        what = f"plan {self.plan.signature}" if self.plan is not None else f"budget {self.budget}"
-        then = self.then if isinstance(self.then, str) else getattr(self.then, "__name__", "?")
+        o = self.options
+        what = f"plan {o.plan.signature}" if o.plan is not None else f"budget {o.budget}"
+        then = o.then if isinstance(o.then, str) else getattr(o.then, "__name__", "?")
         return f"FxpruneBackend({what}, then {then}, {len(self.graphs)} graphs)"
 
 
@@ -442,7 +473,7 @@ def backend(
     budget: float | str | Budget | None = 0.5,
     *,
     then: str | Callable[..., Any] = "inductor",
-    plan: Plan | str | None = None,
+    plan: Plan | str | os.PathLike | None = None,
     config: CompileConfig | None = None,
     latency_backend: str | Backend | None = None,
 ) -> FxpruneBackend:
@@ -453,8 +484,9 @@ def backend(
             graph's latency, or a time with a unit), for each captured graph on its own.
         then: the backend the pruned graph is compiled with: a registered name
             (``"inductor"``, ``"eager"``, …) or a backend callable ``(gm, example_inputs)``.
-        plan: a saved :class:`~fxprune.Plan` (or its path) to apply instead of solving; it must
-            match the captured graph (one graph; a graph break makes several).
+        plan: a saved :class:`~fxprune.Plan` (or its path) to apply instead of solving (the
+            budget is then ignored); it must match the captured graph (a graph break makes
+            several: the others are handed on unpruned, with a warning).
         config: :func:`fxprune.compile`'s settings (None: its defaults).
         latency_backend: the runtime the budget is measured on (None: ONNX Runtime, as
             :func:`fxprune.compile`); a :class:`~fxprune.backends.Backend` or its name.
@@ -462,9 +494,16 @@ def backend(
     For inference: the compiled function owns the pruned weights (see the module docstring);
     to fine-tune, prune with :func:`fxprune.compile` and train its ``model``.
     """
-    return FxpruneBackend(
-        budget, then=then, plan=plan, config=config, latency_backend=latency_backend
+    if isinstance(plan, (str, os.PathLike)):
+        plan = Plan.load(plan)
+    options = BackendOptions(
+        budget=Budget.parse(budget) if budget is not None else None,
+        then=then,
+        plan=plan,
+        config=config,
+        latency_backend=latency_backend if latency_backend is not None else "onnxruntime",
     )
+    return FxpruneBackend(options)
 
 
 def fxprune_backend(

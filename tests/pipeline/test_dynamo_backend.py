@@ -23,6 +23,7 @@ from torch import fx, nn
 
 import fxprune
 from fxprune import CompileConfig
+from fxprune.core.errors import ConfigError
 from fxprune.latency.tables import LatencyConfig
 from fxprune.pipeline.dynamo_backend import (
     BACKEND_NAME,
@@ -259,9 +260,15 @@ def test_entry_point_names_the_registered_backend():
     assert getattr(import_module(module), name) is fxprune_backend
 
 
-def test_backend_needs_a_budget_or_a_plan():
-    with pytest.raises(ValueError, match="budget or a plan"):
+def test_bad_options_are_config_errors():
+    with pytest.raises(ConfigError, match="budget or a plan"):
         fxprune.backend(None)
+    with pytest.raises(ConfigError, match="then="):
+        fxprune.backend(0.5, then=3)
+    with pytest.raises(ConfigError, match="config="):
+        fxprune.backend(0.5, config={"progress": False})
+    with pytest.raises(TypeError, match="budgt"):  # a misspelt option by name
+        fxprune_backend(None, [], options={"budgt": 0.5})
 
 
 def _timm(name: str):
