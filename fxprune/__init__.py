@@ -4,9 +4,10 @@
 runtime; its settings are one :class:`CompileConfig` (:class:`SolveConfig`, :class:`LoopConfig`,
 :class:`UnconstrainedConfig`, :class:`LatencyConfig`, :class:`MeasureConfig`). The parts: start
 with :func:`analyze` (trace + channel groups + removable blocks), make or load a :class:`Plan`,
-and :func:`prune` to get the smaller GraphModule (then :func:`recalibrate_norms` on data, for a
-trained model). Every result can be checked against
-:func:`masked_forward`, the masking oracle.
+and :func:`prune` to get the smaller GraphModule (then :func:`recalibrate_norms` on data, and
+:func:`finetune`, for a trained model). Every result can be checked against
+:func:`masked_forward`, the masking oracle. :func:`backend` prunes inside ``torch.compile``
+(a dynamo backend, also registered as ``backend="fxprune"``), for inference.
 
 The package is layered (each imports only those before it): ``core`` → ``analysis`` (and
 ``solver``) → ``unconstrained`` → ``rewrite`` → ``backends`` → ``measure`` → ``latency`` →
@@ -27,6 +28,7 @@ from fxprune.core.plan import Plan
 from fxprune.latency.tables import LatencyConfig
 from fxprune.pipeline.compile import Budget, CompileResult, compile
 from fxprune.pipeline.config import CompileConfig, LoopConfig, SolveConfig, UnconstrainedConfig
+from fxprune.pipeline.dynamo_backend import backend
 from fxprune.pipeline.report import analysis_report, render_markdown
 from fxprune.rewrite.api import prune, rebuild
 from fxprune.rewrite.mask import masked_forward
@@ -55,6 +57,7 @@ __all__ = [
     "UnconstrainedConfig",
     "analysis_report",
     "analyze",
+    "backend",
     "compile",
     "export_onnx",
     "finetune",

@@ -1,4 +1,4 @@
-"""ONNX export with a numerical check against ONNX Runtime.
+"""ONNX export with a numerical check against ONNX Runtime; ``torch.export`` of a pruned model.
 
 The export itself is the latency backend's (``fxprune.backends.onnxruntime.export_to_bytes``):
 the file a user deploys is the graph fxprune measured, except that its batch axis is symbolic
@@ -9,6 +9,7 @@ the check runs at a second batch size too.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from fxprune.analysis.trace import ExampleInputs, bind_inputs
 from fxprune.core.errors import FxpruneError
 from fxprune.core.io import atomic_write
 
-__all__ = ["export_onnx"]
+__all__ = ["export_onnx", "export_program"]
+
+logger = logging.getLogger("fxprune")
 
 
 def export_onnx(
@@ -135,3 +138,36 @@ def _check(
                 f"ONNX Runtime's output {name!r} differs from torch's {where} (max abs error "
                 f"{err:.3g}, shapes {g.shape} vs {w.shape}); nothing was written. {hint}"
             )
+
+
+def export_program(
+    module: nn.Module,
+    example_inputs: ExampleInputs,
+    *,
+    dynamic_batch: bool = True,
+) -> torch.export.ExportedProgram:
+    """``module`` as a ``torch.export.ExportedProgram`` (eval mode), the PT2 deployment form.
+
+    The program saves with ``torch.export.save``, and lowers with AOTInductor
+    (``torch._inductor.aoti_compile_and_package``). With ``dynamic_batch``, dim 0 of every input
+    that has the batch size is dynamic; export specialises a size of 1, so a batch-1 example is
+    traced at batch 2 (the program then runs at any batch size, 1 included). A graph that fixes
+    its batch inside (a reshape to a constant size) cannot be dynamic: it is exported at the
+    example's batch size instead, and the log says so. The module's training flags are left
+    as they were.
+    """
+    from fxprune.backends.base import eval_mode
+    from fxprune.backends.onnxruntime import batch_size
+
+    inputs = bind_inputs(module, example_inputs).tensors
+    batch = batch_size(inputs)
+    with eval_mode(module), torch.no_grad():
+        if dynamic_batch and batch is not None:
+            traced = _resized_batch(inputs) if batch == 1 else inputs
+            dim = torch.export.Dim.DYNAMIC
+            shapes = tuple({0: dim} if t.ndim and len(t) == batch else None for t in inputs)
+            try:
+                return torch.export.export(module, traced, dynamic_shapes=shapes)
+            except Exception as exc:  # the graph fixes the batch: fall back to static
+                logger.info("torch.export with a dynamic batch failed (%s); exporting static", exc)
+        return torch.export.export(module, inputs)

@@ -279,6 +279,18 @@ class CompileResult:
 
         return replace_files(directory, SAVED_FILES, write)
 
+    def exported_program(self, *, dynamic_batch: bool = True) -> torch.export.ExportedProgram:
+        """The pruned model as a ``torch.export.ExportedProgram``, for PT2 deployment.
+
+        Exported at the analysis's example inputs (with ``dynamic_batch``, dim 0 dynamic where
+        the graph allows it; see :func:`fxprune.backends.export.export_program`). Save it with
+        ``torch.export.save``; lower it with AOTInductor
+        (``torch._inductor.aoti_compile_and_package``) for a runtime without Python.
+        """
+        from fxprune.backends.export import export_program
+
+        return export_program(self.model, self.analysis.example_inputs, dynamic_batch=dynamic_batch)
+
     def __repr__(self) -> str:
         """One line: budget, latencies, what was pruned, where (the model is in ``.model``)."""
         return (

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 
 import pytest
+import torch
+import torch._inductor
+from fake_backend import FakeBackend
+from helpers import make_sensitive
+from torch import nn
 
+import fxprune
+from fxprune import CompileConfig
+from fxprune.latency.tables import LatencyConfig
 from fxprune.pipeline.report import rounds_markdown
 from fxprune.pipeline.result import Round, RoundExport
 
@@ -74,3 +84,83 @@ def test_rounds_markdown_shows_exports_only_when_there_are_any():
     table = rounds_markdown(mixed)
     assert "export (gathers, slices)" in table
     assert "| False | — (0, 0) |" in table and "| False | full (0, 0) |" in table
+
+
+# ---- CompileResult.exported_program: the PT2 deployment path ---------------------------------
+
+
+class _Net(nn.Module):
+    """A small CNN with a residual add: prunable inside, every output channel kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU())
+        self.a = nn.Sequential(nn.Conv2d(32, 48, 3, padding=1), nn.BatchNorm2d(48), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(48, 32, 3, padding=1), nn.BatchNorm2d(32))
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = torch.relu(x + self.b(self.a(x)))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def pruned_result(tmp_path_factory):
+    x = torch.randn(1, 3, 32, 32)
+    torch.manual_seed(0)
+    model = make_sensitive(_Net(), x).eval()
+    config = CompileConfig(
+        cache=tmp_path_factory.mktemp("cache"),
+        progress=False,
+        latency=LatencyConfig(progress=False, unit_timing="wall"),
+    )
+    result = fxprune.compile(model, 0.5, example_inputs=x, backend=FakeBackend(), config=config)
+    assert result.params[1] < result.params[0]  # something was pruned
+    return result, x
+
+
+def test_exported_program_round_trips_through_save_and_load(pruned_result, tmp_path):
+    result, x = pruned_result
+    program = result.exported_program()
+    assert isinstance(program, torch.export.ExportedProgram)
+    path = tmp_path / "pruned.pt2"
+    torch.export.save(program, path)
+    loaded = torch.export.load(path).module()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), result.model(x), rtol=1e-5, atol=1e-6)
+        x3 = torch.randn(3, *x.shape[1:])  # the batch axis is dynamic (traced at batch 2)
+        torch.testing.assert_close(loaded(x3), result.model(x3), rtol=1e-5, atol=1e-6)
+    widths = [
+        v.shape[0] for k, v in program.state_dict.items() if k.endswith("weight") and v.ndim == 4
+    ]
+    assert widths == [m.out_channels for m in result.model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def test_exported_program_static_batch(pruned_result):
+    result, x = pruned_result
+    program = result.exported_program(dynamic_batch=False)
+    with pytest.raises(Exception, match=r"(?i)shape|size|guard|expected"):
+        program.module()(torch.randn(2, *x.shape[1:]))
+
+
+def _toolchain() -> str | None:
+    return shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
+@pytest.mark.skipif(_toolchain() is None, reason="AOTInductor needs a C++ compiler (g++/c++)")
+def test_exported_program_lowers_with_aot_inductor(pruned_result, tmp_path):
+    result, x = pruned_result
+    program = result.exported_program()
+    path = tmp_path / "pruned_aoti.pt2"
+    try:
+        torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    except (subprocess.CalledProcessError, OSError) as exc:  # the toolchain, not fxprune
+        pytest.skip(f"C++ toolchain failed to build the AOTInductor package: {exc}")
+    except Exception as exc:
+        if type(exc).__name__ in ("CppCompileError", "InductorError") and "compile" in str(exc):
+            pytest.skip(f"C++ toolchain failed to build the AOTInductor package: {exc}")
+        raise
+    runner = torch._inductor.aoti_load_package(str(path))
+    with torch.no_grad():
+        torch.testing.assert_close(runner(x), result.model(x), rtol=1e-4, atol=1e-5)
