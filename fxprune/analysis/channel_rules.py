@@ -467,10 +467,21 @@ def getitem(ctx: ChannelContext, node: fx.Node) -> Any:
 @register_function_rule(torch.mean, torch.sum, torch.amax, torch.amin)
 @register_method_rule("mean", "sum", "amax", "amin")
 def reduce(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
+    return _reduce(ctx, node, bool(arg(node, 2, "keepdim", False)))
+
+
+@register_function_rule(torch.var, torch.std)
+@register_method_rule("var", "std")
+def spread(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
+    """``var`` / ``std`` (RMS and layer norms written out): a reduction like ``mean``; their
+    third positional argument is ``unbiased``, so ``keepdim`` is the fourth."""
+    return _reduce(ctx, node, bool(arg(node, 3, "keepdim", False)))
+
+
+def _reduce(ctx: ChannelContext, node: fx.Node, keepdim: bool) -> np.ndarray:
     x = node.args[0]
     u, shape = ctx.map(x), ctx.shape(x)
     dims = _dims(arg(node, 1, "dim"), len(shape))
-    keepdim = bool(arg(node, 2, "keepdim", False))
     c = cdim_of(u)
     if dims is None or (c is not None and c in dims):
         ctx.inexact(u, f"{describe(node, ctx.gm)} reduces over the channel dim")

@@ -473,3 +473,34 @@ def test_planned_shapes_check_detects_a_wrong_width():
     check_planned_shapes(a, fxprune.Plan({"a": (0, 1)}, (), a.signature), pruned)
     with pytest.raises(fxprune.FxpruneError, match=r"'a' \(node a\): pruned"):
         check_planned_shapes(a, fxprune.Plan({"a": (0, 1, 2)}, (), a.signature), pruned)
+
+
+class WrittenOutNorms(nn.Module):
+    """Norms written with var / std over channels (timm's RmsNorm2d and LayerNorm2d fallbacks),
+    and a spatial std: the first two make the stem's group inexact, the last is per channel."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.mid = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        y = y / torch.sqrt(torch.var(y, dim=1, unbiased=False, keepdim=True) + 1e-5)
+        y = y / (y.std(1, True, True) + 1e-5)
+        z = self.mid(y)
+        z = z * z.std(dim=(2, 3), keepdim=True)
+        return self.head(z)
+
+
+def test_var_and_std_are_reductions():
+    torch.manual_seed(0)
+    model, x = WrittenOutNorms().eval(), torch.randn(1, 3, 6, 6)
+    a = fxprune.analyze(model, x)
+    assert a.group("stem").prunable and a.group("stem").inexact
+    assert a.group("mid").prunable and not a.group("mid").inexact  # spatial std: exact
+    pruned = check_plan(a, fxprune.Plan({"mid": (0, 2, 5)}, (), a.signature), x, tol=1e-5)
+    assert pruned.mid.out_channels == 3
+    stem = fxprune.prune(a, fxprune.Plan({"stem": (1, 4, 6, 7)}, (), a.signature))
+    assert stem(x).shape == (1, 2, 6, 6) and stem.stem.out_channels == 4
