@@ -18,10 +18,10 @@ from torch import fx, nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from fxprune.core.errors import TraceError
+from fxprune.core.errors import ShapeError, TraceError
 from fxprune.core.meta import MODULE_PATH
 
-__all__ = ["as_input_tuple", "trace"]
+__all__ = ["as_input_tuple", "propagate_shapes", "trace"]
 
 
 class _PathTracer(fx.Tracer):
@@ -129,7 +129,7 @@ def trace(
     # model then loads wherever torch and the model's own module classes import.
     graph._tracer_cls = None
     gm = fx.GraphModule(root, graph, root.__class__.__name__)
-    _propagate_shapes(gm, inputs, root)
+    propagate_shapes(gm, inputs, root)
     return gm
 
 
@@ -247,12 +247,16 @@ class _ShapeProp(fx.Interpreter):
         return result
 
 
-def _propagate_shapes(
-    gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], root: nn.Module
-) -> None:
+def propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], root: nn.Module) -> None:
+    """Run ``gm`` on ``inputs`` and record every node's ``tensor_meta``; ``root`` is the module
+    the graph was captured from (it names the module of a failing node).
+
+    Raises:
+        ShapeError: the input count does not match the graph's, or an op failed (naming it).
+    """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(inputs):
-        raise TraceError(
+        raise ShapeError(
             f"The model's forward takes {len(placeholders)} tensor input(s) "
             f"({', '.join(p.name for p in placeholders)}) but {len(inputs)} example input(s) were "
             "given. Pass one example tensor per forward argument."
@@ -262,7 +266,7 @@ def _propagate_shapes(
         with torch.no_grad():
             prop.run(*inputs)
     except Exception as exc:
-        raise TraceError(_shape_failure(root, prop.failed, inputs, exc)) from exc
+        raise ShapeError(_shape_failure(root, prop.failed, inputs, exc)) from exc
 
 
 def _shape_failure(
@@ -272,7 +276,10 @@ def _shape_failure(
     where = ""
     if node is not None:
         path = str(node.target) if node.op == "call_module" else node.meta.get(MODULE_PATH, "")
-        kind = type(root.get_submodule(path)).__name__  # gm keeps only leaves
+        try:
+            kind = type(root.get_submodule(path)).__name__  # gm keeps only leaves
+        except AttributeError:  # a path of the user's model the captured graph does not hold
+            kind = "module"
         module = f"module '{path}' ({kind})" if path else f"the top-level forward ({kind})"
         where = f" at node {node.name} in {module}: {node.format_node()}"
     return (

@@ -167,10 +167,12 @@ class _Candidate:
 
 
 def _analyse(run: _Run, model: nn.Module, example_inputs: Any) -> Analysis:
-    """Trace the model and find its channel groups and removable blocks."""
-    inputs = as_input_tuple(example_inputs)
+    """Capture the model (``config.frontend``) and find its channel groups and removable blocks."""
+    inputs = None if example_inputs is None else as_input_tuple(example_inputs)
     with run.log.stage("trace and analyse", run.timings, "analyze_s"):
-        return analyze(model, inputs, leaf_modules=run.config.leaf_modules)
+        return analyze(
+            model, inputs, leaf_modules=run.config.leaf_modules, frontend=run.config.frontend
+        )
 
 
 def _dense_check(run: _Run, analysis: Analysis) -> CompileResult | None:
