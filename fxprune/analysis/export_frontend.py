@@ -156,6 +156,31 @@ def _getitem(node: fx.Node, x: Any, dim: int, item: Any) -> Translation:
     return ("call_function", operator.getitem, (x, index), {})
 
 
+def _transposed_weight(mat: Any) -> Any:
+    """``w`` when ``mat`` (a node of the new graph) is ``w.T`` of a 2-D ``get_attr`` weight."""
+    if not isinstance(mat, fx.Node) or mat.op != "call_function" or not mat.args:
+        return None
+    w = mat.args[0]
+    if not isinstance(w, fx.Node) or w.op != "get_attr":
+        return None
+    if mat.target is torch.permute and list(mat.args[1]) == [1, 0]:
+        return w
+    if mat.target is torch.transpose and sorted(mat.args[1:3]) == [0, 1]:
+        return w
+    return None
+
+
+def _addmm(node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Translation:
+    """Core ATen's linear, ``addmm(b, x, w.T)`` / ``mm(x, w.T)``, as ``F.linear(x, w, b)``."""
+    if any(kwargs.get(k, 1) != 1 for k in ("beta", "alpha")) or set(kwargs) - {"beta", "alpha"}:
+        return None
+    bias, x, mat = (None, *args) if len(args) == 2 else args
+    w = _transposed_weight(mat)
+    if w is None or (bias is not None and getattr(bias, "op", None) != "get_attr"):
+        return None
+    return ("call_function", F.linear, (x, w, bias), {})
+
+
 def _t(node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Translation:
     if _ndim(node.args[0]) != 2:
         return None
@@ -217,6 +242,8 @@ ATEN_TO_TORCH: dict[Any, Translate] = {
     aten.conv_transpose3d: _fn(F.conv_transpose3d),
     aten.convolution: _convolution,
     aten.linear: _fn(F.linear),
+    aten.addmm: _addmm,
+    aten.mm: _addmm,
     aten.batch_norm: _fn(torch.batch_norm),
     aten._native_batch_norm_legit_no_training: _first(
         _fn(

@@ -67,10 +67,10 @@ logger = logging.getLogger("fxprune")
 
 
 def compile(
-    model: nn.Module,
+    model: nn.Module | torch.export.ExportedProgram,
     latency_budget: float | str | Budget,
     *,
-    example_inputs: torch.Tensor | Sequence[torch.Tensor],
+    example_inputs: torch.Tensor | Sequence[torch.Tensor] | None = None,
     data: Iterable[Any] | None = None,
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     max_batches: int | None = None,
@@ -81,9 +81,11 @@ def compile(
     """Prune ``model`` so that it runs within ``latency_budget`` on ``backend``.
 
     Args:
-        model: the model (copied; never modified).
+        model: the model (copied; never modified), or a ``torch.export.ExportedProgram``.
         latency_budget: ``0.5`` = half the dense latency; ``"25ms"`` = an absolute time.
-        example_inputs: inputs at the deployment batch size and resolution.
+        example_inputs: inputs at the deployment batch size and resolution (None: an
+            ExportedProgram's own example inputs). ``config.frontend`` says how the model is
+            captured (fx, torch.export, or fx first and export if fx fails).
         data, loss_fn: batches ``(inputs, target)`` and ``loss_fn(output, target)`` for
             first-order Taylor importance; without them, L2 magnitude (the result says which).
         max_batches: batches of ``data`` used for importance (None: all).
@@ -166,7 +168,9 @@ class _Candidate:
     round: Round
 
 
-def _analyse(run: _Run, model: nn.Module, example_inputs: Any) -> Analysis:
+def _analyse(
+    run: _Run, model: nn.Module | torch.export.ExportedProgram, example_inputs: Any
+) -> Analysis:
     """Capture the model (``config.frontend``) and find its channel groups and removable blocks."""
     inputs = None if example_inputs is None else as_input_tuple(example_inputs)
     with run.log.stage("trace and analyse", run.timings, "analyze_s"):
@@ -583,6 +587,7 @@ def _notes(analysis: Analysis, method: str, run: _Run) -> dict[str, Any]:
         "budget": str(run.budget),
         "importance": method,
         "input_shapes": [list(t.shape) for t in analysis.example_inputs],
+        "frontend": analysis.frontend,
     }
 
 

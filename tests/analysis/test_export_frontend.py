@@ -1,0 +1,206 @@
+"""The torch.export front end: ATen graphs analysed like traced ones, exact, and re-exportable."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import pytest
+import torch
+import torchvision
+from fake_backend import FakeBackend
+from functional_models import FunctionalConcat, FunctionalResNet
+from helpers import check_plan, make_sensitive, rel_err
+from torch import nn
+
+import fxprune
+from fxprune import CompileConfig
+from fxprune.analysis.export_frontend import ATEN_TO_TORCH
+from fxprune.analysis.plans import random_plan
+from fxprune.latency.tables import LatencyConfig
+from fxprune.pipeline.report import prunable_fraction
+
+X = torch.randn(1, 3, 64, 64)
+
+
+def _timm_efficientnet() -> nn.Module:
+    timm = pytest.importorskip("timm")
+    return timm.create_model("efficientnet_b0", pretrained=False)
+
+
+MODELS = {
+    "resnet18": torchvision.models.resnet18,
+    "mobilenet_v3_small": torchvision.models.mobilenet_v3_small,
+    "timm_efficientnet_b0": _timm_efficientnet,
+    "functional_resnet": FunctionalResNet,
+    "functional_concat": FunctionalConcat,
+}
+
+
+@functools.cache
+def _analysed(name: str) -> tuple[nn.Module, fxprune.Analysis]:
+    """The sensitive model and its fx analysis (shared by the tests: both take seconds)."""
+    torch.manual_seed(0)
+    model = make_sensitive(MODELS[name]().eval(), X).eval()
+    return model, fxprune.analyze(model, X, frontend="fx")
+
+
+def _same_structure(a: fxprune.Analysis, b: fxprune.Analysis) -> None:
+    """Same groups (names, sizes, prunable), blocks and prunable weight fraction."""
+    assert [(g.name, g.size, g.prunable) for g in a.groups] == [
+        (g.name, g.size, g.prunable) for g in b.groups
+    ]
+    assert [bl.name for bl in a.blocks] == [bl.name for bl in b.blocks]
+    assert a.signature == b.signature  # a plan made on one applies to the other
+    assert prunable_fraction(a) == prunable_fraction(b)
+
+
+def _reexports(pruned: nn.Module) -> None:
+    """The pruned model exports again with torch.export and computes the same."""
+    ep = torch.export.export(pruned, (X,))
+    with torch.no_grad():
+        assert rel_err(ep.module()(X), pruned(X)) <= 1e-5
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_export_front_end_matches_fx_and_the_oracle(name):
+    model, fx_analysis = _analysed(name)
+    a = fxprune.analyze(model, X, frontend="export")
+    assert a.frontend == "export"
+    assert not any(isinstance(n.target, torch._ops.OpOverload) for n in a.gm.graph.nodes)
+    with torch.no_grad():
+        assert rel_err(a.gm(X), model(X)) <= 1e-6
+    assert fx_analysis.frontend == "fx"
+    _same_structure(a, fx_analysis)
+    assert prunable_fraction(a)["prunable"] >= 0.9
+    _reexports(check_plan(a, random_plan(a, 0), X))
+
+
+@pytest.mark.parametrize("decompose", [False, True], ids=["training_ir", "core_aten"])
+def test_exported_program_given_by_the_user(decompose, tmp_path):
+    """An ExportedProgram (also lowered to core ATen: convolution, inference batch norm,
+    addmm, view) analyses without example inputs, like the fx trace of the model."""
+    model, fx_analysis = _analysed("resnet18")
+    ep = torch.export.export(model, (X,))
+    if decompose:
+        ep = ep.run_decompositions()
+    a = fxprune.analyze(ep)
+    assert a.frontend == "export" and torch.equal(a.example_inputs[0], X)
+    _same_structure(a, fx_analysis)
+    pruned = check_plan(a, random_plan(a, 3), X)
+    _reexports(pruned)
+    pytest.importorskip("onnxruntime")
+    # export specialises shapes: core ATen's view of the pooled features names the example's
+    # batch size (view(x, [1, 512])), so that model runs at that batch only
+    path = fxprune.export_onnx(pruned, tmp_path / "pruned.onnx", X, dynamic_batch=not decompose)
+    assert path.exists()  # and ONNX Runtime's outputs were checked against torch's
+
+
+class ShapeGated(nn.Module):
+    """Python control flow on a shape and ``torch._check``: fx cannot trace them, export
+    specialises them to the example."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.body = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._check(x.shape[1] == 3)
+        y = torch.relu(self.bn(self.conv(x)))
+        if y.shape[-1] >= 32:
+            y = nn.functional.max_pool2d(y, 2)
+        y = y + self.body(y)
+        return self.head(y.mean((2, 3)))
+
+
+def test_auto_falls_back_to_export_when_fx_cannot_trace(caplog):
+    model = make_sensitive(ShapeGated().eval(), X).eval()
+    with pytest.raises(fxprune.TraceError):
+        fxprune.analyze(model, X, frontend="fx")
+    with caplog.at_level(logging.INFO, logger="fxprune"):
+        a = fxprune.analyze(model, X)
+    assert a.frontend == "export"
+    assert "captured with the export front end" in caplog.text
+    assert a.group("conv").prunable and len(a.blocks) == 1
+    with torch.no_grad():
+        assert rel_err(a.gm(X), model(X)) <= 1e-6
+    for seed in range(3):
+        check_plan(a, random_plan(a, seed, block_prob=0.5), X)
+
+
+def test_auto_uses_fx_when_it_traces():
+    assert fxprune.analyze(FunctionalResNet().eval(), X).frontend == "fx"
+
+
+class Erf(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.special.erf(x)
+
+
+class WithErf(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.act = Erf()
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.conv(x)))
+
+
+def test_unmapped_aten_op_freezes_and_is_named_with_its_module():
+    assert torch.ops.aten.erf not in ATEN_TO_TORCH
+    model = WithErf().eval()
+    a = fxprune.analyze(model, X, frontend="export")
+    assert not a.group("conv").prunable
+    (reason,) = [r for r in a.group("conv").frozen if "erf" in r]
+    assert "unsupported op" in reason and "aten" in reason and "(in 'act')" in reason
+    pruned = fxprune.prune(a, fxprune.Plan.empty(a))
+    with torch.no_grad():
+        assert torch.equal(pruned(X), model(X))
+
+
+class ViewWrite(nn.Module):
+    """An in-place write through a view: it must reach the viewed tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        y[:, :2].mul_(3.0)
+        return self.head(torch.relu_(y))
+
+
+def test_in_place_ops_keep_their_effect():
+    model = ViewWrite().eval()
+    a = fxprune.analyze(model, X, frontend="export")
+    with torch.no_grad():
+        assert torch.equal(fxprune.prune(a, fxprune.Plan.empty(a))(X), model(X))
+    assert not a.group("conv").prunable  # the write through a view stays an ATen op: frozen
+
+
+def test_compile_config_frontend_is_used(tmp_path):
+    model = make_sensitive(ShapeGated().eval(), X).eval()
+    config = CompileConfig(
+        cache=tmp_path / "cache",
+        progress=False,
+        latency=LatencyConfig(progress=False, unit_timing="wall"),
+    )
+    kwargs = {"backend": FakeBackend()}
+    with pytest.raises(fxprune.TraceError):
+        fxprune.compile(model, 0.6, example_inputs=X, config=CompileConfig(frontend="fx"), **kwargs)
+    result = fxprune.compile(model, 0.6, example_inputs=X, config=config, **kwargs)
+    assert result.plan.notes["frontend"] == "export"
+    ep = torch.export.export(model, (X,))
+    result = fxprune.compile(ep, 0.6, config=config, **kwargs)  # its own example inputs
+    assert result.plan.notes["frontend"] == "export"
+    with torch.no_grad():
+        want = fxprune.masked_forward(result.analysis, result.plan, X)
+        assert rel_err(result.model(X), want) <= 1e-4
+    _reexports(result.model)
