@@ -157,6 +157,7 @@ def _capture(
 ) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...], str]:
     """The graph of ``model`` from the front end asked for (``"auto"``: fx, else export)."""
     if frontend == "export":
+        _leaves_ignored(leaf_modules)
         return (*from_exported(capture(model, inputs), inputs, name=type(model).__name__), "export")
     try:
         return trace(model, inputs, leaf_modules=leaf_modules), inputs, "fx"
@@ -166,6 +167,7 @@ def _capture(
         if frontend == "fx":
             raise
         logger.info("torch.fx could not trace %s; trying torch.export", type(model).__name__)
+        _leaves_ignored(leaf_modules)
         try:
             gm, inputs = from_exported(capture(model, inputs), inputs, name=type(model).__name__)
         except TraceError as export_error:
@@ -176,3 +178,11 @@ def _capture(
                 "export the model yourself and pass the ExportedProgram)."
             ) from export_error
         return gm, inputs, "export"
+
+
+def _leaves_ignored(leaf_modules: Iterable[type | str] | None) -> None:
+    """Say so when leaf modules were asked for: torch.export inlines every module."""
+    if leaf_modules:
+        logger.warning(
+            "leaf_modules is an fx option: the export front end traces into every module"
+        )

@@ -201,6 +201,14 @@ def _expand(node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Tra
     return ("call_method", "expand", (args[0], list(args[1])), {})
 
 
+def _size(node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Translation:
+    """``aten.sym_size.int(x, d)`` (a dynamic size) as ``x.size(d)``, which ONNX and TorchScript
+    record as a size of the tensor, not as the example's number."""
+    if kwargs or len(args) != 2:
+        return None
+    return ("call_method", "size", args, {})
+
+
 def _keep_kwargs(target: Callable[..., Any], *names: str) -> Translate:
     """Call ``target`` with the ATen positional arguments and only the keywords in ``names``
     (export spells defaults such as ``dtype=None`` that the torch function does not take)."""
@@ -285,6 +293,7 @@ ATEN_TO_TORCH: dict[Any, Translate] = {
     aten.unsqueeze: _fn(torch.unsqueeze),
     aten.squeeze: _fn(torch.squeeze),
     aten.expand: _expand,
+    aten.sym_size: _size,
     # reductions and pooling
     aten.mean: _mean,
     aten.adaptive_avg_pool1d: _fn(F.adaptive_avg_pool1d),

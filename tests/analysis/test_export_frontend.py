@@ -76,24 +76,30 @@ def test_export_front_end_matches_fx_and_the_oracle(name):
     _reexports(check_plan(a, random_plan(a, 0), X))
 
 
-@pytest.mark.parametrize("decompose", [False, True], ids=["training_ir", "core_aten"])
+@pytest.mark.parametrize("decompose", [False, True], ids=["training_ir", "core_aten_dynamic"])
 def test_exported_program_given_by_the_user(decompose, tmp_path):
-    """An ExportedProgram (also lowered to core ATen: convolution, inference batch norm,
-    addmm, view) analyses without example inputs, like the fx trace of the model."""
+    """An ExportedProgram analyses without example inputs, like the fx trace of the model; also
+    one lowered to core ATen (convolution, inference batch norm, addmm, view) with a dynamic
+    batch (sizes read with sym_size), whose pruned model then runs at any batch size."""
     model, fx_analysis = _analysed("resnet18")
-    ep = torch.export.export(model, (X,))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = X
     if decompose:
-        ep = ep.run_decompositions()
+        x = torch.randn(2, 3, 64, 64)
+        batch = {0: torch.export.Dim("batch")}
+        ep = torch.export.export(model, (x,), dynamic_shapes=(batch,)).run_decompositions()
+    else:
+        ep = torch.export.export(model, (x,))
     a = fxprune.analyze(ep)
-    assert a.frontend == "export" and torch.equal(a.example_inputs[0], X)
+    assert a.frontend == "export" and torch.equal(a.example_inputs[0], x)
     _same_structure(a, fx_analysis)
-    pruned = check_plan(a, random_plan(a, 3), X)
+    pruned = check_plan(a, random_plan(a, 3), x)
     _reexports(pruned)
     pytest.importorskip("onnxruntime")
-    # export specialises shapes: core ATen's view of the pooled features names the example's
-    # batch size (view(x, [1, 512])), so that model runs at that batch only
-    path = fxprune.export_onnx(pruned, tmp_path / "pruned.onnx", X, dynamic_batch=not decompose)
-    assert path.exists()  # and ONNX Runtime's outputs were checked against torch's
+    assert fxprune.export_onnx(pruned, tmp_path / "pruned.onnx", x).exists()  # ORT-checked
+    with torch.no_grad():  # the program and the model are untouched
+        assert torch.equal(ep.module()(x), model(x))
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
 
 
 class ShapeGated(nn.Module):
