@@ -18,8 +18,8 @@ What the translation does, and why:
   names the user's module as it does under fx;
 - in-place ATen ops (``relu_``, ``add_``: export keeps them in its training IR) become their
   out-of-place twins, and later readers of the mutated tensor read the new value instead. That
-  is only exact when nothing else aliases the tensor, so an in-place op on a view (or on a
-  tensor some view read earlier) is left as it is, an unknown op that freezes its channels;
+  is only exact when no other alias of the tensor (its base, another view of it) is read after
+  the write, so such an op is left as it is, an unknown op that freezes its channels;
 - ATen ops returning tuples whose first element is the torch op's result (inference batch norm,
   ``max_pool2d_with_indices``, ``native_layer_norm``) are translated only when nothing reads the
   other elements;
@@ -514,23 +514,43 @@ def _out_of_place(op: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
     return getattr(packet, op._overloadname, None) if packet is not None else None
 
 
-def _is_view(node: Any) -> bool:
+def _aliases_first(node: Any) -> bool:
+    """The ATen node's result is its first argument's memory: a view, or an in-place op's."""
     if not isinstance(node, fx.Node) or not isinstance(node.target, torch._ops.OpOverload):
         return False
     schema = node.target._schema
-    alias = schema.arguments[0].alias_info if schema.arguments else None
-    return alias is not None and not alias.is_write
+    return bool(schema.arguments) and schema.arguments[0].alias_info is not None
 
 
 def _safe_to_functionalise(node: fx.Node, order: dict[fx.Node, int]) -> bool:
-    """An in-place op may become out-of-place when the tensor it writes aliases nothing: it is
-    not a view, and no view of it was taken before the write (that view would see the write)."""
+    """Whether an in-place op may become out-of-place without changing what any read sees.
+
+    The write changes every alias of the tensor it writes: the base it is a view of and every
+    view of that base. Reads of the written tensor and of the op's result are redirected to the
+    new value, and so are views taken of those after the write (*fresh* aliases). Any other alias
+    read after the write would see the old value, so then the op stays in place (an unknown op:
+    its channels freeze). The base must be computed in the graph or be an input (a buffer
+    written in place is model state).
+    """
     target = node.args[0]
-    if not isinstance(target, fx.Node) or target.op not in ("call_function", "placeholder"):
+    if not isinstance(target, fx.Node):
         return False
-    if _is_view(target):
+    base = target
+    while _aliases_first(base) and isinstance(base.args[0], fx.Node):
+        base = base.args[0]
+    if base.op not in ("call_function", "placeholder"):
         return False
-    return not any(_is_view(u) and order[u] < order[node] for u in target.users)
+    family, todo = {base}, [base]
+    while todo:  # the base, every view of it and every in-place op's result, transitively
+        for user in todo.pop().users:
+            if _aliases_first(user) and user.args[0] in family and user not in family:
+                family.add(user)
+                todo.append(user)
+    fresh = {target, node}
+    for alias in sorted(family, key=order.__getitem__):
+        if order[alias] > order[node] and alias.args[0] in fresh:
+            fresh.add(alias)
+    return not any(order[u] > order[node] for alias in family - fresh for u in alias.users)
 
 
 def _module_path(node: fx.Node) -> str:

@@ -252,11 +252,12 @@ def propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], root:
     the graph was captured from (it names the module of a failing node).
 
     Raises:
-        ShapeError: the input count does not match the graph's, or an op failed (naming it).
+        TraceError: the input count does not match the graph's; ShapeError (a TraceError): an
+            op failed on the inputs (naming it).
     """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(inputs):
-        raise ShapeError(
+        raise TraceError(  # fx's reading of the signature: the export front end may take it
             f"The model's forward takes {len(placeholders)} tensor input(s) "
             f"({', '.join(p.name for p in placeholders)}) but {len(inputs)} example input(s) were "
             "given. Pass one example tensor per forward argument."
