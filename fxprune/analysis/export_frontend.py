@@ -361,9 +361,10 @@ def capture(
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise TraceError(
             f"{type(exc).__name__}: {first}\n(raised while torch.export captured "
-            f"{type(model).__name__}). torch.export specialises shapes but cannot follow "
-            "Python control flow on tensor values; rewrite it with torch.cond / torch.where, "
-            "or export the model yourself and pass the ExportedProgram."
+            f"{type(model).__name__}). torch.export specialises shapes to the example but cannot "
+            "follow Python control flow on tensor values: rewrite such code with torch.cond or "
+            "torch.where; check that the example inputs fit the model; or export the model "
+            "yourself and pass the ExportedProgram."
         ) from exc
 
 
@@ -398,7 +399,9 @@ def from_exported(
             continue
         if node.op == "output":
             flat = [fx.node.map_arg(a, env.__getitem__) for a in node.args[0]]
-            graph.output(pytree.tree_unflatten(flat, out_spec) if out_spec else tuple(flat))
+            graph.output(
+                pytree.tree_unflatten(flat, out_spec) if out_spec is not None else tuple(flat)
+            )
             continue
         if _is_check(node):
             dropped += 1

@@ -234,3 +234,24 @@ def test_compile_config_frontend_is_used(tmp_path):
         want = fxprune.masked_forward(result.analysis, result.plan, X)
         assert rel_err(result.model(X), want) <= 1e-4
     _reexports(result.model)
+
+
+class OptionalMask(nn.Module):
+    """An optional argument with a default: fx makes it a placeholder, export does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        y = torch.relu(self.conv(x))
+        return self.head(y if mask is None else y * mask)
+
+
+def test_auto_falls_back_on_fx_signature_errors_but_not_on_wrong_inputs():
+    a = fxprune.analyze(OptionalMask().eval(), X)
+    assert a.frontend == "export" and a.group("conv").prunable
+    with pytest.raises(fxprune.ShapeError) as info:  # wrong inputs fail under any front end
+        fxprune.analyze(WithErf().eval(), torch.randn(1, 4, 64, 64))
+    assert "to have 3 channels" in str(info.value) and "torch.export" not in str(info.value)
