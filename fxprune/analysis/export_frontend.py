@@ -350,11 +350,27 @@ def capture(
 ) -> torch.export.ExportedProgram:
     """``torch.export.export`` a copy of ``model`` in eval mode (the model is not modified).
 
+    The batch (dim 0 of every input) is captured as a dynamic size where export can keep it so,
+    because export otherwise bakes the example's batch into every reshape (``view(x, [1, 512])``)
+    and the pruned model, like its ONNX file, would run at that batch only. Export specialises a
+    size of 1, so a batch-1 example is doubled for the capture; if the batch does not stay
+    dynamic (the model fixes it), the model is captured again at the example's static shapes.
+
     Raises:
         TraceError: export's own message, and what the user can do.
     """
     inputs = as_input_tuple(example_inputs)
     root = copy.deepcopy(model).eval()
+    if inputs and all(t.ndim > 0 for t in inputs):
+        doubled = tuple(torch.cat([t, t]) if t.shape[0] == 1 else t for t in inputs)
+        batch = tuple({0: torch.export.Dim.AUTO} for _ in inputs)
+        try:
+            ep = torch.export.export(root, doubled, dynamic_shapes=batch)
+        except Exception:  # any failure: the static capture below reports it
+            logger.debug("dynamic-batch capture failed; capturing at static shapes")
+        else:
+            if _dynamic_batch(ep):
+                return ep
     try:
         return torch.export.export(root, inputs)
     except Exception as exc:  # export raises many types (UserError, GuardOnDataDependent...)
@@ -366,6 +382,15 @@ def capture(
             "torch.where; check that the example inputs fit the model; or export the model "
             "yourself and pass the ExportedProgram."
         ) from exc
+
+
+def _dynamic_batch(ep: torch.export.ExportedProgram) -> bool:
+    """Every user input of ``ep`` has a symbolic dim 0."""
+    names = set(ep.graph_signature.user_inputs)
+    vals = [n.meta.get("val") for n in ep.graph.nodes if n.op == "placeholder" and n.name in names]
+    return bool(vals) and all(
+        isinstance(v, torch.Tensor) and not isinstance(v.shape[0], int) for v in vals
+    )
 
 
 def from_exported(
