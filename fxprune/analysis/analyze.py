@@ -157,8 +157,7 @@ def _capture(
 ) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...], str]:
     """The graph of ``model`` from the front end asked for (``"auto"``: fx, else export)."""
     if frontend == "export":
-        _leaves_ignored(leaf_modules)
-        return (*from_exported(capture(model, inputs), inputs, name=type(model).__name__), "export")
+        return (*_export(model, inputs, leaf_modules), "export")
     try:
         return trace(model, inputs, leaf_modules=leaf_modules), inputs, "fx"
     except ShapeError:
@@ -167,9 +166,8 @@ def _capture(
         if frontend == "fx":
             raise
         logger.info("torch.fx could not trace %s; trying torch.export", type(model).__name__)
-        _leaves_ignored(leaf_modules)
         try:
-            gm, inputs = from_exported(capture(model, inputs), inputs, name=type(model).__name__)
+            gm, inputs = _export(model, inputs, leaf_modules)
         except TraceError as export_error:
             raise TraceError(
                 f"{fx_error}\n\ntorch.export could not capture {type(model).__name__} either: "
@@ -180,9 +178,11 @@ def _capture(
         return gm, inputs, "export"
 
 
-def _leaves_ignored(leaf_modules: Iterable[type | str] | None) -> None:
-    """Say so when leaf modules were asked for: torch.export inlines every module."""
+def _export(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], leaf_modules: Iterable[type | str] | None
+) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
+    """Capture ``model`` with torch.export and translate it (leaf modules are an fx option:
+    export traces into every module, so asking for them is worth a warning)."""
     if leaf_modules:
-        logger.warning(
-            "leaf_modules is an fx option: the export front end traces into every module"
-        )
+        logger.warning("leaf_modules is an fx option: the export front end ignores it")
+    return from_exported(capture(model, inputs), inputs, name=type(model).__name__)

@@ -418,12 +418,18 @@ def from_exported(
     firsts: set[fx.Node] = set()  # tuple-returning ATen nodes now their element 0
     kept, dropped = 0, 0
     order = {n: i for i, n in enumerate(src.graph.nodes)}
+
+    def read(n: fx.Node) -> Any:
+        if n not in env and n.op == "get_attr":
+            env[n] = graph.get_attr(str(n.target))
+        return env[n]
+
     for node in src.graph.nodes:
         if node.op == "placeholder":
             env[node] = graph.placeholder(node.name)
             continue
         if node.op == "output":
-            flat = [fx.node.map_arg(a, env.__getitem__) for a in node.args[0]]
+            flat = [fx.node.map_arg(a, read) for a in node.args[0]]
             graph.output(
                 pytree.tree_unflatten(flat, out_spec) if out_spec is not None else tuple(flat)
             )
@@ -432,8 +438,7 @@ def from_exported(
             dropped += 1
             continue
         if node.op == "get_attr":
-            env[node] = graph.get_attr(str(node.target))
-            continue
+            continue  # made where first read, as fx places them (group order follows)
         if (
             node.op == "call_function"
             and node.target is operator.getitem
@@ -441,8 +446,8 @@ def from_exported(
         ):
             env[node] = env[node.args[0]]  # element 0 of a tuple op translated to its result
             continue
-        args = fx.node.map_arg(node.args, env.__getitem__)
-        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+        args = fx.node.map_arg(node.args, read)
+        kwargs = fx.node.map_arg(node.kwargs, read)
         translated, mutated = _translate(node, args, kwargs, order)
         if translated is None:
             op, target = node.op, node.target

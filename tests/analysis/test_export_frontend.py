@@ -28,12 +28,45 @@ def _timm_efficientnet() -> nn.Module:
     return timm.create_model("efficientnet_b0", pretrained=False)
 
 
+class LayerScaleBlock(nn.Module):
+    """ConvNeXt's residual form: ``x + gamma * block(x)``, gamma a parameter read mid-graph."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.Conv2d(c, c, 3, padding=1, groups=c), nn.BatchNorm2d(c), nn.Conv2d(c, 2 * c, 1),
+            nn.GELU(), nn.Conv2d(2 * c, c, 1),
+        )  # fmt: skip
+        self.gamma = nn.Parameter(torch.rand(c, 1, 1) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.gamma * self.block(x)
+
+
+class LayerScaleNet(nn.Module):
+    """Two stages of layer-scale blocks: export lists every parameter first, fx where it is
+    read, and groups (so plan signatures) are ordered by where their roots appear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, stride=2)
+        self.stage1 = LayerScaleBlock(16)
+        self.down = nn.Conv2d(16, 24, 2, stride=2)
+        self.stage2 = LayerScaleBlock(24)
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage2(self.down(self.stage1(self.stem(x))))
+        return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
 MODELS = {
     "resnet18": torchvision.models.resnet18,
     "mobilenet_v3_small": torchvision.models.mobilenet_v3_small,
     "timm_efficientnet_b0": _timm_efficientnet,
     "functional_resnet": FunctionalResNet,
     "functional_concat": FunctionalConcat,
+    "layer_scale": LayerScaleNet,
 }
 
 
