@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
+import json
 import logging
 
 import pytest
@@ -260,15 +262,20 @@ def test_compile_config_frontend_is_used(tmp_path):
     kwargs = {"backend": FakeBackend()}
     with pytest.raises(fxprune.TraceError):
         fxprune.compile(model, 0.6, example_inputs=X, config=CompileConfig(frontend="fx"), **kwargs)
-    result = fxprune.compile(model, 0.6, example_inputs=X, config=config, **kwargs)
-    assert result.plan.notes["frontend"] == "export"
-    ep = torch.export.export(model, (X,))
+    captured = fxprune.compile(model, 0.6, example_inputs=X, config=config, **kwargs)
+    assert captured.plan.notes["frontend"] == "export"
+    onnx = importlib.util.find_spec("onnxruntime") is not None
+    captured.save(tmp_path / "run", onnx=onnx)  # ONNX at a dynamic batch, pickled model, report
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["frontend"] == "export"
+    ep = torch.export.export(model, (X,))  # static batch: its reshape names batch 1
     result = fxprune.compile(ep, 0.6, config=config, **kwargs)  # its own example inputs
     assert result.plan.notes["frontend"] == "export"
     with torch.no_grad():
         want = fxprune.masked_forward(result.analysis, result.plan, X)
         assert rel_err(result.model(X), want) <= 1e-4
     _reexports(result.model)
+    result.save(tmp_path / "run_ep", onnx=onnx, dynamic_batch=False)
 
 
 class OptionalMask(nn.Module):
