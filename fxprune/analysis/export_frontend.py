@@ -23,12 +23,14 @@ What the translation does, and why:
 - ATen ops returning tuples whose first element is the torch op's result (inference batch norm,
   ``max_pool2d_with_indices``, ``native_layer_norm``) are translated only when nothing reads the
   other elements;
-- no-ops in eval mode (``dropout`` with ``train=False``, ``alias``, ``clone``, ``contiguous``,
-  ``detach``) disappear, and so do export's guard and assertion nodes: they test only the
-  example's shapes, which channel pruning leaves alone except for channel counts the rewrite
-  recomputes, and a side-effecting node would keep a removed block's branch alive;
+- no-ops in eval mode (``dropout`` with ``train=False``, ``alias``) disappear (copies such as
+  ``clone`` stay: a write kept in place on a copy must not reach the original), and so do
+  export's guard and assertion nodes: they test only the example's shapes, which channel
+  pruning leaves alone except for channel counts the rewrite recomputes, and a side-effecting
+  node would keep a removed block's branch alive;
 - anything not in the table stays an ATen call: the channel analysis freezes what it touches
-  and names it (``unsupported op: ATen op aten.erf.default ... (in 'blocks.0')``).
+  and names it with its module (``unsupported op: function aten::erf at node 'erf' (in
+  'act')``).
 """
 
 from __future__ import annotations
@@ -73,6 +75,15 @@ def _fn(
                 return None  # a keyword form the re-ordering does not know
             return ("call_function", target, tuple(order(*args)), {})
         return ("call_function", target, args, kwargs)
+
+    return translate
+
+
+def _method(name: str) -> Translate:
+    """Call the tensor method ``name`` with the ATen arguments."""
+
+    def translate(node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Translation:
+        return ("call_method", name, args, kwargs)
 
     return translate
 
@@ -331,11 +342,12 @@ ATEN_TO_TORCH: dict[Any, Translate] = {
     aten.dropout: _dropout,
     aten.feature_dropout: _dropout,
     aten.alpha_dropout: _dropout,
-    aten.alias: _identity,
-    aten.clone: _identity,
-    aten.contiguous: _identity,
-    aten.detach: _identity,
-    aten.lift_fresh_copy: _identity,
+    aten.alias: _identity,  # the same memory: exact, whatever writes to it later
+    # copies stay copies: an in-place write kept on one must not reach the original
+    aten.clone: _fn(torch.clone),
+    aten.lift_fresh_copy: _fn(torch.clone),
+    aten.contiguous: _method("contiguous"),
+    aten.detach: _method("detach"),
 }
 
 # export's guards and assertions: they test the example's shapes (or dtypes) and return nothing
