@@ -140,7 +140,10 @@ def analyze(
         used = "export"
     else:
         if example_inputs is None:
-            raise TypeError("analyze() needs example_inputs for an nn.Module")
+            raise TypeError(
+                "example_inputs is required for an nn.Module (only an ExportedProgram carries "
+                "its own): pass one example tensor per forward argument"
+            )
         gm, inputs, used = _capture(model, as_input_tuple(example_inputs), leaf_modules, frontend)
     logger.info("analyze %s: captured with the %s front end", name, used)
     gm = canonicalize(gm)

@@ -243,6 +243,27 @@ def _mean(node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Trans
     return ("call_function", torch.mean, (args[0], args[1], keepdim), {})
 
 
+def _upsample(mode: str) -> Translate:
+    """``aten.upsample_{mode}.vec(x, output_size, [align_corners,] scale_factors)`` as
+    ``F.interpolate`` (which calls exactly that op)."""
+
+    def translate(node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Translation:
+        if kwargs:
+            return None
+        if mode == "nearest" and len(args) == 3:
+            x, size, scale = args
+            extra = {}
+        elif mode != "nearest" and len(args) == 4:
+            x, size, align_corners, scale = args
+            extra = {"align_corners": align_corners}
+        else:
+            return None
+        kw = {"size": size, "scale_factor": scale, "mode": mode, **extra}
+        return ("call_function", F.interpolate, (x,), kw)
+
+    return translate
+
+
 def _softmax(node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Translation:
     """``aten._softmax(x, dim, half_to_float)`` / ``aten.softmax.int(x, dim, dtype)``."""
     if len(args) > 2 and args[2] not in (None, False):
@@ -320,6 +341,8 @@ ATEN_TO_TORCH: dict[Any, Translate] = {
     aten.max_pool3d: _fn(F.max_pool3d),
     aten.max_pool2d_with_indices: _first(_fn(F.max_pool2d)),
     aten.max_pool3d_with_indices: _first(_fn(F.max_pool3d)),
+    aten.upsample_nearest2d: _upsample("nearest"),
+    aten.upsample_bilinear2d: _upsample("bilinear"),
     # activations
     aten.relu: _fn(F.relu),
     aten.relu6: _fn(F.relu6),

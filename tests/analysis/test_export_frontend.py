@@ -19,6 +19,7 @@ import fxprune
 from fxprune import CompileConfig
 from fxprune.analysis.export_frontend import ATEN_TO_TORCH
 from fxprune.analysis.plans import random_plan
+from fxprune.core.meta import NOT_LIFTED
 from fxprune.latency.tables import LatencyConfig
 from fxprune.pipeline.report import prunable_fraction
 
@@ -310,3 +311,49 @@ def test_auto_falls_back_on_fx_signature_errors_but_not_on_wrong_inputs():
     with pytest.raises(fxprune.ShapeError) as info:  # wrong inputs fail under any front end
         fxprune.analyze(WithErf().eval(), torch.randn(1, 4, 64, 64))
     assert "to have 3 channels" in str(info.value) and "torch.export" not in str(info.value)
+
+
+class Upsample(nn.Module):
+    """HRNet's fusion: nearest and bilinear upsampling (core ``upsample_*2d.vec`` ops)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.b = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.skip = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.interpolate(self.a(x), scale_factor=2, mode="nearest")
+        z = nn.functional.interpolate(self.b(x), size=(64, 64), mode="bilinear")
+        return self.head(y + z + self.skip(x))
+
+
+class Twice(nn.Module):
+    """One module called twice: export records two calls sharing one weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x) + self.conv(x.flip(-1)))
+
+
+def test_upsampling_matches_fx_and_a_module_called_twice_freezes():
+    model = Upsample().eval()
+    a = fxprune.analyze(model, X, frontend="export")
+    _same_structure(a, fxprune.analyze(model, X, frontend="fx"))
+    assert a.group("a").prunable
+    check_plan(a, random_plan(a, 0), X)
+    # the one known difference from fx: fx keeps `self.conv` one module called twice, export
+    # two F.conv2d calls on one weight, which one lifted module cannot hold for both: frozen
+    model = Twice().eval()
+    assert fxprune.analyze(model, X, frontend="fx").group("conv").prunable
+    a = fxprune.analyze(model, X, frontend="export")
+    assert [g.name for g in a.groups] == ["head"] and not a.group("head").prunable
+    why = [n.meta.get(NOT_LIFTED, "") for n in a.gm.graph.nodes]
+    assert sum("used by more than one node" in w for w in why) == 2  # the report says why
+    with torch.no_grad():
+        assert torch.equal(fxprune.prune(a, fxprune.Plan.empty(a))(X), model(X))
