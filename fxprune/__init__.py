@@ -23,7 +23,7 @@ from fxprune.analysis.channel_rules import (
 from fxprune.analysis.plans import uniform_plan
 from fxprune.backends import MeasureConfig
 from fxprune.backends.export import export_onnx
-from fxprune.core.errors import FxpruneError, PlanError, TraceError
+from fxprune.core.errors import FxpruneError, PlanError, ShapeError, TraceError
 from fxprune.core.plan import Plan
 from fxprune.latency.tables import LatencyConfig
 from fxprune.pipeline.compile import Budget, CompileResult, compile
@@ -52,6 +52,7 @@ __all__ = [
     "MeasureConfig",
     "Plan",
     "PlanError",
+    "ShapeError",
     "SolveConfig",
     "TraceError",
     "UnconstrainedConfig",

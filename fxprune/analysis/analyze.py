@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import cached_property
@@ -17,13 +18,20 @@ from fxprune.analysis.blocks import Block, find_blocks, to_networkx
 from fxprune.analysis.canonicalize import canonicalize
 from fxprune.analysis.channel_groups import ChannelSpaces, Group, analyze_channels
 from fxprune.analysis.consumers import Consumer, find_consumers
-from fxprune.analysis.trace import ExampleInputs, bind_inputs, trace
+from fxprune.analysis.export_frontend import capture, from_exported
+from fxprune.analysis.trace import BoundInputs, ExampleInputs, bind_inputs, trace
 from fxprune.analysis.validate import validate_plan
+from fxprune.core.errors import ConfigError, ShapeError, TraceError
 
 if TYPE_CHECKING:
     from fxprune.core.plan import Plan
 
-__all__ = ["Analysis", "analyze"]
+__all__ = ["FRONTENDS", "Analysis", "analyze"]
+
+logger = logging.getLogger(__name__)
+
+#: how a model becomes a graph: symbolic tracing, torch.export, or fx first and export if fx fails
+FRONTENDS = ("fx", "export", "auto")
 
 
 @dataclass(repr=False)
@@ -34,6 +42,8 @@ class Analysis:
     spaces: ChannelSpaces
     blocks: list[Block]
     example_inputs: tuple[torch.Tensor, ...]
+    #: the front end that captured the graph: ``"fx"`` or ``"export"``
+    frontend: str = "fx"
 
     def __repr__(self) -> str:
         """One line: the model, its groups and blocks, the input shapes, the signature."""
@@ -98,23 +108,98 @@ class Analysis:
 
 
 def analyze(
-    model: nn.Module,
-    example_inputs: ExampleInputs,
+    model: nn.Module | torch.export.ExportedProgram,
+    example_inputs: ExampleInputs | None = None,
     *,
     leaf_modules: Iterable[type | str] | None = None,
+    frontend: str = "auto",
 ) -> Analysis:
-    """Trace ``model`` (a copy; the original is untouched) and analyse its prunable structure.
+    """Capture ``model`` (a copy; the original is untouched) and analyse its prunable structure.
 
     Args:
-        model: the model to analyse.
+        model: the model to analyse, or a ``torch.export.ExportedProgram`` of it (always read
+            by the export front end).
         example_inputs: at a representative size: one tensor, one per positional argument,
             or a dict by argument name; optional arguments not given keep their defaults.
-            ``Analysis.example_inputs`` holds the tensors in signature order.
-        leaf_modules: module classes or qualified names to keep opaque (their channels freeze).
+            ``Analysis.example_inputs`` holds the tensors in signature order. May be None for
+            an ExportedProgram (its own example inputs are used).
+        leaf_modules: module classes or qualified names to keep opaque (their channels freeze;
+            fx only: export has no leaves).
+        frontend: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export``, ATen ops
+            translated to torch-level ones) or ``"auto"``: fx first, export when fx cannot
+            trace the model. The one used is ``Analysis.frontend``.
+
+    Raises:
+        TraceError: the model cannot be captured; under ``"auto"``, why under both front ends.
+        TypeError: ``example_inputs`` do not bind to the forward's arguments.
     """
-    inputs = bind_inputs(model, example_inputs).tensors
-    gm = trace(model, example_inputs, leaf_modules=leaf_modules)
+    if frontend not in FRONTENDS:
+        raise ConfigError(
+            f"analyze(frontend=) takes one of {', '.join(map(repr, FRONTENDS))}, got {frontend!r}"
+        )
+    name = type(model).__name__
+    if isinstance(model, torch.export.ExportedProgram):
+        gm, inputs = from_exported(model, example_inputs, name="ExportedProgram")
+        used = "export"
+    else:
+        if example_inputs is None:
+            raise TypeError(
+                "example_inputs is required for an nn.Module (only an ExportedProgram carries "
+                "its own): pass one example tensor per forward argument"
+            )
+        bound = bind_inputs(model, example_inputs)
+        gm, inputs, used = _capture(model, example_inputs, bound, leaf_modules, frontend)
+    logger.info("analyze %s: captured with the %s front end", name, used)
     gm = canonicalize(gm)
     spaces = analyze_channels(gm)
     blocks = find_blocks(gm, to_networkx(gm))
-    return Analysis(gm, spaces, blocks, tuple(t.detach().clone() for t in inputs))
+    return Analysis(gm, spaces, blocks, tuple(t.detach().clone() for t in inputs), used)
+
+
+def _capture(
+    model: nn.Module,
+    example_inputs: ExampleInputs,
+    bound: BoundInputs,
+    leaf_modules: Iterable[type | str] | None,
+    frontend: str,
+) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...], str]:
+    """The graph of ``model`` from the front end asked for (``"auto"``: fx, else export)."""
+    if frontend == "export":
+        return (*_export(model, bound, leaf_modules), "export")
+    try:
+        return trace(model, example_inputs, leaf_modules=leaf_modules), bound.tensors, "fx"
+    except ShapeError:
+        raise  # the example inputs do not fit the model: export would run the same ops
+    except TraceError as fx_error:
+        if frontend == "fx":
+            raise
+        logger.info("torch.fx could not trace %s; trying torch.export", type(model).__name__)
+        try:
+            gm, inputs = _export(model, bound, leaf_modules)
+        except TraceError as export_error:
+            raise TraceError(
+                f"{fx_error}\n\ntorch.export could not capture {type(model).__name__} either: "
+                f"{export_error}\n\nMake one of them work: for fx, as above; for export, "
+                "rewrite value-dependent control flow with torch.cond or torch.where (or "
+                "export the model yourself and pass the ExportedProgram)."
+            ) from export_error
+        return gm, inputs, "export"
+
+
+def _export(
+    model: nn.Module, bound: BoundInputs, leaf_modules: Iterable[type | str] | None
+) -> tuple[fx.GraphModule, tuple[torch.Tensor, ...]]:
+    """Capture ``model`` with torch.export and translate it (leaf modules are an fx option:
+    export traces into every module, so asking for them is worth a warning). Export is called
+    with the tensors as positional arguments: optional arguments after them keep their
+    defaults, as under fx."""
+    if leaf_modules:
+        logger.warning("leaf_modules is an fx option: the export front end ignores it")
+    if not bound.positional:
+        raise TraceError(
+            f"the export front end passes example inputs by position, but these bind "
+            f"{', '.join(bound.names)} with other arguments fixed in between or given as "
+            "non-tensor values: pass the leading arguments only, or use frontend='fx'"
+        )
+    inputs = bound.tensors
+    return from_exported(capture(model, inputs), inputs, name=type(model).__name__)

@@ -21,10 +21,17 @@ from torch import fx, nn
 from torch.fx.node import map_aggregate
 from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
-from fxprune.core.errors import TraceError
+from fxprune.core.errors import ShapeError, TraceError
 from fxprune.core.meta import MODULE_PATH
 
-__all__ = ["BoundInputs", "ExampleInputs", "as_input_tuple", "bind_inputs", "trace"]
+__all__ = [
+    "BoundInputs",
+    "ExampleInputs",
+    "as_input_tuple",
+    "bind_inputs",
+    "propagate_shapes",
+    "trace",
+]
 
 
 class _PathTracer(fx.Tracer):
@@ -93,6 +100,9 @@ class BoundInputs:
     names: tuple[str, ...]
     tensors: tuple[torch.Tensor, ...]
     constants: dict[str, Any] = field(default_factory=dict)
+    #: the tensors are the forward's leading positional arguments and every constant is a
+    #: default: a positional call ``model(*tensors)`` means the same
+    positional: bool = True
 
 
 def as_input_tuple(
@@ -172,7 +182,9 @@ def _bind_keywords(params: list[inspect.Parameter], given: dict[str, Any], varia
             "cannot be fixed at trace time: pass tensors only"
         )
     inputs = [n for n in order if n not in constants]
-    return BoundInputs(tuple(inputs), tuple(given[n] for n in inputs), constants)
+    leading = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    positional = inputs == leading[: len(inputs)] and all(n not in given for n in constants)
+    return BoundInputs(tuple(inputs), tuple(given[n] for n in inputs), constants, positional)
 
 
 def trace(
@@ -216,7 +228,7 @@ def trace(
     # model then loads wherever torch and the model's own module classes import.
     graph._tracer_cls = None
     gm = fx.GraphModule(root, graph, root.__class__.__name__)
-    _propagate_shapes(gm, bound.tensors, root)
+    propagate_shapes(gm, bound.tensors, root)
     return gm
 
 
@@ -374,12 +386,17 @@ class _ShapeProp(fx.Interpreter):
         return result
 
 
-def _propagate_shapes(
-    gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], root: nn.Module
-) -> None:
+def propagate_shapes(gm: fx.GraphModule, inputs: tuple[torch.Tensor, ...], root: nn.Module) -> None:
+    """Run ``gm`` on ``inputs`` and record every node's ``tensor_meta``; ``root`` is the module
+    the graph was captured from (it names the module of a failing node).
+
+    Raises:
+        TraceError: the input count does not match the graph's; ShapeError (a TraceError): an
+            op failed on the inputs (naming it).
+    """
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(placeholders) != len(inputs):
-        raise TraceError(
+        raise TraceError(  # fx's reading of the signature: the export front end may take it
             f"The model's forward takes {len(placeholders)} tensor input(s) "
             f"({', '.join(p.name for p in placeholders)}) but {len(inputs)} example input(s) were "
             "given. Pass one example tensor per forward argument."
@@ -389,7 +406,7 @@ def _propagate_shapes(
         with torch.no_grad():
             prop.run(*inputs)
     except Exception as exc:
-        raise TraceError(_shape_failure(root, prop.failed, inputs, exc)) from exc
+        raise ShapeError(_shape_failure(root, prop.failed, inputs, exc)) from exc
 
 
 def _shape_failure(
@@ -399,7 +416,10 @@ def _shape_failure(
     where = ""
     if node is not None:
         path = str(node.target) if node.op == "call_module" else node.meta.get(MODULE_PATH, "")
-        kind = type(root.get_submodule(path)).__name__  # gm keeps only leaves
+        try:
+            kind = type(root.get_submodule(path)).__name__  # gm keeps only leaves
+        except AttributeError:  # a path of the user's model the captured graph does not hold
+            kind = "module"
         module = f"module '{path}' ({kind})" if path else f"the top-level forward ({kind})"
         where = f" at node {node.name} in {module}: {node.format_node()}"
     return (

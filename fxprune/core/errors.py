@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "FxpruneError", "NonFiniteError", "PlanError", "TraceError"]
+__all__ = [
+    "ConfigError",
+    "FxpruneError",
+    "NonFiniteError",
+    "PlanError",
+    "ShapeError",
+    "TraceError",
+]
 
 
 class FxpruneError(Exception):
@@ -11,6 +18,14 @@ class FxpruneError(Exception):
 
 class TraceError(FxpruneError):
     """The model could not be turned into an fx graph (or its shapes could not be propagated)."""
+
+
+class ShapeError(TraceError):
+    """The graph was captured, but running it on the example inputs failed (wrong inputs).
+
+    Another capture front end would run the same ops on the same inputs, so ``analyze`` does
+    not try one after this error.
+    """
 
 
 class PlanError(FxpruneError):

@@ -68,10 +68,10 @@ logger = logging.getLogger("fxprune")
 
 
 def compile(
-    model: nn.Module,
+    model: nn.Module | torch.export.ExportedProgram,
     latency_budget: float | str | Budget,
     *,
-    example_inputs: ExampleInputs,
+    example_inputs: ExampleInputs | None = None,
     data: Iterable[Any] | None = None,
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     max_batches: int | None = None,
@@ -82,11 +82,13 @@ def compile(
     """Prune ``model`` so that it runs within ``latency_budget`` on ``backend``.
 
     Args:
-        model: the model (copied; never modified).
+        model: the model (copied; never modified), or a ``torch.export.ExportedProgram``.
         latency_budget: ``0.5`` = half the dense latency; ``"25ms"`` = an absolute time.
         example_inputs: inputs at the deployment batch size and resolution: one tensor, one
             per positional argument, or a dict by argument name (optional arguments not
-            given keep their defaults).
+            given keep their defaults); None: an ExportedProgram's own example inputs.
+            ``config.frontend`` says how the model is captured (fx, torch.export, or fx first
+            and export if fx fails).
         data, loss_fn: batches ``(inputs, target)`` and ``loss_fn(output, target)`` for
             first-order Taylor importance; without them, L2 magnitude (the result says which).
         max_batches: batches of ``data`` used for importance (None: all).
@@ -171,10 +173,17 @@ class _Candidate:
     round: Round
 
 
-def _analyse(run: _Run, model: nn.Module, example_inputs: Any) -> Analysis:
-    """Trace the model and find its channel groups and removable blocks."""
+def _analyse(
+    run: _Run, model: nn.Module | torch.export.ExportedProgram, example_inputs: Any
+) -> Analysis:
+    """Capture the model (``config.frontend``) and find its channel groups and removable blocks."""
     with run.log.stage("trace and analyse", run.timings, "analyze_s"):
-        return analyze(model, example_inputs, leaf_modules=run.config.leaf_modules)
+        return analyze(
+            model,
+            example_inputs,
+            leaf_modules=run.config.leaf_modules,
+            frontend=run.config.frontend,
+        )
 
 
 def _dense_check(run: _Run, analysis: Analysis) -> CompileResult | None:
@@ -599,6 +608,7 @@ def _notes(analysis: Analysis, method: str, run: _Run) -> dict[str, Any]:
         "budget": str(run.budget),
         "importance": method,
         "input_shapes": [list(t.shape) for t in analysis.example_inputs],
+        "frontend": analysis.frontend,
     }
 
 

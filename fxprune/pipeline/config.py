@@ -16,6 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fxprune.analysis.analyze import FRONTENDS
 from fxprune.backends import LatencyCache, MeasureConfig
 from fxprune.core.errors import ConfigError
 from fxprune.latency.tables import LatencyConfig
@@ -36,7 +37,6 @@ __all__ = [
 WHOLE_MODEL = MeasureConfig(warmup=5, repeats=30, min_seconds=1.5)
 SOLVERS = ("minlp", "knapsack", "uniform")
 COUPLINGS = ("constrained", "unconstrained")
-FRONTENDS = ("fx", "export", "auto")
 
 
 def _fail(owner: str, name: str, value: Any, takes: str) -> None:

@@ -136,6 +136,7 @@ def analysis_report(
     report: dict[str, Any] = {
         "model": type(analysis.gm).__name__,
         "signature": analysis.signature,
+        "frontend": analysis.frontend,
         "input_shapes": [list(t.shape) for t in analysis.example_inputs],
         "groups": groups,
         "blocks": blocks,

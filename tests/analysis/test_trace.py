@@ -181,7 +181,7 @@ def _gated(gate: nn.Module) -> nn.Module:
 )
 def test_branch_on_a_shape_is_reported_as_such(gate, source):
     with pytest.raises(fxprune.TraceError) as info:
-        fxprune.analyze(_gated(gate), torch.randn(1, 3, 4, 4))
+        fxprune.analyze(_gated(gate), torch.randn(1, 3, 4, 4), frontend="fx")
     msg = str(info.value)
     assert msg.startswith(f"module 'gate' ({type(gate).__name__}) branches on a tensor's shape")
     assert source in msg and "test_trace.py:" in msg  # the user's own line
@@ -190,6 +190,9 @@ def test_branch_on_a_shape_is_reported_as_such(gate, source):
     # the hint works
     a = fxprune.analyze(_gated(gate), torch.randn(1, 3, 4, 4), leaf_modules=["gate"])
     assert not a.group("conv").prunable
+    # and torch.export specialises the branch to the example's shape: "auto" falls back to it
+    a = fxprune.analyze(_gated(gate), torch.randn(1, 3, 4, 4))
+    assert a.frontend == "export" and a.group("conv").prunable
 
 
 @pytest.mark.parametrize("gate", [DataDependent(), ValueIf()])
@@ -200,6 +203,8 @@ def test_branch_on_values_is_reported_as_such(gate):
     assert msg.startswith(f"module 'gate' ({type(gate).__name__}) branches on tensor values")
     assert "shape" not in msg.split(".")[0]
     assert "torch.where" in msg and f"leaf_modules=[{type(gate).__name__}]" in msg
+    # torch.export cannot follow it either, and the message says so after fx's diagnosis
+    assert "torch.export could not capture Net either" in msg and "torch.cond" in msg
 
 
 class TopShape(nn.Module):
@@ -228,7 +233,7 @@ class TopShapeWrapped(TopShape):
 def test_branch_in_the_top_level_forward_gets_a_hint_that_works():
     x = torch.randn(1, 3, 4, 4)
     with pytest.raises(fxprune.TraceError) as info:
-        fxprune.analyze(TopShape(), x)
+        fxprune.analyze(TopShape(), x, frontend="fx")
     msg = str(info.value)
     assert msg.startswith("the top-level forward of TopShape branches on a tensor's shape")
     assert "if y.shape[-1] > 1:" in msg
