@@ -11,6 +11,50 @@ import fxprune
 from bench._common import make_sensitive  # noqa: F401  (one copy, shared with the benches)
 from fxprune.rewrite.shapes import check_planned_shapes, planned_counts  # noqa: F401
 
+#: the keys of a round in report.json, in order: saved reports keep them
+ROUND_KEYS = (
+    "round",
+    "target_ms",
+    "predicted_ms",
+    "measured_ms",
+    "measured_stable",
+    "dense_ms",
+    "budget_ms",
+    "measured_over_budget",
+    "met",
+    "importance_kept",
+    "removed_blocks",
+    "solver",
+    "status",
+    "gap",
+    "solve_s",
+)
+
+
+def spawn_gloo(target, world: int = 2) -> list:
+    """``target(rank, world)`` on ``world`` processes joined in a gloo group; their results.
+
+    ``target`` must be a module-level function (the processes are spawned)."""
+    import os
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as d:
+        init, out = "file://" + os.path.join(d, "init"), os.path.join(d, "out")
+        mp.spawn(_gloo_rank, args=(target, world, init, out), nprocs=world, join=True)
+        return [torch.load(f"{out}.{r}", weights_only=False) for r in range(world)]
+
+
+def _gloo_rank(rank: int, target, world: int, init: str, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        torch.save(target(rank, world), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
 
 def analysed_toy(cls: type[nn.Module]) -> tuple[nn.Module, torch.Tensor, fxprune.Analysis]:
     """A small test model (seeded, ``bn`` given non-trivial running statistics), an 8×8 input

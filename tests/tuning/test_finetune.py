@@ -4,15 +4,13 @@ two data-parallel ranks train the model one process trains on the whole batch.""
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 import torchvision
+from helpers import spawn_gloo
 from torch import nn
 
 import fxprune
@@ -150,22 +148,17 @@ def test_bad_config_names_the_field(field, value):
         FinetuneConfig(**{field: value})
 
 
-def _rank(rank: int, world: int, init: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+def _train_shard(rank: int, world: int) -> dict:
     model = _mlp()
     shard = [(x[rank::world], y[rank::world]) for x, y in _batches()]
     config = FinetuneConfig(epochs=2, lr=0.1, schedule="cosine", **QUIET)
     fxprune.finetune(model, shard, config=config)
-    torch.save(model.state_dict(), f"{out}.{rank}")
-    dist.destroy_process_group()
+    return model.state_dict()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_two_gloo_ranks_train_what_one_process_trains_on_the_whole_batch():
-    with tempfile.TemporaryDirectory() as d:
-        init = "file://" + os.path.join(d, "init")
-        mp.spawn(_rank, args=(2, init, os.path.join(d, "out")), nprocs=2, join=True)
-        states = [torch.load(os.path.join(d, f"out.{r}")) for r in range(2)]
+    states = spawn_gloo(_train_shard)
     single = _mlp()
     config = FinetuneConfig(epochs=2, lr=0.1, schedule="cosine", **QUIET)
     fxprune.finetune(single, _batches(), config=config)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torchvision
+from helpers import spawn_gloo
 from torch import nn
 
 import fxprune
@@ -120,22 +118,16 @@ def test_pruned_resnet_statistics_match_the_data_it_sees():
             torch.testing.assert_close(m.running_var, theirs.running_var, rtol=1e-4, atol=1e-5)
 
 
-def _rank(rank: int, world: int, init: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+def _recalibrate_shard(rank: int, world: int) -> dict:
     torch.manual_seed(0)
     model = Net().eval()
-    data = _data(4)[rank::world]
-    done = fxprune.recalibrate_norms(model, data)
-    torch.save({"state": model.state_dict(), "batches": done.batches}, f"{out}.{rank}")
-    dist.destroy_process_group()
+    done = fxprune.recalibrate_norms(model, _data(4)[rank::world])
+    return {"state": model.state_dict(), "batches": done.batches}
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_two_ranks_agree_with_one_process_on_all_batches():
-    with tempfile.TemporaryDirectory() as d:
-        init = "file://" + os.path.join(d, "init")
-        mp.spawn(_rank, args=(2, init, os.path.join(d, "out")), nprocs=2, join=True)
-        results = [torch.load(os.path.join(d, f"out.{r}")) for r in range(2)]
+    results = spawn_gloo(_recalibrate_shard)
     torch.manual_seed(0)
     single = Net().eval()
     fxprune.recalibrate_norms(single, _data(4))
