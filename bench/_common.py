@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from fxprune.backends import (
@@ -237,3 +239,14 @@ def make_sensitive(
                 m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
                 m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
     return model
+
+
+def progress_bar(console: Console) -> Progress:
+    """The benches' rich progress bar: description, bar, done/total, elapsed."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )

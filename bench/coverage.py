@@ -24,10 +24,16 @@ from pathlib import Path
 import torch
 import torchvision
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import fxprune
-from bench._common import RESULTS, argument_parser, make_sensitive, rel_err, write_results
+from bench._common import (
+    RESULTS,
+    argument_parser,
+    make_sensitive,
+    progress_bar,
+    rel_err,
+    write_results,
+)
 from fxprune.analysis.plans import random_plan
 from fxprune.pipeline.report import prunable_fraction
 from fxprune.rewrite.shapes import check_planned_shapes
@@ -128,13 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     names = args.models or torchvision.models.list_models(module=torchvision.models)
     rows = []
     console = Console(stderr=True)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task("coverage", total=len(names))
         for name in names:
             progress.update(task, description=f"coverage: {name}")

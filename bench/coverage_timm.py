@@ -24,10 +24,9 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 import fxprune
-from bench._common import commit, make_sensitive, rel_err, write_results
+from bench._common import commit, make_sensitive, progress_bar, rel_err, write_results
 from bench._timm import MacsBackend, create, family_of, input_shape, kind_of, select_models
 from fxprune.analysis.plans import random_plan
 from fxprune.pipeline.report import prunable_fraction
@@ -291,13 +290,7 @@ def run_zoo(names: list[str] | None, n_plans: int, timeout: float, out: Path) ->
     rows: list[dict] = []
     console = Console(stderr=True)
     name = "coverage_timm" if not names else "coverage_timm_subset"
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-    ) as progress:
+    with progress_bar(console) as progress:
         task = progress.add_task("timm", total=len(pairs))
         for model, family in pairs:
             progress.update(task, description=f"timm: {model}")
