@@ -176,6 +176,12 @@ def _remove_blocks(gm: fx.GraphModule, analysis: Analysis, removed_blocks: Itera
         gm.graph.erase_node(add)
         replaced[block.name] = shortcut
     gm.graph.eliminate_dead_code()
+    # what dead-code elimination keeps because it may have effects (an assert on the branch's
+    # shape) goes with the branch it reads
+    region = {n for b in analysis.blocks if b.name in removed for n in b.region}
+    for node in reversed(list(gm.graph.nodes)):
+        if node.name in region and not node.users and node.op not in ("placeholder", "output"):
+            gm.graph.erase_node(node)
 
 
 def _prune_layers(

@@ -173,6 +173,32 @@ def test_unused_shape_read_does_not_stop_a_block():
     assert "fc" not in dict(pruned.named_modules())
 
 
+class AssertedBranch(nn.Module):
+    """A branch asserting a size of its own tensor (timm's SelectiveKernel): the assert reads
+    only the branch, so it goes with it."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        paths = torch.stack([self.a(x), self.b(x)], dim=1)
+        torch._assert(paths.shape[1] == 2, "two paths")
+        return x + paths.sum(1)
+
+
+def test_an_assert_on_a_removed_branch_goes_with_it():
+    model, x = AssertedBranch().eval(), torch.randn(1, 3, 6, 6)
+    a = fxprune.analyze(model, x)
+    assert len(a.blocks) == 1
+    pruned = check_plan(a, fxprune.Plan({}, (a.blocks[0].name,), a.signature), x, tol=1e-6)
+    assert not {"a", "b"} & set(dict(pruned.named_modules()))
+    assert not [n for n in pruned.graph.nodes if n.target is torch._assert]
+
+
 @pytest.mark.parametrize(
     ("name", "expected"),
     [("efficientnet_b0", 9), ("mobilenetv3_large_100", 10), ("convnext_atto", 11),
