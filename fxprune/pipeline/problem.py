@@ -32,6 +32,7 @@ The solver never sees an fx graph; this module is the only translator between th
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ if TYPE_CHECKING:
     from fxprune.latency.predictor import LatencyModel
 
 __all__ = ["PruningProblem", "apportion", "build_problem", "keep_mask", "read_segments"]
+
+logger = logging.getLogger(__name__)
 
 
 def keep_mask(
@@ -67,7 +70,10 @@ def keep_mask(
     if count <= 0:
         return mask
     if group.equal_count:
-        parts = [np.unique(p) for p in group.equal_count[0]]
+        # parts that are the same index set (a grouped conv whose groups all read one tensor,
+        # ResNeSt's radix convs) are one part: it keeps ``count`` once, not count/parts twice
+        unique = {tuple(np.unique(p)): np.unique(p) for p in group.equal_count[0]}
+        parts = list(unique.values())
         per = count // len(parts)
     else:
         parts, per = [np.arange(group.size)], count
@@ -302,6 +308,9 @@ def _group_specs(
                 counts.append(c)
                 value.append(float(scores[g.name][mask].sum()))
                 kept.append(mask)
+        if not counts:  # no count keeps its parts consistent: the group stays whole
+            logger.info("group %s: no smaller count keeps its parts equal; kept whole", g.name)
+            counts, value, kept = [g.size], [float(scores[g.name].sum())], [np.ones(g.size, bool)]
         block = block_of_group.get(g.name)
         if block is not None:
             counts, value = [0, *counts], [0.0, *value]

@@ -242,3 +242,19 @@ def test_keep_mask_keeps_the_top_scores_of_each_segment(size, cuts, frac, seed):
         kept, dropped = scores[seg][mask[seg]], scores[seg][~mask[seg]]
         if len(kept) and len(dropped):
             assert kept.min() >= dropped.max()
+
+
+@settings(max_examples=40, deadline=None)
+@given(size=st.integers(2, 24), copies=st.integers(2, 4), data=st.data())
+def test_keep_mask_with_identical_equal_count_parts_keeps_the_count(size, copies, data):
+    """A grouped conv whose groups all read the same channels (ResNeSt's radix conv) lists the
+    same part several times: every count up to the size is reachable, with the top scores."""
+    from fxprune.analysis.channel_groups import Group
+
+    parts = tuple(np.arange(size) for _ in range(copies))
+    group = Group("g", size, np.arange(size), ("r",), equal_count=(parts,))
+    scores = np.asarray(data.draw(st.permutations(range(size))), dtype=float)
+    count = data.draw(st.integers(1, size))
+    mask = keep_mask(group, scores, count)
+    assert int(mask.sum()) == count
+    assert set(np.flatnonzero(mask)) == set(np.argsort(-scores)[:count])
