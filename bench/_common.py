@@ -250,3 +250,21 @@ def progress_bar(console: Console) -> Progress:
         TimeElapsedColumn(),
         console=console,
     )
+
+
+def inexact_pruned(analysis, plan) -> list[str]:
+    """The inexact groups ``plan`` shrinks: there pruning is not masking, by design."""
+    return sorted(
+        g
+        for g, kept in plan.kept.items()
+        if analysis.group(g).inexact and len(kept) < analysis.group(g).size
+    )
+
+
+def exact_part(analysis, plan):
+    """``plan`` with its inexact groups kept whole: what must equal the masking oracle."""
+    from fxprune import Plan
+
+    drop = set(inexact_pruned(analysis, plan))
+    kept = {g: k for g, k in plan.kept.items() if g not in drop}
+    return Plan(kept, plan.removed_blocks, plan.signature)
