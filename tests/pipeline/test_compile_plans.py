@@ -11,7 +11,7 @@ incumbent rather than the optimum, which is the point — *any* solution's plan 
 
 Default suite: the smallest classifier of each family (``FAMILIES``) at 64×64 (96×96 for
 Inception v3), and a few at a tighter budget (``TIGHT``). Marked slow: every other classifier,
-including the larger ones (``LARGE``) and those that need 224×224 (``NEEDS_224``: ViT, MaxViT).
+including the large ones and those that need 224×224 (``NEEDS_224``: ViT, MaxViT).
 """
 
 from __future__ import annotations
@@ -34,43 +34,6 @@ MODELS = torchvision.models.list_models(module=torchvision.models)
 
 #: fixed 224×224 input (patch embeddings / window partitions with sizes baked in)
 NEEDS_224 = {"maxvit_t", "vit_b_16", "vit_b_32", "vit_h_14", "vit_l_16", "vit_l_32"}
-#: more than ~30 M parameters: each takes several times the default suite's per-test time
-LARGE = {
-    "alexnet",
-    "convnext_base",
-    "convnext_large",
-    "convnext_small",
-    "efficientnet_b5",
-    "efficientnet_b6",
-    "efficientnet_b7",
-    "efficientnet_v2_l",
-    "efficientnet_v2_m",
-    "regnet_x_16gf",
-    "regnet_x_32gf",
-    "regnet_x_8gf",
-    "regnet_y_128gf",
-    "regnet_y_16gf",
-    "regnet_y_32gf",
-    "regnet_y_8gf",
-    "resnet101",
-    "resnet152",
-    "resnext101_32x8d",
-    "resnext101_64x4d",
-    "swin_b",
-    "swin_s",
-    "swin_v2_b",
-    "swin_v2_s",
-    "vgg11",
-    "vgg11_bn",
-    "vgg13",
-    "vgg13_bn",
-    "vgg16",
-    "vgg16_bn",
-    "vgg19",
-    "vgg19_bn",
-    "wide_resnet101_2",
-    "wide_resnet50_2",
-}
 #: failures outside the problem and the solver, with their cause (strict: fixing them shows)
 KNOWN = {
     "maxvit_t": "the rewrite fails on a LayerNorm (inexact) group reshaped with the attention "
@@ -102,7 +65,7 @@ def _size(name: str) -> int:
 
 def _param(name: str, budget: float):
     marks = []
-    if name in NEEDS_224 or name in LARGE or name not in (TIGHT if budget < 0.5 else FAMILIES):
+    if name not in (TIGHT if budget < 0.5 else FAMILIES):
         marks.append(pytest.mark.slow)
     if name in KNOWN:
         marks.append(pytest.mark.xfail(reason=KNOWN[name], strict=True))
