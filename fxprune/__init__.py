@@ -27,7 +27,13 @@ from fxprune.core.errors import FxpruneError, PlanError, ShapeError, TraceError
 from fxprune.core.plan import Plan
 from fxprune.latency.tables import LatencyConfig
 from fxprune.pipeline.compile import Budget, CompileResult, compile
-from fxprune.pipeline.config import CompileConfig, LoopConfig, SolveConfig, UnconstrainedConfig
+from fxprune.pipeline.config import (
+    CompileConfig,
+    LoopConfig,
+    ObjectiveConfig,
+    SolveConfig,
+    UnconstrainedConfig,
+)
 from fxprune.pipeline.dynamo_backend import backend
 from fxprune.pipeline.report import analysis_report, render_markdown
 from fxprune.rewrite.api import prune, rebuild
@@ -50,6 +56,7 @@ __all__ = [
     "LatencyConfig",
     "LoopConfig",
     "MeasureConfig",
+    "ObjectiveConfig",
     "Plan",
     "PlanError",
     "ShapeError",

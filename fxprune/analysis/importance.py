@@ -33,10 +33,13 @@ if TYPE_CHECKING:
     from fxprune.analysis import Analysis
 
 __all__ = [
+    "IMPORTANCE_METHODS",
+    "NORMALIZATIONS",
     "Importance",
     "channel_importance",
     "check_finite_weights",
     "magnitude_scores",
+    "normalize_scores",
     "taylor_scores",
 ]
 
@@ -160,6 +163,9 @@ def magnitude_scores(analysis: Analysis) -> dict[str, np.ndarray]:
     named = {analysis.spaces.groups[gid].name: s for gid, s in scores.items()}
     _check_scores(analysis, named, "l2-magnitude")
     return named
+
+
+IMPORTANCE_METHODS = ("auto", "taylor", "magnitude")
 
 
 @dataclass(frozen=True)
@@ -286,15 +292,44 @@ def _gradient_problem(batch: int, target: str, m: nn.Module, loss: torch.Tensor)
     )
 
 
+NORMALIZATIONS = ("none", "mean")
+
+
+def normalize_scores(importance: Importance, how: str) -> Importance:
+    """Scores made comparable across groups.
+
+    ``"none"`` keeps them as measured: a group's worth is its summed score, so groups whose
+    channels score low as a whole (first-order Taylor is near zero where a trained model's loss
+    is flat) are cut far more than their neighbours. ``"mean"`` divides every group's scores by
+    their mean, as Torch-Pruning's importance normaliser does: every group is worth its channel
+    count, and scores only rank channels within their group.
+    """
+    if how not in NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {how!r}")
+    if how == "none":
+        return importance
+    scores = {}
+    for name, s in importance.scores.items():
+        mean = float(np.mean(s)) if len(s) else 0.0
+        scores[name] = s / mean if mean > 0 else np.ones_like(s)
+    return Importance(scores, f"{importance.method}, mean-normalised", importance.batches)
+
+
 def channel_importance(
     analysis: Analysis,
     data: Iterable[Any] | None = None,
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     *,
     max_batches: int | None = None,
+    method: str = "auto",
 ) -> Importance:
-    """Taylor importance when ``data`` and ``loss_fn`` are given, else L2 magnitude."""
-    if data is not None:
+    """Channel importance by ``method``: ``"auto"`` is Taylor when ``data`` and ``loss_fn`` are
+    given, else L2 magnitude; ``"taylor"`` needs both; ``"magnitude"`` ignores them."""
+    if method not in IMPORTANCE_METHODS:
+        raise ValueError(f"method must be one of {IMPORTANCE_METHODS}, got {method!r}")
+    if method == "taylor" and (data is None or loss_fn is None):
+        raise ValueError("Taylor importance needs data and loss_fn(output, target)")
+    if data is not None and method != "magnitude":
         if loss_fn is None:
             raise ValueError("data-driven importance needs loss_fn(output, target) -> scalar loss")
         return taylor_scores(analysis, data, loss_fn, max_batches=max_batches)

@@ -34,7 +34,7 @@ import torch
 from torch import fx, nn
 
 from fxprune.analysis import Analysis, analyze
-from fxprune.analysis.importance import Importance, channel_importance
+from fxprune.analysis.importance import Importance, channel_importance, normalize_scores
 from fxprune.analysis.trace import ExampleInputs
 from fxprune.backends import (
     Backend,
@@ -148,6 +148,7 @@ class _Priced:
     importance: Importance
     tables: LatencyTables
     latency: LatencyModel
+    min_keep: float = 0.0
 
     def problem(self, blocks: bool) -> PruningProblem:
         """The pruning problem under the latency model as calibrated now."""
@@ -157,6 +158,7 @@ class _Priced:
             self.importance.scores,
             importance_method=self.importance.method,
             allow_block_removal=blocks,
+            min_keep=self.min_keep,
         )
 
 
@@ -201,9 +203,14 @@ def _dense_check(run: _Run, analysis: Analysis) -> CompileResult | None:
 def _importance(
     run: _Run, analysis: Analysis, data: Any, loss_fn: Any, max_batches: int | None
 ) -> Importance:
-    """Channel importance: first-order Taylor with ``data``, else L2 magnitude."""
+    """Channel importance as ``config.objective`` says (Taylor with ``data`` by default, else
+    L2 magnitude), normalised across groups as it says."""
+    objective = run.config.objective
     with run.log.stage("importance", run.timings, "importance_s"):
-        return channel_importance(analysis, data, loss_fn, max_batches=max_batches)
+        importance = channel_importance(
+            analysis, data, loss_fn, max_batches=max_batches, method=objective.importance
+        )
+    return normalize_scores(importance, objective.normalize)
 
 
 def _tables(run: _Run, analysis: Analysis, importance: Importance) -> _Priced:
@@ -225,7 +232,7 @@ def _tables(run: _Run, analysis: Analysis, importance: Importance) -> _Priced:
 
         with run.log.stage("in-model layer scales", run.timings, "in_model_s"):
             latency.set_scales(in_model_factors(analysis, tables, run.backend))
-    return _Priced(analysis, importance, tables, latency)
+    return _Priced(analysis, importance, tables, latency, config.objective.min_keep)
 
 
 def _read_prices(run: _Run) -> Any:

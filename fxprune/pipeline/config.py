@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fxprune.analysis.analyze import FRONTENDS
+from fxprune.analysis.importance import IMPORTANCE_METHODS, NORMALIZATIONS
 from fxprune.backends import LatencyCache, MeasureConfig
 from fxprune.core.errors import ConfigError
 from fxprune.latency.tables import LatencyConfig
@@ -28,6 +29,7 @@ __all__ = [
     "SOLVERS",
     "CompileConfig",
     "LoopConfig",
+    "ObjectiveConfig",
     "SolveConfig",
     "UnconstrainedConfig",
     "config_from_keywords",
@@ -73,7 +75,8 @@ def _flag(owner: str, name: str, value: Any) -> None:
 
 def _instance(owner: str, name: str, value: Any, kind: type, optional: bool = False) -> None:
     if not (isinstance(value, kind) or (optional and value is None)):
-        _fail(owner, name, value, f"a {kind.__name__}" + (" or None" if optional else ""))
+        article = "an" if kind.__name__[0] in "AEIOU" else "a"
+        _fail(owner, name, value, f"{article} {kind.__name__}" + (" or None" if optional else ""))
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,31 @@ class SolveConfig:
         _choice("SolveConfig", "solver", self.solver, SOLVERS)
         _positive("SolveConfig", "time_limit", self.time_limit)
         _number("SolveConfig", "gap", self.gap, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """What the solver maximises, and which widths it may choose.
+
+    Attributes:
+        importance: ``"auto"`` (first-order Taylor when ``compile`` has ``data`` and
+            ``loss_fn``, else L2 magnitude), ``"taylor"`` or ``"magnitude"`` (data, if given,
+            then only re-estimates the norms).
+        normalize: ``"none"`` (a group is worth its summed scores) or ``"mean"`` (every group's
+            scores divided by their mean: a group is worth its channel count, and scores rank
+            channels within it); see :func:`~fxprune.analysis.importance.normalize_scores`.
+        min_keep: the smallest fraction of its channels a group may keep (a removed block's
+            groups excepted); 0 lets the solver go down to the latency grid's smallest count.
+    """
+
+    importance: str = "auto"
+    normalize: str = "none"
+    min_keep: float = 0.0
+
+    def __post_init__(self) -> None:
+        _choice("ObjectiveConfig", "importance", self.importance, IMPORTANCE_METHODS)
+        _choice("ObjectiveConfig", "normalize", self.normalize, NORMALIZATIONS)
+        _number("ObjectiveConfig", "min_keep", self.min_keep, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -150,6 +178,8 @@ class CompileConfig:
 
     Attributes:
         solve: how each round is solved (:class:`SolveConfig`).
+        objective: importance, its normalisation and the narrowest widths allowed
+            (:class:`ObjectiveConfig`).
         loop: the measured budget loop (:class:`LoopConfig`).
         unconstrained: prune without coupling constraints (:class:`UnconstrainedConfig`);
             ``None`` (the default) is constrained pruning: coupled tensors keep the same
@@ -174,6 +204,7 @@ class CompileConfig:
     """
 
     solve: SolveConfig = SolveConfig()
+    objective: ObjectiveConfig = ObjectiveConfig()
     loop: LoopConfig = LoopConfig()
     unconstrained: UnconstrainedConfig | None = None
     latency: LatencyConfig | None = None
@@ -189,6 +220,7 @@ class CompileConfig:
     def __post_init__(self) -> None:
         owner = "CompileConfig"
         _instance(owner, "solve", self.solve, SolveConfig)
+        _instance(owner, "objective", self.objective, ObjectiveConfig)
         _instance(owner, "loop", self.loop, LoopConfig)
         _instance(owner, "unconstrained", self.unconstrained, UnconstrainedConfig, True)
         _instance(owner, "latency", self.latency, LatencyConfig, True)

@@ -215,6 +215,7 @@ def build_problem(
     importance_method: str = "",
     allow_block_removal: bool = True,
     include_inexact: bool = True,
+    min_keep: float = 0.0,
 ) -> PruningProblem:
     """Translate an analysed model, its importance and its latency model into a Problem.
 
@@ -224,6 +225,8 @@ def build_problem(
         scores: per group name, one score per index (:func:`channel_importance`).
         allow_block_removal: offer removable residual blocks to the solver.
         include_inexact: also prune groups whose pruning is not exactly masking (LayerNorm).
+        min_keep: offer no count below this fraction of a group's size (besides a removed
+            block's 0).
     """
     grids = latency.tables.group_grids
     free = _free_groups(analysis, grids, include_inexact)
@@ -235,7 +238,7 @@ def build_problem(
     reads = _axis_reads(analysis)
     segments = {g.name: read_segments(g.size, reads[g.name]) for g in free}
     segments = {name: seg for name, seg in segments.items() if len(seg) > 1}
-    specs, masks = _group_specs(free, scores, total, grids, block_groups, reads, segments)
+    specs, masks = _group_specs(free, scores, total, grids, block_groups, reads, segments, min_keep)
     axes = _Axes(analysis, specs, masks)
     ops = _ops(analysis, latency, axes, block_groups)  # makes the derived groups it needs
     problem = Problem(
@@ -289,13 +292,15 @@ def _group_specs(
     block_groups: Mapping[str, tuple[str, ...]],
     reads: Mapping[str, Sequence[np.ndarray]],
     segments: Mapping[str, tuple[np.ndarray, ...]],
+    min_keep: float = 0.0,
 ) -> tuple[dict[str, GroupSpec], dict[str, list[np.ndarray]]]:
     """One spec per free group (its grid's valid counts, each worth its kept share of
     ``total``), and per group the kept-index mask of each option.
 
     A count is offered only if :func:`keep_mask` keeps exactly that many indices and every
     layer axis reading the group keeps at least one of them (always true of the full count).
-    A group inside a removable block gets a leading option "count 0", worth nothing.
+    A group inside a removable block gets a leading option "count 0", worth nothing. Counts
+    under ``min_keep`` of the group's size are not offered (the full count always is).
     """
     block_of_group = {g: b for b, inside in block_groups.items() for g in inside}
     specs: dict[str, GroupSpec] = {}
@@ -303,6 +308,8 @@ def _group_specs(
     for g in free:
         counts, value, kept = [], [], []
         for c in sorted({int(c) for c in grids[g.name]}):
+            if c < min_keep * g.size and c < g.size:
+                continue
             mask = keep_mask(g, scores[g.name], c, segments.get(g.name))
             if int(mask.sum()) == c and all(mask[r].any() for r in reads.get(g.name, ())):
                 counts.append(c)

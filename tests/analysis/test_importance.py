@@ -13,9 +13,16 @@ import torch.multiprocessing as mp
 import torchvision
 from helpers import make_sensitive
 from torch import nn
+from torch.nn import functional as F
 
 import fxprune
-from fxprune.analysis.importance import channel_importance, magnitude_scores, taylor_scores
+from fxprune.analysis.importance import (
+    Importance,
+    channel_importance,
+    magnitude_scores,
+    normalize_scores,
+    taylor_scores,
+)
 from fxprune.core.errors import NonFiniteError
 
 
@@ -38,6 +45,34 @@ def test_magnitude_covers_every_prunable_group():
     for g in a.groups:
         if g.prunable:
             assert scores[g.name].shape == (g.size,) and (scores[g.name] > 0).all()
+
+
+def test_mean_normalisation_makes_every_group_worth_its_size_and_keeps_each_ranking():
+    raw = Importance(
+        {"a": np.array([1.0, 3.0]), "b": np.array([1e-6, 0.0, 2e-6]), "z": np.zeros(4)},
+        "taylor",
+        4,
+    )
+    assert normalize_scores(raw, "none") is raw
+    norm = normalize_scores(raw, "mean")
+    assert norm.method == "taylor, mean-normalised" and norm.batches == 4
+    np.testing.assert_allclose(norm.scores["a"], [0.5, 1.5])
+    np.testing.assert_allclose(norm.scores["b"], [1.0, 0.0, 2.0])
+    np.testing.assert_array_equal(norm.scores["z"], np.ones(4))  # no signal: all equal
+    for name, s in norm.scores.items():
+        assert s.sum() == pytest.approx(len(s))
+        assert (np.argsort(s, kind="stable") == np.argsort(raw.scores[name], kind="stable")).all()
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        normalize_scores(raw, "max")
+
+
+def test_method_selects_importance_and_taylor_needs_data():
+    _, a, data = _setup()
+    assert channel_importance(a, data, F.cross_entropy, method="magnitude").method == "l2-magnitude"
+    with pytest.raises(ValueError, match="Taylor importance needs data"):
+        channel_importance(a, method="taylor")
+    with pytest.raises(ValueError, match="method must be one of"):
+        channel_importance(a, method="hessian")
 
 
 def test_magnitude_sums_coupled_members():

@@ -25,7 +25,7 @@ from torch import fx, nn
 
 import fxprune
 import fxprune.pipeline.plots
-from fxprune import CompileConfig, LoopConfig, SolveConfig, UnconstrainedConfig
+from fxprune import CompileConfig, LoopConfig, ObjectiveConfig, SolveConfig, UnconstrainedConfig
 from fxprune.core.errors import NonFiniteError
 from fxprune.latency.tables import LatencyConfig
 from fxprune.pipeline.compile import Budget
@@ -242,6 +242,16 @@ def test_taylor_importance_with_data(tmp_path):
                    recalibrate=False)  # fmt: skip
     assert off.recalibration is None
     assert torch.equal(off.model(data[0][0]), fxprune.prune(off.analysis, off.plan)(data[0][0]))
+
+
+def test_objective_normalises_and_keeps_every_group_at_least_min_keep(resnet, tmp_path):
+    objective = ObjectiveConfig(importance="magnitude", normalize="mean", min_keep=0.25)
+    result = _compile(resnet, 0.5, tmp_path, objective=objective)
+    assert result.budget_met and result.importance_method == "l2-magnitude, mean-normalised"
+    sizes = {g: result.analysis.group(g).size for g in result.plan.kept}
+    kept = {g: len(idx) for g, idx in result.plan.kept.items()}
+    assert all(c == 0 or c >= 0.25 * sizes[g] for g, c in kept.items()), kept  # 0: a removed block
+    assert any(0 < c < sizes[g] for g, c in kept.items())  # it did prune
 
 
 def test_save_and_rebuild(resnet, tmp_path):

@@ -12,7 +12,14 @@ from fake_backend import FakeBackend
 from torch import nn
 
 import fxprune
-from fxprune import CompileConfig, LoopConfig, MeasureConfig, SolveConfig, UnconstrainedConfig
+from fxprune import (
+    CompileConfig,
+    LoopConfig,
+    MeasureConfig,
+    ObjectiveConfig,
+    SolveConfig,
+    UnconstrainedConfig,
+)
 from fxprune.backends import LatencyCache
 from fxprune.core.errors import ConfigError
 from fxprune.latency.tables import LatencyConfig
@@ -61,6 +68,10 @@ BAD = [
     (lambda: CompileConfig(leaf_modules=[3]), "CompileConfig.leaf_modules", "classes or names"),
     (lambda: CompileConfig(cache=3), "CompileConfig.cache", "a LatencyCache, a directory"),
     (lambda: CompileConfig(frontend="dynamo"), "CompileConfig.frontend", "'fx', 'export', 'auto'"),
+    (lambda: ObjectiveConfig(importance="hessian"), "ObjectiveConfig.importance", "'taylor'"),
+    (lambda: ObjectiveConfig(normalize="max"), "ObjectiveConfig.normalize", "'mean'"),
+    (lambda: ObjectiveConfig(min_keep=1.5), "ObjectiveConfig.min_keep", "[0, 1"),
+    (lambda: CompileConfig(objective="taylor"), "CompileConfig.objective", "an ObjectiveConfig"),
 ]
 
 

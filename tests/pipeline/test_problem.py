@@ -119,6 +119,20 @@ def test_solved_plan_meets_predicted_budget(built):
     check_plan(analysis, plan, x)
 
 
+def test_min_keep_offers_no_narrower_count(built):
+    """``min_keep``: every offered count is the group's full size, 0 for a removed block, or at
+    least that share of the size; the full count is always there, so the dense plan stays."""
+    _, analysis, latency, pp, _ = built
+    narrow = build_problem(analysis, latency, magnitude_scores(analysis), min_keep=0.5)
+    cut = 0
+    for name in narrow.group_names:
+        spec, size = narrow.problem.group(name), analysis.group(name).size
+        assert size in spec.counts
+        assert all(c == size or c >= 0.5 * size or (c == 0 and spec.block) for c in spec.counts)
+        cut += len(pp.problem.group(name).counts) - len(spec.counts)
+    assert cut > 0  # the unrestricted problem offers narrower counts somewhere
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     size=st.integers(2, 64),
