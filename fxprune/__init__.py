@@ -5,7 +5,8 @@ runtime; its settings are one :class:`CompileConfig` (:class:`SolveConfig`, :cla
 :class:`UnconstrainedConfig`, :class:`LatencyConfig`, :class:`MeasureConfig`). The parts: start
 with :func:`analyze` (trace + channel groups + removable blocks), make or load a :class:`Plan`,
 and :func:`prune` to get the smaller GraphModule (then :func:`recalibrate_norms` on data, and
-:func:`finetune`, for a trained model). Every result can be checked against
+:func:`finetune`, for a trained model); :func:`compile_progressively` reaches a budget in
+several prune–fine-tune steps. Every result can be checked against
 :func:`masked_forward`, the masking oracle. :func:`backend` prunes inside ``torch.compile``
 (a dynamo backend, also registered as ``backend="fxprune"``), for inference.
 
@@ -35,6 +36,7 @@ from fxprune.pipeline.config import (
     UnconstrainedConfig,
 )
 from fxprune.pipeline.dynamo_backend import backend
+from fxprune.pipeline.progressive import ProgressiveConfig, ProgressiveResult, compile_progressively
 from fxprune.pipeline.report import analysis_report, render_markdown
 from fxprune.rewrite.api import prune, rebuild
 from fxprune.rewrite.mask import masked_forward
@@ -59,6 +61,8 @@ __all__ = [
     "ObjectiveConfig",
     "Plan",
     "PlanError",
+    "ProgressiveConfig",
+    "ProgressiveResult",
     "ShapeError",
     "SolveConfig",
     "TraceError",
@@ -67,6 +71,7 @@ __all__ = [
     "analyze",
     "backend",
     "compile",
+    "compile_progressively",
     "export_onnx",
     "finetune",
     "magnitude_masks",
