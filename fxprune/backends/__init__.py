@@ -29,12 +29,14 @@ from fxprune.backends.base import (
     time_callable,
 )
 from fxprune.backends.cache import LatencyCache, default_cache_dir, key_digest
+from fxprune.backends.inductor import InductorBackend, inductor_available
 from fxprune.backends.onnxruntime import OnnxRuntimeBackend, export_to_bytes
 from fxprune.backends.torch_eager import TorchEagerBackend
 
 __all__ = [
     "Backend",
     "BackendUnavailable",
+    "InductorBackend",
     "InterleavedMeasurement",
     "KernelMeasurement",
     "KernelProfile",
@@ -50,6 +52,7 @@ __all__ = [
     "export_to_bytes",
     "get_backend",
     "identity_label",
+    "inductor_available",
     "key_digest",
     "layout_block_of",
     "measure_side_by_side",
@@ -61,11 +64,13 @@ _BACKENDS: dict[str, type] = {
     "onnxruntime": OnnxRuntimeBackend,
     "ort": OnnxRuntimeBackend,
     "torch": TorchEagerBackend,
+    "inductor": InductorBackend,
 }
 
 
 def get_backend(name: str, **options: Any) -> Backend:
-    """The backend called ``name`` ("onnxruntime" | "ort" | "torch"), built with ``options``.
+    """The backend called ``name`` ("onnxruntime" | "ort" | "torch" | "inductor"), built with
+    ``options``.
 
     Example: ``get_backend("ort", provider="cpu", threads=2)``.
     """

@@ -92,7 +92,8 @@ def compile(
         data, loss_fn: batches ``(inputs, target)`` and ``loss_fn(output, target)`` for
             first-order Taylor importance; without them, L2 magnitude (the result says which).
         max_batches: batches of ``data`` used for importance (None: all).
-        backend: ``"onnxruntime"`` (CUDA where present, else CPU), ``"torch"``, or a backend.
+        backend: ``"onnxruntime"`` (CUDA where present, else CPU), ``"torch"`` (eager),
+            ``"inductor"`` (``torch.compile``), or a backend.
         config: every other setting (:class:`~fxprune.pipeline.config.CompileConfig`: solver,
             budget loop, coupling, latency tables, timing, cache, progress); None: defaults.
         legacy: the keyword arguments ``compile`` took before ``config`` (``solver=``,

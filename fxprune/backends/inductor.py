@@ -1,0 +1,167 @@
+"""Inductor backend: time a module compiled with ``torch.compile(backend="inductor")``.
+
+For users who deploy with ``torch.compile``: a budget met on ONNX Runtime says little about
+inductor's kernels (it fuses BatchNorm and activations into its own generated code and picks
+its own convolution layouts), so the tables and the budget loop can be measured here instead.
+
+Compiling is the expensive part (seconds per module on a CPU, far more than the timing), so
+each module is compiled once per measurement, warmed up (the first calls compile and
+autotune), then timed with the shared loop. Dynamo's cache is reset before each
+measurement, so earlier graphs neither count against the recompile limit nor leak guards. :meth:`measure_interleaved` compiles every module first, then times them in
+alternating bursts, like ONNX Runtime's. Everything that changes the generated code (torch
+version, mode, threads, device, the CPU's vector ISA) is part of the identity, so the disk
+cache keeps inductor figures apart from every other runtime's.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable, Sequence
+
+import torch
+
+from fxprune.backends.base import (
+    BackendUnavailable,
+    MeasureConfig,
+    Measurement,
+    check_float32_inputs,
+    eval_mode,
+    host_identity,
+    identity_label,
+    time_callable,
+    time_interleaved,
+)
+from fxprune.backends.torch_eager import _num_threads
+
+__all__ = ["MODES", "InductorBackend", "inductor_available"]
+
+#: ``torch.compile`` modes this backend accepts (``None``: inductor's default)
+MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@functools.cache
+def inductor_available() -> str | None:
+    """``None`` when inductor compiles and runs a tiny CPU graph here, else why not (no C++
+    compiler, a broken toolchain): what a test or a user needs to know before waiting on it."""
+    try:
+        torch._dynamo.reset()
+        fn = torch.compile(lambda t: torch.relu(t) + 1, backend="inductor", fullgraph=True)
+        fn(torch.randn(4))
+    except Exception as exc:  # the toolchain fails in many ways
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    finally:
+        torch._dynamo.reset()
+    return None
+
+
+class InductorBackend:
+    """Times a module compiled by inductor, on CPU or one CUDA device.
+
+    Args:
+        device: ``"cpu"`` or ``"cuda"`` / ``"cuda:N"``.
+        threads: CPU threads (``None``: torch's current setting, recorded at construction).
+        mode: the ``torch.compile`` mode (:data:`MODES`).
+    """
+
+    def __init__(self, device: str = "cpu", threads: int | None = None, mode: str | None = None):
+        dev = torch.device(device)
+        if dev.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise BackendUnavailable(
+                    "inductor on CUDA requested but torch sees no CUDA device "
+                    f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
+                    "use device='cpu' or run on a machine with an NVIDIA GPU"
+                )
+            if dev.index is None:
+                dev = torch.device("cuda", torch.cuda.current_device())
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1 or None, got {threads}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.device = dev
+        self.threads = threads if threads is not None else torch.get_num_threads()
+        self.mode = mode
+
+    def __repr__(self) -> str:
+        return (
+            f"InductorBackend(device={str(self.device)!r}, threads={self.threads}, "
+            f"mode={self.mode!r})"
+        )
+
+    def identity(self) -> dict[str, str]:
+        """torch version, mode, threads, device and host: all change the generated code."""
+        ident = {
+            "runtime": "torch-inductor",
+            "runtime_version": torch.__version__,
+            "mode": str(self.mode or "default"),
+            "threads": str(self.threads),
+            "dtype": "float32",
+            **host_identity(),
+        }
+        if self.device.type == "cuda":  # pragma: no cover - needs a GPU
+            ident["device"] = f"cuda:{torch.cuda.get_device_name(self.device)}"
+            ident["cuda_version"] = str(torch.version.cuda)
+        else:
+            ident["device"] = f"cpu:{ident['cpu_model']}"
+        return ident
+
+    def _compiled(
+        self, module: torch.nn.Module, example_inputs: tuple[torch.Tensor, ...]
+    ) -> tuple[Callable[[], object], Callable[[], None] | None]:
+        """A zero-argument runner of the compiled module (compiled by its first call), and
+        the device sync to time it with. The module is copied: compiling never touches the
+        caller's."""
+        module = copy.deepcopy(module).eval().to(self.device)
+        inputs = tuple(x.to(self.device) for x in example_inputs)
+        compiled = torch.compile(module, backend="inductor", mode=self.mode, dynamic=False)
+        sync = None
+        if self.device.type == "cuda":  # pragma: no cover - needs a GPU
+            device = self.device
+
+            def sync() -> None:
+                torch.cuda.synchronize(device)
+
+        def run() -> object:
+            with torch.inference_mode():
+                return compiled(*inputs)
+
+        with _num_threads(self.threads):
+            run()  # compile (and autotune) outside the timed loop
+        return run, sync
+
+    def measure(
+        self,
+        module: torch.nn.Module,
+        example_inputs: tuple[torch.Tensor, ...],
+        config: MeasureConfig | None = None,
+    ) -> Measurement:
+        """Compile ``module`` with inductor, then time its compiled calls."""
+        check_float32_inputs(example_inputs)
+        label = identity_label(self.identity())
+        torch._dynamo.reset()
+        with eval_mode(module), _num_threads(self.threads):
+            run, sync = self._compiled(module, example_inputs)
+            return time_callable(
+                run, config, backend_id=label, sync=sync, label=type(module).__name__
+            )
+
+    def measure_interleaved(
+        self,
+        modules: Sequence[torch.nn.Module],
+        example_inputs: tuple[torch.Tensor, ...],
+        config: MeasureConfig | None = None,
+        sessions: int = 3,
+    ) -> list[Measurement]:
+        """Compile every module once, then time them in alternating bursts. A compiled
+        module has no per-session placement to average out, so every "session" of a module
+        runs the same compiled code."""
+        check_float32_inputs(example_inputs)
+        label = identity_label(self.identity())
+        torch._dynamo.reset()
+        with _num_threads(self.threads):
+            compiled = [self._compiled(m, example_inputs) for m in modules]
+            runners = [[run] * max(1, sessions) for run, _ in compiled]
+            return time_interleaved(runners, config, backend_id=label, sync=compiled[0][1])
