@@ -39,7 +39,7 @@ from fxprune.pipeline.report import analysis_report, render_markdown
 from fxprune.rewrite.api import prune, rebuild
 from fxprune.rewrite.mask import masked_forward
 from fxprune.rewrite.pruners import register_pruner
-from fxprune.solver import InfeasibleBudget
+from fxprune.solver import InfeasibleBudget, InfeasibleLimit
 from fxprune.tuning import FinetuneConfig, finetune, recalibrate_norms
 from fxprune.unconstrained.masks import magnitude_masks, masks_from_zeros, unconstrained_plan
 
@@ -53,6 +53,7 @@ __all__ = [
     "FinetuneConfig",
     "FxpruneError",
     "InfeasibleBudget",
+    "InfeasibleLimit",
     "LatencyConfig",
     "LoopConfig",
     "MeasureConfig",

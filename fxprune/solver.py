@@ -140,7 +140,7 @@ class InfeasibleLimit(FxpruneError):
         self.minimum = minimum
         setting = f" (CompileConfig(max_{resource}=...))" if resource in ("params", "macs") else ""
         super().__init__(
-            f"The {resource} limit max_{resource}={limit:,.0f} cannot be met: the smallest "
+            f"The {resource} limit max_{resource}={limit:.0f} cannot be met: the smallest "
             f"{resource} this model can reach under the allowed channel counts is "
             f"{minimum:,.0f}. Raise max_{resource}{setting} to at least that."
         )
