@@ -274,10 +274,12 @@ def _read_prices(run: _Run) -> Any:
 
 
 def _budget_loop(
-    run: _Run, priced: _Priced, pp: PruningProblem, read_cost: Any
+    run: _Run, priced: _Priced, pp: PruningProblem, read_cost: Any, start: Plan | None = None
 ) -> tuple[list[_Candidate], PruningProblem]:
     """Solve, export and measure until a round meets the budget closely enough.
 
+    ``start``: a solved plan the first round's solve is warm-started from (a sweep's previous,
+    tighter budget: it meets this one too); later rounds start from their own last plan.
     Returns every round's candidate, and the problem as last calibrated.
     """
     loop, timings, log = run.config.loop, run.timings, run.log
@@ -285,7 +287,7 @@ def _budget_loop(
     budget_ms = run.budget.resolve(dense_ms)
     candidates: list[_Candidate] = []
     fitted: list[_Candidate] = []  # the rounds the latency model is refitted on
-    warm: Solution | None = None
+    warm = solution_from_plan(pp, start) if start is not None else None
     timings.update(solve_s=0.0, rewrite_s=0.0, measure_s=0.0)
     for r in range(loop.max_rounds):
         target = budget_ms * (1 - loop.margin)
