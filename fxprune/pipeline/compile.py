@@ -461,8 +461,10 @@ def _choose(run: _Run, candidates: list[_Candidate]) -> _Candidate:
     if met:
         return max(met, key=lambda c: c.solution.objective)
     best = min(candidates, key=lambda c: c.round.measured_over_budget)
+    limits = ", ".join(f"max_{k}={v}" for k, v in run.config.limits().items())
     warnings.warn(
-        f"fxprune.compile: no round met the budget {run.budget} within "
+        f"fxprune.compile: no round met the budget {run.budget}"
+        f"{f' (with {limits}, counted on the pruned model)' if limits else ''} within "
         f"{run.config.loop.tolerance:.0%} after {len(candidates)} rounds (closest: "
         f"{best.round.measured_over_budget:.3f}× budget). Returning the closest plan; raise "
         "max_rounds or the budget.",
