@@ -1,7 +1,8 @@
 """fxprune: latency-aware structured pruning as torch.fx graph passes.
 
 :func:`compile` does everything: prune a model to a latency budget measured on the target
-runtime; its settings are one :class:`CompileConfig` (:class:`SolveConfig`, :class:`LoopConfig`,
+runtime (:func:`sweep`: to many budgets at once, the latency / quality frontier); its settings
+are one :class:`CompileConfig` (:class:`SolveConfig`, :class:`LoopConfig`,
 :class:`UnconstrainedConfig`, :class:`LatencyConfig`, :class:`MeasureConfig`). The parts: start
 with :func:`analyze` (trace + channel groups + removable blocks), make or load a :class:`Plan`,
 and :func:`prune` to get the smaller GraphModule (then :func:`recalibrate_norms` on data, and
@@ -38,10 +39,11 @@ from fxprune.pipeline.config import (
 from fxprune.pipeline.dynamo_backend import backend
 from fxprune.pipeline.progressive import ProgressiveConfig, ProgressiveResult, compile_progressively
 from fxprune.pipeline.report import analysis_report, render_markdown
+from fxprune.pipeline.sweep import SweepPoint, SweepResult, sweep
 from fxprune.rewrite.api import prune, rebuild
 from fxprune.rewrite.mask import masked_forward
 from fxprune.rewrite.pruners import register_pruner
-from fxprune.solver import InfeasibleBudget
+from fxprune.solver import InfeasibleBudget, InfeasibleLimit
 from fxprune.tuning import FinetuneConfig, finetune, recalibrate_norms
 from fxprune.unconstrained.masks import magnitude_masks, masks_from_zeros, unconstrained_plan
 
@@ -55,6 +57,7 @@ __all__ = [
     "FinetuneConfig",
     "FxpruneError",
     "InfeasibleBudget",
+    "InfeasibleLimit",
     "LatencyConfig",
     "LoopConfig",
     "MeasureConfig",
@@ -65,6 +68,8 @@ __all__ = [
     "ProgressiveResult",
     "ShapeError",
     "SolveConfig",
+    "SweepPoint",
+    "SweepResult",
     "TraceError",
     "UnconstrainedConfig",
     "analysis_report",
@@ -85,6 +90,7 @@ __all__ = [
     "register_module_rule",
     "register_pruner",
     "render_markdown",
+    "sweep",
     "unconstrained_plan",
     "uniform_plan",
 ]

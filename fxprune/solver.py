@@ -35,8 +35,10 @@ __all__ = [
     "BlockSpec",
     "GroupSpec",
     "InfeasibleBudget",
+    "InfeasibleLimit",
     "OpCost",
     "Problem",
+    "Resource",
     "Solution",
     "WarmStart",
     "brute_force",
@@ -46,10 +48,13 @@ __all__ = [
     "derived_option",
     "evaluate",
     "min_latency",
+    "min_resource",
     "share",
     "solve_knapsack",
     "solve_minlp",
     "solve_uniform",
+    "usage",
+    "within_limits",
 ]
 
 
@@ -80,12 +85,15 @@ class InfeasibleBudget(FxpruneError):
         *,
         block_removal: tuple[str, ...] = (),
         layout_block: int = 1,
+        limits: Mapping[str, float] | None = None,
     ) -> None:
         self.budget = budget
         self.min_latency = min_latency
         self.dense = dense
         self.block_removal = tuple(block_removal)
         self.layout_block = layout_block
+        #: the resource limits the minimum was found under (name → limit), if any
+        self.limits = dict(limits or {})
         super().__init__(self.message())
 
     def message(self, spelling: Mapping[str, str] | None = None) -> str:
@@ -108,12 +116,34 @@ class InfeasibleBudget(FxpruneError):
                 f"{spelling['layout_floor']} to offer counts below the runtime's "
                 f"{self.layout_block}-channel layout block (they run outside its fast layout)"
             )
+        under = "".join(f" and {name} ≤ {limit:,.0f}" for name, limit in self.limits.items())
+        if self.limits:
+            ways.append("raise the " + " / ".join(self.limits) + " limit")
         text = (
             f"The latency budget {show(self.budget)} cannot be met: the smallest latency this "
-            f"model can reach under the allowed channel counts is {show(self.min_latency)}. "
-            "Raise the budget to at least that"
+            f"model can reach under the allowed channel counts{under} is "
+            f"{show(self.min_latency)}. Raise the budget to at least that"
         )
         return text + "".join(f", or {w}" for w in ways) + "."
+
+
+class InfeasibleLimit(FxpruneError):
+    """No plan keeps resource ``resource`` (``"params"``, ``"macs"``, …) within ``limit``,
+    whatever the latency budget; ``minimum`` is the smallest amount reachable.
+
+    Not an :class:`InfeasibleBudget`: raising the latency budget would not help.
+    """
+
+    def __init__(self, resource: str, limit: float, minimum: float) -> None:
+        self.resource = resource
+        self.limit = limit
+        self.minimum = minimum
+        setting = f" (CompileConfig(max_{resource}=...))" if resource in ("params", "macs") else ""
+        super().__init__(
+            f"The {resource} limit max_{resource}={limit:.0f} cannot be met: the smallest "
+            f"{resource} this model can reach under the allowed channel counts is "
+            f"{minimum:,.0f}. Raise max_{resource}{setting} to at least that."
+        )
 
 
 @dataclass(frozen=True)
@@ -161,11 +191,28 @@ class BlockSpec:
 
 
 @dataclass(frozen=True)
+class Resource:
+    """A resource besides latency with a limit: ``const + Σ_op y_inᵀ T_op y_out ≤ limit``.
+
+    Its ops are tables over group options exactly like the latency ops (parameters and MACs
+    of a layer are products of its kept input and output counts), so the MILP adds one more
+    exactly linearised row, and a removed block's ops cost nothing here either.
+    """
+
+    name: str
+    ops: tuple[OpCost, ...]
+    limit: float
+    const: float = 0.0  # what the groups do not change
+
+
+@dataclass(frozen=True)
 class Problem:
     groups: tuple[GroupSpec, ...]
     ops: tuple[OpCost, ...]
     blocks: tuple[BlockSpec, ...] = ()
     const: float = 0.0  # latency of everything the groups do not change
+    #: further limited resources (parameters, MACs): each an extra linear row
+    resources: tuple[Resource, ...] = ()
 
     def group(self, name: str) -> GroupSpec:
         return next(g for g in self.groups if g.name == name)
@@ -207,6 +254,8 @@ class Solution:
     time_limit_rule: str = ""  # "given" or "scaled" (default_time_limit)
     warm_starts: tuple[WarmStart, ...] = ()
     incumbent: str = ""
+    #: per limited resource of the problem, what this choice uses (see :func:`usage`)
+    resources: Mapping[str, float] = field(default_factory=dict)
 
     def counts(self, problem: Problem) -> dict[str, int]:
         choice = complete(problem, self.choice)
@@ -264,20 +313,47 @@ def complete(problem: Problem, choice: Mapping[str, int]) -> dict[str, int]:
     return out
 
 
+def _cost(
+    ops: tuple[OpCost, ...],
+    const: float,
+    choice: Mapping[str, int],
+    removed: frozenset[str] | set[str],
+) -> float:
+    """``const`` plus each op's table at a complete choice (ops of removed blocks cost 0)."""
+    total = const
+    for op in ops:
+        if op.block is not None and op.block in removed:
+            continue
+        i = choice[op.in_group] if op.in_group else 0
+        j = choice[op.out_group] if op.out_group else 0
+        total += float(op.table[i, j])
+    return total
+
+
 def evaluate(
     problem: Problem, choice: Mapping[str, int], removed: frozenset[str] | set[str]
 ) -> tuple[float, float]:
     """(importance, latency) of a choice under the exact (bilinear) model."""
     choice = complete(problem, choice)
     value = sum(g.importance[choice[g.name]] for g in problem.groups)
-    latency = problem.const
-    for op in problem.ops:
-        if op.block is not None and op.block in removed:
-            continue
-        i = choice[op.in_group] if op.in_group else 0
-        j = choice[op.out_group] if op.out_group else 0
-        latency += float(op.table[i, j])
-    return value, latency
+    return value, _cost(problem.ops, problem.const, choice, removed)
+
+
+def usage(
+    problem: Problem, choice: Mapping[str, int], removed: frozenset[str] | set[str]
+) -> dict[str, float]:
+    """Per limited resource of ``problem``, what a choice uses (exact, like :func:`evaluate`)."""
+    choice = complete(problem, choice)
+    return {r.name: _cost(r.ops, r.const, choice, removed) for r in problem.resources}
+
+
+def within_limits(
+    problem: Problem, choice: Mapping[str, int], removed: frozenset[str] | set[str]
+) -> bool:
+    """Whether a choice keeps every limited resource within its limit (a relative 1e-9 slack
+    absorbs rounding in sums of large counts)."""
+    used = usage(problem, choice, removed)
+    return all(used[r.name] <= r.limit * (1 + 1e-9) + 1e-9 for r in problem.resources)
 
 
 def _free(problem: Problem) -> list[GroupSpec]:
@@ -292,7 +368,7 @@ def _full_choice(problem: Problem) -> dict[str, int]:
 def _check(problem: Problem) -> None:
     names = {g.name for g in problem.groups}
     blocks = {b.name for b in problem.blocks}
-    for op in problem.ops:
+    for op in (*problem.ops, *(op for r in problem.resources for op in r.ops)):
         shape = (
             len(problem.group(op.in_group).counts) if op.in_group else 1,
             len(problem.group(op.out_group).counts) if op.out_group else 1,
@@ -331,7 +407,8 @@ class _Milp:
 
 
 def _build(problem: Problem, budget: float | None, objective: str) -> _Milp:
-    """The exact MILP in SCIP. ``objective`` is "importance" (max) or "latency" (min)."""
+    """The exact MILP in SCIP, every resource limit a row. ``objective`` is "importance"
+    (max), "latency" (min) or ``"resource:<name>"`` (min; that resource's row is left out)."""
     from pyscipopt import Model, quicksum
 
     _check(problem)
@@ -351,10 +428,18 @@ def _build(problem: Problem, budget: float | None, objective: str) -> _Milp:
     )
     if budget is not None:
         m.addCons(latency <= budget)
+    rows = {}
+    for r in problem.resources:  # the same exact linearisation, one more row each
+        used = [t for o, op in enumerate(r.ops) for t in _op_terms(milp, problem, o, op, r.name)]
+        rows[r.name] = quicksum(used) + r.const
+        if objective != f"resource:{r.name}":
+            m.addCons(rows[r.name] <= r.limit)
     if objective == "importance":
         m.setObjective(value, "maximize")
-    else:
+    elif objective == "latency":
         m.setObjective(latency, "minimize")
+    else:
+        m.setObjective(rows[objective.removeprefix("resource:")], "minimize")
     return milp
 
 
@@ -396,8 +481,9 @@ def _derived_constraints(m, problem: Problem, g: GroupSpec, y: Mapping[str, list
     m.addCons(quicksum(c * v for c, v in zip(lower, ys, strict=True)) <= total)
 
 
-def _op_terms(milp: _Milp, problem: Problem, o: int, op: OpCost) -> list:
-    """One op's latency terms ``cost · v``, pair variables linearising ``y_inᵀ C y_out``."""
+def _op_terms(milp: _Milp, problem: Problem, o: int, op: OpCost, row: str = "") -> list:
+    """One op's terms ``cost · v``, pair variables linearising ``y_inᵀ C y_out``; ``row``
+    names the resource the op belongs to ("": latency) so variable names stay unique."""
     t = np.asarray(op.table, dtype=float)
     y = milp.y
     internal = {g.name for g in problem.groups if g.block is not None and g.block == op.block}
@@ -405,7 +491,7 @@ def _op_terms(milp: _Milp, problem: Problem, o: int, op: OpCost) -> list:
     # one that touches only outside groups (e.g. a depthwise conv on the residual) is gated
     gated = op.block is not None and not ({op.in_group, op.out_group} & internal)
     if op.in_group and op.out_group:
-        cells = _pair_cells(milp, o, t, op.in_group, op.out_group)
+        cells = _pair_cells(milp, f"{row}{o}", t, op.in_group, op.out_group)
     elif op.in_group:
         cells = [(t[i, 0], v, _is(op.in_group, i)) for i, v in enumerate(y[op.in_group])]
     elif op.out_group:
@@ -417,7 +503,7 @@ def _op_terms(milp: _Milp, problem: Problem, o: int, op: OpCost) -> list:
         if c == 0:
             continue
         if gated:  # cost only while the block is kept: q ≥ v − z, q ≥ 0
-            q = milp.m.addVar(f"q[{o},{len(terms)}]", lb=0.0, ub=1.0)
+            q = milp.m.addVar(f"q{row}[{o},{len(terms)}]", lb=0.0, ub=1.0)
             milp.m.addCons(q >= v - milp.z[op.block])
             milp.values.append(
                 (q, lambda ch, r, f=value, b=op.block: max(0.0, f(ch, r) - float(b in r)))
@@ -427,7 +513,7 @@ def _op_terms(milp: _Milp, problem: Problem, o: int, op: OpCost) -> list:
     return terms
 
 
-def _pair_cells(milp: _Milp, o: int, t: np.ndarray, g_in: str, g_out: str) -> list:
+def _pair_cells(milp: _Milp, o: int | str, t: np.ndarray, g_in: str, g_out: str) -> list:
     """(cost, p[i, j], value) per table cell, ``p`` tied to the one-hot ``y`` on both sides."""
     from pyscipopt import quicksum
 
@@ -479,15 +565,20 @@ def channels_only(problem: Problem) -> Problem:
         else dataclasses.replace(g, sum_of=drop_first(g.sum_of))
         for g in problem.groups
     )
-    ops = []
-    for op in problem.ops:
-        t = np.asarray(op.table, dtype=float)
-        if op.in_group and problem.group(op.in_group).block is not None:
-            t = t[1:, :]
-        if op.out_group and problem.group(op.out_group).block is not None:
-            t = t[:, 1:]
-        ops.append(OpCost(op.name, op.in_group, op.out_group, t, None))
-    return Problem(groups, tuple(ops), (), problem.const)
+
+    def keep_all(ops: tuple[OpCost, ...]) -> tuple[OpCost, ...]:
+        out = []
+        for op in ops:
+            t = np.asarray(op.table, dtype=float)
+            if op.in_group and problem.group(op.in_group).block is not None:
+                t = t[1:, :]
+            if op.out_group and problem.group(op.out_group).block is not None:
+                t = t[:, 1:]
+            out.append(OpCost(op.name, op.in_group, op.out_group, t, None))
+        return tuple(out)
+
+    resources = tuple(dataclasses.replace(r, ops=keep_all(r.ops)) for r in problem.resources)
+    return Problem(groups, keep_all(problem.ops), (), problem.const, resources)
 
 
 #: the time limit SCIP gets when the caller gives none: a base, more per thousand variables
@@ -523,10 +614,48 @@ def _fastest(problem: Problem, time_limit: float) -> tuple[dict[str, int], froze
 
 
 def min_latency(problem: Problem, time_limit: float | None = None) -> float:
-    """The smallest latency any choice reaches (exact, by SCIP; else the best found in time)."""
+    """The smallest latency any choice reaches (exact, by SCIP; else the best found in time),
+    every resource limit respected.
+
+    Raises:
+        InfeasibleLimit: when some resource limit cannot be met at all.
+    """
     limit = default_time_limit(problem) if time_limit is None else time_limit
+    _check_limits(problem, limit)
     choice, removed, _ = _fastest(problem, limit)
     return evaluate(problem, choice, removed)[1]
+
+
+def min_resource(problem: Problem, name: str, time_limit: float | None = None) -> float:
+    """The smallest amount of resource ``name`` any choice uses (its own limit left out, the
+    other resources' kept; exact by SCIP, else the best found in time)."""
+    limit = default_time_limit(problem) if time_limit is None else time_limit
+    milp = _build(problem, None, f"resource:{name}")
+    milp.m.setParam("limits/time", limit)
+    milp.m.optimize()
+    if milp.m.getNSols() == 0:
+        return float("inf")
+    choice, removed = _read(milp)
+    return usage(problem, choice, removed)[name]
+
+
+def _check_limits(problem: Problem, time_limit: float) -> None:
+    """Raise :class:`InfeasibleLimit` for the first resource whose limit no choice meets."""
+    for r in problem.resources:
+        least = min_resource(problem, r.name, time_limit)
+        if least > r.limit * (1 + 1e-9) + 1e-9:
+            raise InfeasibleLimit(r.name, r.limit, least)
+
+
+def _infeasible(problem: Problem, budget: float, time_limit: float) -> InfeasibleBudget:
+    """The error for a budget no choice meets: :class:`InfeasibleLimit` raised first when a
+    resource limit alone is out of reach, else the smallest latency under the limits."""
+    least = min_latency(problem, time_limit)  # raises InfeasibleLimit
+    return InfeasibleBudget(budget, least, limits=_limits(problem))
+
+
+def _limits(problem: Problem) -> dict[str, float]:
+    return {r.name: r.limit for r in problem.resources}
 
 
 def _starts(
@@ -539,7 +668,8 @@ def _starts(
 ) -> tuple[WarmStart, ...]:
     """Offer SCIP feasible plans: the caller's, uniform scaling's, the knapsack's.
 
-    Each is evaluated exactly; one over the budget (or missing a group) is listed, not used.
+    Each is evaluated exactly; one over the budget or a resource limit (or missing a group)
+    is listed, not used.
     """
     found: list[tuple[str, Mapping[str, int], frozenset[str]]] = []
     if warm_start is not None and all(g.name in warm_start.choice for g in _free(problem)):
@@ -556,7 +686,7 @@ def _starts(
     out = []
     for source, choice, removed in found:
         value, latency = evaluate(problem, choice, removed)
-        used = latency <= budget
+        used = latency <= budget and within_limits(problem, choice, removed)
         if used:  # SCIP may decline a duplicate; _best still weighs every used start
             _add_start(milp, problem, choice, removed)
         out.append(WarmStart(source, dict(choice), removed, value, latency, used))
@@ -587,8 +717,11 @@ def solve_minlp(
         warm_start: a plan to start from (e.g. the previous round's), used if it fits.
         heuristics: also start from the uniform and knapsack baselines' plans.
 
+    Every resource of the problem (:class:`Resource`) is one more row, kept like the budget.
+
     Raises:
         InfeasibleBudget: no plan meets the budget, with the smallest reachable latency.
+        InfeasibleLimit: no plan meets a resource limit, whatever the budget.
         FxpruneError: SCIP ran out of time before finding any plan or proving there is none,
             and no warm start nor the fastest plan found meets the budget.
     """
@@ -606,12 +739,13 @@ def solve_minlp(
     best = _best(milp, problem, starts)
     if best is None:
         if status == "infeasible":
-            raise InfeasibleBudget(budget, min_latency(problem, limit))
+            raise _infeasible(problem, budget, limit)
+        _check_limits(problem, limit)
         choice, removed, proved = _fastest(problem, limit)
         value, latency = evaluate(problem, choice, removed)
-        if latency > budget:
+        if latency > budget or not within_limits(problem, choice, removed):
             if proved:
-                raise InfeasibleBudget(budget, latency)
+                raise InfeasibleBudget(budget, latency, limits=_limits(problem))
             raise FxpruneError(
                 f"SCIP found no plan meeting the budget {budget:.4g} within its {limit:.3g} s "
                 f"time limit (status {status}), nor did the uniform or knapsack baselines; the "
@@ -629,6 +763,7 @@ def solve_minlp(
         time.perf_counter() - start,
         "scip-minlp",
         incumbent=incumbent,
+        resources=usage(problem, choice, removed),
         **record,
     )
 
@@ -668,15 +803,18 @@ def _gap(m, value: float) -> float:
     return abs(dual - value) / max(min(abs(dual), abs(value)), 1e-12)
 
 
-def _linearised_costs(problem: Problem) -> dict[str, np.ndarray]:
-    """HALP's view: each free group's latency as a vector, every other group at full width.
+def _linearised_costs(
+    problem: Problem, ops: tuple[OpCost, ...] | None = None
+) -> dict[str, np.ndarray]:
+    """HALP's view: each free group's latency (or the cost of ``ops``: a resource's) as a
+    vector, every other group at full width.
 
     A derived group's cost is charged to its members through its count: a member at count
     ``c`` shrinks the derived total by ``coef·(full − c)``.
     """
     full = complete(problem, _full_choice(problem))
     costs = {g.name: np.zeros(len(g.counts)) for g in problem.groups}
-    for op in problem.ops:
+    for op in problem.ops if ops is None else ops:
         t = np.asarray(op.table, dtype=float)
         i_full = full[op.in_group] if op.in_group else 0
         j_full = full[op.out_group] if op.out_group else 0
@@ -702,12 +840,14 @@ def solve_knapsack(
 
     The linearised model ignores how a layer's cost depends on *both* its counts, so its choice
     is re-evaluated exactly; the knapsack budget is tightened by bisection until the exact
-    latency fits. Blocks are never removed (HALP prunes channels only).
+    latency fits. Resource limits are linearised the same way, each row tightened in step
+    with the latency row, and the choice kept only when its exact usage fits too. Blocks are
+    never removed (HALP prunes channels only).
     """
     start = time.perf_counter()
     best = _knapsack_search(problem, budget, time_limit, rounds)
     if best is None:
-        raise InfeasibleBudget(budget, min_latency(channels_only(problem), time_limit))
+        raise _infeasible(channels_only(problem), budget, time_limit)
     value, choice, latency = best
     return Solution(
         choice,
@@ -718,27 +858,41 @@ def solve_knapsack(
         0.0,
         time.perf_counter() - start,
         "knapsack",
+        resources=usage(problem, choice, frozenset()),
     )
 
 
 def _knapsack_search(
     problem: Problem, budget: float, time_limit: float, rounds: int, gap: float = 0.0
 ) -> tuple[float, dict[str, int], float] | None:
-    """(importance, choice, latency) of the best knapsack choice meeting ``budget``, or None."""
-    _, full_latency = evaluate(problem, _full_choice(problem), set())
+    """(importance, choice, latency) of the best knapsack choice meeting ``budget`` (and every
+    resource limit), or None."""
+    full_choice = _full_choice(problem)
+    _, full_latency = evaluate(problem, full_choice, set())
     costs = _linearised_costs(problem)
+    full_use = usage(problem, full_choice, set())
+    rows = [(r, _linearised_costs(problem, r.ops)) for r in problem.resources]
+    floors = [full_use[r.name] + sum(c.min() for c in rc.values()) for r, rc in rows]
 
     best: tuple[float, dict[str, int], float] | None = None
     lo, hi = full_latency + sum(c.min() for c in costs.values()), budget
+    floor = lo
     for cap in [budget, *([None] * rounds)]:
         if cap is None:
             cap = (lo + hi) / 2
-        choice = _knapsack(problem, costs, cap - full_latency, time_limit, gap)
+        # each resource row is tightened in step: at the same fraction of its way from its
+        # linearised floor to its limit as the latency cap is from its floor to the budget
+        step = (cap - floor) / (budget - floor) if budget > floor else 1.0
+        extra = [
+            (rc, f + step * (r.limit - f) - full_use[r.name])
+            for (r, rc), f in zip(rows, floors, strict=True)
+        ]
+        choice = _knapsack(problem, costs, cap - full_latency, time_limit, gap, extra)
         if choice is None:
             lo = cap
             continue
         value, latency = evaluate(problem, choice, set())
-        if latency <= budget:
+        if latency <= budget and within_limits(problem, choice, set()):
             if best is None or value > best[0]:
                 best = (value, choice, latency)
             if cap >= budget:
@@ -755,8 +909,10 @@ def _knapsack(
     cap: float,
     time_limit: float,
     gap: float = 0.0,
+    extra: list[tuple[Mapping[str, np.ndarray], float]] = (),
 ) -> dict[str, int] | None:
-    """The most important choice whose linearised extra latency is at most ``cap`` (None: none)."""
+    """The most important choice whose linearised extra latency is at most ``cap``, and each
+    ``extra`` row's (linearised costs, cap) likewise (None: none)."""
     from pyscipopt import Model, quicksum
 
     m = Model("knapsack")
@@ -771,6 +927,8 @@ def _knapsack(
     for vs in y.values():
         m.addCons(quicksum(vs.values()) == 1)
     m.addCons(quicksum(costs[n][k] * v for n, vs in y.items() for k, v in vs.items()) <= cap)
+    for row, row_cap in extra:
+        m.addCons(quicksum(row[n][k] * v for n, vs in y.items() for k, v in vs.items()) <= row_cap)
     m.setObjective(
         quicksum(problem.group(n).importance[k] * v for n, vs in y.items() for k, v in vs.items()),
         "maximize",
@@ -782,21 +940,31 @@ def _knapsack(
 
 
 def solve_uniform(problem: Problem, budget: float, *, iters: int = 40) -> Solution:
-    """Uniform width scaling: the largest fraction f with every group at ≤ f of its width."""
+    """Uniform width scaling: the largest fraction f with every group at ≤ f of its width
+    whose plan meets the budget and every resource limit."""
     start = time.perf_counter()
     best = _uniform(problem, budget, iters)
     if best is None:
-        raise InfeasibleBudget(budget, min_latency(channels_only(problem)))
+        raise _infeasible(channels_only(problem), budget, default_time_limit(problem))
     value, choice, latency = best
     return Solution(
-        choice, frozenset(), value, latency, "feasible", 0.0, time.perf_counter() - start, "uniform"
+        choice,
+        frozenset(),
+        value,
+        latency,
+        "feasible",
+        0.0,
+        time.perf_counter() - start,
+        "uniform",
+        resources=usage(problem, choice, frozenset()),
     )
 
 
 def _uniform(
     problem: Problem, budget: float, iters: int = 40
 ) -> tuple[float, dict[str, int], float] | None:
-    """(importance, choice, latency) of the widest uniform scaling meeting ``budget``, or None."""
+    """(importance, choice, latency) of the widest uniform scaling meeting ``budget`` and the
+    resource limits, or None."""
 
     def choice_at(f: float) -> dict[str, int]:
         out = {}
@@ -806,19 +974,24 @@ def _uniform(
             out[g.name] = ks[-1] if ks else next(k for k, c in enumerate(g.counts) if c > 0)
         return out
 
+    def fits(choice: dict[str, int]) -> bool:
+        return evaluate(problem, choice, set())[1] <= budget and within_limits(
+            problem, choice, set()
+        )
+
     lo, hi = 0.0, 1.0
-    if evaluate(problem, choice_at(1.0), set())[1] <= budget:
+    if fits(choice_at(1.0)):
         lo = 1.0
     else:
         for _ in range(iters):
             mid = (lo + hi) / 2
-            if evaluate(problem, choice_at(mid), set())[1] <= budget:
+            if fits(choice_at(mid)):
                 lo = mid
             else:
                 hi = mid
     choice = choice_at(lo)
     value, latency = evaluate(problem, choice, set())
-    return None if latency > budget else (value, choice, latency)
+    return (value, choice, latency) if fits(choice) else None
 
 
 def brute_force(problem: Problem, budget: float) -> Solution:
@@ -839,8 +1012,18 @@ def brute_force(problem: Problem, budget: float) -> Solution:
         for combo in itertools.product(*ranges):
             choice = dict(zip(names, combo, strict=True))
             value, latency = evaluate(problem, choice, removed)
-            if latency <= budget + 1e-9 and (best is None or value > best.objective + 1e-12):
-                best = Solution(choice, removed, value, latency, "optimal", solver="brute-force")
+            if latency > budget + 1e-9 or not within_limits(problem, choice, removed):
+                continue
+            if best is None or value > best.objective + 1e-12:
+                best = Solution(
+                    choice,
+                    removed,
+                    value,
+                    latency,
+                    "optimal",
+                    solver="brute-force",
+                    resources=usage(problem, choice, removed),
+                )
     if best is None:
         raise InfeasibleBudget(budget, float("nan"))
     return best

@@ -16,8 +16,10 @@ from fxprune.solver import (
     BlockSpec,
     GroupSpec,
     InfeasibleBudget,
+    InfeasibleLimit,
     OpCost,
     Problem,
+    Resource,
     brute_force,
     channels_only,
     complete,
@@ -27,6 +29,7 @@ from fxprune.solver import (
     solve_knapsack,
     solve_minlp,
     solve_uniform,
+    usage,
 )
 
 
@@ -280,3 +283,69 @@ def test_infeasible_budget_with_warm_starts_reports_minimum():
     with pytest.raises(InfeasibleBudget) as info:
         solve_minlp(p, 0.9 * smallest, warm_start=solve_uniform(p, 1.1 * smallest))
     assert info.value.min_latency == pytest.approx(smallest)
+
+
+def _with_params(problem: Problem, frac: float) -> Problem:
+    """``problem`` with a parameter-like resource (``cin·cout`` per op, count 0 costs 0, a
+    constant besides) limited to ``frac`` of what the full choice uses."""
+    ops = []
+    for op in problem.ops:
+        cin = np.asarray(problem.group(op.in_group).counts if op.in_group else (3,), float)
+        cout = np.asarray(problem.group(op.out_group).counts if op.out_group else (5,), float)
+        ops.append(dataclasses.replace(op, name=f"{op.name}:params", table=np.outer(cin, cout)))
+    resource = Resource("params", tuple(ops), limit=np.inf, const=11.0)
+    full = usage(dataclasses.replace(problem, resources=(resource,)), _full(problem), set())
+    limited = dataclasses.replace(resource, limit=frac * full["params"])
+    return dataclasses.replace(problem, resources=(limited,))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=problems(), frac=st.floats(0.3, 1.0), params=st.floats(0.05, 1.0))
+def test_minlp_matches_brute_force_under_a_resource_limit(problem, frac, params):
+    """The extra row is exact: SCIP's optimum is brute force's, and both respect the limit."""
+    problem = _with_params(problem, params)
+    limit = problem.resources[0].limit
+    budget = frac * evaluate(problem, _full(problem), set())[1]
+    try:
+        want = brute_force(problem, budget)
+    except InfeasibleBudget:
+        with pytest.raises((InfeasibleBudget, InfeasibleLimit)):
+            solve_minlp(problem, budget)
+        return
+    assert want.resources["params"] <= limit + 1e-6
+    got = solve_minlp(problem, budget, gap=0.0)
+    assert got.latency <= budget + 1e-6
+    assert got.resources == pytest.approx(usage(problem, got.choice, got.removed))
+    assert got.resources["params"] <= limit * (1 + 1e-9) + 1e-9
+    assert got.objective == pytest.approx(want.objective, rel=1e-6, abs=1e-9)
+    for solver in (solve_knapsack, solve_uniform):  # the baselines respect the row too
+        try:
+            sol = solver(problem, budget)
+        except (InfeasibleBudget, InfeasibleLimit):  # channels only: blocks may be needed
+            continue
+        assert usage(problem, sol.choice, set())["params"] <= limit * (1 + 1e-9) + 1e-9
+        assert sol.latency <= budget + 1e-6 and sol.objective <= got.objective + 1e-6
+
+
+def test_resource_limit_binds_and_an_unreachable_one_names_itself():
+    p = _tiny(with_block=False)  # stem (8, 16) → inner (4, 8); conv costs 2 / 4 / 3 / 6
+    params = Resource("params", (OpCost("conv", "stem", "inner", np.outer([8, 16], [4, 8])),), 0)
+    loose = solve_minlp(p, budget=100.0)
+    assert loose.counts(p) == {"stem": 16, "inner": 8} and loose.resources == {}
+    limited = dataclasses.replace(p, resources=(dataclasses.replace(params, limit=64.0),))
+    sol = solve_minlp(limited, budget=100.0)  # 16·4 = 8·8 = 64: the more important is stem 16
+    assert sol.counts(limited) == {"stem": 16, "inner": 4} and sol.resources == {"params": 64}
+    assert brute_force(limited, 100.0).objective == pytest.approx(sol.objective)
+    for solver in (solve_knapsack, solve_uniform):
+        assert solver(limited, 100.0).resources["params"] <= 64
+    tiny = dataclasses.replace(p, resources=(dataclasses.replace(params, limit=31.0),))
+    for solver in (solve_minlp, solve_knapsack, solve_uniform):
+        with pytest.raises(InfeasibleLimit, match="max_params=31 cannot be met") as info:
+            solver(tiny, budget=100.0)
+        assert info.value.minimum == pytest.approx(32.0) and info.value.resource == "params"
+    # reachable alone, not together with the budget: the minimum latency is under the limit
+    with pytest.raises(InfeasibleBudget, match="params ≤ 32") as info:
+        solve_minlp(
+            dataclasses.replace(tiny, resources=(dataclasses.replace(params, limit=32),)), 2.5
+        )
+    assert info.value.min_latency == pytest.approx(3.0) and info.value.limits == {"params": 32}

@@ -150,6 +150,8 @@ class _Priced:
     tables: LatencyTables
     latency: LatencyModel
     min_keep: float = 0.0
+    #: resource limits (``"params"`` / ``"macs"`` → limit), each a solver row
+    limits: dict[str, int] = field(default_factory=dict)
 
     def problem(self, blocks: bool) -> PruningProblem:
         """The pruning problem under the latency model as calibrated now."""
@@ -160,6 +162,8 @@ class _Priced:
             importance_method=self.importance.method,
             allow_block_removal=blocks,
             min_keep=self.min_keep,
+            max_params=self.limits.get("params"),
+            max_macs=self.limits.get("macs"),
         )
 
 
@@ -196,9 +200,23 @@ def _dense_check(run: _Run, analysis: Analysis) -> CompileResult | None:
         return None  # a fraction below 1 the dense model never meets
     with run.log.stage("measure the dense model", run.timings, "dense_s"):
         (m_d,) = _measure(run, [analysis.gm], analysis)
-    if m_d.median_ms <= budget.resolve(m_d.median_ms):
+    if m_d.median_ms <= budget.resolve(m_d.median_ms) and all(
+        _limits_met(run, analysis.gm).values()
+    ):
         return _dense_result(run, analysis, m_d.median_ms)
     return None
+
+
+def _limits_met(run: _Run, model: fx.GraphModule) -> dict[str, bool]:
+    """Per resource limit of the config, whether ``model`` (counted) keeps within it."""
+    return {name: _count(name, model) <= limit for name, limit in run.config.limits().items()}
+
+
+def _count(resource: str, model: fx.GraphModule) -> int:
+    """A model's parameters or conv/linear MACs (as the result reports them)."""
+    from fxprune.pipeline.report import count_macs, count_params
+
+    return count_params(model) if resource == "params" else count_macs(model)
 
 
 def _importance(
@@ -233,7 +251,9 @@ def _tables(run: _Run, analysis: Analysis, importance: Importance) -> _Priced:
 
         with run.log.stage("in-model layer scales", run.timings, "in_model_s"):
             latency.set_scales(in_model_factors(analysis, tables, run.backend))
-    return _Priced(analysis, importance, tables, latency, config.objective.min_keep)
+    return _Priced(
+        analysis, importance, tables, latency, config.objective.min_keep, config.limits()
+    )
 
 
 def _read_prices(run: _Run) -> Any:
@@ -255,10 +275,12 @@ def _read_prices(run: _Run) -> Any:
 
 
 def _budget_loop(
-    run: _Run, priced: _Priced, pp: PruningProblem, read_cost: Any
+    run: _Run, priced: _Priced, pp: PruningProblem, read_cost: Any, start: Plan | None = None
 ) -> tuple[list[_Candidate], PruningProblem]:
     """Solve, export and measure until a round meets the budget closely enough.
 
+    ``start``: a solved plan the first round's solve is warm-started from (a sweep's previous,
+    tighter budget: it meets this one too); later rounds start from their own last plan.
     Returns every round's candidate, and the problem as last calibrated.
     """
     loop, timings, log = run.config.loop, run.timings, run.log
@@ -266,7 +288,7 @@ def _budget_loop(
     budget_ms = run.budget.resolve(dense_ms)
     candidates: list[_Candidate] = []
     fitted: list[_Candidate] = []  # the rounds the latency model is refitted on
-    warm: Solution | None = None
+    warm = solution_from_plan(pp, start) if start is not None else None
     timings.update(solve_s=0.0, rewrite_s=0.0, measure_s=0.0)
     for r in range(loop.max_rounds):
         target = budget_ms * (1 - loop.margin)
@@ -360,6 +382,7 @@ def _solve_round(
                 dense_ms,
                 block_removal=_block_removal_hint(pp, solve.solver, allow, priced.problem),
                 layout_block=_layout_floor_hint(priced.analysis, priced.tables),
+                limits=again.limits,
             ) from None
 
 
@@ -433,13 +456,16 @@ def _measure(run: _Run, models: list[fx.GraphModule], analysis: Analysis) -> lis
 
 
 def _choose(run: _Run, candidates: list[_Candidate]) -> _Candidate:
-    """The most important plan that met the budget; else, with a warning, the closest."""
-    met = [c for c in candidates if c.round.met]
+    """The most important plan that met the budget (and every resource limit, counted on the
+    pruned model); else, with a warning, the closest."""
+    met = [c for c in candidates if c.round.met and all(_limits_met(run, c.model).values())]
     if met:
         return max(met, key=lambda c: c.solution.objective)
     best = min(candidates, key=lambda c: c.round.measured_over_budget)
+    limits = ", ".join(f"max_{k}={v}" for k, v in run.config.limits().items())
     warnings.warn(
-        f"fxprune.compile: no round met the budget {run.budget} within "
+        f"fxprune.compile: no round met the budget {run.budget}"
+        f"{f' (with {limits}, counted on the pruned model)' if limits else ''} within "
         f"{run.config.loop.tolerance:.0%} after {len(candidates)} rounds (closest: "
         f"{best.round.measured_over_budget:.3f}× budget). Returning the closest plan; raise "
         "max_rounds or the budget.",
@@ -504,6 +530,15 @@ def _result(
         macs=(count_macs(analysis.gm), count_macs(best.model)),  # the rewrite refreshed shapes
         tables=priced.tables,
         recalibration=recalibration,
+        limits={
+            name: {
+                "limit": limit,
+                "predicted": float(sol.resources.get(name, float("nan"))),
+                "measured": _count(name, best.model),
+                "met": _count(name, best.model) <= limit,
+            }
+            for name, limit in run.config.limits().items()
+        },
     )
 
 
@@ -574,6 +609,11 @@ def _dense_result(run: _Run, analysis: Analysis, dense_ms: float) -> CompileResu
         params=(params, params),
         macs=(macs, macs),
         dense_meets_budget=True,
+        limits={
+            name: {"limit": limit, "predicted": count, "measured": count, "met": True}
+            for name, limit in run.config.limits().items()
+            for count in [params if name == "params" else macs]
+        },
     )
 
 

@@ -68,6 +68,13 @@ def _count(owner: str, name: str, value: Any) -> None:
         _fail(owner, name, value, "an integer ≥ 1")
 
 
+def _optional_count(owner: str, name: str, value: Any) -> None:
+    if value is not None and (
+        not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1
+    ):
+        _fail(owner, name, value, "an integer ≥ 1 or None")
+
+
 def _flag(owner: str, name: str, value: Any) -> None:
     if not isinstance(value, bool):
         _fail(owner, name, value, "True or False")
@@ -201,6 +208,10 @@ class CompileConfig:
         frontend: selects the capture front end that turns the model into a graph: ``"fx"``
             (symbolic tracing), ``"export"`` (``torch.export``) or ``"auto"`` (the first that
             works).
+        max_params, max_macs: limits on the pruned model's parameters and conv/linear
+            multiply-accumulates, besides the latency budget: each is one more linear row in
+            the solver (exact in the kept counts), checked again on the pruned model; None:
+            no limit. A limit no plan meets raises :class:`~fxprune.solver.InfeasibleLimit`.
     """
 
     solve: SolveConfig = SolveConfig()
@@ -216,6 +227,8 @@ class CompileConfig:
     progress: bool = True
     recalibrate: bool = True
     frontend: str = "auto"
+    max_params: int | None = None
+    max_macs: int | None = None
 
     def __post_init__(self) -> None:
         owner = "CompileConfig"
@@ -238,6 +251,13 @@ class CompileConfig:
         if not (self.cache is None or isinstance(self.cache, (LatencyCache, str, os.PathLike))):
             _fail(owner, "cache", self.cache, "a LatencyCache, a directory or None")
         _choice(owner, "frontend", self.frontend, FRONTENDS)
+        _optional_count(owner, "max_params", self.max_params)
+        _optional_count(owner, "max_macs", self.max_macs)
+
+    def limits(self) -> dict[str, int]:
+        """The resource limits set (``"params"``, ``"macs"`` → limit), in that order."""
+        given = {"params": self.max_params, "macs": self.max_macs}
+        return {name: int(v) for name, v in given.items() if v is not None}
 
     @property
     def coupling(self) -> str:

@@ -25,6 +25,11 @@ The solver never sees an fx graph; this module is the only translator between th
   among the indices that option keeps, known exactly since :func:`keep_mask` is deterministic —
   and becomes a *derived* group: over its exact totals when it reads one group, else over the
   layer's grid of totals (rounded up). Counts of 0 (inside a removed block) cost 0.
+* **Resources.** ``max_params`` / ``max_macs`` become :class:`~fxprune.solver.Resource` rows:
+  every conv / linear / norm layer's parameters and MACs as a table over the options of its
+  input and output groups (``cin·cout·k²`` and the output's spatial size times that; a norm's
+  affine parameters per kept channel), the rest of the model a constant, so the dense model's
+  figures are exact and a plan's are those of its pruned model (a derived count rounds up).
 * **Calibration.** Table cells are ``a·C + per_layer`` and the constant is ``b``, the
   :class:`~fxprune.latency.LatencyModel`'s calibrated terms; the budget loop refits them on
   whole-model measurements.
@@ -34,14 +39,15 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fxprune.core.meta import TENSOR_META
 from fxprune.core.plan import Plan
-from fxprune.solver import BlockSpec, GroupSpec, OpCost, Problem, Solution, complete
+from fxprune.solver import BlockSpec, GroupSpec, OpCost, Problem, Resource, Solution, complete
 
 if TYPE_CHECKING:
     from fxprune.analysis import Analysis
@@ -216,6 +222,8 @@ def build_problem(
     allow_block_removal: bool = True,
     include_inexact: bool = True,
     min_keep: float = 0.0,
+    max_params: int | None = None,
+    max_macs: int | None = None,
 ) -> PruningProblem:
     """Translate an analysed model, its importance and its latency model into a Problem.
 
@@ -227,6 +235,9 @@ def build_problem(
         include_inexact: also prune groups whose pruning is not exactly masking (LayerNorm).
         min_keep: offer no count below this fraction of a group's size (besides a removed
             block's 0).
+        max_params, max_macs: limits on the pruned model's parameters and conv/linear MACs
+            (as :func:`~fxprune.pipeline.report.count_params` / ``count_macs`` count them),
+            each a :class:`~fxprune.solver.Resource` row; None: no limit.
     """
     grids = latency.tables.group_grids
     free = _free_groups(analysis, grids, include_inexact)
@@ -241,11 +252,14 @@ def build_problem(
     specs, masks = _group_specs(free, scores, total, grids, block_groups, reads, segments, min_keep)
     axes = _Axes(analysis, specs, masks)
     ops = _ops(analysis, latency, axes, block_groups)  # makes the derived groups it needs
+    limits = {"params": max_params, "macs": max_macs}
+    resources = _resources(analysis, axes, ops, block_groups, limits)
     problem = Problem(
         groups=(*specs.values(), *axes.derived.values()),
         ops=ops,
         blocks=tuple(BlockSpec(b) for b in block_groups),
         const=float(latency.b),
+        resources=resources,
     )
     return PruningProblem(
         problem,
@@ -439,6 +453,106 @@ def _op(
             k_in = co if depthwise else ci
             table[i, j] = latency.a * latency.layer_cost(node, k_in, co) + latency.per_layer
     return OpCost(node, in_group, out_group, table, block_of_node.get(node))
+
+
+def _layer_counts(
+    rec, module, out_shape: Sequence[int]
+) -> tuple[Callable[[int, int], float], Callable[[int, int], float], int, int]:
+    """A layer's (params(cin, cout), MACs(cin, cout), full cin, full cout), as
+    :func:`~fxprune.pipeline.report.count_params` / ``count_macs`` count the pruned layer."""
+    from torch import nn
+
+    positions = int(np.prod(out_shape)) // max(int(out_shape[1] if len(out_shape) > 1 else 1), 1)
+    if isinstance(module, nn.modules.conv._ConvNd):
+        k = int(np.prod(module.kernel_size))
+        g, full_in, full_out = module.groups, module.in_channels, module.out_channels
+        bias = module.bias is not None
+        if g == 1:
+            per_out = lambda ci: ci * k  # noqa: E731
+        elif g == full_in:  # depthwise-like: every output reads its own inputs
+            per_out = lambda ci: (full_in // g) * k  # noqa: E731
+        else:  # grouped: the parts keep equal counts, the group count stays
+            per_out = lambda ci: ci / g * k  # noqa: E731
+        params = lambda ci, co: co * per_out(ci) + (co if bias else 0)  # noqa: E731
+        macs = lambda ci, co: positions * co * per_out(ci)  # noqa: E731
+        return params, macs, full_in, full_out
+    if isinstance(module, nn.Linear):
+        positions = int(np.prod(out_shape[:-1]))
+        bias = module.bias is not None
+        full_in, full_out = module.in_features, module.out_features
+        params = lambda ci, co: co * ci + (co if bias else 0)  # noqa: E731
+        macs = lambda ci, co: positions * co * ci  # noqa: E731
+        return params, macs, full_in, full_out
+    full = len(rec.out_units)
+    own = sum(p.numel() for p in module.parameters(recurse=False))
+    return (lambda ci, co: own * co / full), (lambda ci, co: 0.0), full, full
+
+
+def _resources(
+    analysis: Analysis,
+    axes: _Axes,
+    ops: Sequence[OpCost],
+    block_groups: Mapping[str, tuple[str, ...]],
+    limits: Mapping[str, int | None],
+) -> tuple[Resource, ...]:
+    """One :class:`Resource` per given limit: per layer a table of its parameters or MACs
+    over its groups' options (a layer with a latency table reads the groups its latency op
+    reads), the rest of the model the constant (so the full choice is the dense figure).
+
+    A module called more than once counts its parameters once (as ``count_params`` does) and
+    its MACs per call.
+    """
+    from fxprune.pipeline.report import count_macs, count_params
+
+    wanted = {name: limit for name, limit in limits.items() if limit is not None}
+    if not wanted:
+        return ()
+    nodes = {n.name: n for n in analysis.gm.graph.nodes}
+    by_node = {op.name: op for op in ops}
+    block_of_node = {n: b for b in block_groups for n in analysis.block(b).region}
+    tables: dict[str, list[OpCost]] = {name: [] for name in wanted}
+    modelled = dict.fromkeys(wanted, 0.0)
+    seen: set[str] = set()
+    for rec in analysis.spaces.layers:
+        meta = nodes[rec.node].meta.get(TENSOR_META) if rec.node in nodes else None
+        if meta is None or not hasattr(meta, "shape"):
+            continue  # no shapes: its figures stay in the constant, as count_macs skips it
+        module = analysis.gm.get_submodule(rec.target)
+        params, macs, full_in, full_out = _layer_counts(rec, module, meta.shape)
+        if rec.node in by_node:
+            in_group, out_group = by_node[rec.node].in_group, by_node[rec.node].out_group
+        else:
+            out_group = axes.group(rec.out_units, tuple(range(len(rec.out_units) + 1)))
+            in_group = None
+            if rec.kind != "norm":
+                in_group = axes.group(rec.in_units, tuple(range(len(rec.in_units) + 1)))
+            if in_group is not None and in_group == out_group:
+                in_group = None
+        in_counts = axes.all_specs[in_group].counts if in_group else (full_in,)
+        out_counts = axes.all_specs[out_group].counts if out_group else (full_out,)
+        counted = {"params": rec.target not in seen, "macs": True}
+        seen.add(rec.target)
+        fn = {"params": params, "macs": macs}
+        for name in wanted:
+            if not counted[name]:
+                continue
+            table = np.array(
+                [
+                    [0.0 if ci == 0 or co == 0 else float(fn[name](ci, co)) for co in out_counts]
+                    for ci in in_counts
+                ]
+            )
+            tables[name].append(
+                OpCost(
+                    f"{rec.node}:{name}", in_group, out_group, table, block_of_node.get(rec.node)
+                )
+            )
+            modelled[name] += float(fn[name](full_in, full_out))
+    dense = {"params": count_params(analysis.gm), "macs": count_macs(analysis.gm)}
+    return tuple(
+        Resource(name, tuple(tables[name]), float(limit), float(dense[name] - modelled[name]))
+        for name, limit in wanted.items()
+    )
 
 
 def solution_from_plan(pp: PruningProblem, plan: Plan) -> Solution:

@@ -195,10 +195,18 @@ class CompileResult:
     #: the pruned model's norm statistics were re-estimated on ``data`` (``None``: they were
     #: not: no data, or ``CompileConfig.recalibrate=False``); see :func:`fxprune.recalibrate_norms`
     recalibration: Recalibration | None = None
+    #: per resource limit of the config (``"params"``, ``"macs"``): ``limit``, ``predicted``
+    #: (the solver's row), ``measured`` (counted on ``model``) and whether it was ``met``
+    limits: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def speedup(self) -> float:
         return self.dense_ms / self.measured_ms
+
+    @property
+    def limits_met(self) -> bool:
+        """Every resource limit holds on the pruned model (True when none was set)."""
+        return all(v["met"] for v in self.limits.values())
 
     def summary(self) -> dict[str, Any]:
         """The headline figures, JSON-ready."""
@@ -225,6 +233,15 @@ class CompileResult:
             "norms_recalibrated_on_batches": (
                 self.recalibration.batches if self.recalibration else None
             ),
+            **{  # only the limits that were set: a report without limits keeps its keys
+                key: value
+                for name, v in self.limits.items()
+                for key, value in (
+                    (f"max_{name}", v["limit"]),
+                    (f"{name}_predicted", v["predicted"]),
+                    (f"{name}_limit_met", v["met"]),
+                )
+            },
         }
 
     def report(self) -> dict[str, Any]:

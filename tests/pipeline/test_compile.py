@@ -130,6 +130,51 @@ def test_infeasible_budget_says_the_minimum(resnet, tmp_path):
     assert "allow_block_removal=True" in str(err) and "smaller counts" not in str(err)
 
 
+def test_max_params_and_max_macs_hold_on_the_pruned_model(resnet, tmp_path):
+    """Parameter and MAC limits are solver rows besides the latency budget: the plan keeps
+    within them as counted on the pruned model (the rows are exact), and they bind."""
+    free = _compile(resnet, 0.8, tmp_path)
+    p1, m1 = free.params[1], free.macs[1]
+    assert free.limits == {} and free.limits_met and "max_params" not in free.summary()
+    max_params, max_macs = int(0.6 * p1), int(0.8 * m1)  # both below what the budget alone keeps
+    result = _compile(resnet, 0.8, tmp_path, max_params=max_params, max_macs=max_macs)
+    assert result.budget_met and result.limits_met
+    assert result.params[1] <= max_params and result.macs[1] <= max_macs
+    for name, limit in (("params", max_params), ("macs", max_macs)):
+        got = result.limits[name]
+        assert got["limit"] == limit and got["met"]
+        assert got["predicted"] == pytest.approx(got["measured"], rel=1e-9)  # exact rows
+    assert result.limits["params"]["measured"] == result.params[1]
+    assert result.limits["macs"]["measured"] == result.macs[1]
+    assert result.importance_kept < free.importance_kept  # the limits cost importance
+    summary = result.summary()
+    assert summary["max_params"] == max_params and summary["params_limit_met"] is True
+    assert summary["macs_limit_met"] is True
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got, want = result.model(x), fxprune.masked_forward(result.analysis, result.plan, x)
+    assert rel_err(got, want) < 1e-4
+    # the baselines respect them too
+    base = _compile(resnet, 0.8, tmp_path, max_params=max_params, solve=SolveConfig("uniform"))
+    assert base.params[1] <= max_params and base.limits_met
+
+
+def test_a_budget_the_dense_model_meets_is_pruned_for_a_limit_it_misses(resnet, tmp_path):
+    dense = _compile(resnet, 1.0, tmp_path)
+    assert dense.dense_meets_budget
+    result = _compile(resnet, 1.0, tmp_path, max_params=dense.params[0] // 2)
+    assert not result.dense_meets_budget and result.limits_met
+    assert result.params[1] <= dense.params[0] // 2
+
+
+def test_too_small_max_params_names_the_limit(resnet, tmp_path):
+    with pytest.raises(fxprune.InfeasibleLimit, match=r"max_params=1000 cannot be met") as info:
+        _compile(resnet, 0.5, tmp_path, max_params=1000)
+    assert info.value.resource == "params" and info.value.minimum > 1000
+    assert "CompileConfig(max_params=...)" in str(info.value)
+    assert not isinstance(info.value, fxprune.InfeasibleBudget)  # a bigger budget won't help
+
+
 @pytest.mark.parametrize(("solver", "hint"), [("minlp", None), ("uniform", "solver='minlp'")])
 def test_infeasible_budget_with_block_removal_on_names_only_what_applies(
     resnet, solver, hint, tmp_path

@@ -37,6 +37,8 @@ def test_defaults_are_compiles_defaults():
     assert c.allow_block_removal and not c.in_model_scales and c.progress
     assert c.leaf_modules is None and c.cache is None and c.latency_cache() is None
     assert c.frontend == "auto"
+    assert c.max_params is None and c.max_macs is None and c.limits() == {}
+    assert CompileConfig(max_macs=10, max_params=5).limits() == {"params": 5, "macs": 10}
     assert UnconstrainedConfig().reads == "measure"
     assert CompileConfig(unconstrained=UnconstrainedConfig()).coupling == "unconstrained"
 
@@ -72,6 +74,11 @@ BAD = [
     (lambda: ObjectiveConfig(normalize="max"), "ObjectiveConfig.normalize", "'mean'"),
     (lambda: ObjectiveConfig(min_keep=1.5), "ObjectiveConfig.min_keep", "[0, 1"),
     (lambda: CompileConfig(objective="taylor"), "CompileConfig.objective", "an ObjectiveConfig"),
+    (lambda: CompileConfig(max_params=0), "CompileConfig.max_params", "integer ≥ 1 or None"),
+    (lambda: CompileConfig(max_params=1.5e6), "CompileConfig.max_params", "integer ≥ 1"),
+    (lambda: CompileConfig(max_params=True), "CompileConfig.max_params", "integer ≥ 1"),
+    (lambda: CompileConfig(max_macs=-5), "CompileConfig.max_macs", "integer ≥ 1 or None"),
+    (lambda: CompileConfig(max_macs="1G"), "CompileConfig.max_macs", "integer ≥ 1"),
 ]
 
 

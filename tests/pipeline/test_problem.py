@@ -97,6 +97,36 @@ def test_random_solutions_round_trip(built):
         check_plan(analysis, plan, x)
 
 
+def test_resource_rows_count_the_pruned_model(built):
+    """``max_params`` / ``max_macs`` rows: the dense choice is the dense model's count, and a
+    random solution's usage is its pruned model's (exact; a derived total rounds up)."""
+    from fxprune.pipeline.report import count_macs, count_params
+    from fxprune.solver import usage
+
+    name, analysis, latency, _, _ = built
+    pp = build_problem(
+        analysis, latency, magnitude_scores(analysis), max_params=10**12, max_macs=10**15
+    )
+    assert [r.name for r in pp.problem.resources] == ["params", "macs"]
+    full = {n: len(pp.problem.group(n).counts) - 1 for n in pp.group_names}
+    dense = usage(pp.problem, full, frozenset())
+    # no derived total rounds up at the full choice unless a grid's top is above the total
+    assert dense["params"] >= count_params(analysis.gm) - 1e-6
+    assert dense["macs"] >= count_macs(analysis.gm) - 1e-6
+    rounded = any(g.sum_of for g in pp.problem.groups)
+    rng = np.random.default_rng(2)
+    for _ in range(3):
+        sol = _random_solution(pp, rng)
+        pruned = fxprune.prune(analysis, pp.plan(sol))
+        used = usage(pp.problem, sol.choice, sol.removed)
+        measured = {"params": count_params(pruned), "macs": count_macs(pruned)}
+        for resource in ("params", "macs"):
+            if rounded:  # never under: a limit on the row holds on the model
+                assert used[resource] >= measured[resource] - 1e-6, (name, resource)
+            else:
+                assert used[resource] == pytest.approx(measured[resource], rel=1e-9), name
+
+
 def test_blocks_hold_their_groups(built):
     _, analysis, _, pp, _ = built
     for block in pp.problem.blocks:
