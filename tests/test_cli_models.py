@@ -25,12 +25,14 @@ from fxprune.cli_models import (
 
 
 @pytest.fixture
-def forget_modules():
-    """Drop modules a test imported from its tmp_path, so the next test imports its own."""
-    before = set(sys.modules)
+def forget_modules(tmp_path):
+    """Drop the modules a test imported from its tmp_path, so the next test imports its own
+    (only those: dropping torch's or timm's lazily imported modules would break them)."""
     yield
-    for name in set(sys.modules) - before:
-        del sys.modules[name]
+    root = str(tmp_path)
+    for name, module in list(sys.modules.items()):
+        if (getattr(module, "__file__", None) or "").startswith(root):
+            del sys.modules[name]
 
 
 @pytest.mark.parametrize(
