@@ -162,6 +162,11 @@ def _epilog(command: str, extra: str) -> str:
             "model.pt2",
         )
     )
+    if command == "compile":  # the --data forms, for Taylor importance
+        examples += (
+            "\n  fxprune compile --model resnet50 --data calib/  (.pt files of (inputs, target))"
+            "\n  fxprune compile --model resnet50 --data mydata.py:batches --loss mse"
+        )
     return (
         f"--model forms:\n{forms_text()}\n\nexamples:\n{examples}\n\n"
         "A factory returns an nn.Module, a torch.export.ExportedProgram, or (module, "

@@ -86,6 +86,8 @@ def test_bad_budget_is_a_usage_error(budget, tmp_path, capsys):
         ["--batch", "0"],
         ["--backend", "nope"],
         ["--model", "no_such_model"],
+        ["--input-shape", "1,3,x"],
+        ["--input-shape", "1,0,32,32"],
     ],
 )
 def test_bad_compile_arguments_are_usage_errors(extra, tmp_path, capsys):
