@@ -1,8 +1,10 @@
-"""Command line: ``fxprune compile | prune | analyze`` on torchvision models or checkpoints.
+"""Command line: ``fxprune compile | apply | prune | analyze`` on any model.
 
 ``compile`` is the main job: prune to a latency budget measured on ONNX Runtime and write the
-pruned model, its ONNX file and a report. ``prune`` applies a given plan (or a uniform one);
-``analyze`` reports coupling groups and blocks.
+pruned model, its ONNX file and a report. ``apply`` applies a saved plan (compile's plan.json)
+and writes the same files; ``prune`` applies a given plan or a uniform one; ``analyze`` reports
+coupling groups and blocks. ``--model`` names a torchvision or timm model, a factory in a file
+or module, or a ``.pt2`` ExportedProgram (:mod:`fxprune.cli_models` loads them).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from fxprune.cli_models import LoadedModel, ModelSpec
     from fxprune.pipeline.compile import Budget
 
 __all__ = ["main"]
@@ -39,26 +42,32 @@ class _UsageError(Exception):
     """An argument that only turns out bad once used (a checkpoint that does not load)."""
 
 
-def _load_model(name: str, checkpoint: str | None) -> torch.nn.Module:
-    try:
-        import torchvision
-    except ImportError as exc:  # pragma: no cover
-        raise SystemExit(
-            "The CLI builds torchvision models: pip install 'fxprune[vision]'"
-        ) from exc
-    model = torchvision.models.get_model(name, weights=None)
-    if checkpoint:
+def _build(args: argparse.Namespace) -> LoadedModel:
+    """The model ``--model`` names, with ``--checkpoint`` loaded; random weights seeded by
+    ``--seed`` so that ``compile`` and ``apply`` on the same spec build the same model."""
+    from fxprune.cli_models import SpecError, load_checkpoint, load_model
+
+    torch.manual_seed(args.seed)
+    loaded = load_model(args.model)  # SpecError: main makes it a usage error
+    if args.checkpoint:
         try:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-            model.load_state_dict(
-                state.get("state_dict", state) if isinstance(state, dict) else state
-            )
-        except Exception as exc:  # torch raises many types for a bad file or a wrong model
-            raise _UsageError(
-                f"argument --checkpoint: {checkpoint} is not a state dict of {name} "
-                f"({type(exc).__name__}: {exc})"
-            ) from exc
-    return model.eval()
+            load_checkpoint(loaded.model, args.checkpoint)
+        except SpecError as exc:
+            raise _UsageError(str(exc)) from exc
+    return loaded
+
+
+def _example_shape(args: argparse.Namespace, default: tuple[int, ...]) -> tuple[int, ...]:
+    """``--input-shape``; else the model's default shape with ``--batch`` and ``--size`` (a
+    square resolution) put in where given."""
+    if args.input_shape:
+        return args.input_shape
+    shape = list(default)
+    if args.batch is not None:
+        shape[0] = args.batch
+    if args.size is not None and len(shape) >= 3:
+        shape[2:] = [args.size] * (len(shape) - 2)
+    return tuple(shape)
 
 
 # argparse type functions: a bad value is a usage error (exit 2), never a traceback
@@ -93,17 +102,25 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _model_name(name: str) -> str:
+def _model_spec(text: str) -> ModelSpec:
+    from fxprune.cli_models import SpecError, parse_model_spec
+
     try:
-        import torchvision
-    except ImportError:  # pragma: no cover  (_load_model says what to install)
-        return name
-    if name.lower() not in torchvision.models.list_models():
+        return parse_model_spec(text)
+    except SpecError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(n) for n in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(n <= 0 for n in shape):
         raise argparse.ArgumentTypeError(
-            f"unknown torchvision model {name!r} (e.g. resnet50, mobilenet_v2; "
-            "torchvision.models.list_models() lists them all)"
+            f"{text!r} is not a shape: positive integers separated by commas, e.g. 1,3,224,224"
         )
-    return name.lower()
+    return shape
 
 
 def _backend_name(name: str) -> str:
@@ -130,25 +147,84 @@ def _summary_table(report: dict) -> Table:
     return table
 
 
+def _epilog(command: str, extra: str) -> str:
+    """``--help``'s examples: one per ``--model`` form, then the command's own."""
+    from fxprune.cli_models import forms_text
+
+    examples = "\n".join(
+        f"  fxprune {command} --model {form}{extra}"
+        for form in (
+            "torchvision:resnet50",
+            "resnet50",
+            "timm:efficientnet_b0",
+            "path/to/file.py:factory",
+            "package.module:factory",
+            "model.pt2",
+        )
+    )
+    if command == "compile":  # the --data forms, for Taylor importance
+        examples += (
+            "\n  fxprune compile --model resnet50 --data calib/  (.pt files of (inputs, target))"
+            "\n  fxprune compile --model resnet50 --data mydata.py:batches --loss mse"
+        )
+    return (
+        f"--model forms:\n{forms_text()}\n\nexamples:\n{examples}\n\n"
+        "A factory returns an nn.Module, a torch.export.ExportedProgram, or (module, "
+        "input_shape).\nThe example input is --input-shape, else the model's default (timm: "
+        "its pretrained config;\n.pt2: its own example; otherwise 1,3,224,224) with --batch "
+        "and --size put in."
+    )
+
+
+_COMMANDS = (
+    ("compile", "prune to a latency budget measured on the runtime", " --budget 0.5"),
+    ("analyze", "report groups and blocks", ""),
+    ("prune", "apply a plan (or a uniform one) and write the result", " --keep 0.5"),
+    (
+        "apply",
+        "apply a saved plan (plan.json) and write what compile writes",
+        " --plan runs/resnet50/plan.json",
+    ),
+)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fxprune", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    for name, help_ in (
-        ("compile", "prune to a latency budget measured on the runtime"),
-        ("analyze", "report groups and blocks"),
-        ("prune", "apply a plan (or a uniform one) and write the result"),
-    ):
-        s = sub.add_parser(name, help=help_)
+    for name, help_, example in _COMMANDS:
+        s = sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog=_epilog(name, example),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         s.add_argument(
             "--model",
-            type=_model_name,
+            type=_model_spec,
             default="resnet50",
-            help="torchvision model name (random weights)",
+            help="torchvision:NAME, timm:NAME, FILE.py:FACTORY, MODULE:FACTORY, FILE.pt2 or a "
+            "torchvision name (see below; default resnet50)",
         )
-        s.add_argument("--checkpoint", help="state dict to load into the model")
-        s.add_argument("--size", type=_positive(int), default=224, help="input resolution (square)")
-        s.add_argument("--batch", type=_positive(int), default=1)
+        s.add_argument(
+            "--checkpoint", help="state dict to load into the model (strictly: every key)"
+        )
+        s.add_argument(
+            "--input-shape",
+            type=_shape,
+            help="example input shape, e.g. 1,3,224,224 (overrides --size and --batch)",
+        )
+        s.add_argument(
+            "--size",
+            type=_positive(int),
+            help="input resolution (square; default: the model's, else 224)",
+        )
+        s.add_argument("--batch", type=_positive(int), help="batch size (default 1)")
+        s.add_argument(
+            "--seed", type=int, default=0, help="seed for the random weights (default 0)"
+        )
         s.add_argument("--out", type=Path, default=None, help="output directory")
+        s.set_defaults(usage_error=s.error)  # a --model that does not build: exit 2 with usage
     co = sub.choices["compile"]
     co.add_argument(
         "--budget",
@@ -174,6 +250,18 @@ def _parser() -> argparse.ArgumentParser:
         choices=["constrained", "unconstrained"],
         help="unconstrained: each conv keeps its own input channels (UPSCALE), reordered",
     )
+    co.add_argument(
+        "--data",
+        help="batches for Taylor importance (and BatchNorm statistics): a directory of .pt "
+        "files each holding (inputs, target), or FILE.py:FUNCTION / MODULE:FUNCTION returning "
+        "an iterable of (inputs, target)",
+    )
+    co.add_argument(
+        "--loss",
+        default=None,
+        help="loss(output, target) for --data: cross_entropy (default), mse, or "
+        "FILE.py:FUNCTION / MODULE:FUNCTION",
+    )
     co.add_argument("--cache", type=Path, help="latency cache directory")
     co.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
     co.add_argument("--strict", action="store_true", help="exit 1 if the budget was missed")
@@ -189,6 +277,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--plan", type=Path, help="apply this plan JSON instead of a uniform plan")
     pr.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
+    ap = sub.choices["apply"]
+    ap.add_argument(
+        "--plan", type=Path, required=True, help="the plan to apply (compile's plan.json)"
+    )
+    ap.add_argument("--no-onnx", action="store_true", help="skip the ONNX export")
     return p
 
 
@@ -196,22 +289,29 @@ def main(argv: list[str] | None = None) -> int:
     """Run a command; the exit status.
 
     0: done (with ``compile``, also a missed budget unless ``--strict``). 1: ``compile
-    --strict`` and no round met the budget. 2: bad arguments (argparse's usage errors), or
-    input fxprune cannot use as given: an infeasible budget, a model that does not trace at
-    ``--size``, a bad ``--plan`` or ``--checkpoint``; the message says what to change.
+    --strict`` and no round met the budget. 2: bad arguments (argparse's usage errors, among
+    them a ``--model`` that does not build), or input fxprune cannot use as given: an
+    infeasible budget, a model that does not trace at its input shape, a bad ``--plan``,
+    ``--checkpoint``, ``--data`` or ``--loss``; the message says what to change.
     """
     import fxprune
+    from fxprune.cli_models import SpecError
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     console = Console(stderr=True)
-    out = args.out or Path("runs") / args.model
-    x = torch.randn(args.batch, 3, args.size, args.size)
+    out = args.out or Path("runs") / args.model.name
     try:
         with _library_output(console):
+            try:
+                loaded = _build(args)
+            except SpecError as exc:  # exits 2 with the usage line, as argparse's own errors
+                args.usage_error(f"argument --model: {exc}")
+            x = torch.randn(_example_shape(args, loaded.input_shape))
             if args.command == "compile":
-                return _compile(args, console, out, x)
-            return _run(args, console, out, x)
-    except _UsageError as exc:
+                return _compile(args, console, out, loaded.model, x)
+            return _run(args, console, out, loaded.model, x)
+    except (_UsageError, SpecError) as exc:
         console.print(f"fxprune {args.command}: error: {exc}", style="red", markup=False)
     except fxprune.InfeasibleBudget as exc:
         console.print(exc.message(_CLI_SPELLING), style="red", markup=False)
@@ -247,8 +347,14 @@ def _library_output(console: Console) -> Iterator[None]:
         logger.setLevel(previous)
 
 
-def _run(args: argparse.Namespace, console: Console, out: Path, x: torch.Tensor) -> int:
-    """``analyze`` and ``prune``."""
+def _run(
+    args: argparse.Namespace,
+    console: Console,
+    out: Path,
+    model: torch.nn.Module | torch.export.ExportedProgram,
+    x: torch.Tensor,
+) -> int:
+    """``analyze``, ``prune`` and ``apply`` (which writes what ``compile`` writes)."""
     import fxprune
     from fxprune.core.io import atomic_write, write_json, write_text
 
@@ -260,9 +366,6 @@ def _run(args: argparse.Namespace, console: Console, out: Path, x: torch.Tensor)
         def stage(desc: str):
             return progress.add_task(desc, total=1)
 
-        t = stage(f"building {args.model}")
-        model = _load_model(args.model, args.checkpoint)
-        progress.update(t, completed=1)
         t = stage("tracing and analysing channel groups and blocks")
         start = time.perf_counter()
         analysis = fxprune.analyze(model, x)
@@ -300,21 +403,35 @@ def _run(args: argparse.Namespace, console: Console, out: Path, x: torch.Tensor)
                 timings["onnx_s"] = time.perf_counter() - start
             progress.update(t, completed=1)
         report["timings"] = timings
-    if args.out or args.command == "prune":
+    report["model"] = args.model.text
+    writes = args.out or args.command != "analyze"
+    if writes:
         write_json(out / "report.json", report)
         write_text(out / "report.md", fxprune.render_markdown(report))
     console.print(_summary_table(report))
-    if args.out or args.command == "prune":
+    if writes:
         console.print(f"wrote {out}/ (plan.json, pruned model, ONNX, report.md, report.json)")
     return 0
 
 
-def _compile(args: argparse.Namespace, console: Console, out: Path, x: torch.Tensor) -> int:
+def _compile(
+    args: argparse.Namespace,
+    console: Console,
+    out: Path,
+    model: torch.nn.Module | torch.export.ExportedProgram,
+    x: torch.Tensor,
+) -> int:
+    """``compile``: prune to the budget, write the result directory, say how it went."""
     import fxprune
+    from fxprune.cli_models import load_data, load_loss
 
     budget = args.budget  # a Budget: argparse parsed it
-    model = _load_model(args.model, args.checkpoint)
-    console.log(f"compiling {args.model} ({args.batch}×3×{args.size}×{args.size}) to {budget}")
+    if args.loss and not args.data:
+        raise _UsageError("argument --loss: needs --data (the batches the loss is taken on)")
+    data = load_data(args.data) if args.data else None  # SpecError: main prints it, exit 2
+    loss_fn = load_loss(args.loss or "cross_entropy") if data is not None else None
+    shape = "×".join(map(str, x.shape))
+    console.log(f"compiling {args.model.text} ({shape}) to {budget}")
     config = fxprune.CompileConfig(
         solve=fxprune.SolveConfig(solver=args.solver, time_limit=args.time_limit),
         loop=fxprune.LoopConfig(max_rounds=args.max_rounds),
@@ -323,9 +440,17 @@ def _compile(args: argparse.Namespace, console: Console, out: Path, x: torch.Ten
         cache=args.cache,
     )
     # InfeasibleBudget: main prints it, exit 2
-    result = fxprune.compile(model, budget, example_inputs=x, backend=args.backend, config=config)
+    result = fxprune.compile(
+        model,
+        budget,
+        example_inputs=x,
+        data=data,
+        loss_fn=loss_fn,
+        backend=args.backend,
+        config=config,
+    )
     result.save(out, onnx=not args.no_onnx)
-    report = {"model": args.model, "summary": result.summary()}
+    report = {"model": args.model.text, "summary": result.summary()}
     console.print(_summary_table(report))
     console.print(
         f"wrote {out}/ (plan.json, pruned_state_dict.pt, pruned_model.pt"

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
+import torch
 from fake_backend import FakeBackend
+from model_files import write_exported, write_factory_file, write_package
 
 from fxprune import backends
 from fxprune.cli import main
@@ -83,6 +86,8 @@ def test_bad_budget_is_a_usage_error(budget, tmp_path, capsys):
         ["--batch", "0"],
         ["--backend", "nope"],
         ["--model", "no_such_model"],
+        ["--input-shape", "1,3,x"],
+        ["--input-shape", "1,0,32,32"],
     ],
 )
 def test_bad_compile_arguments_are_usage_errors(extra, tmp_path, capsys):
@@ -127,3 +132,202 @@ def test_checkpoint_that_does_not_load_exits_2(tmp_path, capsys):
     assert main(args) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "argument --checkpoint" in err and "Traceback" not in err
+
+
+# ---- --model forms, apply --plan, --checkpoint, --data ------------------------------------
+
+
+def _compile(model, out, cache, *extra):
+    """``compile`` of ``model`` on the fake backend at 0.6×, without the ONNX export unless
+    ``extra`` leaves it out."""
+    args = ["compile", "--model", model, "--budget", "0.6", "--backend", "fake"]
+    return main([*args, "--cache", str(cache), "--out", str(out), *extra])
+
+
+def _summary(out):
+    return json.loads((out / "report.json").read_text())["summary"]
+
+
+@pytest.fixture
+def forget_modules(tmp_path):
+    """Drop the modules a test imported from its tmp_path, so the next test imports its own
+    (only those: dropping torch's or timm's lazily imported modules would break them)."""
+    yield
+    root = str(tmp_path)
+    for name, module in list(sys.modules.items()):
+        if (getattr(module, "__file__", None) or "").startswith(root):
+            del sys.modules[name]
+
+
+def test_compile_a_torchvision_model_by_prefixed_name(fake, tmp_path):
+    out = tmp_path / "run"
+    spec = "torchvision:squeezenet1_1"
+    assert _compile(spec, out, tmp_path / "cache", "--size", "64", "--no-onnx") == 0
+    s = _summary(out)
+    assert s["budget_met"] and s["params_after"] < s["params_before"]
+
+
+def test_compile_a_timm_model_at_its_config_input_size(fake, tmp_path, capsys):
+    pytest.importorskip("timm")
+    out = tmp_path / "run"
+    assert _compile("timm:test_efficientnet", out, tmp_path / "cache", "--no-onnx") == 0
+    assert "(1×3×160×160)" in " ".join(capsys.readouterr().err.split())  # pretrained_cfg's
+    assert _summary(out)["params_after"] < _summary(out)["params_before"]
+
+
+def test_compile_a_factory_in_a_file(fake, tmp_path, forget_modules):
+    path = write_factory_file(tmp_path)
+    out = tmp_path / "run"
+    spec = f"{path}:factory"
+    assert _compile(spec, out, tmp_path / "cache", "--input-shape", "1,3,32,32") == 0
+    assert {"plan.json", "pruned_model.pt", "pruned.onnx", "report.md"} <= {
+        p.name for p in out.iterdir()
+    }
+    s = _summary(out)
+    assert s["budget_met"] and s["importance_method"] == "l2-magnitude"
+
+
+def test_compile_a_factory_in_a_module(fake, tmp_path, monkeypatch, forget_modules):
+    module = write_package(tmp_path, "tinypkg_cli")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    assert _compile(f"{module}:factory", out, tmp_path / "cache", "--size", "32", "--no-onnx") == 0
+    assert _summary(out)["budget_met"]
+
+
+def test_compile_an_exported_program(fake, tmp_path):
+    path = write_exported(tmp_path, (1, 3, 32, 32))
+    out = tmp_path / "run"
+    assert _compile(str(path), out, tmp_path / "cache") == 0  # its own example shape
+    s = _summary(out)
+    assert s["budget_met"] and s["params_after"] < s["params_before"]
+    assert (out / "pruned.onnx").is_file()
+
+
+def test_default_output_directory_is_named_after_the_model(fake, tmp_path, monkeypatch):
+    path = write_exported(tmp_path, (1, 3, 32, 32))
+    monkeypatch.chdir(tmp_path)
+    args = ["compile", "--model", str(path), "--budget", "0.6", "--backend", "fake", "--no-onnx"]
+    assert main([*args, "--cache", str(tmp_path / "cache")]) == 0
+    assert (tmp_path / "runs" / "tiny" / "plan.json").is_file()
+
+
+def test_apply_plan_round_trip_gives_compiles_pruned_model(fake, tmp_path):
+    pytest.importorskip("timm")
+    spec = ["--model", "timm:test_efficientnet", "--size", "32"]  # random weights, seeded
+    compiled, applied = tmp_path / "compiled", tmp_path / "applied"
+    assert _compile(spec[1], compiled, tmp_path / "cache", *spec[2:], "--no-onnx") == 0
+    plan = compiled / "plan.json"
+    assert main(["apply", *spec, "--plan", str(plan), "--out", str(applied)]) == 0
+    names = {p.name for p in compiled.iterdir()} | {"pruned.onnx"}
+    assert names <= {p.name for p in applied.iterdir()}  # the files compile writes
+    assert json.loads((applied / "plan.json").read_text()) == json.loads(plan.read_text())
+    x = torch.randn(2, 3, 32, 32)
+    a = torch.load(compiled / "pruned_model.pt", weights_only=False)
+    b = torch.load(applied / "pruned_model.pt", weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(a(x), b(x))
+    report = json.loads((applied / "report.json").read_text())
+    assert report["summary"]["max_abs_diff_vs_masking_oracle"] < 1e-4
+
+
+def test_apply_needs_a_plan(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["apply", "--model", "resnet18", "--out", str(tmp_path)])
+    assert info.value.code == 2 and "--plan" in capsys.readouterr().err
+
+
+def test_apply_a_plan_for_another_model_exits_2(fake, tmp_path, capsys):
+    path = write_exported(tmp_path, (1, 3, 32, 32))
+    assert _compile(str(path), tmp_path / "run", tmp_path / "cache", "--no-onnx") == 0
+    args = ["apply", "--model", "resnet18", "--size", "32", "--no-onnx"]
+    plan = tmp_path / "run" / "plan.json"
+    assert main([*args, "--plan", str(plan), "--out", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        ("resnt18", "close matches: resnet18"),
+        ("missing.py:factory", "no such file"),
+        ("weights.pth", "not a model name"),
+    ],
+)
+def test_bad_model_spec_is_a_usage_error_listing_the_forms(
+    spec, says, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)  # relative paths resolve here: missing.py does not exist
+    with pytest.raises(SystemExit) as info:
+        main(["analyze", "--model", spec, "--out", str(tmp_path / "run")])
+    assert info.value.code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "usage: fxprune analyze" in err and "argument --model" in err and says in err
+    assert "timm:efficientnet_b0" in err and "Traceback" not in err
+
+
+def test_checkpoint_mismatch_names_the_file_and_keys(tmp_path, capsys, forget_modules):
+    path = write_factory_file(tmp_path)
+    checkpoint = tmp_path / "state.pt"
+    torch.save({"w1": torch.zeros(16, 3, 3, 3), "conv.weight": torch.zeros(1)}, checkpoint)
+    args = ["analyze", "--model", f"{path}:factory", "--size", "32"]
+    assert main([*args, "--checkpoint", str(checkpoint)]) == 2
+    err = "".join(capsys.readouterr().err.split())  # rich wraps long lines anywhere
+    assert "argument--checkpoint:" in err and str(checkpoint).replace(" ", "") in err
+    assert "missingkeys:g1,b1,w2(and" in err and "unexpectedkeys:conv.weight" in err
+    assert "Traceback" not in err
+
+
+def test_help_shows_an_example_per_model_form(capsys):
+    with pytest.raises(SystemExit):
+        main(["compile", "--help"])
+    out = capsys.readouterr().out
+    for form in (
+        "torchvision:resnet50",
+        "--model resnet50",
+        "timm:efficientnet_b0",
+        "path/to/file.py:factory",
+        "package.module:factory",
+        "model.pt2",
+    ):
+        assert f"fxprune compile --model {form.removeprefix('--model ')}" in out
+
+
+def test_data_directory_gives_taylor_importance(fake, tmp_path, forget_modules):
+    path = write_factory_file(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        batch = (torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g))
+        torch.save(batch, data / f"batch{i}.pt")
+    out = tmp_path / "run"
+    extra = ["--size", "32", "--no-onnx", "--data", str(data)]
+    assert _compile(f"{path}:factory", out, tmp_path / "cache", *extra) == 0
+    s = _summary(out)
+    assert s["importance_method"] == "taylor" and s["norms_recalibrated_on_batches"] == 2
+
+
+def test_data_function_and_loss_function(fake, tmp_path, forget_modules):
+    path = write_factory_file(tmp_path)
+    out = tmp_path / "run"
+    extra = ["--size", "32", "--no-onnx", "--data", f"{path}:batches", "--loss", f"{path}:l1"]
+    assert _compile(f"{path}:factory", out, tmp_path / "cache", *extra) == 0
+    assert _summary(out)["importance_method"] == "taylor"
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--data", "no/such/dir"], "neither a directory"),
+        (["--loss", "mse"], "--loss: needs --data"),
+        (["--data", "x.py:batches"], "no such file"),
+    ],
+)
+def test_bad_data_or_loss_exits_2(fake, tmp_path, capsys, extra, says, forget_modules):
+    path = write_factory_file(tmp_path)
+    assert _compile(f"{path}:factory", tmp_path / "run", tmp_path / "cache", *extra) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert says in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
