@@ -385,6 +385,14 @@ def expand(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
     return u.reshape((1,) * (len(out_shape) - u.ndim) + u.shape)
 
 
+@register_method_rule("new_zeros", "new_ones", "new_empty", "new_full")
+def new_tensor(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
+    """``x.new_zeros(B, C, H)``: a fresh tensor that reads none of ``x``'s channels (only its
+    dtype and device), so ``x`` is left alone; the new tensor has no prunable channels, and its
+    sizes keep their analysed values (:mod:`fxprune.analysis.sizes`)."""
+    return ctx.single(ctx.shape(node), f"new tensor made by {describe(node, ctx.gm)}")
+
+
 @register_function_rule(torch.cat, torch.concat, torch.concatenate)
 def cat(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
     """Concatenation: maps are concatenated (DenseNet, Inception), then normalised."""
