@@ -91,3 +91,22 @@ class NonSizeUse(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.attn(self.fc(torch.relu(self.embed(x)))))
+
+
+class LinearNorm(nn.Module):
+    """LeViT's linear + BatchNorm1d over the tokens: ``bn(x.flatten(0, 1)).reshape_as(x)``; and
+    ``reshape_as`` of a tensor of another group (``b``'s channels shaped like ``a``'s)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.b = nn.Linear(4, 8)
+        self.head = nn.Linear(8, 2)
+        self.head_b = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        y = self.bn(y.flatten(0, 1)).reshape_as(y)
+        z = self.b(x).flatten(0, 1).view_as(y)
+        return self.head(torch.relu(y)) + self.head_b(z)

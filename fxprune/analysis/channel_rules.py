@@ -336,7 +336,7 @@ def group_norm(ctx: ChannelContext, node: fx.Node, m: nn.GroupNorm) -> np.ndarra
 
 # ---- shape ops ---------------------------------------------------------------------------------
 @register_function_rule(torch.flatten, torch.reshape, torch.unflatten)
-@register_method_rule("view", "reshape", "flatten", "unflatten")
+@register_method_rule("view", "reshape", "flatten", "unflatten", "reshape_as", "view_as")
 @register_module_rule(nn.Flatten, nn.Unflatten)
 def reshape(ctx: ChannelContext, node: fx.Node, *_: Any) -> np.ndarray:
     """Any reshape: lay the units out over the input shape and reshape them like the data."""

@@ -52,7 +52,9 @@ class SizeArgs:
     The sizes are one sequence (or one shape-valued node) at ``node.args[index]`` or keyword
     ``name``; with ``varargs`` they may also be spread over ``node.args[index:]``. The first
     size is that of output dim ``first_dim``, or, when ``dim_arg`` is set, of the dim given by
-    ``node.args[dim_arg]`` (``unflatten``).
+    ``node.args[dim_arg]`` (``unflatten``). With ``like``, the sizes are the shape of the tensor
+    at ``node.args[index]`` (``x.reshape_as(y)``), and the rewrite may turn the op into the
+    method ``like`` with explicit sizes (``x.reshape(...)``).
     """
 
     index: int
@@ -60,6 +62,7 @@ class SizeArgs:
     varargs: bool = True
     first_dim: int = 0
     dim_arg: int | None = None
+    like: str | None = None
 
 
 @dataclass(frozen=True)
@@ -267,6 +270,8 @@ register_op(torch.reshape, size_args=SizeArgs(1, name="shape", varargs=False))
 register_op(torch.zeros, torch.ones, torch.empty, torch.rand, torch.randn,
             size_args=SizeArgs(0))  # fmt: skip
 register_op(torch.full, size_args=SizeArgs(0, varargs=False))
+register_op("reshape_as", size_args=SizeArgs(1, name="other", like="reshape"))
+register_op("view_as", size_args=SizeArgs(1, name="other", like="view"))
 register_op("unflatten", torch.unflatten, size_args=SizeArgs(2, name="sizes", varargs=False,
             dim_arg=1))  # fmt: skip
 

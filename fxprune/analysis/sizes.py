@@ -118,12 +118,14 @@ class SizeSlot:
     ``where`` is ``("args", i)`` / ``("kwargs", name)``, with a third item ``j`` for the j-th
     element of a sequence there. ``dims`` has one output dim for an int, one per element for a
     shape-valued node. ``value`` is the argument as analysed: an int literal, or the size(s) it
-    computes.
+    computes. ``like`` is set when the argument is a tensor whose shape the op takes: the method
+    the op becomes when the rewrite has to give its sizes explicitly.
     """
 
     where: tuple[Any, ...]
     dims: tuple[int, ...]
     value: int | SizeExpr | tuple[SizeExpr, ...]
+    like: str | None = None
 
 
 # ---- following sizes -------------------------------------------------------------------------
@@ -234,13 +236,19 @@ def _size_args(node: fx.Node, gm: fx.GraphModule) -> SizeArgs | None:
     return entry.traits.size_args if entry is not None else None
 
 
-def _slots(node: fx.Node, spec: SizeArgs) -> list[SizeSlot] | None:
+def _slots(ctx: ChannelContext, node: fx.Node, spec: SizeArgs) -> list[SizeSlot] | None:
     """The op's size slots, checked against its analysed output shape; None when they cannot
     be read (the rewrite could not set them)."""
     meta = node.meta.get(TENSOR_META)
     if not hasattr(meta, "shape"):
         return None
     out = tuple(meta.shape)
+    if spec.like is not None:  # x.reshape_as(y): the sizes are y's
+        other = node.args[spec.index] if len(node.args) > spec.index else None
+        value = _shape_read(ctx, other)
+        if value is None or tuple(v.dense for v in value) != out:
+            return None
+        return [SizeSlot(("args", spec.index), tuple(range(len(out))), value, spec.like)]
     first = spec.first_dim
     if spec.dim_arg is not None:
         dim = node.args[spec.dim_arg] if len(node.args) > spec.dim_arg else node.kwargs.get("dim")
@@ -338,7 +346,7 @@ def check_size_uses(ctx: ChannelContext) -> None:
         if node.op not in ("call_function", "call_method", "call_module", "output"):
             continue
         spec = _size_args(node, gm) if node.op != "output" else None
-        slots = _slots(node, spec) if spec is not None else None
+        slots = _slots(ctx, node, spec) if spec is not None else None
         allowed: set[tuple[Any, ...]] = set()
         if spec is not None:
             if slots is None:

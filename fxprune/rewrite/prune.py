@@ -275,10 +275,17 @@ def _rewrite_sizes(gm: fx.GraphModule, node: fx.Node, src: fx.Node, keep_unit: n
             old = _get_arg(node, slot.where)
             with gm.graph.inserting_before(node):
                 items = tuple(
-                    want[d] if g != want[d] else gm.graph.call_function(operator.getitem, (old, i))
+                    want[d]
+                    if g != want[d]
+                    else gm.graph.call_method("size", (old, i))
+                    if slot.like
+                    else gm.graph.call_function(operator.getitem, (old, i))
                     for i, (g, d) in enumerate(zip(got, slot.dims, strict=True))
                 )
-            _set_arg(node, slot.where, items)
+            if slot.like:  # x.reshape_as(y) -> x.reshape(<y's sizes, pruned ones as literals>)
+                node.target, node.args, node.kwargs = slot.like, (node.args[0], *items), {}
+            else:
+                _set_arg(node, slot.where, items)
             continue
         (d,) = slot.dims
         got = slot.value.value(keep_unit) if isinstance(slot.value, SizeExpr) else slot.value

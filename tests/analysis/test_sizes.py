@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import check_plan, make_sensitive
 from hypothesis import HealthCheck, given, settings
-from size_models import MultiHead, NonSizeUse, SpatialReduction, Tokens
+from size_models import LinearNorm, MultiHead, NonSizeUse, SpatialReduction, Tokens
 from strategies import plans
 from torch import fx, nn
 
@@ -26,6 +26,7 @@ CASES = {
     "multi_head": (MultiHead, (2, 5, 4)),
     "multi_head_wide": (lambda: MultiHead(heads=8), (2, 5, 4)),
     "non_size_use": (NonSizeUse, (2, 5, 4)),
+    "linear_norm": (LinearNorm, (2, 5, 4)),
 }
 
 
@@ -193,3 +194,15 @@ def test_whole_shape_argument_is_rewritten_per_dim():
     (view,) = _calls(pruned, "view")
     batch, tokens, channels = view.args[1]
     assert isinstance(batch, fx.Node) and isinstance(tokens, fx.Node) and channels == 3
+
+
+def test_reshape_as_takes_the_other_tensors_planned_shape():
+    """``bn(y.flatten(0, 1)).reshape_as(y)`` keeps its form (same channels); ``b``'s channels
+    ``view_as(y)`` become ``view(...)`` with b's pruned count where it differs from y's."""
+    _, x, a = _analysis("linear_norm")
+    assert a.group("a").prunable and a.group("b").prunable
+    plan = fxprune.Plan({"a": (0, 1, 2, 3, 4), "b": (1, 6)}, (), a.signature)
+    pruned = check_plan(a, plan, x)
+    assert len(_calls(pruned, "reshape_as")) == 1 and not _calls(pruned, "view_as")
+    (view,) = _calls(pruned, "view")
+    assert view.args[3] == 2 and all(isinstance(v, fx.Node) for v in view.args[1:3])
