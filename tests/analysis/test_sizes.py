@@ -206,3 +206,47 @@ def test_reshape_as_takes_the_other_tensors_planned_shape():
     assert len(_calls(pruned, "reshape_as")) == 1 and not _calls(pruned, "view_as")
     (view,) = _calls(pruned, "view")
     assert view.args[3] == 2 and all(isinstance(v, fx.Node) for v in view.args[1:3])
+
+
+class _Values(fx.Interpreter):
+    """Runs a GraphModule and keeps every int or shape a node computes, by node name."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.values: dict[str, object] = {}
+
+    def run_node(self, n: fx.Node):
+        out = super().run_node(n)
+        if isinstance(out, (int, torch.Size)):
+            self.values[n.name] = tuple(out) if isinstance(out, torch.Size) else out
+        return out
+
+
+@pytest.mark.parametrize("name", ["tokens", "spatial_reduction", "multi_head", "multi_head_wide"])
+def test_size_values_are_what_the_pruned_model_reads(name):
+    """``SizeExpr.value`` under a plan is the int the pruned model computes at that node."""
+    _, x, a = _analysis(name)
+
+    @SETTINGS
+    @given(plan=plans(a, blocks=False))
+    def run(plan):
+        pruned = fxprune.prune(a, plan)
+        keep = a.spaces.keep_units(plan.kept)
+        interp = _Values(pruned)
+        with torch.no_grad():
+            interp.run(x)
+        checked = 0
+        for node in a.gm.graph.nodes:
+            value = node.meta.get(SIZES)
+            if value is None or node.name not in interp.values:
+                continue
+            want = (
+                tuple(v.value(keep) for v in value)
+                if isinstance(value, tuple)
+                else value.value(keep)
+            )
+            assert interp.values[node.name] == want, node.name
+            checked += 1
+        assert checked
+
+    run()
