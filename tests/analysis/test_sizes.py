@@ -250,3 +250,29 @@ def test_size_values_are_what_the_pruned_model_reads(name):
         assert checked
 
     run()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_export_front_end_prunes_the_same_models(name):
+    """Under torch.export the sizes are ``x.size(d)`` calls and python arithmetic (or constants
+    where export specialised them), ``reshape_as`` a method again: the same groups stay
+    prunable, and random plans equal the oracle. A count export folded into a constant keeps its
+    analysed value in the pruned model, as masking does, so ``non_size_use`` prunes there."""
+    cls, shape = CASES[name]
+    torch.manual_seed(0)
+    model = make_sensitive(cls().eval())
+    x = torch.randn(shape)
+    fx_groups = {g.name: (g.size, g.prunable) for g in fxprune.analyze(model, x).groups}
+    a = fxprune.analyze(model, x, frontend="export")
+    groups = {g.name: (g.size, g.prunable) for g in a.groups}
+    if name == "non_size_use":
+        assert groups["fc"] == (8, True) and fx_groups["fc"] == (8, False)
+    else:
+        assert groups == fx_groups
+
+    @settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(plan=plans(a, blocks=False))
+    def run(plan):
+        check_plan(a, plan, x)
+
+    run()
