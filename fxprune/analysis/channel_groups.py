@@ -6,7 +6,11 @@ freeze what they touch. Afterwards the units are grouped: a *coupling group* is 
 of roots (conv/linear outputs, parameters) that share unit classes; its *indices* are its unit
 classes in a canonical order. A Plan chooses, per group, which indices to keep.
 
-Results: ``node.meta["fxprune.channels"]`` for every tensor node, and a :class:`ChannelSpaces`.
+Ints computed from shape reads are followed on the way (:mod:`fxprune.analysis.sizes`): one read
+off a channel dim may only become a size the rewrite sets, else its channels freeze.
+
+Results: ``node.meta["fxprune.channels"]`` for every tensor node, ``node.meta["fxprune.sizes"]``
+for every int computed from shape reads, and a :class:`ChannelSpaces`.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from fxprune.analysis.channel_context import (
     is_tensor_node,
 )
 from fxprune.analysis.channel_rules import lookup_rule
-from fxprune.core.meta import CHANNELS, TENSOR_META
+from fxprune.analysis.sizes import check_size_uses, size_value
+from fxprune.core.meta import CHANNELS, SIZES, TENSOR_META
 
 __all__ = ["ChannelSpaces", "Group", "analyze_channels"]
 
@@ -106,6 +111,7 @@ def analyze_channels(gm: fx.GraphModule) -> ChannelSpaces:
     ctx = ChannelContext(gm)
     for node in gm.graph.nodes:
         node.meta[CHANNELS] = _visit(ctx, node)
+    check_size_uses(ctx)  # sizes read off channel dims go only where the rewrite sets them
     return _form_groups(ctx)
 
 
@@ -119,7 +125,12 @@ def _visit(ctx: ChannelContext, node: fx.Node):
         ctx.freeze_args(node, "model output")
         return None
     if not is_tensor_node(node):
-        return None  # sizes, shapes, asserts: they adapt to pruned tensors by themselves
+        # sizes, shapes, asserts: the sizes pass follows the ints computed from shape reads
+        try:
+            node.meta[SIZES] = size_value(ctx, node)
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            node.meta[SIZES] = None  # a form the pass does not follow: its uses are not sizes
+        return None
     rule = lookup_rule(node, ctx.gm)
     result = None
     if rule is not None:

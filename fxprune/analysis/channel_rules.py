@@ -336,7 +336,7 @@ def group_norm(ctx: ChannelContext, node: fx.Node, m: nn.GroupNorm) -> np.ndarra
 
 # ---- shape ops ---------------------------------------------------------------------------------
 @register_function_rule(torch.flatten, torch.reshape, torch.unflatten)
-@register_method_rule("view", "reshape", "flatten", "unflatten")
+@register_method_rule("view", "reshape", "flatten", "unflatten", "reshape_as", "view_as")
 @register_module_rule(nn.Flatten, nn.Unflatten)
 def reshape(ctx: ChannelContext, node: fx.Node, *_: Any) -> np.ndarray:
     """Any reshape: lay the units out over the input shape and reshape them like the data."""
@@ -383,6 +383,14 @@ def squeeze(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
 def expand(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
     u, out_shape = ctx.map(node.args[0]), ctx.shape(node)
     return u.reshape((1,) * (len(out_shape) - u.ndim) + u.shape)
+
+
+@register_method_rule("new_zeros", "new_ones", "new_empty", "new_full")
+def new_tensor(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
+    """``x.new_zeros(B, C, H)``: a fresh tensor that reads none of ``x``'s channels (only its
+    dtype and device), so ``x`` is left alone; the new tensor has no prunable channels, and its
+    sizes keep their analysed values (:mod:`fxprune.analysis.sizes`)."""
+    return ctx.single(ctx.shape(node), f"new tensor made by {describe(node, ctx.gm)}")
 
 
 @register_function_rule(torch.cat, torch.concat, torch.concatenate)

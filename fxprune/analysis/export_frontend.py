@@ -325,6 +325,8 @@ ATEN_TO_TORCH: dict[Any, Translate] = {
     aten.unsqueeze: _fn(torch.unsqueeze),
     aten.squeeze: _fn(torch.squeeze),
     aten.expand: _expand,
+    aten.reshape_as: _method("reshape_as"),  # the sizes of another tensor (fxprune.analysis.sizes)
+    aten.view_as: _method("reshape_as"),
     aten.sym_size: _size,
     # reductions and pooling
     aten.mean: _mean,

@@ -34,6 +34,7 @@ from torch import fx, nn
 __all__ = [
     "OpEntry",
     "OpTraits",
+    "SizeArgs",
     "entry_for",
     "lookup",
     "out_of_place",
@@ -42,6 +43,26 @@ __all__ = [
 ]
 
 OpKey = type | str | Callable[..., Any]
+
+
+@dataclass(frozen=True)
+class SizeArgs:
+    """Where an op takes the sizes of its output's dims (``x.view(B, C, H, W)``).
+
+    The sizes are one sequence (or one shape-valued node) at ``node.args[index]`` or keyword
+    ``name``; with ``varargs`` they may also be spread over ``node.args[index:]``. The first
+    size is that of output dim ``first_dim``, or, when ``dim_arg`` is set, of the dim given by
+    ``node.args[dim_arg]`` (``unflatten``). With ``like``, the sizes are the shape of the tensor
+    at ``node.args[index]`` (``x.reshape_as(y)``), and the rewrite may turn the op into the
+    method ``like`` with explicit sizes (``x.reshape(...)``).
+    """
+
+    index: int
+    name: str = "size"
+    varargs: bool = True
+    first_dim: int = 0
+    dim_arg: int | None = None
+    like: str | None = None
 
 
 @dataclass(frozen=True)
@@ -54,12 +75,15 @@ class OpTraits:
             (with ``binary``: from the same channel of each input, size-1 inputs broadcast).
         binary: an elementwise op of two tensors.
         out_of_place: the out-of-place twin of an in-place op.
+        size_args: where the op takes sizes of its output's dims (the sizes pass lets shape
+            reads of pruned channel dims flow there, and only there).
     """
 
     commutes: bool = False
     channelwise: bool = False
     binary: bool = False
     out_of_place: Any = None
+    size_args: SizeArgs | None = None
 
 
 @dataclass(frozen=True)
@@ -236,6 +260,20 @@ for _inplace, _twin in (
     (F.relu_, F.relu),
 ):
     register_op(_inplace, out_of_place=_twin)
+
+# ops that take the sizes of their output's dims: a shape read of a pruned channel dim may flow
+# there (the rewrite writes the pruned size), nowhere else (fxprune.analysis.sizes)
+register_op("view", "expand", "new_zeros", "new_ones", "new_empty", size_args=SizeArgs(1))
+register_op("reshape", size_args=SizeArgs(1, name="shape"))
+register_op("new_full", size_args=SizeArgs(1, varargs=False))
+register_op(torch.reshape, size_args=SizeArgs(1, name="shape", varargs=False))
+register_op(torch.zeros, torch.ones, torch.empty, torch.rand, torch.randn,
+            size_args=SizeArgs(0))  # fmt: skip
+register_op(torch.full, size_args=SizeArgs(0, varargs=False))
+register_op("reshape_as", size_args=SizeArgs(1, name="other", like="reshape"))
+register_op("view_as", size_args=SizeArgs(1, name="other", like="view"))
+register_op("unflatten", torch.unflatten, size_args=SizeArgs(2, name="sizes", varargs=False,
+            dim_arg=1))  # fmt: skip
 
 
 @functools.cache

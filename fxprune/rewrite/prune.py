@@ -3,9 +3,10 @@
 Steps: (1) removed blocks — each add is rewired to its shortcut and the dead branch eliminated;
 (2) every weight layer is replaced by a pruned copy (conv/linear/BN/LayerNorm/GroupNorm, depthwise
 ``groups`` updated); (3) parameters used directly in the graph (layer scale, class tokens,
-``F.layer_norm`` weights) are sliced along their channel dim; (4) literal channel counts in
-``view``/``reshape``/``expand``, split sizes, ``chunk`` and channel slices are recomputed for the
-kept channels; (5) in unconstrained plans, consumers with their own kept inputs read them with a
+``F.layer_norm`` weights) are sliced along their channel dim; (4) the sizes given to
+``view``/``reshape``/``expand``/``new_zeros``-like ops (literals, and ints computed from shape
+reads: :mod:`fxprune.analysis.sizes`) get their values under the plan as int literals, and
+split sizes, ``chunk`` and channel slices are recomputed for the kept channels; (5) in unconstrained plans, consumers with their own kept inputs read them with a
 slice, a gather or a zero-padded read (:mod:`fxprune.unconstrained.reads`), after each group's channels
 were put in the order that makes the most of those reads slices (:mod:`fxprune.unconstrained.layout`);
 (6) lint, dead-module removal, recompile, and shapes propagated again on the example inputs, so
@@ -26,10 +27,11 @@ import torch
 from torch import fx, nn
 
 from fxprune.analysis.ops import out_of_place
+from fxprune.analysis.sizes import SizeExpr, planned_shape
 from fxprune.analysis.trace import refresh_shapes
 from fxprune.core.channel_units import expand_index, varying_dims
 from fxprune.core.errors import PlanError
-from fxprune.core.meta import CHANNELS
+from fxprune.core.meta import CHANNELS, SIZE_ARGS
 from fxprune.rewrite.pruners import lookup_pruner
 from fxprune.rewrite.segment import SegmentCost, SegmentInfo, segment
 from fxprune.unconstrained.layout import Layout, channel_layout
@@ -245,10 +247,74 @@ def _slice_parameters(gm: fx.GraphModule, analysis: Analysis, layout: Layout) ->
 
 
 def _rewrite_counts(gm: fx.GraphModule, analysis: Analysis, keep_unit: np.ndarray) -> None:
-    """Recompute literal channel counts (view sizes, splits, chunks, slices) for the kept ones."""
-    maps = {n.name: n.meta.get(CHANNELS) for n in analysis.gm.graph.nodes}
-    for node in gm.graph.nodes:
+    """Recompute channel counts (view sizes, splits, chunks, slices) for the kept ones."""
+    analysed = {n.name: n for n in analysis.gm.graph.nodes}
+    maps = {name: n.meta.get(CHANNELS) for name, n in analysed.items()}
+    for node in list(gm.graph.nodes):
+        src = analysed.get(node.name)
+        if src is not None and src.meta.get(SIZE_ARGS):
+            _rewrite_sizes(gm, node, src, keep_unit)
         _rewrite_args(node, maps, keep_unit)
+
+
+def _rewrite_sizes(gm: fx.GraphModule, node: fx.Node, src: fx.Node, keep_unit: np.ndarray) -> None:
+    """Give every size argument of ``node`` its value under the plan where it would differ.
+
+    The value is the size of ``node``'s output in the pruned model (:func:`planned_shape`, from
+    the analysed node ``src``); an argument is replaced by it, as an int literal, when the
+    argument would compute another value in the pruned model: a literal on a pruned dim, or an
+    int read off a pruned tensor (which may have been pruned along a different group than the
+    one this output carries, or not be pruned while this one is). ``-1`` stays ``-1``.
+    """
+    want = planned_shape(src, keep_unit)
+    for slot in src.meta[SIZE_ARGS]:
+        if isinstance(slot.value, tuple):
+            got = [v.value(keep_unit) for v in slot.value]
+            if got == [want[d] for d in slot.dims]:
+                continue
+            old = _get_arg(node, slot.where)
+            with gm.graph.inserting_before(node):
+                items = tuple(
+                    want[d]
+                    if g != want[d]
+                    else gm.graph.call_method("size", (old, i))
+                    if slot.like
+                    else gm.graph.call_function(operator.getitem, (old, i))
+                    for i, (g, d) in enumerate(zip(got, slot.dims, strict=True))
+                )
+            if slot.like:  # x.reshape_as(y) -> x.reshape(<y's sizes, pruned ones as literals>)
+                node.target, node.args, node.kwargs = slot.like, (node.args[0], *items), {}
+            else:
+                _set_arg(node, slot.where, items)
+            continue
+        (d,) = slot.dims
+        got = slot.value.value(keep_unit) if isinstance(slot.value, SizeExpr) else slot.value
+        if got != -1 and got != want[d]:
+            _set_arg(node, slot.where, want[d])
+
+
+def _get_arg(node: fx.Node, where: tuple[Any, ...]) -> Any:
+    value = node.args if where[0] == "args" else node.kwargs
+    for key in where[1:]:
+        value = value[key]
+    return value
+
+
+def _set_arg(node: fx.Node, where: tuple[Any, ...], value: Any) -> None:
+    """Replace the argument at ``where`` (a :class:`SizeSlot` path) by ``value``."""
+    kind, key, *rest = where
+    container = list(node.args) if kind == "args" else dict(node.kwargs)
+    if rest:
+        seq = container[key]
+        items = list(seq)
+        items[rest[0]] = value
+        container[key] = type(seq)(items) if isinstance(seq, (list, tuple)) else items
+    else:
+        container[key] = value
+    if kind == "args":
+        node.args = tuple(container)
+    else:
+        node.kwargs = container
 
 
 def _finish(gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...]) -> None:
@@ -398,23 +464,7 @@ def _keep_along(u: Any, keep_unit: np.ndarray) -> tuple[int, np.ndarray] | None:
 
 def _rewrite_args(node: fx.Node, maps: dict[str, Any], keep_unit: np.ndarray) -> None:
     target = node.target
-    if (node.op == "call_method" and target in ("view", "reshape", "expand")) or (
-        node.op == "call_function" and target is torch.reshape
-    ):
-        got = _keep_along(maps.get(node.name), keep_unit)
-        if got is None:
-            return
-        cdim, mask = got
-        args = list(node.args)
-        if len(args) == 2 and isinstance(args[1], (list, tuple)):
-            sizes = list(args[1])
-            if isinstance(sizes[cdim], int) and sizes[cdim] != -1:
-                sizes[cdim] = int(mask.sum())
-                args[1] = type(args[1])(sizes)
-        elif isinstance(args[1 + cdim], int) and args[1 + cdim] != -1:
-            args[1 + cdim] = int(mask.sum())
-        node.args = tuple(args)
-    elif (node.op == "call_method" and target in ("split", "chunk", "tensor_split")) or (
+    if (node.op == "call_method" and target in ("split", "chunk", "tensor_split")) or (
         node.op == "call_function" and target in (torch.split, torch.chunk, torch.tensor_split)
     ):
         src = node.args[0]

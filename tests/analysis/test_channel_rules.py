@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from helpers import check_plan, check_planned_shapes, make_sensitive, rel_err
 from hypothesis import HealthCheck, given, settings
+from size_models import SpatialReduction
 from strategies import plans
 from torch import nn
 
@@ -276,6 +277,7 @@ CASES = {
     "row_gate": (RowGate, (1, 3, 8, 8)),
     "slice_broadcast": (SliceBroadcast, (1, 3, 8, 8)),
     "function_slice_broadcast": (FunctionSliceBroadcast, (1, 3, 8, 8)),
+    "spatial_reduction": (SpatialReduction, (2, 3, 8, 8)),  # PVT: sizes read off x.shape
 }
 
 
