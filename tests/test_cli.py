@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
@@ -146,17 +145,6 @@ def _compile(model, out, cache, *extra):
 
 def _summary(out):
     return json.loads((out / "report.json").read_text())["summary"]
-
-
-@pytest.fixture
-def forget_modules(tmp_path):
-    """Drop the modules a test imported from its tmp_path, so the next test imports its own
-    (only those: dropping torch's or timm's lazily imported modules would break them)."""
-    yield
-    root = str(tmp_path)
-    for name, module in list(sys.modules.items()):
-        if (getattr(module, "__file__", None) or "").startswith(root):
-            del sys.modules[name]
 
 
 def test_compile_a_torchvision_model_by_prefixed_name(fake, tmp_path):

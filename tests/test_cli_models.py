@@ -24,17 +24,6 @@ from fxprune.cli_models import (
 )
 
 
-@pytest.fixture
-def forget_modules(tmp_path):
-    """Drop the modules a test imported from its tmp_path, so the next test imports its own
-    (only those: dropping torch's or timm's lazily imported modules would break them)."""
-    yield
-    root = str(tmp_path)
-    for name, module in list(sys.modules.items()):
-        if (getattr(module, "__file__", None) or "").startswith(root):
-            del sys.modules[name]
-
-
 @pytest.mark.parametrize(
     ("text", "expected"),
     [

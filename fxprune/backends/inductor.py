@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 import torch
 
 from fxprune.backends.base import (
-    BackendUnavailable,
     MeasureConfig,
     Measurement,
     check_float32_inputs,
@@ -32,7 +31,7 @@ from fxprune.backends.base import (
     time_callable,
     time_interleaved,
 )
-from fxprune.backends.torch_eager import _num_threads
+from fxprune.backends.torch_eager import _num_threads, torch_device
 
 __all__ = ["MODES", "InductorBackend", "inductor_available"]
 
@@ -65,18 +64,7 @@ class InductorBackend:
     """
 
     def __init__(self, device: str = "cpu", threads: int | None = None, mode: str | None = None):
-        dev = torch.device(device)
-        if dev.type not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-        if dev.type == "cuda":
-            if not torch.cuda.is_available():
-                raise BackendUnavailable(
-                    "inductor on CUDA requested but torch sees no CUDA device "
-                    f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}); "
-                    "use device='cpu' or run on a machine with an NVIDIA GPU"
-                )
-            if dev.index is None:
-                dev = torch.device("cuda", torch.cuda.current_device())
+        dev = torch_device(device, "inductor")
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1 or None, got {threads}")
         if mode not in MODES:

@@ -25,7 +25,7 @@ from fxprune.backends.base import (
     time_callable,
 )
 
-__all__ = ["TorchEagerBackend"]
+__all__ = ["TorchEagerBackend", "torch_device"]
 
 
 @contextlib.contextmanager
@@ -36,6 +36,25 @@ def _num_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def torch_device(device: str, runtime: str) -> torch.device:
+    """``device`` ("cpu", "cuda", "cuda:N") as a torch device with an index on CUDA; a clear
+    :class:`BackendUnavailable` naming ``runtime`` where torch sees no CUDA device."""
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BackendUnavailable(
+                f"{runtime} on CUDA requested but torch sees no CUDA device "
+                f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}). "
+                "Run on a machine with an NVIDIA GPU and a CUDA build of torch, "
+                "or use device='cpu'."
+            )
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
 
 
 class TorchEagerBackend:
@@ -49,19 +68,7 @@ class TorchEagerBackend:
     """
 
     def __init__(self, device: str = "cpu", threads: int | None = None) -> None:
-        dev = torch.device(device)
-        if dev.type not in ("cpu", "cuda"):
-            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
-        if dev.type == "cuda":
-            if not torch.cuda.is_available():
-                raise BackendUnavailable(
-                    "torch eager on CUDA requested but torch sees no CUDA device "
-                    f"(torch {torch.__version__}, built for CUDA {torch.version.cuda}). "
-                    "Run on a machine with an NVIDIA GPU and a CUDA build of torch, "
-                    "or use device='cpu'."
-                )
-            if dev.index is None:
-                dev = torch.device("cuda", torch.cuda.current_device())
+        dev = torch_device(device, "torch eager")
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1 or None, got {threads}")
         self.device = dev
