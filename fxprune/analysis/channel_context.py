@@ -27,6 +27,8 @@ class RootRecord:
     name: str
     kind: str  # "conv" | "linear" | "param" | "opaque"
     units: np.ndarray  # 1-D, in channel order
+    #: the dim of the output (of the parameter, for "param") that these units label
+    dim: int | None = None
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ class ChannelContext:
         else:
             units = self.table.alloc(size)
             self._module_units[key] = units
-            self.roots.append(RootRecord(name, kind, units))
+            self.roots.append(RootRecord(name, kind, units, cdim))
         shape = [1] * ndim
         shape[cdim] = size
         return units.reshape(shape)

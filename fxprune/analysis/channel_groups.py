@@ -30,7 +30,9 @@ from fxprune.analysis.channel_context import (
     is_tensor_node,
 )
 from fxprune.analysis.channel_rules import lookup_rule
+from fxprune.analysis.ops import traits_of
 from fxprune.analysis.sizes import check_size_uses, size_value
+from fxprune.core.channel_units import varying_dims
 from fxprune.core.meta import CHANNELS, SIZES, TENSOR_META
 
 __all__ = ["ChannelSpaces", "Group", "analyze_channels"]
@@ -102,14 +104,69 @@ def _get_attr_map(ctx: ChannelContext, node: fx.Node) -> np.ndarray | None:
         return None
     if value.ndim == 0:
         return ctx.single((), f"scalar parameter '{node.target}'")
-    cdim = max(range(value.ndim), key=lambda d: (value.shape[d], d))
+    cdim = _paired_dim(ctx, node, tuple(value.shape))
+    if cdim is None:
+        cdim = max(range(value.ndim), key=lambda d: (value.shape[d], d))
     return ctx.root(node, str(node.target), "param", value.shape[cdim], cdim, value.ndim)
+
+
+def _paired_dim(ctx: ChannelContext, node: fx.Node, shape: tuple[int, ...]) -> int | None:
+    """The dim of a parameter that a user lines up with another operand's channel dim, or None
+    when no user decides it.
+
+    Elementwise (``x + pos_embed``: ``(B, N, C)`` with a ``(1, N, C)`` table): the dim that
+    broadcasts against the other operand's channel dim, ``C``, not the longer ``N`` — the
+    longest dim would tie all of that tensor's channels into one. A matrix product ``x @ W``
+    with ``x``'s channels on its last dim: ``W``'s dim ``-2``, the one contracted with them
+    (``W @ x`` with ``x``'s on its dim ``-2``: ``W``'s last).
+    """
+    for user in node.users:
+        traits = traits_of(user, ctx.gm)
+        if not (traits.binary or traits.matmul):
+            continue
+        for pos, other in enumerate(user.args[:2] if traits.matmul else ctx.tensor_args(user)):
+            u, s = ctx.map(other), ctx.shape(other)
+            if other is node or u is None or s is None:
+                continue
+            dims = varying_dims(u.reshape((1,) * (len(s) - u.ndim) + u.shape))
+            if len(dims) != 1:
+                continue
+            if traits.matmul:  # this parameter is the operand other than ``pos``
+                contracted = len(s) - 1 if pos == 0 else len(s) - 2
+                d = len(shape) - 2 if pos == 0 else len(shape) - 1
+                if dims[0] == contracted and len(shape) >= 2 and shape[d] == s[contracted]:
+                    return d
+                continue
+            d = len(shape) - len(s) + dims[0]
+            if 0 <= d < len(shape) and shape[d] == s[dims[0]]:
+                return d
+    return None
+
+
+def _waits_for_a_user(ctx: ChannelContext, node: fx.Node) -> bool:
+    """A parameter table with an elementwise or matrix-product user whose other operand comes
+    later in the graph: its channel dim is chosen when that user is reached (:func:`_paired_dim`)."""
+    meta = node.meta.get(TENSOR_META)
+    if meta is None or len(getattr(meta, "shape", ())) < 2:
+        return False
+    return any(
+        (traits_of(user, ctx.gm).binary or traits_of(user, ctx.gm).matmul)
+        and any(a is not node and CHANNELS not in a.meta for a in user.all_input_nodes)
+        for user in node.users
+    )
 
 
 def analyze_channels(gm: fx.GraphModule) -> ChannelSpaces:
     """Run the channel-space pass on a traced GraphModule with ``tensor_meta`` set."""
     ctx = ChannelContext(gm)
     for node in gm.graph.nodes:
+        node.meta.pop(CHANNELS, None)  # a parameter may wait for a later node (below)
+    for node in gm.graph.nodes:
+        for a in node.all_input_nodes:
+            if a.op == "get_attr" and CHANNELS not in a.meta:  # one that waited for its user
+                a.meta[CHANNELS] = _get_attr_map(ctx, a)
+        if node.op == "get_attr" and _waits_for_a_user(ctx, node):
+            continue
         node.meta[CHANNELS] = _visit(ctx, node)
     check_size_uses(ctx)  # sizes read off channel dims go only where the rewrite sets them
     return _form_groups(ctx)

@@ -213,6 +213,42 @@ register_function_rule(
     F.interpolate,
 )(spatial)
 
+
+@register_function_rule(torch.roll)
+@register_method_rule("roll")
+def roll(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
+    """``torch.roll(x, shifts, dims)`` (Swin's shifted windows): a cyclic shift along dims that
+    do not carry channels leaves every channel where it was; one along the channel dim (or over
+    the flattened tensor, ``dims=None``) moves channels into each other's places."""
+    u, shape = _padded(ctx, node.args[0])
+    dims = _dims(arg(node, 2, "dims"), len(shape))
+    c = cdim_of(u)
+    if c is not None and (dims is None or c in dims):
+        why = f"{describe(node, ctx.gm)} shifts along the channel dim"
+        ctx.freeze(u, why)
+        return ctx.frozen_output(node, why)
+    return u
+
+
+@register_function_rule(F.pad)
+def pad(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
+    """``F.pad(x, (left, right, top, bottom, ...))`` pads the last dims, two sizes per dim from
+    the last one backwards. Padding dims without channels (spatial padding, Swin's windows,
+    timm's "same" padding) keeps every channel; padding the channel dim adds channels that no
+    unit stands for, so that freezes."""
+    u, shape = _padded(ctx, node.args[0])
+    sizes = list(arg(node, 1, "pad"))
+    c = cdim_of(u)
+    padded = {
+        len(shape) - 1 - i // 2 for i, s in enumerate(sizes) if isinstance(s, fx.Node) or s != 0
+    }
+    if c is not None and c in padded:
+        why = f"{describe(node, ctx.gm)} pads the channel dim"
+        ctx.freeze(u, why)
+        return ctx.frozen_output(node, why)
+    return u
+
+
 try:  # torchvision wraps stochastic depth so fx keeps it as one call: per-sample, per-channel ok
     from torchvision.ops import stochastic_depth as _sd
 
@@ -401,7 +437,18 @@ def cat(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
     nd = len(out_shape)
     dim = arg(node, 1, "dim", 0) % nd
     maps = [ctx.map(t) for t in tensors]
+    maps = [u.reshape((1,) * (nd - u.ndim) + u.shape) for u in maps]
     vary = {d for u in maps for d in varying_dims(u)}
+    if len(vary) == 1 and dim not in vary:
+        # joined along another dim than their channels' (a class token before the patch
+        # tokens): channel i of every part is channel i of the result
+        (cdim,) = vary
+        lines = [ctx.force_dim(u, cdim, out_shape[cdim]) for u in maps]
+        for line in lines[1:]:
+            ctx.table.union_arrays(lines[0], line)
+        shape = [1] * nd
+        shape[cdim] = out_shape[cdim]
+        return lines[0].reshape(shape)
     parts = []
     for t, u in zip(tensors, maps, strict=False):
         target = [out_shape[d] if d in vary else 1 for d in range(nd)]
@@ -448,11 +495,6 @@ def getitem(ctx: ChannelContext, node: fx.Node) -> Any:
     idx = index if isinstance(index, tuple) else (index,)
     if not all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in idx):
         return None  # advanced indexing: treated as unknown by the caller
-    if any(
-        isinstance(i, slice) and any(isinstance(v, fx.Node) for v in (i.start, i.stop, i.step))
-        for i in idx
-    ):
-        return None
     expanded = expand_index(idx, len(shape))
     c = cdim_of(u)
     out_index: list[Any] = []
@@ -461,8 +503,10 @@ def getitem(ctx: ChannelContext, node: fx.Node) -> Any:
         if i is None:
             out_index.append(None)
             continue
-        if u.shape[d] == 1:
+        if u.shape[d] == 1:  # no channels here: any index, sizes computed in the graph too
             out_index.append(0 if isinstance(i, int) else slice(None))
+        elif isinstance(i, slice) and any(isinstance(v, fx.Node) for v in (i.start, i.stop)):
+            return None  # a computed range of channels: not followed
         else:
             if d == c and not (isinstance(i, slice) and i.step in (None, 1)):
                 ctx.freeze(u, f"{describe(node, ctx.gm)} picks single channels")
@@ -509,6 +553,130 @@ def softmax(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
         ctx.freeze(u, f"{describe(node, ctx.gm)} normalises over the channel dim")
         return ctx.frozen_output(node, "softmax over channels")
     return u
+
+
+# ---- attention: unbind, matrix products, scaled dot-product attention -------------------------
+def _padded(ctx: ChannelContext, x: fx.Node) -> tuple[np.ndarray, tuple[int, ...]]:
+    """``x``'s map with as many dims as ``x`` itself, and ``x``'s shape."""
+    u, shape = ctx.map(x), ctx.shape(x)
+    if u is None or shape is None:
+        raise ValueError("not a tensor with a channel map")
+    return u.reshape((1,) * (len(shape) - u.ndim) + u.shape), shape
+
+
+@register_function_rule(torch.unbind)
+@register_method_rule("unbind")
+def unbind(ctx: ChannelContext, node: fx.Node) -> tuple[np.ndarray, ...]:
+    """``q, k, v = qkv.unbind(0)``: every output is one slice along ``dim``, without that dim.
+
+    A dim that carries channels cannot be unbound: each output would be one channel alone.
+    """
+    u, shape = _padded(ctx, node.args[0])
+    dim = arg(node, 1, "dim", 0) % len(shape)
+    if u.shape[dim] != 1:
+        why = f"{describe(node, ctx.gm)} takes the channel dim apart"
+        ctx.freeze(u, why)
+        return ctx.frozen_output(node, why)
+    out = np.squeeze(u, axis=dim)
+    return tuple(out for _ in range(shape[dim]))
+
+
+def _line(u: np.ndarray, dim: int) -> np.ndarray | None:
+    """The 1-D units of a map that varies along ``dim`` only; None if it varies nowhere."""
+    dims = varying_dims(u)
+    if not dims:
+        return None
+    if dims != [dim]:
+        raise ValueError("the map varies along another dim")
+    return np.moveaxis(u, dim, -1).reshape(-1)
+
+
+def _contract(
+    ctx: ChannelContext, node: fx.Node, a: np.ndarray | None, b: np.ndarray | None, why: str
+) -> None:
+    """Join the units of a contracted dim of two operands position-wise, or freeze them.
+
+    A dim summed over may be pruned when both operands drop the same positions (the masked
+    terms are zero); if only one operand has channels there, the other could not follow.
+    """
+    if a is not None and b is not None:
+        ctx.table.union_arrays(a, b)
+    elif a is not None or b is not None:
+        ctx.freeze(a if a is not None else b, f"{describe(node, ctx.gm)}: {why}")
+
+
+@register_function_rule(torch.matmul, operator.matmul, torch.bmm)
+@register_method_rule("matmul", "bmm", "__matmul__")
+def matmul(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
+    """``a @ b`` with ``a: (..., n, k)`` and ``b: (..., k, m)`` (attention's ``q @ k.T`` and
+    ``attn @ v``): channels on the contracted ``k`` are pruned in both operands alike, channels
+    on ``n`` (of ``a``) or ``m`` (of ``b``) carry over to the output. Channels on a batch dim,
+    or on both ``n`` and ``m`` at once (the output would vary along two dims), freeze."""
+    a, b = node.args[0], node.args[1]
+    ua, sa = _padded(ctx, a)
+    ub, sb = _padded(ctx, b)
+    out_shape = ctx.shape(node)
+    if len(sa) < 2 or len(sb) < 2 or out_shape is None:
+        raise ValueError("matrix-vector products are not followed")
+    where = describe(node, ctx.gm)
+    batch_a = [d for d in varying_dims(ua) if d < len(sa) - 2]
+    batch_b = [d for d in varying_dims(ub) if d < len(sb) - 2]
+    rows = len(sa) - 2 in varying_dims(ua)
+    cols = len(sb) - 1 in varying_dims(ub)
+    if batch_a or batch_b or (rows and cols):
+        why = f"{where} multiplies tensors whose channels it cannot follow"
+        ctx.freeze(ua, why)
+        ctx.freeze(ub, why)
+        return ctx.frozen_output(node, why)
+    _contract(
+        ctx,
+        node,
+        None if rows else _line(ua, len(sa) - 1),
+        None if cols else _line(ub, len(sb) - 2),
+        "one operand has channels on the contracted dim, the other not",
+    )
+    nd = len(out_shape)
+    if rows:
+        return _line(ua, len(sa) - 2).reshape([1] * (nd - 2) + [-1, 1])
+    if cols:
+        return _line(ub, len(sb) - 1).reshape([1] * (nd - 1) + [-1])
+    return ctx.single(out_shape, f"product {where}: its channels were summed over")
+
+
+@register_function_rule(F.scaled_dot_product_attention)
+def scaled_dot_product_attention(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
+    """``softmax(q kᵀ · scale + mask) v`` over ``(..., L, E)`` queries and ``(..., S, E)`` keys.
+
+    The embedding dim ``E`` of ``q`` and ``k`` is contracted: it is pruned in both alike (the
+    masked terms add nothing to the scores). The default scale ``1/sqrt(E)`` would change with
+    ``E``, so the rewrite passes the original scale explicitly. The value dim ``Ev`` carries
+    over to the output. Channels on any other dim (heads, tokens, the mask) freeze.
+    """
+    q, k, v = (arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
+    maps = [_padded(ctx, t) for t in (q, k, v)]
+    out_shape = ctx.shape(node)
+    where = describe(node, ctx.gm)
+    others = [d for u, s in maps for d in varying_dims(u) if d != len(s) - 1]
+    mask = arg(node, 3, "attn_mask")
+    if isinstance(mask, fx.Node) and ctx.map(mask) is not None and varying_dims(ctx.map(mask)):
+        ctx.freeze(ctx.map(mask), f"{where}: the attention mask has channels")
+    if others or out_shape is None:
+        why = f"{where} has channels on a dim other than the embedding dim"
+        for u, _ in maps:
+            ctx.freeze(u, why)
+        return ctx.frozen_output(node, why)
+    (uq, sq), (uk, sk), (uv, sv) = maps
+    _contract(
+        ctx,
+        node,
+        _line(uq, len(sq) - 1),
+        _line(uk, len(sk) - 1),
+        "the query and the key must keep the same embedding channels",
+    )
+    values = _line(uv, len(sv) - 1)
+    if values is None:
+        return ctx.single(out_shape, f"output of {where}")
+    return values.reshape([1] * (len(out_shape) - 1) + [-1])
 
 
 # ---- functional layers the canonicalising pass could not lift ----------------------------------

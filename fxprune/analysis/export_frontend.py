@@ -313,6 +313,7 @@ ATEN_TO_TORCH: dict[Any, Translate] = {
     aten.split: _fn(torch.split),
     aten.split_with_sizes: _fn(torch.split),
     aten.chunk: _fn(torch.chunk),
+    aten.unbind: _fn(torch.unbind),
     aten.slice: _slice,
     aten.select: _select,
     aten.view: _reshape,
@@ -322,6 +323,9 @@ ATEN_TO_TORCH: dict[Any, Translate] = {
     aten.transpose: _fn(torch.transpose),
     aten.t: _t,
     aten.flatten: _fn(torch.flatten),
+    aten.roll: _fn(torch.roll),
+    aten.pad: _fn(F.pad),
+    aten.constant_pad_nd: _fn(F.pad, lambda x, pad, value=0.0: (x, pad, "constant", value)),
     aten.unsqueeze: _fn(torch.unsqueeze),
     aten.squeeze: _fn(torch.squeeze),
     aten.expand: _expand,
@@ -361,7 +365,9 @@ ATEN_TO_TORCH: dict[Any, Translate] = {
     aten.neg: _fn(torch.neg),
     aten._softmax: _softmax,
     aten.softmax: _softmax,
-    # attention (no channel rule yet: it freezes, as F.scaled_dot_product_attention does)
+    # attention
+    aten.matmul: _fn(torch.matmul),
+    aten.bmm: _fn(torch.bmm),
     aten.scaled_dot_product_attention: _fn(F.scaled_dot_product_attention),
     # eval-mode no-ops
     aten.dropout: _dropout,

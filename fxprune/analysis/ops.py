@@ -77,6 +77,8 @@ class OpTraits:
         out_of_place: the out-of-place twin of an in-place op.
         size_args: where the op takes sizes of its output's dims (the sizes pass lets shape
             reads of pruned channel dims flow there, and only there).
+        matmul: a matrix product ``a (..., n, k) @ b (..., k, m)`` (a parameter operand's
+            channels lie on the dim it contracts with the other operand's channels).
     """
 
     commutes: bool = False
@@ -84,6 +86,7 @@ class OpTraits:
     binary: bool = False
     out_of_place: Any = None
     size_args: SizeArgs | None = None
+    matmul: bool = False
 
 
 @dataclass(frozen=True)
@@ -260,6 +263,8 @@ for _inplace, _twin in (
     (F.relu_, F.relu),
 ):
     register_op(_inplace, out_of_place=_twin)
+
+register_op(torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm", "__matmul__", matmul=True)
 
 # ops that take the sizes of their output's dims: a shape read of a pruned channel dim may flow
 # there (the rewrite writes the pruned size), nowhere else (fxprune.analysis.sizes)

@@ -17,6 +17,7 @@ ShapeProp). The analysed graph is not modified.
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -243,7 +244,7 @@ def _slice_parameters(gm: fx.GraphModule, analysis: Analysis, layout: Layout) ->
         if root.kind == "param":
             idx = layout.positions(root.units)
             if not _identity(idx, root.units):
-                _slice_parameter(gm, root.name, idx)
+                _slice_parameter(gm, root.name, idx, root.dim)
 
 
 def _rewrite_counts(gm: fx.GraphModule, analysis: Analysis, keep_unit: np.ndarray) -> None:
@@ -437,11 +438,15 @@ def _set_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
     setattr(gm.get_submodule(parent_name) if parent_name else gm, attr, module)
 
 
-def _slice_parameter(gm: fx.GraphModule, target: str, idx: np.ndarray) -> None:
+def _slice_parameter(
+    gm: fx.GraphModule, target: str, idx: np.ndarray, dim: int | None = None
+) -> None:
+    """Keep the positions ``idx`` of a parameter along ``dim`` (the dim its units label)."""
     parent_name, _, attr = target.rpartition(".")
     owner = gm.get_submodule(parent_name) if parent_name else gm
     value = getattr(owner, attr)
-    dim = max(range(value.ndim), key=lambda d: (value.shape[d], d))
+    if dim is None:
+        dim = max(range(value.ndim), key=lambda d: (value.shape[d], d))
     sliced = value.detach().index_select(dim, torch.from_numpy(idx.astype(np.int64))).clone()
     if isinstance(value, nn.Parameter):
         setattr(owner, attr, nn.Parameter(sliced, requires_grad=value.requires_grad))
@@ -490,12 +495,35 @@ def _rewrite_args(node: fx.Node, maps: dict[str, Any], keep_unit: np.ndarray) ->
             args = list(node.args)
             args[1] = [int(got[1].sum())]
             node.args = tuple(args)
+    elif node.op == "call_function" and target is torch.nn.functional.scaled_dot_product_attention:
+        _keep_attention_scale(node, maps)
     elif (
         node.op == "call_function"
         and target is operator.getitem
         and isinstance(node.args[1], (tuple, slice))
     ):
         _rewrite_slice(node, maps, keep_unit)
+
+
+def _keep_attention_scale(node: fx.Node, maps: dict[str, Any]) -> None:
+    """Pass scaled-dot-product attention its original scale explicitly.
+
+    Its default scale is ``1/sqrt(E)`` of the query's last dim, which pruning shrinks; the
+    masked model keeps the dense ``E`` (zeroed channels add nothing to the scores), so the
+    pruned one must keep its scale too. Set whenever the query carries channels, pruned or not
+    in this plan, so that one graph form serves every plan.
+    """
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+    if len(node.args) > 6 or node.kwargs.get("scale") is not None:
+        return
+    query = node.args[0] if node.args else node.kwargs.get("query")
+    u = maps.get(query.name) if isinstance(query, fx.Node) else None
+    if not isinstance(u, np.ndarray) or u.ndim == 0 or u.shape[-1] == 1:
+        return
+    kwargs = {names[i]: a for i, a in enumerate(node.args)}
+    kwargs.update(node.kwargs)
+    kwargs["scale"] = 1.0 / math.sqrt(u.shape[-1])
+    node.args, node.kwargs = (), kwargs
 
 
 def _rewrite_slice(node: fx.Node, maps: dict[str, Any], keep_unit: np.ndarray) -> None:

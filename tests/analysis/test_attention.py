@@ -1,0 +1,157 @@
+"""Attention (``unbind``, ``@`` / ``matmul``, ``F.scaled_dot_product_attention``, ``roll``,
+``F.pad``, class tokens and position tables): what stays prunable, what freezes and why, and
+that random plans equal the masking oracle under both front ends."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from attention_models import (
+    ChannelAttention,
+    ExplicitAttention,
+    FunctionalAttention,
+    FusedViT,
+    ShiftedWindows,
+    UnbindChannels,
+)
+from helpers import check_plan, make_sensitive
+from hypothesis import HealthCheck, given, settings
+from strategies import plans
+
+import fxprune
+
+SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+CASES = {
+    "fused_vit": (FusedViT, (2, 3, 6, 6)),
+    "explicit": (ExplicitAttention, (2, 5, 4)),
+    "functional": (FunctionalAttention, (2, 6, 4)),
+    "shifted_windows": (ShiftedWindows, (2, 3, 5, 5)),
+    "channel_attention": (ChannelAttention, (2, 5, 4)),
+    "unbind_channels": (UnbindChannels, (2, 5, 4)),
+}
+
+
+def _analysis(name: str, frontend: str = "fx"):
+    cls, shape = CASES[name]
+    torch.manual_seed(0)
+    model = make_sensitive(cls().eval())
+    x = torch.randn(shape)
+    return model, x, fxprune.analyze(model, x, frontend=frontend)
+
+
+def _prunable(a: fxprune.Analysis) -> set[str]:
+    return {g.name for g in a.groups if g.prunable and not g.inexact and g.size > 1}
+
+
+def _frozen_reasons(a: fxprune.Analysis) -> str:
+    return " | ".join(r for g in a.groups for r in g.frozen)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_random_plans_equal_masking_and_run_at_planned_shapes(name, frontend):
+    _, x, a = _analysis(name, frontend)
+
+    @SETTINGS
+    @given(plan=plans(a))
+    def run(plan):
+        pruned = check_plan(a, plan, x)  # planned channel counts, runs, equals the oracle
+        pruned(x).sum().backward()
+
+    run()
+
+
+def test_fused_vit_every_layer_is_prunable():
+    _, _, a = _analysis("fused_vit")
+    # the residual stream (patch embedding, class token, position table, proj, fc2) is one
+    # group of all its channels: the (1, N, C) table is paired with C, not its longer N
+    stream = a.group("embed")
+    assert stream.size == 16 and stream.prunable
+    assert {"cls_token", "pos_embed", "proj", "fc2"} <= set(stream.roots)
+    # q, k and v of every head keep the same head-dim positions: 8 per head, tied
+    qkv = a.group("qkv")
+    assert qkv.size == 8 and qkv.prunable and not qkv.frozen
+    assert {"embed", "qkv", "fc1"} <= _prunable(a)
+
+
+def test_pruned_attention_keeps_the_dense_scale():
+    _, x, a = _analysis("fused_vit")
+    plan = fxprune.Plan(kept={"qkv": np.array([0, 2, 5])})
+    pruned = check_plan(a, plan, x)
+    (sdpa,) = [n for n in pruned.graph.nodes if n.target is F.scaled_dot_product_attention]
+    assert sdpa.kwargs["scale"] == pytest.approx(1 / math.sqrt(8))  # not 1/sqrt(3)
+    assert sdpa.kwargs["query"].meta["tensor_meta"].shape[-1] == 3
+
+
+def test_explicit_attention_prunes_head_dims_and_freezes_the_bias_table():
+    _, _, a = _analysis("explicit")
+    # q and k are contracted: their head-dim channels are tied into one group
+    (qk,) = [g for g in a.groups if {"q", "k"} <= set(g.roots)]
+    assert qk.prunable and qk.size == 4
+    assert a.group("v").prunable and a.group("v").size == 4
+    # the relative-position bias is added to scores that carry no channels: never pruned
+    assert not [g for g in a.groups if "bias" in g.roots and g.prunable]
+
+
+def test_functional_parameters_pair_with_the_contracted_dim():
+    _, _, a = _analysis("functional")
+    # t @ W_out, W_out square: its dim 0 (not the later of two equal dims) pairs with t
+    (stream,) = [g for g in a.groups if "w_out" in g.roots]
+    assert stream.prunable and stream.size == 8 and "linear" in stream.roots
+    assert not _frozen_reasons(a).count("contracted dim")
+
+
+def test_shifted_windows_are_prunable():
+    _, _, a = _analysis("shifted_windows")
+    assert {"embed", "qkv"} <= _prunable(a)
+    assert "roll" not in _frozen_reasons(a) and "pad" not in _frozen_reasons(a)
+
+
+def test_attention_over_channels_freezes_and_names_the_product():
+    _, _, a = _analysis("channel_attention")
+    assert a.group("q").frozen and a.group("k").frozen
+    assert "matmul" in _frozen_reasons(a) and "cannot follow" in _frozen_reasons(a)
+
+
+def test_unbind_along_channels_freezes_and_names_unbind():
+    _, _, a = _analysis("unbind_channels")
+    assert a.group("fc").frozen
+    assert "unbind" in _frozen_reasons(a) and "channel dim apart" in _frozen_reasons(a)
+
+
+def test_a_contracted_dim_with_channels_on_one_side_only_freezes_it():
+    class OneSided(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x):  # x: (B, N, 4), the model input: no channels to drop with fc's
+            return (self.fc(x) @ x.transpose(-2, -1)).sum(-1)
+
+    x = torch.randn(2, 3, 4)
+    a = fxprune.analyze(OneSided().eval(), x)
+    assert a.group("fc").frozen
+    assert "contracted dim" in _frozen_reasons(a)
+
+
+def test_timm_vit_and_swin_are_prunable_and_exact():
+    timm = pytest.importorskip("timm")
+    from fxprune.pipeline.report import prunable_fraction
+
+    for name, kw in (
+        ("vit_tiny_patch16_224", {"depth": 2}),
+        ("swin_tiny_patch4_window7_224", {"depths": (2, 2, 2, 2)}),
+    ):
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False, **kw).eval()
+        x = torch.randn(1, 3, 224, 224)
+        a = fxprune.analyze(model, x)
+        assert prunable_fraction(a)["prunable"] == 1.0, name
+        assert not [g for g in a.groups if g.frozen and not g.name.startswith("head")], name
+        plan = fxprune.analysis.plans.random_plan(a, seed=1)
+        check_plan(a, plan, x)
