@@ -18,6 +18,7 @@ from fxprune.analysis.blocks import Block, find_blocks, to_networkx
 from fxprune.analysis.canonicalize import canonicalize
 from fxprune.analysis.channel_groups import ChannelSpaces, Group, analyze_channels
 from fxprune.analysis.consumers import Consumer, find_consumers
+from fxprune.analysis.expand_attention import expand_attention
 from fxprune.analysis.export_frontend import capture, from_exported
 from fxprune.analysis.trace import BoundInputs, ExampleInputs, bind_inputs, trace
 from fxprune.analysis.validate import validate_plan
@@ -151,6 +152,7 @@ def analyze(
         gm, inputs, used = _capture(model, example_inputs, bound, leaf_modules, frontend)
     logger.info("analyze %s: captured with the %s front end", name, used)
     gm = canonicalize(gm)
+    expand_attention(gm, tuple(inputs))
     spaces = analyze_channels(gm)
     blocks = find_blocks(gm, to_networkx(gm))
     return Analysis(gm, spaces, blocks, tuple(t.detach().clone() for t in inputs), used)
