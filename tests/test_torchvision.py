@@ -84,7 +84,10 @@ def test_model(name):
         dense = model(x)
         # the oracle comparison can only fail if the output depends on the input
         assert not torch.allclose(dense, model(torch.randn_like(x)), rtol=1e-3, atol=1e-6)
-        assert torch.equal(fxprune.prune(a, fxprune.Plan.empty(a))(x), dense)
+        # the empty plan is the analysed graph, which equals the model bit for bit except where
+        # nn.MultiheadAttention was expanded into SDPA (another kernel: float rounding only)
+        assert torch.equal(fxprune.prune(a, fxprune.Plan.empty(a))(x), a.gm(x))
+        torch.testing.assert_close(a.gm(x), dense, rtol=1e-4, atol=1e-5)
 
     backward_done = []
 
