@@ -87,6 +87,23 @@ def check_plan(analysis: fxprune.Analysis, plan: fxprune.Plan, x, tol: float = 1
     return pruned
 
 
+def check_random_plans(analysis: fxprune.Analysis, x, max_examples: int = 12) -> None:
+    """Hypothesis over valid plans (``strategies.plans``): every one passes :func:`check_plan`
+    and its pruned model trains (a backward pass through it works)."""
+    from hypothesis import HealthCheck, given, settings
+    from strategies import plans
+
+    @settings(
+        max_examples=max_examples, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+    )
+    @given(plan=plans(analysis))
+    def run(plan):
+        pruned = check_plan(analysis, plan, x)  # planned channel counts, runs, equals the oracle
+        pruned(x).sum().backward()
+
+    run()
+
+
 def assert_outputs_close(got, want, tol: float, what: str) -> None:
     """Same output structure, and every tensor within ``tol`` relative error."""
     got_leaves, got_spec = pytree.tree_flatten(got)

@@ -149,11 +149,13 @@ def _waits_for_a_user(ctx: ChannelContext, node: fx.Node) -> bool:
     meta = node.meta.get(TENSOR_META)
     if meta is None or len(getattr(meta, "shape", ())) < 2:
         return False
-    return any(
-        (traits_of(user, ctx.gm).binary or traits_of(user, ctx.gm).matmul)
-        and any(a is not node and CHANNELS not in a.meta for a in user.all_input_nodes)
-        for user in node.users
-    )
+    for user in node.users:
+        traits = traits_of(user, ctx.gm)
+        if (traits.binary or traits.matmul) and any(
+            a is not node and CHANNELS not in a.meta for a in user.all_input_nodes
+        ):
+            return True
+    return False
 
 
 def analyze_channels(gm: fx.GraphModule) -> ChannelSpaces:

@@ -244,6 +244,7 @@ def _slice_parameters(gm: fx.GraphModule, analysis: Analysis, layout: Layout) ->
         if root.kind == "param":
             idx = layout.positions(root.units)
             if not _identity(idx, root.units):
+                assert root.dim is not None  # ChannelContext.root records it
                 _slice_parameter(gm, root.name, idx, root.dim)
 
 
@@ -438,15 +439,11 @@ def _set_submodule(gm: fx.GraphModule, target: str, module: nn.Module) -> None:
     setattr(gm.get_submodule(parent_name) if parent_name else gm, attr, module)
 
 
-def _slice_parameter(
-    gm: fx.GraphModule, target: str, idx: np.ndarray, dim: int | None = None
-) -> None:
+def _slice_parameter(gm: fx.GraphModule, target: str, idx: np.ndarray, dim: int) -> None:
     """Keep the positions ``idx`` of a parameter along ``dim`` (the dim its units label)."""
     parent_name, _, attr = target.rpartition(".")
     owner = gm.get_submodule(parent_name) if parent_name else gm
     value = getattr(owner, attr)
-    if dim is None:
-        dim = max(range(value.ndim), key=lambda d: (value.shape[d], d))
     sliced = value.detach().index_select(dim, torch.from_numpy(idx.astype(np.int64))).clone()
     if isinstance(value, nn.Parameter):
         setattr(owner, attr, nn.Parameter(sliced, requires_grad=value.requires_grad))
