@@ -39,6 +39,7 @@ __all__ = [
     "OpCost",
     "Problem",
     "Resource",
+    "Row",
     "Solution",
     "WarmStart",
     "brute_force",
@@ -128,8 +129,8 @@ class InfeasibleBudget(FxpruneError):
 
 
 class InfeasibleLimit(FxpruneError):
-    """No plan keeps resource ``resource`` (``"params"``, ``"macs"``, …) within ``limit``,
-    whatever the latency budget; ``minimum`` is the smallest amount reachable.
+    """No plan keeps resource ``resource`` (``"params"``, ``"macs"``, ``"activation_bytes"``)
+    within ``limit``, whatever the latency budget; ``minimum`` is the smallest reachable.
 
     Not an :class:`InfeasibleBudget`: raising the latency budget would not help.
     """
@@ -138,7 +139,8 @@ class InfeasibleLimit(FxpruneError):
         self.resource = resource
         self.limit = limit
         self.minimum = minimum
-        setting = f" (CompileConfig(max_{resource}=...))" if resource in ("params", "macs") else ""
+        known = ("params", "macs", "activation_bytes")
+        setting = f" (CompileConfig(max_{resource}=...))" if resource in known else ""
         super().__init__(
             f"The {resource} limit max_{resource}={limit:.0f} cannot be met: the smallest "
             f"{resource} this model can reach under the allowed channel counts is "
@@ -191,18 +193,37 @@ class BlockSpec:
 
 
 @dataclass(frozen=True)
+class Row:
+    """One linear row of a resource: ``const + Σ_op y_inᵀ T_op y_out``."""
+
+    ops: tuple[OpCost, ...]
+    const: float = 0.0
+
+
+@dataclass(frozen=True)
 class Resource:
     """A resource besides latency with a limit: ``const + Σ_op y_inᵀ T_op y_out ≤ limit``.
 
     Its ops are tables over group options exactly like the latency ops (parameters and MACs
     of a layer are products of its kept input and output counts), so the MILP adds one more
     exactly linearised row, and a removed block's ops cost nothing here either.
+
+    A *peak* resource (peak activation memory: the largest live set over the execution order)
+    is the largest of several such sums: ``more_rows`` holds the others. ``peak ≤ limit`` iff
+    every row is, so each is one more row of the MILP (no max variable); its usage is the
+    largest row.
     """
 
     name: str
     ops: tuple[OpCost, ...]
     limit: float
     const: float = 0.0  # what the groups do not change
+    more_rows: tuple[Row, ...] = ()
+
+    @property
+    def rows(self) -> tuple[Row, ...]:
+        """Every row: ``(ops, const)`` first, then ``more_rows``."""
+        return (Row(self.ops, self.const), *self.more_rows)
 
 
 @dataclass(frozen=True)
@@ -344,7 +365,10 @@ def usage(
 ) -> dict[str, float]:
     """Per limited resource of ``problem``, what a choice uses (exact, like :func:`evaluate`)."""
     choice = complete(problem, choice)
-    return {r.name: _cost(r.ops, r.const, choice, removed) for r in problem.resources}
+    return {
+        r.name: max(_cost(row.ops, row.const, choice, removed) for row in r.rows)
+        for r in problem.resources
+    }
 
 
 def within_limits(
@@ -368,7 +392,8 @@ def _full_choice(problem: Problem) -> dict[str, int]:
 def _check(problem: Problem) -> None:
     names = {g.name for g in problem.groups}
     blocks = {b.name for b in problem.blocks}
-    for op in (*problem.ops, *(op for r in problem.resources for op in r.ops)):
+    resource_ops = (op for r in problem.resources for row in r.rows for op in row.ops)
+    for op in (*problem.ops, *resource_ops):
         shape = (
             len(problem.group(op.in_group).counts) if op.in_group else 1,
             len(problem.group(op.out_group).counts) if op.out_group else 1,
@@ -428,18 +453,28 @@ def _build(problem: Problem, budget: float | None, objective: str) -> _Milp:
     )
     if budget is not None:
         m.addCons(latency <= budget)
-    rows = {}
+    minimised = None
     for r in problem.resources:  # the same exact linearisation, one more row each
-        used = [t for o, op in enumerate(r.ops) for t in _op_terms(milp, problem, o, op, r.name)]
-        rows[r.name] = quicksum(used) + r.const
+        rows = []
+        for i, row in enumerate(r.rows):
+            tag = r.name if i == 0 else f"{r.name}#{i}:"
+            used = [t for o, op in enumerate(row.ops) for t in _op_terms(milp, problem, o, op, tag)]
+            rows.append(quicksum(used) + row.const)
         if objective != f"resource:{r.name}":
-            m.addCons(rows[r.name] <= r.limit)
+            for row in rows:
+                m.addCons(row <= r.limit)
+        elif len(rows) == 1:
+            minimised = rows[0]
+        else:  # a peak: minimise a bound above every row
+            minimised = m.addVar(f"peak[{r.name}]", lb=None)
+            for row in rows:
+                m.addCons(minimised >= row)
     if objective == "importance":
         m.setObjective(value, "maximize")
     elif objective == "latency":
         m.setObjective(latency, "minimize")
     else:
-        m.setObjective(rows[objective.removeprefix("resource:")], "minimize")
+        m.setObjective(minimised, "minimize")
     return milp
 
 
@@ -577,7 +612,14 @@ def channels_only(problem: Problem) -> Problem:
             out.append(OpCost(op.name, op.in_group, op.out_group, t, None))
         return tuple(out)
 
-    resources = tuple(dataclasses.replace(r, ops=keep_all(r.ops)) for r in problem.resources)
+    resources = tuple(
+        dataclasses.replace(
+            r,
+            ops=keep_all(r.ops),
+            more_rows=tuple(Row(keep_all(row.ops), row.const) for row in r.more_rows),
+        )
+        for r in problem.resources
+    )
     return Problem(groups, keep_all(problem.ops), (), problem.const, resources)
 
 
@@ -870,9 +912,14 @@ def _knapsack_search(
     full_choice = _full_choice(problem)
     _, full_latency = evaluate(problem, full_choice, set())
     costs = _linearised_costs(problem)
-    full_use = usage(problem, full_choice, set())
-    rows = [(r, _linearised_costs(problem, r.ops)) for r in problem.resources]
-    floors = [full_use[r.name] + sum(c.min() for c in rc.values()) for r, rc in rows]
+    full = complete(problem, full_choice)
+    # every row of every resource: (its limit, its use at full width, its linearised costs)
+    rows = [
+        (r.limit, _cost(row.ops, row.const, full, set()), _linearised_costs(problem, row.ops))
+        for r in problem.resources
+        for row in r.rows
+    ]
+    floors = [use + sum(c.min() for c in rc.values()) for _, use, rc in rows]
 
     best: tuple[float, dict[str, int], float] | None = None
     lo, hi = full_latency + sum(c.min() for c in costs.values()), budget
@@ -884,8 +931,8 @@ def _knapsack_search(
         # linearised floor to its limit as the latency cap is from its floor to the budget
         step = (cap - floor) / (budget - floor) if budget > floor else 1.0
         extra = [
-            (rc, f + step * (r.limit - f) - full_use[r.name])
-            for (r, rc), f in zip(rows, floors, strict=True)
+            (rc, f + step * (limit - f) - use)
+            for (limit, use, rc), f in zip(rows, floors, strict=True)
         ]
         choice = _knapsack(problem, costs, cap - full_latency, time_limit, gap, extra)
         if choice is None:

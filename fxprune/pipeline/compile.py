@@ -150,7 +150,8 @@ class _Priced:
     tables: LatencyTables
     latency: LatencyModel
     min_keep: float = 0.0
-    #: resource limits (``"params"`` / ``"macs"`` → limit), each a solver row
+    #: resource limits (``"params"`` / ``"macs"`` / ``"activation_bytes"`` → limit), each
+    #: a solver row (activation bytes: one row per live set)
     limits: dict[str, int] = field(default_factory=dict)
 
     def problem(self, blocks: bool) -> PruningProblem:
@@ -164,6 +165,7 @@ class _Priced:
             min_keep=self.min_keep,
             max_params=self.limits.get("params"),
             max_macs=self.limits.get("macs"),
+            max_activation_bytes=self.limits.get("activation_bytes"),
         )
 
 
@@ -213,10 +215,17 @@ def _limits_met(run: _Run, model: fx.GraphModule) -> dict[str, bool]:
 
 
 def _count(resource: str, model: fx.GraphModule) -> int:
-    """A model's parameters or conv/linear MACs (as the result reports them)."""
+    """A model's parameters, conv/linear MACs or peak activation bytes (as the result
+    reports them)."""
+    from fxprune.analysis.liveness import peak_activation_bytes
     from fxprune.pipeline.report import count_macs, count_params
 
-    return count_params(model) if resource == "params" else count_macs(model)
+    counter = {
+        "params": count_params,
+        "macs": count_macs,
+        "activation_bytes": peak_activation_bytes,
+    }[resource]
+    return counter(model)
 
 
 def _importance(
@@ -612,7 +621,7 @@ def _dense_result(run: _Run, analysis: Analysis, dense_ms: float) -> CompileResu
         limits={
             name: {"limit": limit, "predicted": count, "measured": count, "met": True}
             for name, limit in run.config.limits().items()
-            for count in [params if name == "params" else macs]
+            for count in [_count(name, analysis.gm)]
         },
     )
 

@@ -212,6 +212,11 @@ class CompileConfig:
             multiply-accumulates, besides the latency budget: each is one more linear row in
             the solver (exact in the kept counts), checked again on the pruned model; None:
             no limit. A limit no plan meets raises :class:`~fxprune.solver.InfeasibleLimit`.
+        max_activation_bytes: a limit on the pruned model's peak activation memory in bytes:
+            the largest total of activations alive at one node of the graph's execution order
+            (a tensor lives from the node making it to its last user), at the example inputs'
+            batch and dtypes (:mod:`fxprune.analysis.liveness`). One exact row per live set
+            in the solver (:mod:`fxprune.pipeline.memory`), checked again on the pruned model.
     """
 
     solve: SolveConfig = SolveConfig()
@@ -229,6 +234,7 @@ class CompileConfig:
     frontend: str = "auto"
     max_params: int | None = None
     max_macs: int | None = None
+    max_activation_bytes: int | None = None
 
     def __post_init__(self) -> None:
         owner = "CompileConfig"
@@ -253,10 +259,16 @@ class CompileConfig:
         _choice(owner, "frontend", self.frontend, FRONTENDS)
         _optional_count(owner, "max_params", self.max_params)
         _optional_count(owner, "max_macs", self.max_macs)
+        _optional_count(owner, "max_activation_bytes", self.max_activation_bytes)
 
     def limits(self) -> dict[str, int]:
-        """The resource limits set (``"params"``, ``"macs"`` → limit), in that order."""
-        given = {"params": self.max_params, "macs": self.max_macs}
+        """The resource limits set (``"params"``, ``"macs"``, ``"activation_bytes"`` →
+        limit), in that order."""
+        given = {
+            "params": self.max_params,
+            "macs": self.max_macs,
+            "activation_bytes": self.max_activation_bytes,
+        }
         return {name: int(v) for name, v in given.items() if v is not None}
 
     @property

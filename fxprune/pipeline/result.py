@@ -195,8 +195,9 @@ class CompileResult:
     #: the pruned model's norm statistics were re-estimated on ``data`` (``None``: they were
     #: not: no data, or ``CompileConfig.recalibrate=False``); see :func:`fxprune.recalibrate_norms`
     recalibration: Recalibration | None = None
-    #: per resource limit of the config (``"params"``, ``"macs"``): ``limit``, ``predicted``
-    #: (the solver's row), ``measured`` (counted on ``model``) and whether it was ``met``
+    #: per resource limit of the config (``"params"``, ``"macs"``, ``"activation_bytes"``):
+    #: ``limit``, ``predicted`` (the solver's row; for activation bytes its largest row),
+    #: ``measured`` (counted on ``model``) and whether it was ``met``
     limits: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property

@@ -213,7 +213,7 @@ def sweep(
             :class:`Budget`); solved and returned tightest first.
         example_inputs, data, loss_fn, max_batches, backend, config: as for
             :func:`fxprune.compile` (``config`` applies to every point, its ``max_params`` /
-            ``max_macs`` included).
+            ``max_macs`` / ``max_activation_bytes`` included).
         evaluate: called once on each feasible point's pruned model and once on a copy of the
             dense model, returning a quality figure (e.g. accuracy) recorded as the point's
             ``value``.
