@@ -159,6 +159,30 @@ def test_max_params_and_max_macs_hold_on_the_pruned_model(resnet, tmp_path):
     assert base.params[1] <= max_params and base.limits_met
 
 
+def test_max_activation_bytes_holds_on_the_pruned_model(resnet, tmp_path):
+    """A peak-activation limit is one row per live set besides the latency budget: the plan
+    keeps within it as counted on the pruned model, predicted exactly, and it binds."""
+    from fxprune.analysis.liveness import peak_activation_bytes
+
+    free = _compile(resnet, 0.8, tmp_path)
+    limit = int(0.7 * peak_activation_bytes(free.model))  # below what the budget alone keeps
+    result = _compile(resnet, 0.8, tmp_path, max_activation_bytes=limit)
+    assert result.budget_met and result.limits_met
+    got = result.limits["activation_bytes"]
+    assert got["limit"] == limit and got["met"]
+    assert got["measured"] == peak_activation_bytes(result.model) <= limit
+    assert got["predicted"] == pytest.approx(got["measured"], rel=1e-9)  # exact rows
+    assert result.importance_kept < free.importance_kept
+    summary = result.summary()
+    assert summary["max_activation_bytes"] == limit and summary["activation_bytes_limit_met"]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out, want = result.model(x), fxprune.masked_forward(result.analysis, result.plan, x)
+    assert rel_err(out, want) < 1e-4
+    with pytest.raises(fxprune.InfeasibleLimit, match="max_activation_bytes=1000 cannot"):
+        _compile(resnet, 0.8, tmp_path, max_activation_bytes=1000)  # less than the input
+
+
 def test_a_budget_the_dense_model_meets_is_pruned_for_a_limit_it_misses(resnet, tmp_path):
     dense = _compile(resnet, 1.0, tmp_path)
     assert dense.dense_meets_budget

@@ -39,6 +39,8 @@ def test_defaults_are_compiles_defaults():
     assert c.frontend == "auto"
     assert c.max_params is None and c.max_macs is None and c.limits() == {}
     assert CompileConfig(max_macs=10, max_params=5).limits() == {"params": 5, "macs": 10}
+    both = CompileConfig(max_activation_bytes=7, max_params=5).limits()
+    assert list(both.items()) == [("params", 5), ("activation_bytes", 7)]
     assert UnconstrainedConfig().reads == "measure"
     assert CompileConfig(unconstrained=UnconstrainedConfig()).coupling == "unconstrained"
 
@@ -79,6 +81,16 @@ BAD = [
     (lambda: CompileConfig(max_params=True), "CompileConfig.max_params", "integer ≥ 1"),
     (lambda: CompileConfig(max_macs=-5), "CompileConfig.max_macs", "integer ≥ 1 or None"),
     (lambda: CompileConfig(max_macs="1G"), "CompileConfig.max_macs", "integer ≥ 1"),
+    (
+        lambda: CompileConfig(max_activation_bytes=0),
+        "CompileConfig.max_activation_bytes",
+        "integer ≥ 1 or None",
+    ),
+    (
+        lambda: CompileConfig(max_activation_bytes=2.5e6),
+        "CompileConfig.max_activation_bytes",
+        "integer ≥ 1",
+    ),
 ]
 
 
