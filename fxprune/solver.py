@@ -129,8 +129,9 @@ class InfeasibleBudget(FxpruneError):
 
 
 class InfeasibleLimit(FxpruneError):
-    """No plan keeps resource ``resource`` (``"params"``, ``"macs"``, ``"activation_bytes"``)
-    within ``limit``, whatever the latency budget; ``minimum`` is the smallest reachable.
+    """No plan keeps resource ``resource`` (``"params"``, ``"macs"``, ``"activation_bytes"``,
+    ``"latency@<runtime>"``: a budget on a further backend) within ``limit``, whatever the
+    latency budget; ``minimum`` is the smallest reachable.
 
     Not an :class:`InfeasibleBudget`: raising the latency budget would not help.
     """
@@ -139,6 +140,14 @@ class InfeasibleLimit(FxpruneError):
         self.resource = resource
         self.limit = limit
         self.minimum = minimum
+        if resource.startswith("latency@"):  # a budget on a further backend
+            super().__init__(
+                f"The latency budget {limit:.4g} ms on {resource.removeprefix('latency@')} "
+                f"cannot be met: the smallest latency this model can reach there under the "
+                f"allowed channel counts is {minimum:.4g} ms. Raise that budget "
+                "(CompileConfig(also=...)) to at least that."
+            )
+            return
         known = ("params", "macs", "activation_bytes")
         setting = f" (CompileConfig(max_{resource}=...))" if resource in known else ""
         super().__init__(

@@ -228,6 +228,7 @@ def build_problem(
     max_params: int | None = None,
     max_macs: int | None = None,
     max_activation_bytes: int | None = None,
+    also: Mapping[str, LatencyModel] | None = None,
 ) -> PruningProblem:
     """Translate an analysed model, its importance and its latency model into a Problem.
 
@@ -245,6 +246,9 @@ def build_problem(
         max_activation_bytes: a limit on the pruned model's peak activation memory
             (:func:`~fxprune.analysis.liveness.peak_activation_bytes` at the example inputs'
             shapes): one row per live set (:mod:`fxprune.pipeline.memory`); None: no limit.
+        also: latency models of further backends by label: each a resource
+            ``"latency@<label>"`` priced like the latency (its own tables and calibration, the
+            same groups), with no limit yet (the budget loop sets it per round).
     """
     grids = latency.tables.group_grids
     free = _free_groups(analysis, grids, include_inexact)
@@ -264,6 +268,9 @@ def build_problem(
     if max_activation_bytes is not None:
         peak = activation_resource(analysis, axes, block_groups, max_activation_bytes)
         resources = (*resources, peak)
+    for label, other in (also or {}).items():  # may add derived groups over its grids
+        priced = _ops(analysis, other, axes, block_groups)
+        resources = (*resources, Resource(f"latency@{label}", priced, np.inf, float(other.b)))
     problem = Problem(
         groups=(*specs.values(), *axes.derived.values()),
         ops=ops,

@@ -24,6 +24,7 @@ from fxprune.backends import LatencyCache
 from fxprune.core.errors import ConfigError
 from fxprune.latency.tables import LatencyConfig
 from fxprune.pipeline.config import LEGACY_KEYWORDS, config_from_keywords
+from fxprune.pipeline.result import Budget
 
 
 def test_defaults_are_compiles_defaults():
@@ -91,6 +92,10 @@ BAD = [
         "CompileConfig.max_activation_bytes",
         "integer ≥ 1",
     ),
+    (lambda: CompileConfig(also="torch"), "CompileConfig.also", "(backend, latency budget) pairs"),
+    (lambda: CompileConfig(also=[("torch",)]), "CompileConfig.also", "pairs"),
+    (lambda: CompileConfig(also=[(3, 0.5)]), "CompileConfig.also", "a backend name or a Backend"),
+    (lambda: CompileConfig(also=[("torch", 1.5)]), "CompileConfig.also", "must be in (0, 1]"),
 ]
 
 
@@ -110,6 +115,8 @@ def test_good_values_are_kept_and_the_config_is_frozen(tmp_path):
         leaf_modules=[nn.MultiheadAttention, "layer1.0"], cache=tmp_path, frontend="fx"
     )
     assert c.leaf_modules == (nn.MultiheadAttention, "layer1.0")  # a list becomes a tuple
+    also = CompileConfig(also=[["torch", "25ms"], ("inductor", 0.5)]).also
+    assert also == (("torch", Budget.ms(25.0)), ("inductor", Budget.of_dense(0.5)))
     assert isinstance(c.latency_cache(), LatencyCache)
     assert LoopConfig(tolerance=0, margin=0, slack=0).tolerance == 0  # 0 is allowed
     with pytest.raises(dataclasses.FrozenInstanceError):
