@@ -56,6 +56,7 @@ from fxprune.rewrite.api import ExportSpec, prune
 from fxprune.rewrite.prune import RewriteInfo, rewrite
 from fxprune.solver import (
     InfeasibleBudget,
+    InfeasibleLimit,
     Solution,
     solve_knapsack,
     solve_minlp,
@@ -416,14 +417,46 @@ def _solve_round(
 
     Raises:
         InfeasibleBudget: in the first round, when not even the budget itself is reachable.
+        InfeasibleLimit: in the first round, when a further backend's budget is out of reach
+            (or any resource limit).
     """
-    solve = run.config.solve
-    opts = {"time_limit": solve.time_limit, "gap": solve.gap}
     also_budgets = also_budgets or {}
     margin = 1 - run.config.loop.margin
+    targets = {label: ms * margin for label, ms in also_budgets.items()}
     try:
-        targets = {label: ms * margin for label, ms in also_budgets.items()}
-        return _solve(solve.solver, _with_also(pp, targets), target, warm, opts)
+        return _solve_budget(
+            run, priced, _with_also(pp, targets), r, target, budget_ms, dense_ms, warm
+        )
+    except InfeasibleLimit as exc:
+        if not exc.resource.startswith("latency@"):
+            raise
+    try:  # the minimum there may lie between its target and its budget: try the budget
+        return _solve_budget(
+            run, priced, _with_also(pp, also_budgets), r, target, budget_ms, dense_ms, warm
+        )
+    except InfeasibleLimit as exc:
+        if r == 0 or not exc.resource.startswith("latency@"):
+            raise
+        run.log.say(f"round {r}: the budget on {exc.resource} is out of reach re-calibrated")
+        return None
+
+
+def _solve_budget(
+    run: _Run,
+    priced: _Priced,
+    pp: PruningProblem,
+    r: int,
+    target: float,
+    budget_ms: float,
+    dense_ms: float,
+    warm: Solution | None,
+) -> Solution | None:
+    """:func:`_solve_round` for the latency budget, the further backends' rows as ``pp`` has
+    them: in round 0 a target out of reach is retried at the budget itself."""
+    solve = run.config.solve
+    opts = {"time_limit": solve.time_limit, "gap": solve.gap}
+    try:
+        return _solve(solve.solver, pp, target, warm, opts)
     except InfeasibleBudget as exc:
         if r > 0:
             run.log.say(f"round {r}: the re-calibrated target {target:.3f} ms is out of reach")
@@ -431,7 +464,7 @@ def _solve_round(
         try:  # the minimum may lie between the target and the budget: try the budget
             if not exc.min_latency <= budget_ms:  # (also catches NaN)
                 raise
-            return _solve(solve.solver, _with_also(pp, also_budgets), budget_ms, warm, opts)
+            return _solve(solve.solver, pp, budget_ms, warm, opts)
         except InfeasibleBudget as again:
             allow = run.config.allow_block_removal
             raise InfeasibleBudget(

@@ -222,6 +222,9 @@ def test_budgets_on_two_backends_each_hold_as_measured_there(resnet, tmp_path):
     # and the reverse: a loose second budget leaves the first's plan as it was alone
     loose = _compile(resnet, 0.6, tmp_path, also=((other, 0.999),))
     assert loose.limits_met and loose.importance_kept == pytest.approx(alone.importance_kept)
+    with pytest.raises(fxprune.InfeasibleLimit, match="ms on highres cannot be met") as info:
+        _compile(resnet, 0.95, tmp_path, also=((other, 0.01),))
+    assert info.value.resource == "latency@highres" and info.value.minimum > info.value.limit
 
 
 def test_a_budget_the_dense_model_meets_is_pruned_for_a_limit_it_misses(resnet, tmp_path):
