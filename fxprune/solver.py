@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,7 @@ __all__ = [
     "default_time_limit",
     "derived_option",
     "evaluate",
+    "every_choice",
     "min_latency",
     "min_resource",
     "share",
@@ -1050,13 +1051,13 @@ def _uniform(
     return (value, choice, latency) if fits(choice) else None
 
 
-def brute_force(problem: Problem, budget: float) -> Solution:
-    """Enumerate every choice (tiny problems only): the reference optimum for tests."""
+def every_choice(problem: Problem) -> Iterator[tuple[dict[str, int], frozenset[str]]]:
+    """Every (choice, removed blocks) of a problem: each set of removed blocks, and each option
+    of every free group (0 inside a removed block, a kept count elsewhere). Tiny problems only."""
     import itertools
 
     names = [g.name for g in _free(problem)]
     blocks = [b.name for b in problem.blocks]
-    best = None
     for removed_bits in itertools.product((0, 1), repeat=len(blocks)):
         removed = frozenset(b for b, r in zip(blocks, removed_bits, strict=True) if r)
         ranges = []
@@ -1066,20 +1067,26 @@ def brute_force(problem: Problem, budget: float) -> Solution:
             else:
                 ranges.append([k for k, c in enumerate(g.counts) if c > 0])
         for combo in itertools.product(*ranges):
-            choice = dict(zip(names, combo, strict=True))
-            value, latency = evaluate(problem, choice, removed)
-            if latency > budget + 1e-9 or not within_limits(problem, choice, removed):
-                continue
-            if best is None or value > best.objective + 1e-12:
-                best = Solution(
-                    choice,
-                    removed,
-                    value,
-                    latency,
-                    "optimal",
-                    solver="brute-force",
-                    resources=usage(problem, choice, removed),
-                )
+            yield dict(zip(names, combo, strict=True)), removed
+
+
+def brute_force(problem: Problem, budget: float) -> Solution:
+    """Enumerate every choice (tiny problems only): the reference optimum for tests."""
+    best = None
+    for choice, removed in every_choice(problem):
+        value, latency = evaluate(problem, choice, removed)
+        if latency > budget + 1e-9 or not within_limits(problem, choice, removed):
+            continue
+        if best is None or value > best.objective + 1e-12:
+            best = Solution(
+                choice,
+                removed,
+                value,
+                latency,
+                "optimal",
+                solver="brute-force",
+                resources=usage(problem, choice, removed),
+            )
     if best is None:
         raise InfeasibleBudget(budget, float("nan"))
     return best

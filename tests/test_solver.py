@@ -26,6 +26,7 @@ from fxprune.solver import (
     complete,
     default_time_limit,
     evaluate,
+    every_choice,
     min_latency,
     min_resource,
     solve_knapsack,
@@ -301,6 +302,18 @@ def _with_params(problem: Problem, frac: float) -> Problem:
     return dataclasses.replace(problem, resources=(limited,))
 
 
+def _brute_force_and_minlp(problem: Problem, budget: float) -> tuple:
+    """(brute force's optimum, SCIP's at gap 0); (None, None) when no plan fits, after
+    checking that SCIP says so too."""
+    try:
+        want = brute_force(problem, budget)
+    except InfeasibleBudget:
+        with pytest.raises((InfeasibleBudget, InfeasibleLimit)):
+            solve_minlp(problem, budget)
+        return None, None
+    return want, solve_minlp(problem, budget, gap=0.0)
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=problems(), frac=st.floats(0.3, 1.0), params=st.floats(0.05, 1.0))
 def test_minlp_matches_brute_force_under_a_resource_limit(problem, frac, params):
@@ -308,14 +321,10 @@ def test_minlp_matches_brute_force_under_a_resource_limit(problem, frac, params)
     problem = _with_params(problem, params)
     limit = problem.resources[0].limit
     budget = frac * evaluate(problem, _full(problem), set())[1]
-    try:
-        want = brute_force(problem, budget)
-    except InfeasibleBudget:
-        with pytest.raises((InfeasibleBudget, InfeasibleLimit)):
-            solve_minlp(problem, budget)
+    want, got = _brute_force_and_minlp(problem, budget)
+    if want is None:
         return
     assert want.resources["params"] <= limit + 1e-6
-    got = solve_minlp(problem, budget, gap=0.0)
     assert got.latency <= budget + 1e-6
     assert got.resources == pytest.approx(usage(problem, got.choice, got.removed))
     assert got.resources["params"] <= limit * (1 + 1e-9) + 1e-9
@@ -378,20 +387,6 @@ def _with_peak(problem: Problem, frac: float) -> Problem:
     return dataclasses.replace(problem, resources=(limited,))
 
 
-def _choices(problem: Problem):
-    """Every (choice, removed) of a small problem."""
-    blocks = [b.name for b in problem.blocks]
-    free = [g for g in problem.groups if not g.sum_of]
-    for bits in itertools.product((0, 1), repeat=len(blocks)):
-        removed = frozenset(b for b, r in zip(blocks, bits, strict=True) if r)
-        ranges = [
-            [0] if g.block in removed else [k for k, c in enumerate(g.counts) if c > 0]
-            for g in free
-        ]
-        for combo in itertools.product(*ranges):
-            yield dict(zip((g.name for g in free), combo, strict=True)), removed
-
-
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=problems(), frac=st.floats(0.3, 1.0), peak=st.floats(0.05, 1.0))
 def test_minlp_matches_brute_force_under_a_peak_limit(problem, frac, peak):
@@ -401,13 +396,9 @@ def test_minlp_matches_brute_force_under_a_peak_limit(problem, frac, peak):
     (resource,) = problem.resources
     assert len(resource.rows) >= 2
     budget = frac * evaluate(problem, _full(problem), set())[1]
-    try:
-        want = brute_force(problem, budget)
-    except InfeasibleBudget:
-        with pytest.raises((InfeasibleBudget, InfeasibleLimit)):
-            solve_minlp(problem, budget)
+    want, got = _brute_force_and_minlp(problem, budget)
+    if want is None:
         return
-    got = solve_minlp(problem, budget, gap=0.0)
     rows = [
         sum(
             float(op.table[0, complete(problem, got.choice)[op.out_group] if op.out_group else 0])
@@ -421,7 +412,7 @@ def test_minlp_matches_brute_force_under_a_peak_limit(problem, frac, peak):
     assert max(rows) <= resource.limit * (1 + 1e-9) + 1e-9
     assert got.latency <= budget + 1e-6
     assert got.objective == pytest.approx(want.objective, rel=1e-6, abs=1e-9)
-    least = min(usage(problem, c, r)["activation_bytes"] for c, r in _choices(problem))
+    least = min(usage(problem, c, r)["activation_bytes"] for c, r in every_choice(problem))
     assert min_resource(problem, "activation_bytes") == pytest.approx(least)
     for solver in (solve_knapsack, solve_uniform):  # the baselines keep every row
         try:

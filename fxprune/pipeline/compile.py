@@ -413,68 +413,54 @@ def _solve_round(
 ) -> Solution | None:
     """Round ``r``'s solution for ``target`` ms (and each further backend's budget, less the
     loop's margin, as its row's limit); None when a later round's target is out of reach (the
-    loop stops with what it has).
+    loop stops with what it has). In round 0, a target out of reach is retried at the budget
+    itself (the minimum may lie between them), on every backend.
 
     Raises:
         InfeasibleBudget: in the first round, when not even the budget itself is reachable.
         InfeasibleLimit: in the first round, when a further backend's budget is out of reach
             (or any resource limit).
     """
+    solve = run.config.solve
+    opts = {"time_limit": solve.time_limit, "gap": solve.gap}
+
+    def at(also_limits: dict[str, float]) -> Solution | None:
+        limited = _with_also(pp, also_limits)
+        try:
+            return _solve(solve.solver, limited, target, warm, opts)
+        except InfeasibleBudget as exc:
+            if r > 0:
+                run.log.say(f"round {r}: the re-calibrated target {target:.3f} ms is out of reach")
+                return None
+            try:  # the minimum may lie between the target and the budget: try the budget
+                if not exc.min_latency <= budget_ms:  # (also catches NaN)
+                    raise
+                return _solve(solve.solver, limited, budget_ms, warm, opts)
+            except InfeasibleBudget as again:
+                allow = run.config.allow_block_removal
+                raise InfeasibleBudget(
+                    budget_ms,
+                    again.min_latency,
+                    dense_ms,
+                    block_removal=_block_removal_hint(pp, solve.solver, allow, priced.problem),
+                    layout_block=_layout_floor_hint(priced.analysis, priced.tables),
+                    limits=again.limits,
+                ) from None
+
     also_budgets = also_budgets or {}
     margin = 1 - run.config.loop.margin
-    targets = {label: ms * margin for label, ms in also_budgets.items()}
     try:
-        return _solve_budget(
-            run, priced, _with_also(pp, targets), r, target, budget_ms, dense_ms, warm
-        )
+        return at({label: ms * margin for label, ms in also_budgets.items()})
     except InfeasibleLimit as exc:
         if not exc.resource.startswith("latency@"):
             raise
-    try:  # the minimum there may lie between its target and its budget: try the budget
-        return _solve_budget(
-            run, priced, _with_also(pp, also_budgets), r, target, budget_ms, dense_ms, warm
-        )
+    try:
+        return at(also_budgets)
     except InfeasibleLimit as exc:
         if r == 0 or not exc.resource.startswith("latency@"):
             raise
         run.log.say(f"round {r}: the budget on {exc.resource} is out of reach re-calibrated")
         return None
-
-
-def _solve_budget(
-    run: _Run,
-    priced: _Priced,
-    pp: PruningProblem,
-    r: int,
-    target: float,
-    budget_ms: float,
-    dense_ms: float,
-    warm: Solution | None,
-) -> Solution | None:
-    """:func:`_solve_round` for the latency budget, the further backends' rows as ``pp`` has
-    them: in round 0 a target out of reach is retried at the budget itself."""
-    solve = run.config.solve
-    opts = {"time_limit": solve.time_limit, "gap": solve.gap}
-    try:
-        return _solve(solve.solver, pp, target, warm, opts)
-    except InfeasibleBudget as exc:
-        if r > 0:
-            run.log.say(f"round {r}: the re-calibrated target {target:.3f} ms is out of reach")
-            return None
-        try:  # the minimum may lie between the target and the budget: try the budget
-            if not exc.min_latency <= budget_ms:  # (also catches NaN)
-                raise
-            return _solve(solve.solver, pp, budget_ms, warm, opts)
-        except InfeasibleBudget as again:
-            allow = run.config.allow_block_removal
-            raise InfeasibleBudget(
-                budget_ms,
-                again.min_latency,
-                dense_ms,
-                block_removal=_block_removal_hint(pp, solve.solver, allow, priced.problem),
-                layout_block=_layout_floor_hint(priced.analysis, priced.tables),
-                limits=again.limits,
-            ) from None
 
 
 def _with_also(pp: PruningProblem, limits: dict[str, float]) -> PruningProblem:

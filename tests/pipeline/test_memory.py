@@ -7,8 +7,6 @@ unreachable limit names itself and the smallest peak any plan reaches.
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 from fake_backend import FakeBackend
@@ -22,7 +20,15 @@ from fxprune.backends import LatencyCache
 from fxprune.latency.predictor import LatencyModel
 from fxprune.latency.tables import LatencyConfig, annotate_latency
 from fxprune.pipeline.problem import build_problem
-from fxprune.solver import InfeasibleLimit, Solution, brute_force, evaluate, solve_minlp, usage
+from fxprune.solver import (
+    InfeasibleLimit,
+    Solution,
+    brute_force,
+    evaluate,
+    every_choice,
+    solve_minlp,
+    usage,
+)
 
 QUIET = LatencyConfig(progress=False, unit_timing="wall")
 
@@ -69,23 +75,6 @@ def _problem(priced, limit: int):
     )
 
 
-def _every_solution(pp):
-    """Every (choice, removed blocks) of the problem, as solutions."""
-    problem = pp.problem
-    free = [problem.group(n) for n in pp.group_names]
-    blocks = [b.name for b in problem.blocks]
-    for bits in itertools.product((0, 1), repeat=len(blocks)):
-        removed = frozenset(b for b, r in zip(blocks, bits, strict=True) if r)
-        ranges = [
-            [0] if g.block in removed else [k for k, c in enumerate(g.counts) if c > 0]
-            for g in free
-        ]
-        for combo in itertools.product(*ranges):
-            choice = dict(zip(pp.group_names, combo, strict=True))
-            value, lat = evaluate(problem, choice, removed)
-            yield Solution(choice, removed, value, lat, "enumerated")
-
-
 @pytest.mark.parametrize(("frac", "removes"), [(0.85, False), (0.6, False), (0.3, True)])
 def test_plan_meets_the_peak_limit_optimally_and_counts_as_predicted(priced, frac, removes):
     analysis, _, x = priced
@@ -110,14 +99,11 @@ def test_plan_meets_the_peak_limit_optimally_and_counts_as_predicted(priced, fra
 def test_an_unreachable_peak_limit_names_itself_and_the_smallest_peak(priced):
     analysis, _, _ = priced
     pp = _problem(priced, peak_activation_bytes(analysis.gm))
-    least = min(
-        usage(pp.problem, s.choice, s.removed)["activation_bytes"] for s in _every_solution(pp)
+    choice, removed = min(
+        every_choice(pp.problem), key=lambda c: usage(pp.problem, *c)["activation_bytes"]
     )
-    smallest = next(
-        s
-        for s in _every_solution(pp)
-        if usage(pp.problem, s.choice, s.removed)["activation_bytes"] == least
-    )
+    least = usage(pp.problem, choice, removed)["activation_bytes"]
+    smallest = Solution(choice, removed, *evaluate(pp.problem, choice, removed), "enumerated")
     assert peak_activation_bytes(fxprune.prune(analysis, pp.plan(smallest))) == least
     too_low = _problem(priced, least - 1)
     with pytest.raises(InfeasibleLimit, match="max_activation_bytes=") as info:
