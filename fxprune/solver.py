@@ -467,6 +467,8 @@ def _build(problem: Problem, budget: float | None, objective: str) -> _Milp:
     for r in problem.resources:  # the same exact linearisation, one more row each
         rows = []
         for i, row in enumerate(r.rows):
+            if objective != f"resource:{r.name}" and _row_max(row) <= r.limit:
+                continue  # it can never bind (most live sets under a peak limit)
             tag = r.name if i == 0 else f"{r.name}#{i}:"
             used = [t for o, op in enumerate(row.ops) for t in _op_terms(milp, problem, o, op, tag)]
             rows.append(quicksum(used) + row.const)
@@ -486,6 +488,11 @@ def _build(problem: Problem, budget: float | None, objective: str) -> _Milp:
     else:
         m.setObjective(minimised, "minimize")
     return milp
+
+
+def _row_max(row: Row) -> float:
+    """An upper bound of a row over every choice: each op at its largest cell (0 if gated)."""
+    return row.const + sum(max(float(np.max(op.table)), 0.0) for op in row.ops)
 
 
 def _is(group: str, k: int) -> _ValueOf:
@@ -928,6 +935,7 @@ def _knapsack_search(
         (r.limit, _cost(row.ops, row.const, full, set()), _linearised_costs(problem, row.ops))
         for r in problem.resources
         for row in r.rows
+        if _row_max(row) > r.limit  # the others can never bind
     ]
     floors = [use + sum(c.min() for c in rc.values()) for _, use, rc in rows]
 
