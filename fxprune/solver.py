@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +39,7 @@ __all__ = [
     "OpCost",
     "Problem",
     "Resource",
+    "Row",
     "Solution",
     "WarmStart",
     "brute_force",
@@ -47,6 +48,7 @@ __all__ = [
     "default_time_limit",
     "derived_option",
     "evaluate",
+    "every_choice",
     "min_latency",
     "min_resource",
     "share",
@@ -128,8 +130,9 @@ class InfeasibleBudget(FxpruneError):
 
 
 class InfeasibleLimit(FxpruneError):
-    """No plan keeps resource ``resource`` (``"params"``, ``"macs"``, …) within ``limit``,
-    whatever the latency budget; ``minimum`` is the smallest amount reachable.
+    """No plan keeps resource ``resource`` (``"params"``, ``"macs"``, ``"activation_bytes"``,
+    ``"latency@<runtime>"``: a budget on a further backend) within ``limit``, whatever the
+    latency budget; ``minimum`` is the smallest reachable.
 
     Not an :class:`InfeasibleBudget`: raising the latency budget would not help.
     """
@@ -138,7 +141,16 @@ class InfeasibleLimit(FxpruneError):
         self.resource = resource
         self.limit = limit
         self.minimum = minimum
-        setting = f" (CompileConfig(max_{resource}=...))" if resource in ("params", "macs") else ""
+        if resource.startswith("latency@"):  # a budget on a further backend
+            super().__init__(
+                f"The latency budget {limit:.4g} ms on {resource.removeprefix('latency@')} "
+                f"cannot be met: the smallest latency this model can reach there under the "
+                f"allowed channel counts is {minimum:.4g} ms. Raise that budget "
+                "(CompileConfig(also=...)) to at least that."
+            )
+            return
+        known = ("params", "macs", "activation_bytes")
+        setting = f" (CompileConfig(max_{resource}=...))" if resource in known else ""
         super().__init__(
             f"The {resource} limit max_{resource}={limit:.0f} cannot be met: the smallest "
             f"{resource} this model can reach under the allowed channel counts is "
@@ -191,18 +203,37 @@ class BlockSpec:
 
 
 @dataclass(frozen=True)
+class Row:
+    """One linear row of a resource: ``const + Σ_op y_inᵀ T_op y_out``."""
+
+    ops: tuple[OpCost, ...]
+    const: float = 0.0
+
+
+@dataclass(frozen=True)
 class Resource:
     """A resource besides latency with a limit: ``const + Σ_op y_inᵀ T_op y_out ≤ limit``.
 
     Its ops are tables over group options exactly like the latency ops (parameters and MACs
     of a layer are products of its kept input and output counts), so the MILP adds one more
     exactly linearised row, and a removed block's ops cost nothing here either.
+
+    A *peak* resource (peak activation memory: the largest live set over the execution order)
+    is the largest of several such sums: ``more_rows`` holds the others. ``peak ≤ limit`` iff
+    every row is, so each is one more row of the MILP (no max variable); its usage is the
+    largest row.
     """
 
     name: str
     ops: tuple[OpCost, ...]
     limit: float
     const: float = 0.0  # what the groups do not change
+    more_rows: tuple[Row, ...] = ()
+
+    @property
+    def rows(self) -> tuple[Row, ...]:
+        """Every row: ``(ops, const)`` first, then ``more_rows``."""
+        return (Row(self.ops, self.const), *self.more_rows)
 
 
 @dataclass(frozen=True)
@@ -344,7 +375,10 @@ def usage(
 ) -> dict[str, float]:
     """Per limited resource of ``problem``, what a choice uses (exact, like :func:`evaluate`)."""
     choice = complete(problem, choice)
-    return {r.name: _cost(r.ops, r.const, choice, removed) for r in problem.resources}
+    return {
+        r.name: max(_cost(row.ops, row.const, choice, removed) for row in r.rows)
+        for r in problem.resources
+    }
 
 
 def within_limits(
@@ -368,7 +402,8 @@ def _full_choice(problem: Problem) -> dict[str, int]:
 def _check(problem: Problem) -> None:
     names = {g.name for g in problem.groups}
     blocks = {b.name for b in problem.blocks}
-    for op in (*problem.ops, *(op for r in problem.resources for op in r.ops)):
+    resource_ops = (op for r in problem.resources for row in r.rows for op in row.ops)
+    for op in (*problem.ops, *resource_ops):
         shape = (
             len(problem.group(op.in_group).counts) if op.in_group else 1,
             len(problem.group(op.out_group).counts) if op.out_group else 1,
@@ -428,19 +463,36 @@ def _build(problem: Problem, budget: float | None, objective: str) -> _Milp:
     )
     if budget is not None:
         m.addCons(latency <= budget)
-    rows = {}
+    minimised = None
     for r in problem.resources:  # the same exact linearisation, one more row each
-        used = [t for o, op in enumerate(r.ops) for t in _op_terms(milp, problem, o, op, r.name)]
-        rows[r.name] = quicksum(used) + r.const
+        rows = []
+        for i, row in enumerate(r.rows):
+            if objective != f"resource:{r.name}" and _row_max(row) <= r.limit:
+                continue  # it can never bind (most live sets under a peak limit)
+            tag = r.name if i == 0 else f"{r.name}#{i}:"
+            used = [t for o, op in enumerate(row.ops) for t in _op_terms(milp, problem, o, op, tag)]
+            rows.append(quicksum(used) + row.const)
         if objective != f"resource:{r.name}":
-            m.addCons(rows[r.name] <= r.limit)
+            for row in rows:
+                m.addCons(row <= r.limit)
+        elif len(rows) == 1:
+            minimised = rows[0]
+        else:  # a peak: minimise a bound above every row
+            minimised = m.addVar(f"peak[{r.name}]", lb=None)
+            for row in rows:
+                m.addCons(minimised >= row)
     if objective == "importance":
         m.setObjective(value, "maximize")
     elif objective == "latency":
         m.setObjective(latency, "minimize")
     else:
-        m.setObjective(rows[objective.removeprefix("resource:")], "minimize")
+        m.setObjective(minimised, "minimize")
     return milp
+
+
+def _row_max(row: Row) -> float:
+    """An upper bound of a row over every choice: each op at its largest cell (0 if gated)."""
+    return row.const + sum(max(float(np.max(op.table)), 0.0) for op in row.ops)
 
 
 def _is(group: str, k: int) -> _ValueOf:
@@ -577,7 +629,14 @@ def channels_only(problem: Problem) -> Problem:
             out.append(OpCost(op.name, op.in_group, op.out_group, t, None))
         return tuple(out)
 
-    resources = tuple(dataclasses.replace(r, ops=keep_all(r.ops)) for r in problem.resources)
+    resources = tuple(
+        dataclasses.replace(
+            r,
+            ops=keep_all(r.ops),
+            more_rows=tuple(Row(keep_all(row.ops), row.const) for row in r.more_rows),
+        )
+        for r in problem.resources
+    )
     return Problem(groups, keep_all(problem.ops), (), problem.const, resources)
 
 
@@ -870,9 +929,15 @@ def _knapsack_search(
     full_choice = _full_choice(problem)
     _, full_latency = evaluate(problem, full_choice, set())
     costs = _linearised_costs(problem)
-    full_use = usage(problem, full_choice, set())
-    rows = [(r, _linearised_costs(problem, r.ops)) for r in problem.resources]
-    floors = [full_use[r.name] + sum(c.min() for c in rc.values()) for r, rc in rows]
+    full = complete(problem, full_choice)
+    # every row of every resource: (its limit, its use at full width, its linearised costs)
+    rows = [
+        (r.limit, _cost(row.ops, row.const, full, set()), _linearised_costs(problem, row.ops))
+        for r in problem.resources
+        for row in r.rows
+        if _row_max(row) > r.limit  # the others can never bind
+    ]
+    floors = [use + sum(c.min() for c in rc.values()) for _, use, rc in rows]
 
     best: tuple[float, dict[str, int], float] | None = None
     lo, hi = full_latency + sum(c.min() for c in costs.values()), budget
@@ -884,8 +949,8 @@ def _knapsack_search(
         # linearised floor to its limit as the latency cap is from its floor to the budget
         step = (cap - floor) / (budget - floor) if budget > floor else 1.0
         extra = [
-            (rc, f + step * (r.limit - f) - full_use[r.name])
-            for (r, rc), f in zip(rows, floors, strict=True)
+            (rc, f + step * (limit - f) - use)
+            for (limit, use, rc), f in zip(rows, floors, strict=True)
         ]
         choice = _knapsack(problem, costs, cap - full_latency, time_limit, gap, extra)
         if choice is None:
@@ -994,13 +1059,13 @@ def _uniform(
     return (value, choice, latency) if fits(choice) else None
 
 
-def brute_force(problem: Problem, budget: float) -> Solution:
-    """Enumerate every choice (tiny problems only): the reference optimum for tests."""
+def every_choice(problem: Problem) -> Iterator[tuple[dict[str, int], frozenset[str]]]:
+    """Every (choice, removed blocks) of a problem: each set of removed blocks, and each option
+    of every free group (0 inside a removed block, a kept count elsewhere). Tiny problems only."""
     import itertools
 
     names = [g.name for g in _free(problem)]
     blocks = [b.name for b in problem.blocks]
-    best = None
     for removed_bits in itertools.product((0, 1), repeat=len(blocks)):
         removed = frozenset(b for b, r in zip(blocks, removed_bits, strict=True) if r)
         ranges = []
@@ -1010,20 +1075,26 @@ def brute_force(problem: Problem, budget: float) -> Solution:
             else:
                 ranges.append([k for k, c in enumerate(g.counts) if c > 0])
         for combo in itertools.product(*ranges):
-            choice = dict(zip(names, combo, strict=True))
-            value, latency = evaluate(problem, choice, removed)
-            if latency > budget + 1e-9 or not within_limits(problem, choice, removed):
-                continue
-            if best is None or value > best.objective + 1e-12:
-                best = Solution(
-                    choice,
-                    removed,
-                    value,
-                    latency,
-                    "optimal",
-                    solver="brute-force",
-                    resources=usage(problem, choice, removed),
-                )
+            yield dict(zip(names, combo, strict=True)), removed
+
+
+def brute_force(problem: Problem, budget: float) -> Solution:
+    """Enumerate every choice (tiny problems only): the reference optimum for tests."""
+    best = None
+    for choice, removed in every_choice(problem):
+        value, latency = evaluate(problem, choice, removed)
+        if latency > budget + 1e-9 or not within_limits(problem, choice, removed):
+            continue
+        if best is None or value > best.objective + 1e-12:
+            best = Solution(
+                choice,
+                removed,
+                value,
+                latency,
+                "optimal",
+                solver="brute-force",
+                resources=usage(problem, choice, removed),
+            )
     if best is None:
         raise InfeasibleBudget(budget, float("nan"))
     return best

@@ -20,12 +20,15 @@ from fxprune.solver import (
     OpCost,
     Problem,
     Resource,
+    Row,
     brute_force,
     channels_only,
     complete,
     default_time_limit,
     evaluate,
+    every_choice,
     min_latency,
+    min_resource,
     solve_knapsack,
     solve_minlp,
     solve_uniform,
@@ -299,6 +302,18 @@ def _with_params(problem: Problem, frac: float) -> Problem:
     return dataclasses.replace(problem, resources=(limited,))
 
 
+def _brute_force_and_minlp(problem: Problem, budget: float) -> tuple:
+    """(brute force's optimum, SCIP's at gap 0); (None, None) when no plan fits, after
+    checking that SCIP says so too."""
+    try:
+        want = brute_force(problem, budget)
+    except InfeasibleBudget:
+        with pytest.raises((InfeasibleBudget, InfeasibleLimit)):
+            solve_minlp(problem, budget)
+        return None, None
+    return want, solve_minlp(problem, budget, gap=0.0)
+
+
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(problem=problems(), frac=st.floats(0.3, 1.0), params=st.floats(0.05, 1.0))
 def test_minlp_matches_brute_force_under_a_resource_limit(problem, frac, params):
@@ -306,14 +321,10 @@ def test_minlp_matches_brute_force_under_a_resource_limit(problem, frac, params)
     problem = _with_params(problem, params)
     limit = problem.resources[0].limit
     budget = frac * evaluate(problem, _full(problem), set())[1]
-    try:
-        want = brute_force(problem, budget)
-    except InfeasibleBudget:
-        with pytest.raises((InfeasibleBudget, InfeasibleLimit)):
-            solve_minlp(problem, budget)
+    want, got = _brute_force_and_minlp(problem, budget)
+    if want is None:
         return
     assert want.resources["params"] <= limit + 1e-6
-    got = solve_minlp(problem, budget, gap=0.0)
     assert got.latency <= budget + 1e-6
     assert got.resources == pytest.approx(usage(problem, got.choice, got.removed))
     assert got.resources["params"] <= limit * (1 + 1e-9) + 1e-9
@@ -349,3 +360,99 @@ def test_resource_limit_binds_and_an_unreachable_one_names_itself():
             dataclasses.replace(tiny, resources=(dataclasses.replace(params, limit=32),)), 2.5
         )
     assert info.value.min_latency == pytest.approx(3.0) and info.value.limits == {"params": 32}
+
+
+def _with_peak(problem: Problem, frac: float) -> Problem:
+    """``problem`` with a peak resource (activation bytes): one row per pair of neighbouring
+    free groups (bytes per kept channel and a constant), with terms gated by the block when
+    there is one (on an outside group, and a constant); limited to ``frac`` of the full
+    choice's peak."""
+    free = [g for g in problem.groups if not g.sum_of]
+    block = problem.blocks[0].name if problem.blocks else None
+    rows = []
+    for i, (a, b) in enumerate(itertools.pairwise(free)):
+        ops = [
+            OpCost(f"r{i}:{g.name}", None, g.name, (i + 2.0) * np.asarray([g.counts]), g.block)
+            for g in (a, b)
+        ]
+        if block is not None:  # a branch tensor on the outside group g0, and a frozen one
+            ops.append(
+                OpCost(f"r{i}:gated", None, "g0", np.asarray([free[0].counts], float), block)
+            )
+            ops.append(OpCost(f"r{i}:fixed", None, None, np.array([[5.0]]), block))
+        rows.append(Row(tuple(ops), 3.0 * i))
+    peak = Resource("activation_bytes", rows[0].ops, np.inf, rows[0].const, tuple(rows[1:]))
+    full = usage(dataclasses.replace(problem, resources=(peak,)), _full(problem), set())
+    limited = dataclasses.replace(peak, limit=frac * full["activation_bytes"])
+    return dataclasses.replace(problem, resources=(limited,))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problem=problems(), frac=st.floats(0.3, 1.0), peak=st.floats(0.05, 1.0))
+def test_minlp_matches_brute_force_under_a_peak_limit(problem, frac, peak):
+    """A peak is a max over rows, each one more row of the MILP: SCIP's optimum is brute
+    force's, its usage is its largest row, and it keeps within the limit."""
+    problem = _with_peak(problem, peak)
+    (resource,) = problem.resources
+    assert len(resource.rows) >= 2
+    budget = frac * evaluate(problem, _full(problem), set())[1]
+    want, got = _brute_force_and_minlp(problem, budget)
+    if want is None:
+        return
+    rows = [
+        sum(
+            float(op.table[0, complete(problem, got.choice)[op.out_group] if op.out_group else 0])
+            for op in row.ops
+            if op.block is None or op.block not in got.removed
+        )
+        + row.const
+        for row in resource.rows
+    ]
+    assert got.resources["activation_bytes"] == pytest.approx(max(rows))
+    assert max(rows) <= resource.limit * (1 + 1e-9) + 1e-9
+    assert got.latency <= budget + 1e-6
+    assert got.objective == pytest.approx(want.objective, rel=1e-6, abs=1e-9)
+    least = min(usage(problem, c, r)["activation_bytes"] for c, r in every_choice(problem))
+    assert min_resource(problem, "activation_bytes") == pytest.approx(least)
+    for solver in (solve_knapsack, solve_uniform):  # the baselines keep every row
+        try:
+            sol = solver(problem, budget)
+        except (InfeasibleBudget, InfeasibleLimit):  # channels only: blocks may be needed
+            continue
+        assert sol.resources["activation_bytes"] <= resource.limit * (1 + 1e-9) + 1e-9
+
+
+def test_peak_limit_binds_through_a_removed_block_and_an_unreachable_one_names_itself():
+    p = _tiny()  # stem (8, 16) → inner (0, 4, 8) in block blk
+    rows = (
+        Row(
+            (
+                OpCost("stem", None, "stem", np.array([[8.0, 16.0]])),
+                OpCost("inner", None, "inner", np.array([[0.0, 8.0, 16.0]]), "blk"),
+            )
+        ),
+        # the stem's output and the add's: the add's is gated with the block
+        Row(
+            (
+                OpCost("s", None, "stem", np.array([[8.0, 16.0]])),
+                OpCost("add", None, "stem", np.array([[8.0, 16.0]]), "blk"),
+            )
+        ),
+    )
+    peak = Resource("activation_bytes", rows[0].ops, 20.0, 0.0, rows[1:])
+    limited = dataclasses.replace(p, resources=(peak,))
+    sol = solve_minlp(limited, budget=100.0)
+    # stem 16 with the block kept peaks at 32; stem 8, inner 4 at 16 (importance 1.5); stem
+    # 16 without the block at 16 (importance 2.0)
+    assert sol.removed == {"blk"} and sol.counts(limited) == {"stem": 16, "inner": 0}
+    assert sol.resources == {"activation_bytes": 16.0}
+    assert brute_force(limited, 100.0).objective == pytest.approx(sol.objective)
+    tiny = dataclasses.replace(p, resources=(dataclasses.replace(peak, limit=7.0),))
+    with pytest.raises(InfeasibleLimit, match="max_activation_bytes=7 cannot be met") as info:
+        solve_minlp(tiny, budget=100.0)
+    assert info.value.resource == "activation_bytes" and info.value.minimum == pytest.approx(8.0)
+    assert "CompileConfig(max_activation_bytes=...)" in str(info.value)
+    # the channel-only baselines cannot remove the block: their smallest peak is 16
+    with pytest.raises(InfeasibleLimit) as info:
+        solve_uniform(tiny, budget=100.0)
+    assert info.value.minimum == pytest.approx(16.0)

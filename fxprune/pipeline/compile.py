@@ -23,6 +23,7 @@ work starts.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 import warnings
@@ -55,6 +56,7 @@ from fxprune.rewrite.api import ExportSpec, prune
 from fxprune.rewrite.prune import RewriteInfo, rewrite
 from fxprune.solver import (
     InfeasibleBudget,
+    InfeasibleLimit,
     Solution,
     solve_knapsack,
     solve_minlp,
@@ -115,7 +117,7 @@ def compile(
         )
     budget = Budget.parse(latency_budget)
     be = get_backend(backend) if isinstance(backend, str) else backend
-    run = _Run(config, be, budget, _Log(config.progress))
+    run = _Run(config, be, budget, _Log(config.progress), _further_backends(config))
     analysis = _analyse(run, model, example_inputs)
     dense = _dense_check(run, analysis)
     if dense is not None:
@@ -138,7 +140,21 @@ class _Run:
     backend: Backend
     budget: Budget
     log: _Log
+    #: further backends with their budgets (``CompileConfig.also``), by label
+    also: dict[str, tuple[Backend, Budget]] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+
+
+def _further_backends(config: CompileConfig) -> dict[str, tuple[Backend, Budget]]:
+    """``config.also`` by label (the runtime's name, made unique), backends resolved."""
+    out: dict[str, tuple[Backend, Budget]] = {}
+    for backend, budget in config.also:
+        be = get_backend(backend) if isinstance(backend, str) else backend
+        label = str(be.identity().get("runtime", type(be).__name__))
+        while label in out:
+            label += "'"
+        out[label] = (be, budget)
+    return out
 
 
 @dataclass
@@ -150,8 +166,11 @@ class _Priced:
     tables: LatencyTables
     latency: LatencyModel
     min_keep: float = 0.0
-    #: resource limits (``"params"`` / ``"macs"`` → limit), each a solver row
+    #: resource limits (``"params"`` / ``"macs"`` / ``"activation_bytes"`` → limit), each
+    #: a solver row (activation bytes: one row per live set)
     limits: dict[str, int] = field(default_factory=dict)
+    #: the latency models of ``CompileConfig.also``'s backends, by label (one row each)
+    also: dict[str, LatencyModel] = field(default_factory=dict)
 
     def problem(self, blocks: bool) -> PruningProblem:
         """The pruning problem under the latency model as calibrated now."""
@@ -164,6 +183,8 @@ class _Priced:
             min_keep=self.min_keep,
             max_params=self.limits.get("params"),
             max_macs=self.limits.get("macs"),
+            max_activation_bytes=self.limits.get("activation_bytes"),
+            also=self.also,
         )
 
 
@@ -198,6 +219,8 @@ def _dense_check(run: _Run, analysis: Analysis) -> CompileResult | None:
     budget = run.budget
     if budget.fraction is not None and budget.fraction < 1:
         return None  # a fraction below 1 the dense model never meets
+    if run.also:
+        return None  # budgets on further backends: the loop measures the plan on each
     with run.log.stage("measure the dense model", run.timings, "dense_s"):
         (m_d,) = _measure(run, [analysis.gm], analysis)
     if m_d.median_ms <= budget.resolve(m_d.median_ms) and all(
@@ -213,10 +236,17 @@ def _limits_met(run: _Run, model: fx.GraphModule) -> dict[str, bool]:
 
 
 def _count(resource: str, model: fx.GraphModule) -> int:
-    """A model's parameters or conv/linear MACs (as the result reports them)."""
+    """A model's parameters, conv/linear MACs or peak activation bytes (as the result
+    reports them)."""
+    from fxprune.analysis.liveness import peak_activation_bytes
     from fxprune.pipeline.report import count_macs, count_params
 
-    return count_params(model) if resource == "params" else count_macs(model)
+    counter = {
+        "params": count_params,
+        "macs": count_macs,
+        "activation_bytes": peak_activation_bytes,
+    }[resource]
+    return counter(model)
 
 
 def _importance(
@@ -235,24 +265,31 @@ def _importance(
 def _tables(run: _Run, analysis: Analysis, importance: Importance) -> _Priced:
     """Latency tables on the backend and the latency model built on them."""
     config = run.config
+    also = {}
     with run.log.stage("latency tables", run.timings, "tables_s", spin=False):  # its own bar
-        tables = annotate_latency(
-            analysis, run.backend, cache=config.latency_cache(), config=config.tables_config()
-        )
-    latency = LatencyModel(
-        analysis,
-        tables,
-        run.backend,
-        measure_config=config.measure,
-        sessions=config.loop.sessions,
-    )
+        # the further backends' first: the target's tables annotate the nodes last
+        for label, (backend, _) in run.also.items():
+            also[label] = _latency_model(run, analysis, backend)
+        latency = _latency_model(run, analysis, run.backend)
+    tables = latency.tables
     if config.in_model_scales:
         from fxprune.latency.in_model import in_model_factors
 
         with run.log.stage("in-model layer scales", run.timings, "in_model_s"):
             latency.set_scales(in_model_factors(analysis, tables, run.backend))
     return _Priced(
-        analysis, importance, tables, latency, config.objective.min_keep, config.limits()
+        analysis, importance, tables, latency, config.objective.min_keep, config.limits(), also
+    )
+
+
+def _latency_model(run: _Run, analysis: Analysis, backend: Backend) -> LatencyModel:
+    """Tables on ``backend`` and the latency model on them (calibrated on the dense model)."""
+    config = run.config
+    tables = annotate_latency(
+        analysis, backend, cache=config.latency_cache(), config=config.tables_config()
+    )
+    return LatencyModel(
+        analysis, tables, backend, measure_config=config.measure, sessions=config.loop.sessions
     )
 
 
@@ -286,14 +323,18 @@ def _budget_loop(
     loop, timings, log = run.config.loop, run.timings, run.log
     dense_ms = priced.tables.dense_ms
     budget_ms = run.budget.resolve(dense_ms)
+    also_dense = {label: m.tables.dense_ms for label, m in priced.also.items()}
     candidates: list[_Candidate] = []
     fitted: list[_Candidate] = []  # the rounds the latency model is refitted on
     warm = solution_from_plan(pp, start) if start is not None else None
     timings.update(solve_s=0.0, rewrite_s=0.0, measure_s=0.0)
     for r in range(loop.max_rounds):
         target = budget_ms * (1 - loop.margin)
+        also_budgets = {
+            label: budget.resolve(also_dense[label]) for label, (_, budget) in run.also.items()
+        }
         start = time.perf_counter()
-        sol = _solve_round(run, priced, pp, r, target, budget_ms, dense_ms, warm)
+        sol = _solve_round(run, priced, pp, r, target, budget_ms, dense_ms, warm, also_budgets)
         if sol is None:
             break
         timings["solve_s"] += time.perf_counter() - start
@@ -311,6 +352,8 @@ def _budget_loop(
         measured_ms = relative_latency(m_p, m_d) * dense_ms
         budget_ms = run.budget.resolve(dense_ms)
         met = measured_ms <= budget_ms * (1 + loop.tolerance)
+        also = _measure_also(run, priced, pruned, sol, also_budgets)
+        also_dense = {label: v["dense_ms"] for label, v in also.items()}
         record = Round(
             round=r,
             target_ms=target,
@@ -327,6 +370,7 @@ def _budget_loop(
             gap=sol.gap,
             solve_s=sol.time_s,
             export=export,
+            also=also,
         )
         candidates.append(_Candidate(solved, plan, pruned, sol, record))
         log.say(
@@ -334,15 +378,25 @@ def _budget_loop(
             f"(budget {budget_ms:.3f} ms, dense {dense_ms:.3f} ms) → "
             f"{'met' if met else 'missed'}; importance kept {sol.objective:.1%}"
         )
-        if met and measured_ms >= budget_ms * (1 - loop.slack):
+        tight = measured_ms >= budget_ms * (1 - loop.slack) or any(
+            v["measured_ms"] >= v["budget_ms"] * (1 - loop.slack) for v in also.values()
+        )
+        if record.all_met and tight:  # every budget met, the binding one closely
             break
         # the tables price the solved plan: an unconstrained export's extra cost (the union,
         # copies) is learnt by the refit like any other model error
         fitted.append(candidates[-1])
         if r + 1 < loop.max_rounds:  # refit on everything measured, dense at its latest figure
-            _recalibrate(priced.latency, priced.analysis, fitted, dense_ms)
+            points = [(c.solved, c.round.measured_ms, c.round.dense_ms) for c in fitted]
+            _recalibrate(priced.latency, priced.analysis, points, dense_ms)
+            for label, model in priced.also.items():
+                points = [
+                    (c.solved, c.round.also[label]["measured_ms"], c.round.also[label]["dense_ms"])
+                    for c in fitted
+                ]
+                _recalibrate(model, priced.analysis, points, also_dense[label])
             pp = priced.problem(run.config.allow_block_removal)
-            warm = solution_from_plan(pp, solved) if met else None
+            warm = solution_from_plan(pp, solved) if record.all_met else None
     return candidates, pp
 
 
@@ -355,35 +409,108 @@ def _solve_round(
     budget_ms: float,
     dense_ms: float,
     warm: Solution | None,
+    also_budgets: dict[str, float] | None = None,
 ) -> Solution | None:
-    """Round ``r``'s solution for ``target`` ms; None when a later round's target is out of
-    reach (the loop stops with what it has).
+    """Round ``r``'s solution for ``target`` ms (and each further backend's budget, less the
+    loop's margin, as its row's limit); None when a later round's target is out of reach (the
+    loop stops with what it has). In round 0, a target out of reach is retried at the budget
+    itself (the minimum may lie between them), on every backend.
 
     Raises:
         InfeasibleBudget: in the first round, when not even the budget itself is reachable.
+        InfeasibleLimit: in the first round, when a further backend's budget is out of reach
+            (or any resource limit).
     """
     solve = run.config.solve
     opts = {"time_limit": solve.time_limit, "gap": solve.gap}
+
+    def at(also_limits: dict[str, float]) -> Solution | None:
+        limited = _with_also(pp, also_limits)
+        try:
+            return _solve(solve.solver, limited, target, warm, opts)
+        except InfeasibleBudget as exc:
+            if r > 0:
+                run.log.say(f"round {r}: the re-calibrated target {target:.3f} ms is out of reach")
+                return None
+            try:  # the minimum may lie between the target and the budget: try the budget
+                if not exc.min_latency <= budget_ms:  # (also catches NaN)
+                    raise
+                return _solve(solve.solver, limited, budget_ms, warm, opts)
+            except InfeasibleBudget as again:
+                allow = run.config.allow_block_removal
+                raise InfeasibleBudget(
+                    budget_ms,
+                    again.min_latency,
+                    dense_ms,
+                    block_removal=_block_removal_hint(pp, solve.solver, allow, priced.problem),
+                    layout_block=_layout_floor_hint(priced.analysis, priced.tables),
+                    limits=again.limits,
+                ) from None
+
+    also_budgets = also_budgets or {}
+    margin = 1 - run.config.loop.margin
     try:
-        return _solve(solve.solver, pp, target, warm, opts)
-    except InfeasibleBudget as exc:
-        if r > 0:
-            run.log.say(f"round {r}: the re-calibrated target {target:.3f} ms is out of reach")
-            return None
-        try:  # the minimum may lie between the target and the budget: try the budget
-            if not exc.min_latency <= budget_ms:  # (also catches NaN)
-                raise
-            return _solve(solve.solver, pp, budget_ms, warm, opts)
-        except InfeasibleBudget as again:
-            allow = run.config.allow_block_removal
-            raise InfeasibleBudget(
-                budget_ms,
-                again.min_latency,
-                dense_ms,
-                block_removal=_block_removal_hint(pp, solve.solver, allow, priced.problem),
-                layout_block=_layout_floor_hint(priced.analysis, priced.tables),
-                limits=again.limits,
-            ) from None
+        return at({label: ms * margin for label, ms in also_budgets.items()})
+    except InfeasibleLimit as exc:
+        if not exc.resource.startswith("latency@"):
+            raise
+    try:
+        return at(also_budgets)
+    except InfeasibleLimit as exc:
+        if r == 0 or not exc.resource.startswith("latency@"):
+            raise
+        run.log.say(f"round {r}: the budget on {exc.resource} is out of reach re-calibrated")
+        return None
+
+
+def _with_also(pp: PruningProblem, limits: dict[str, float]) -> PruningProblem:
+    """``pp`` with each further backend's latency row limited to ``limits[label]`` ms."""
+    if not limits:
+        return pp
+    resources = tuple(
+        dataclasses.replace(r, limit=limits[r.name.removeprefix("latency@")])
+        if r.name.startswith("latency@")
+        else r
+        for r in pp.problem.resources
+    )
+    return dataclasses.replace(pp, problem=dataclasses.replace(pp.problem, resources=resources))
+
+
+def _measure_also(
+    run: _Run,
+    priced: _Priced,
+    pruned: fx.GraphModule,
+    sol: Solution,
+    budgets: dict[str, float],
+) -> dict[str, dict[str, Any]]:
+    """The pruned model measured on each further backend, side by side with the dense model
+    there: per label its budget, the row's prediction, the figures and whether it was met."""
+    config, out = run.config, {}
+    for label, (backend, budget) in run.also.items():
+        with run.log.spinner(f"measuring pruned and dense side by side on {label}"):
+            m_p, m_d = measure_side_by_side(
+                backend,
+                [pruned, priced.analysis.gm],
+                priced.analysis.example_inputs,
+                config.measure,
+                config.loop.sessions,
+            )
+        measured = relative_latency(m_p, m_d) * m_d.median_ms
+        budget_ms = budget.resolve(m_d.median_ms)
+        out[label] = {
+            "target_ms": budgets[label] * (1 - config.loop.margin),
+            "predicted_ms": float(sol.resources.get(f"latency@{label}", float("nan"))),
+            "measured_ms": measured,
+            "dense_ms": m_d.median_ms,
+            "budget_ms": budget_ms,
+            "met": measured <= budget_ms * (1 + config.loop.tolerance),
+        }
+        run.log.say(
+            f"  on {label}: predicted {out[label]['predicted_ms']:.3f} ms, measured "
+            f"{measured:.3f} ms (budget {budget_ms:.3f} ms) → "
+            f"{'met' if out[label]['met'] else 'missed'}"
+        )
+    return out
 
 
 def _solve(
@@ -458,11 +585,14 @@ def _measure(run: _Run, models: list[fx.GraphModule], analysis: Analysis) -> lis
 def _choose(run: _Run, candidates: list[_Candidate]) -> _Candidate:
     """The most important plan that met the budget (and every resource limit, counted on the
     pruned model); else, with a warning, the closest."""
-    met = [c for c in candidates if c.round.met and all(_limits_met(run, c.model).values())]
+    met = [c for c in candidates if c.round.all_met and all(_limits_met(run, c.model).values())]
     if met:
         return max(met, key=lambda c: c.solution.objective)
     best = min(candidates, key=lambda c: c.round.measured_over_budget)
-    limits = ", ".join(f"max_{k}={v}" for k, v in run.config.limits().items())
+    limits = ", ".join(
+        [f"max_{k}={v}" for k, v in run.config.limits().items()]
+        + [f"{budget} on {label}" for label, (_, budget) in run.also.items()]
+    )
     warnings.warn(
         f"fxprune.compile: no round met the budget {run.budget}"
         f"{f' (with {limits}, counted on the pruned model)' if limits else ''} within "
@@ -538,6 +668,15 @@ def _result(
                 "met": _count(name, best.model) <= limit,
             }
             for name, limit in run.config.limits().items()
+        }
+        | {  # each further backend's budget, as measured there
+            f"latency@{label}": {
+                "limit": v["budget_ms"],
+                "predicted": v["predicted_ms"],
+                "measured": v["measured_ms"],
+                "met": v["met"],
+            }
+            for label, v in record.also.items()
         },
     )
 
@@ -612,7 +751,7 @@ def _dense_result(run: _Run, analysis: Analysis, dense_ms: float) -> CompileResu
         limits={
             name: {"limit": limit, "predicted": count, "measured": count, "met": True}
             for name, limit in run.config.limits().items()
-            for count in [params if name == "params" else macs]
+            for count in [_count(name, analysis.gm)]
         },
     )
 
@@ -620,7 +759,7 @@ def _dense_result(run: _Run, analysis: Analysis, dense_ms: float) -> CompileResu
 def _recalibrate(
     latency: LatencyModel,
     analysis: Analysis,
-    points: list[_Candidate],
+    points: list[tuple[Plan, float, float]],
     dense_ms: float,
 ) -> None:
     """Refit ``a·Σ + b`` on every measured plan and the dense model's latest figure.
@@ -631,7 +770,7 @@ def _recalibrate(
     host the fit can still turn absurd (a slope near 0 or negative); then the slope is kept
     and only the offset moves so the last plan is predicted as measured.
     """
-    scaled = [(c.solved, c.round.measured_ms * dense_ms / c.round.dense_ms) for c in points]
+    scaled = [(plan, measured * dense_ms / dense) for plan, measured, dense in points]
     a = latency.a
     latency.calibrate(
         [p for p, _ in scaled] + [Plan.empty(analysis)],

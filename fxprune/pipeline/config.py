@@ -75,6 +75,30 @@ def _optional_count(owner: str, name: str, value: Any) -> None:
         _fail(owner, name, value, "an integer ≥ 1 or None")
 
 
+def _also(owner: str, value: Any) -> tuple[tuple[Any, Any], ...]:
+    """``also`` as a tuple of (backend, Budget) pairs: a backend name or an object with
+    ``identity`` and ``measure``, a budget ``Budget.parse`` reads."""
+    from fxprune.pipeline.result import Budget
+
+    takes = "a sequence of (backend, latency budget) pairs"
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        _fail(owner, "also", value, takes)
+    out = []
+    for pair in value:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            _fail(owner, "also", value, takes)
+        backend, budget = pair
+        if not isinstance(backend, str) and not all(
+            callable(getattr(backend, a, None)) for a in ("identity", "measure")
+        ):
+            _fail(owner, "also", value, takes + " (a backend name or a Backend)")
+        try:
+            out.append((backend, Budget.parse(budget)))
+        except (TypeError, ValueError) as exc:
+            _fail(owner, "also", value, f"{takes}; {exc}")
+    return tuple(out)
+
+
 def _flag(owner: str, name: str, value: Any) -> None:
     if not isinstance(value, bool):
         _fail(owner, name, value, "True or False")
@@ -212,6 +236,19 @@ class CompileConfig:
             multiply-accumulates, besides the latency budget: each is one more linear row in
             the solver (exact in the kept counts), checked again on the pruned model; None:
             no limit. A limit no plan meets raises :class:`~fxprune.solver.InfeasibleLimit`.
+        max_activation_bytes: a limit on the pruned model's peak activation memory in bytes:
+            the largest total of activations alive at one node of the graph's execution order
+            (a tensor lives from the node making it to its last user), at the example inputs'
+            batch and dtypes (:mod:`fxprune.analysis.liveness`). One exact row per live set
+            in the solver (:mod:`fxprune.pipeline.memory`), checked again on the pruned model.
+        also: latency budgets on further backends, ``((backend, budget), ...)``: a backend
+            as ``compile``'s ``backend`` takes it (a name or a Backend), a budget as its
+            ``latency_budget`` (a fraction of the dense model's latency *on that backend*, or
+            a time). Each backend gets its own tables and calibrated latency model, one more
+            row in the solver, and its own measurement of every round (side by side with the
+            dense model, on it); the result reports each under ``limits["latency@<runtime>"]``
+            as measured there. With ``also``, the dense model is never returned unpruned
+            without a solve.
     """
 
     solve: SolveConfig = SolveConfig()
@@ -229,6 +266,8 @@ class CompileConfig:
     frontend: str = "auto"
     max_params: int | None = None
     max_macs: int | None = None
+    max_activation_bytes: int | None = None
+    also: tuple[tuple[Any, Any], ...] = ()
 
     def __post_init__(self) -> None:
         owner = "CompileConfig"
@@ -253,10 +292,17 @@ class CompileConfig:
         _choice(owner, "frontend", self.frontend, FRONTENDS)
         _optional_count(owner, "max_params", self.max_params)
         _optional_count(owner, "max_macs", self.max_macs)
+        _optional_count(owner, "max_activation_bytes", self.max_activation_bytes)
+        object.__setattr__(self, "also", _also(owner, self.also))
 
     def limits(self) -> dict[str, int]:
-        """The resource limits set (``"params"``, ``"macs"`` → limit), in that order."""
-        given = {"params": self.max_params, "macs": self.max_macs}
+        """The resource limits set (``"params"``, ``"macs"``, ``"activation_bytes"`` →
+        limit), in that order."""
+        given = {
+            "params": self.max_params,
+            "macs": self.max_macs,
+            "activation_bytes": self.max_activation_bytes,
+        }
         return {name: int(v) for name, v in given.items() if v is not None}
 
     @property

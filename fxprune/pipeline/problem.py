@@ -30,6 +30,8 @@ The solver never sees an fx graph; this module is the only translator between th
   input and output groups (``cin·cout·k²`` and the output's spatial size times that; a norm's
   affine parameters per kept channel), the rest of the model a constant, so the dense model's
   figures are exact and a plan's are those of its pruned model (a derived count rounds up).
+  ``max_activation_bytes`` becomes a *peak* resource: one row per live set of the execution
+  order (:mod:`fxprune.pipeline.memory`, removed blocks included).
 * **Calibration.** Table cells are ``a·C + per_layer`` and the constant is ``b``, the
   :class:`~fxprune.latency.LatencyModel`'s calibrated terms; the budget loop refits them on
   whole-model measurements.
@@ -47,6 +49,7 @@ import numpy as np
 
 from fxprune.core.meta import TENSOR_META
 from fxprune.core.plan import Plan
+from fxprune.pipeline.memory import activation_resource
 from fxprune.solver import BlockSpec, GroupSpec, OpCost, Problem, Resource, Solution, complete
 
 if TYPE_CHECKING:
@@ -224,6 +227,8 @@ def build_problem(
     min_keep: float = 0.0,
     max_params: int | None = None,
     max_macs: int | None = None,
+    max_activation_bytes: int | None = None,
+    also: Mapping[str, LatencyModel] | None = None,
 ) -> PruningProblem:
     """Translate an analysed model, its importance and its latency model into a Problem.
 
@@ -238,6 +243,12 @@ def build_problem(
         max_params, max_macs: limits on the pruned model's parameters and conv/linear MACs
             (as :func:`~fxprune.pipeline.report.count_params` / ``count_macs`` count them),
             each a :class:`~fxprune.solver.Resource` row; None: no limit.
+        max_activation_bytes: a limit on the pruned model's peak activation memory
+            (:func:`~fxprune.analysis.liveness.peak_activation_bytes` at the example inputs'
+            shapes): one row per live set (:mod:`fxprune.pipeline.memory`); None: no limit.
+        also: latency models of further backends by label: each a resource
+            ``"latency@<label>"`` priced like the latency (its own tables and calibration, the
+            same groups), with no limit yet (the budget loop sets it per round).
     """
     grids = latency.tables.group_grids
     free = _free_groups(analysis, grids, include_inexact)
@@ -254,6 +265,12 @@ def build_problem(
     ops = _ops(analysis, latency, axes, block_groups)  # makes the derived groups it needs
     limits = {"params": max_params, "macs": max_macs}
     resources = _resources(analysis, axes, ops, block_groups, limits)
+    if max_activation_bytes is not None:
+        peak = activation_resource(analysis, axes, block_groups, max_activation_bytes)
+        resources = (*resources, peak)
+    for label, other in (also or {}).items():  # may add derived groups over its grids
+        priced = _ops(analysis, other, axes, block_groups)
+        resources = (*resources, Resource(f"latency@{label}", priced, np.inf, float(other.b)))
     problem = Problem(
         groups=(*specs.values(), *axes.derived.values()),
         ops=ops,
@@ -359,8 +376,9 @@ class _Axes:
         self.derived: dict[tuple, GroupSpec] = {}
         self.gid_of = {g.name: i for i, g in enumerate(analysis.groups)}
 
-    def group(self, units: np.ndarray, grid: tuple[int, ...]) -> str | None:
-        """The problem group an axis of a layer reads (direct or derived), None if fixed."""
+    def reads(self, units: np.ndarray) -> tuple[dict[str, list[int]], int]:
+        """Per problem group, the indices of it at the positions ``units``; and how many
+        positions no problem group prunes (frozen, or outside the problem)."""
         spaces, groups = self.analysis.spaces, self.analysis.groups
         per_group: dict[str, list[int]] = defaultdict(list)
         fixed = 0
@@ -371,6 +389,12 @@ class _Axes:
                 per_group[name].append(hit[1])
             else:
                 fixed += 1
+        return per_group, fixed
+
+    def group(self, units: np.ndarray, grid: tuple[int, ...]) -> str | None:
+        """The problem group an axis of a layer reads (direct or derived), None if fixed."""
+        groups = self.analysis.groups
+        per_group, fixed = self.reads(units)
         if not per_group:
             return None
         if len(per_group) == 1 and not fixed:
@@ -382,12 +406,12 @@ class _Axes:
                 c for c in self.specs[name].counts if c > 0
             } <= set(grid):
                 return name
-        members = tuple((name, self._shares(name, idx)) for name, idx in sorted(per_group.items()))
+        members = tuple((name, self.shares(name, idx)) for name, idx in sorted(per_group.items()))
         if len(members) == 1:  # its totals are known exactly: they are the options
             grid = tuple(sorted({int(fixed + t) for t in members[0][1]}))
         return self._derived(tuple(grid), members, fixed)
 
-    def _shares(self, name: str, idx: list[int]) -> tuple[float, ...]:
+    def shares(self, name: str, idx: list[int]) -> tuple[float, ...]:
         """Per option of group ``name``: how many of the axis's positions ``idx`` it keeps."""
         reads = np.bincount(np.asarray(idx, dtype=np.int64), minlength=len(self.masks[name][0]))
         return tuple(float(reads[mask].sum()) for mask in self.masks[name])

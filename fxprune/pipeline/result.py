@@ -133,10 +133,18 @@ class Round:
     solve_s: float
     #: how an unconstrained round was exported (None: constrained)
     export: RoundExport | None = None
+    #: per further backend (``CompileConfig.also``): ``target_ms``, ``predicted_ms``,
+    #: ``measured_ms`` and ``dense_ms`` (measured side by side there), ``budget_ms``, ``met``
+    also: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def measured_over_budget(self) -> float:
         return self.measured_ms / self.budget_ms
+
+    @property
+    def all_met(self) -> bool:
+        """The budget was met, and every further backend's too."""
+        return bool(self.met) and all(v["met"] for v in self.also.values())
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON record (one entry of ``rounds`` in ``report.json``)."""
@@ -159,6 +167,8 @@ class Round:
         }
         if self.export is not None:
             out["export"] = self.export.to_dict()
+        if self.also:
+            out["also"] = self.also
         return out
 
 
@@ -195,8 +205,9 @@ class CompileResult:
     #: the pruned model's norm statistics were re-estimated on ``data`` (``None``: they were
     #: not: no data, or ``CompileConfig.recalibrate=False``); see :func:`fxprune.recalibrate_norms`
     recalibration: Recalibration | None = None
-    #: per resource limit of the config (``"params"``, ``"macs"``): ``limit``, ``predicted``
-    #: (the solver's row), ``measured`` (counted on ``model``) and whether it was ``met``
+    #: per resource limit of the config (``"params"``, ``"macs"``, ``"activation_bytes"``):
+    #: ``limit``, ``predicted`` (the solver's row; for activation bytes its largest row),
+    #: ``measured`` (counted on ``model``) and whether it was ``met``
     limits: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property

@@ -34,6 +34,7 @@ from fxprune.pipeline.compile import (
     _budget_loop,
     _choose,
     _dense_result,
+    _further_backends,
     _limits_met,
     _Log,
     _measure,
@@ -213,7 +214,7 @@ def sweep(
             :class:`Budget`); solved and returned tightest first.
         example_inputs, data, loss_fn, max_batches, backend, config: as for
             :func:`fxprune.compile` (``config`` applies to every point, its ``max_params`` /
-            ``max_macs`` included).
+            ``max_macs`` / ``max_activation_bytes`` included).
         evaluate: called once on each feasible point's pruned model and once on a copy of the
             dense model, returning a quality figure (e.g. accuracy) recorded as the point's
             ``value``.
@@ -234,7 +235,7 @@ def sweep(
         )
     start = time.perf_counter()
     be = get_backend(backend) if isinstance(backend, str) else backend
-    run = _Run(config, be, parsed[0], _Log(config.progress))
+    run = _Run(config, be, parsed[0], _Log(config.progress), _further_backends(config))
     analysis = _analyse(run, model, example_inputs)
     priced = _tables(run, analysis, _importance_stage(run, analysis, data, loss_fn, max_batches))
     with run.log.stage("measure the dense model", run.timings, "dense_s"):
@@ -243,7 +244,7 @@ def sweep(
     with run.log.stage("build problem", run.timings, "problem_s"):
         pp = priced.problem(config.allow_block_removal)
     read_cost = _read_prices(run)
-    dense_fits = all(_limits_met(run, analysis.gm).values())
+    dense_fits = not run.also and all(_limits_met(run, analysis.gm).values())
     points: list[SweepPoint] = []
     previous = None  # the last feasible point's solved plan: the next solve starts from it
     for budget in sorted(parsed, key=lambda b: b.resolve(dense_ms)):

@@ -159,6 +159,74 @@ def test_max_params_and_max_macs_hold_on_the_pruned_model(resnet, tmp_path):
     assert base.params[1] <= max_params and base.limits_met
 
 
+def test_max_activation_bytes_holds_on_the_pruned_model(resnet, tmp_path):
+    """A peak-activation limit is one row per live set besides the latency budget: the plan
+    keeps within it as counted on the pruned model, predicted exactly, and it binds."""
+    from fxprune.analysis.liveness import peak_activation_bytes
+
+    free = _compile(resnet, 0.8, tmp_path)
+    limit = int(0.7 * peak_activation_bytes(free.model))  # below what the budget alone keeps
+    result = _compile(resnet, 0.8, tmp_path, max_activation_bytes=limit)
+    assert result.budget_met and result.limits_met
+    got = result.limits["activation_bytes"]
+    assert got["limit"] == limit and got["met"]
+    assert got["measured"] == peak_activation_bytes(result.model) <= limit
+    assert got["predicted"] == pytest.approx(got["measured"], rel=1e-9)  # exact rows
+    assert result.importance_kept < free.importance_kept
+    summary = result.summary()
+    assert summary["max_activation_bytes"] == limit and summary["activation_bytes_limit_met"]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out, want = result.model(x), fxprune.masked_forward(result.analysis, result.plan, x)
+    assert rel_err(out, want) < 1e-4
+    with pytest.raises(fxprune.InfeasibleLimit, match="max_activation_bytes=1000 cannot"):
+        _compile(resnet, 0.8, tmp_path, max_activation_bytes=1000)  # less than the input
+
+
+class HighRes(FakeBackend):
+    """A second runtime: layers at 16×16 and above cost 5× the first's, the others a fifth."""
+
+    def __init__(self) -> None:
+        super().__init__(runtime="highres")
+
+    def layer_cost(self, m, out_shape):
+        big = len(out_shape) == 4 and out_shape[-1] >= 16
+        return super().layer_cost(m, out_shape) * (5.0 if big else 0.2)
+
+
+def _ratio(backend, result) -> float:
+    """The pruned model's latency over the dense one's on ``backend``."""
+    x = (torch.randn(1, 3, 64, 64),)
+    return backend.cost(result.model, x) / backend.cost(result.analysis.gm, x)
+
+
+def test_budgets_on_two_backends_each_hold_as_measured_there(resnet, tmp_path):
+    """``also=((backend, budget),)``: one more latency row from the second backend's own
+    tables; each round is measured on both, and whichever budget binds switches with them."""
+    other = HighRes()
+    alone = _compile(resnet, 0.6, tmp_path)
+    assert "latency@highres" not in alone.limits
+    on_other = _compile(resnet, 0.6, tmp_path, also=((other, 0.8 * _ratio(other, alone)),))
+    got = on_other.limits["latency@highres"]
+    assert on_other.budget_met and on_other.limits_met and got["met"]
+    x = (torch.randn(1, 3, 64, 64),)
+    assert got["measured"] == pytest.approx(other.cost(on_other.model, x), rel=1e-9)
+    assert got["measured"] <= got["limit"] * 1.05  # LoopConfig's default tolerance
+    assert on_other.importance_kept < alone.importance_kept  # the second budget binds
+    assert all("highres" in r.also for r in on_other.rounds)
+    assert on_other.summary()["latency@highres_limit_met"] is True
+    # a loose first budget, a tight second: the second binds and the first lands well under
+    tight = _compile(resnet, 0.95, tmp_path, also=((other, 0.5),))
+    assert tight.limits_met and tight.measured_ms < 0.85 * tight.budget_ms
+    assert _ratio(other, tight) <= 0.5 * 1.05 and _ratio(other, tight) > 0.4
+    # and the reverse: a loose second budget leaves the first's plan as it was alone
+    loose = _compile(resnet, 0.6, tmp_path, also=((other, 0.999),))
+    assert loose.limits_met and loose.importance_kept == pytest.approx(alone.importance_kept)
+    with pytest.raises(fxprune.InfeasibleLimit, match="ms on highres cannot be met") as info:
+        _compile(resnet, 0.95, tmp_path, also=((other, 0.01),))
+    assert info.value.resource == "latency@highres" and info.value.minimum > info.value.limit
+
+
 def test_a_budget_the_dense_model_meets_is_pruned_for_a_limit_it_misses(resnet, tmp_path):
     dense = _compile(resnet, 1.0, tmp_path)
     assert dense.dense_meets_budget

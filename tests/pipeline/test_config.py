@@ -24,6 +24,7 @@ from fxprune.backends import LatencyCache
 from fxprune.core.errors import ConfigError
 from fxprune.latency.tables import LatencyConfig
 from fxprune.pipeline.config import LEGACY_KEYWORDS, config_from_keywords
+from fxprune.pipeline.result import Budget
 
 
 def test_defaults_are_compiles_defaults():
@@ -39,6 +40,8 @@ def test_defaults_are_compiles_defaults():
     assert c.frontend == "auto"
     assert c.max_params is None and c.max_macs is None and c.limits() == {}
     assert CompileConfig(max_macs=10, max_params=5).limits() == {"params": 5, "macs": 10}
+    both = CompileConfig(max_activation_bytes=7, max_params=5).limits()
+    assert list(both.items()) == [("params", 5), ("activation_bytes", 7)]
     assert UnconstrainedConfig().reads == "measure"
     assert CompileConfig(unconstrained=UnconstrainedConfig()).coupling == "unconstrained"
 
@@ -79,6 +82,20 @@ BAD = [
     (lambda: CompileConfig(max_params=True), "CompileConfig.max_params", "integer ≥ 1"),
     (lambda: CompileConfig(max_macs=-5), "CompileConfig.max_macs", "integer ≥ 1 or None"),
     (lambda: CompileConfig(max_macs="1G"), "CompileConfig.max_macs", "integer ≥ 1"),
+    (
+        lambda: CompileConfig(max_activation_bytes=0),
+        "CompileConfig.max_activation_bytes",
+        "integer ≥ 1 or None",
+    ),
+    (
+        lambda: CompileConfig(max_activation_bytes=2.5e6),
+        "CompileConfig.max_activation_bytes",
+        "integer ≥ 1",
+    ),
+    (lambda: CompileConfig(also="torch"), "CompileConfig.also", "(backend, latency budget) pairs"),
+    (lambda: CompileConfig(also=[("torch",)]), "CompileConfig.also", "pairs"),
+    (lambda: CompileConfig(also=[(3, 0.5)]), "CompileConfig.also", "a backend name or a Backend"),
+    (lambda: CompileConfig(also=[("torch", 1.5)]), "CompileConfig.also", "must be in (0, 1]"),
 ]
 
 
@@ -98,6 +115,8 @@ def test_good_values_are_kept_and_the_config_is_frozen(tmp_path):
         leaf_modules=[nn.MultiheadAttention, "layer1.0"], cache=tmp_path, frontend="fx"
     )
     assert c.leaf_modules == (nn.MultiheadAttention, "layer1.0")  # a list becomes a tuple
+    also = CompileConfig(also=[["torch", "25ms"], ("inductor", 0.5)]).also
+    assert also == (("torch", Budget.ms(25.0)), ("inductor", Budget.of_dense(0.5)))
     assert isinstance(c.latency_cache(), LatencyCache)
     assert LoopConfig(tolerance=0, margin=0, slack=0).tolerance == 0  # 0 is allowed
     with pytest.raises(dataclasses.FrozenInstanceError):

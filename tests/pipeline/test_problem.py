@@ -127,6 +127,27 @@ def test_resource_rows_count_the_pruned_model(built):
                 assert used[resource] == pytest.approx(measured[resource], rel=1e-9), name
 
 
+def test_activation_rows_count_the_pruned_model(built):
+    """``max_activation_bytes`` rows: the dense choice's peak is the analysed graph's, and a
+    random solution's (blocks removed included) is its pruned model's counted peak, exactly."""
+    from fxprune.analysis.liveness import peak_activation_bytes
+    from fxprune.solver import usage
+
+    name, analysis, latency, _, _ = built
+    pp = build_problem(analysis, latency, magnitude_scores(analysis), max_activation_bytes=1)
+    (peak,) = pp.problem.resources
+    assert peak.name == "activation_bytes" and peak.limit == 1 and len(peak.rows) > 1
+    full = {n: len(pp.problem.group(n).counts) - 1 for n in pp.group_names}
+    dense = usage(pp.problem, full, frozenset())["activation_bytes"]
+    assert dense == pytest.approx(peak_activation_bytes(analysis.gm), rel=1e-12)
+    rng = np.random.default_rng(3)
+    for _ in range(4):
+        sol = _random_solution(pp, rng)
+        pruned = fxprune.prune(analysis, pp.plan(sol))
+        used = usage(pp.problem, sol.choice, sol.removed)["activation_bytes"]
+        assert used == pytest.approx(peak_activation_bytes(pruned), rel=1e-12), name
+
+
 def test_blocks_hold_their_groups(built):
     _, analysis, _, pp, _ = built
     for block in pp.problem.blocks:
