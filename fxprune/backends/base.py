@@ -321,10 +321,12 @@ def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Run ``module`` in eval mode and restore every submodule's own training flag after.
 
     Deployment runs eval mode (BN uses running statistics and folds into the conv); the
-    caller's module must come back exactly as it was.
+    caller's module must come back exactly as it was. A module that cannot change mode
+    (``ExportedProgram.module()`` refuses ``eval()``) runs in the mode it was exported in.
     """
     flags = [(m, m.training) for m in module.modules()]
-    module.eval()
+    with contextlib.suppress(NotImplementedError):  # ExportedProgram.module(): as exported
+        module.eval()
     try:
         yield module
     finally:
