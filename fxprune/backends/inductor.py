@@ -118,12 +118,6 @@ class InductorBackend:
         module = copy.deepcopy(module).eval().to(self.device)
         inputs = tuple(x.to(self.device) for x in example_inputs)
         compiled = torch.compile(module, backend="inductor", mode=self.mode, dynamic=False)
-        sync = None
-        if self.device.type == "cuda":  # pragma: no cover - needs a GPU
-            device = self.device
-
-            def sync() -> None:
-                torch.cuda.synchronize(device)
 
         def run() -> object:
             with torch.inference_mode():
@@ -131,7 +125,14 @@ class InductorBackend:
 
         with _num_threads(self.threads):
             run()  # compile (and autotune) outside the timed loop
-        return run, sync
+        return run, self._sync()
+
+    def _sync(self) -> Callable[[], None] | None:
+        """The device sync to time with (None on CPU)."""
+        if self.device.type != "cuda":
+            return None
+        device = self.device
+        return lambda: torch.cuda.synchronize(device)  # pragma: no cover - needs a GPU
 
     def measure(
         self,
@@ -193,19 +194,12 @@ class InductorBackend:
             with torch.inference_mode():
                 return compiled(state, x)
 
-        sync = None
-        if self.device.type == "cuda":  # pragma: no cover - needs a GPU
-            device = self.device
-
-            def sync() -> None:
-                torch.cuda.synchronize(device)
-
         before = _graphs_compiled()
         with _num_threads(self.threads):
             run()  # compiles only when this kind of unit is new (or a guard fails)
             self.unit_compiles += _graphs_compiled() - before
             return time_callable(
-                run, config, backend_id=label, sync=sync, label=type(module).__name__
+                run, config, backend_id=label, sync=self._sync(), label=type(module).__name__
             )
 
 
