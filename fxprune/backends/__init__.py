@@ -3,7 +3,8 @@
 Adding a runtime means adding one module with a class that satisfies :class:`Backend` and one
 entry in :func:`get_backend`. What a backend can do beyond :meth:`Backend.measure` is declared by
 the optional capability protocols (:class:`InterleavedMeasurement`, :class:`SessionMeasurement`,
-:class:`LayoutBlock`, :class:`KernelMeasurement`, :class:`KernelProfile`); callers test for them
+:class:`LayoutBlock`, :class:`KernelMeasurement`, :class:`KernelProfile`,
+:class:`UnitMeasurement`); callers test for them
 with ``isinstance``.
 """
 
@@ -21,6 +22,7 @@ from fxprune.backends.base import (
     MeasureConfig,
     Measurement,
     SessionMeasurement,
+    UnitMeasurement,
     UnstableMeasurementWarning,
     identity_label,
     layout_block_of,
@@ -47,6 +49,7 @@ __all__ = [
     "OnnxRuntimeBackend",
     "SessionMeasurement",
     "TorchEagerBackend",
+    "UnitMeasurement",
     "UnstableMeasurementWarning",
     "default_cache_dir",
     "export_to_bytes",

@@ -224,6 +224,21 @@ class KernelMeasurement(Protocol):
 
 
 @runtime_checkable
+class UnitMeasurement(Protocol):
+    """Times many small units (a layer with its BN and activation) that differ only in their
+    channel counts more cheaply than one :meth:`Backend.measure` each, e.g. by compiling one
+    shape-generic artefact per kind of unit (:meth:`InductorBackend.measure_unit`). Figures are
+    a surrogate of a static compile, so callers key them apart (``unit_timing``)."""
+
+    def measure_unit(
+        self,
+        module: torch.nn.Module,
+        example_inputs: tuple[torch.Tensor, ...],
+        config: MeasureConfig | None = None,
+    ) -> Measurement: ...
+
+
+@runtime_checkable
 class KernelProfile(Protocol):
     """Lists a module's kernels with their shapes and median times (what a layer costs inside
     the whole model)."""
@@ -306,10 +321,12 @@ def eval_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Run ``module`` in eval mode and restore every submodule's own training flag after.
 
     Deployment runs eval mode (BN uses running statistics and folds into the conv); the
-    caller's module must come back exactly as it was.
+    caller's module must come back exactly as it was. A module that cannot change mode
+    (``ExportedProgram.module()`` refuses ``eval()``) runs in the mode it was exported in.
     """
     flags = [(m, m.training) for m in module.modules()]
-    module.eval()
+    with contextlib.suppress(NotImplementedError):  # ExportedProgram.module(): as exported
+        module.eval()
     try:
         yield module
     finally:

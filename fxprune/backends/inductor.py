@@ -11,6 +11,9 @@ measurement, so earlier graphs neither count against the recompile limit nor lea
 alternating bursts, like ONNX Runtime's. Everything that changes the generated code (torch
 version, mode, threads, device, the CPU's vector ISA) is part of the identity, so the disk
 cache keeps inductor figures apart from every other runtime's.
+
+:meth:`measure_unit` times latency-table units through one shape-generic compile per kind of
+unit (:mod:`fxprune.backends.inductor_units`) instead of one compile per channel count.
 """
 
 from __future__ import annotations
@@ -30,6 +33,13 @@ from fxprune.backends.base import (
     identity_label,
     time_callable,
     time_interleaved,
+)
+from fxprune.backends.inductor_units import (
+    family_key,
+    mark_input,
+    supported,
+    unit_function,
+    unit_state,
 )
 from fxprune.backends.torch_eager import _num_threads, torch_device
 
@@ -72,6 +82,9 @@ class InductorBackend:
         self.device = dev
         self.threads = threads if threads is not None else torch.get_num_threads()
         self.mode = mode
+        self._units: dict[str, Callable[..., object]] = {}
+        #: dynamo compiles (graphs captured) that :meth:`measure_unit` caused so far
+        self.unit_compiles = 0
 
     def __repr__(self) -> str:
         return (
@@ -105,12 +118,6 @@ class InductorBackend:
         module = copy.deepcopy(module).eval().to(self.device)
         inputs = tuple(x.to(self.device) for x in example_inputs)
         compiled = torch.compile(module, backend="inductor", mode=self.mode, dynamic=False)
-        sync = None
-        if self.device.type == "cuda":  # pragma: no cover - needs a GPU
-            device = self.device
-
-            def sync() -> None:
-                torch.cuda.synchronize(device)
 
         def run() -> object:
             with torch.inference_mode():
@@ -118,7 +125,14 @@ class InductorBackend:
 
         with _num_threads(self.threads):
             run()  # compile (and autotune) outside the timed loop
-        return run, sync
+        return run, self._sync()
+
+    def _sync(self) -> Callable[[], None] | None:
+        """The device sync to time with (None on CPU)."""
+        if self.device.type != "cuda":
+            return None
+        device = self.device
+        return lambda: torch.cuda.synchronize(device)  # pragma: no cover - needs a GPU
 
     def measure(
         self,
@@ -153,3 +167,43 @@ class InductorBackend:
             compiled = [self._compiled(m, example_inputs) for m in modules]
             runners = [[run] * max(1, sessions) for run, _ in compiled]
             return time_interleaved(runners, config, backend_id=label, sync=compiled[0][1])
+
+    def measure_unit(
+        self,
+        module: torch.nn.Module,
+        example_inputs: tuple[torch.Tensor, ...],
+        config: MeasureConfig | None = None,
+    ) -> Measurement:
+        """Time a unit (``Sequential(conv or linear, [BN], [activation])``) through the one
+        compiled artefact of its kind, whatever its channel counts; anything else is compiled
+        on its own (:meth:`measure`)."""
+        check_float32_inputs(example_inputs)
+        if len(example_inputs) != 1 or not supported(module):
+            return self.measure(module, example_inputs, config)
+        label = identity_label(self.identity())
+        module = copy.deepcopy(module).eval().to(self.device)
+        key = family_key(module)
+        if key not in self._units:
+            fn = unit_function(module, f"fxprune_unit_{len(self._units)}")
+            self._units[key] = torch.compile(fn, backend="inductor", mode=self.mode)
+        compiled = self._units[key]
+        state = unit_state(module)
+        x = mark_input(module, example_inputs[0].to(self.device))
+
+        def run() -> object:
+            with torch.inference_mode():
+                return compiled(state, x)
+
+        before = _graphs_compiled()
+        with _num_threads(self.threads):
+            run()  # compiles only when this kind of unit is new (or a guard fails)
+            self.unit_compiles += _graphs_compiled() - before
+            return time_callable(
+                run, config, backend_id=label, sync=self._sync(), label=type(module).__name__
+            )
+
+
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])

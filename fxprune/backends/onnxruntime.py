@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -50,6 +51,8 @@ __all__ = [
     "export_to_bytes",
     "flatten_outputs",
 ]
+
+logger = logging.getLogger("fxprune")
 
 #: Layout conversions ORT inserts around blocked (NCHWc) kernels; a whole model has them only
 #: at its ends, so :meth:`OnnxRuntimeBackend.measure_kernels` leaves them out of a unit's time.
@@ -203,6 +206,12 @@ def export_to_bytes(
         try:
             return _export_torchscript(module, example_inputs, outputs, dynamic_batch)
         except Exception as legacy_error:
+            logger.info(
+                "the TorchScript exporter failed on %s (%s: %s); trying the dynamo exporter",
+                type(module).__name__,
+                type(legacy_error).__name__,
+                str(legacy_error).splitlines()[0] if str(legacy_error) else "",
+            )
             try:
                 return _export_dynamo(module, example_inputs, outputs, dynamic_batch)
             except Exception as dynamo_error:

@@ -51,6 +51,7 @@ from fxprune.backends import (
     MeasureConfig,
     Measurement,
     SessionMeasurement,
+    UnitMeasurement,
     identity_label,
     layout_block_of,
 )
@@ -94,9 +95,13 @@ class LatencyConfig:
         measured_per_vector: counts measured along a vector (depthwise, one side fixed).
         sweep_measure / grid_measure / whole_measure: timing settings for sweep points, table
             points and the dense whole model.
-        unit_timing: ``"kernels"`` times a unit by the runtime's own per-kernel profile without
-            layout conversions, which a whole model pays only at its ends (backends offering
-            ``measure_kernels``, i.e. ONNX Runtime); ``"wall"`` times the whole unit run.
+        unit_timing: ``"kernels"`` times a unit the cheapest faithful way the backend offers:
+            by the runtime's own per-kernel profile without layout conversions, which a whole
+            model pays only at its ends (``measure_kernels``, i.e. ONNX Runtime), else through
+            one shape-generic compile per kind of unit (``measure_unit``, i.e. inductor: one
+            compile instead of one per channel count; the figures carry a per-call overhead
+            that is constant per unit and cancels in the constant part); ``"wall"`` times the
+            whole unit run, compiled on its own.
         share_period: no group aligns finer than the median period over all swept layers.
             One runtime's kernels share one channel blocking, and sweeps of tiny layers (7×7
             maps, where per-run overhead dominates) can miss it.
@@ -287,6 +292,9 @@ class _Measurer:
     ) -> None:
         self.backend = backend
         self.kernels = timing == "kernels" and isinstance(backend, KernelMeasurement)
+        self.generic = (
+            timing == "kernels" and not self.kernels and isinstance(backend, UnitMeasurement)
+        )
         self.cache = cache
         self.identity = backend.identity()
         self.backend_id = identity_label(self.identity)
@@ -294,6 +302,11 @@ class _Measurer:
         self.memo: dict[str, Measurement] = {}
         self.measured = 0
         self.points = 0
+
+    @property
+    def timing(self) -> str:
+        """How units are timed, part of every unit's cache key: figures of one kind only."""
+        return "kernels" if self.kernels else "generic" if self.generic else "wall"
 
     def key(self, spec: UnitSpec, cin: int, cout: int, config: MeasureConfig) -> dict[str, Any]:
         cin, cout = spec.counts(cin, cout)
@@ -303,7 +316,7 @@ class _Measurer:
             "unit": spec.key(),
             "cin": cin,
             "cout": cout,
-            "timing": "kernels" if self.kernels else "wall",
+            "timing": self.timing,
             "measure": asdict(config),
             "backend": self.identity,
         }
@@ -320,6 +333,8 @@ class _Measurer:
                 module, inputs = build_unit(layer.spec, cin, cout, layer.act)
                 if self.kernels:
                     return self.backend.measure_kernels(module, inputs, config)
+                if self.generic:
+                    return self.backend.measure_unit(module, inputs, config)
                 return self.backend.measure(module, inputs, config)
 
             self.memo[digest] = self.cache.get_measurement(key, run)
@@ -444,7 +459,12 @@ def annotate_latency(
         backend_id=meas.backend_id,
         points=meas.points,
         measured=meas.measured,
-        notes={"dense_stable": dense.stable, "config": repr(config), "layout_block": block},
+        notes={
+            "dense_stable": dense.stable,
+            "config": repr(config),
+            "layout_block": block,
+            "unit_timing": meas.timing,
+        },
     )
     result.build_s = time.perf_counter() - start
     return result

@@ -154,3 +154,59 @@ def test_onnx_nested_outputs_are_named_and_all_checked(tmp_path, monkeypatch):
     with pytest.raises(fxprune.FxpruneError, match=r"'pair\.1\.0' differs"):
         fxprune.export_onnx(Outputs().eval(), tmp_path / "n.onnx", x)
     assert not (tmp_path / "n.onnx").exists()
+
+
+class Attention(nn.Module):
+    """A transformer block's attention and head, for the dynamo exporter."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        y, _ = self.attn(x, x, x, need_weights=False)
+        return self.fc((x + y).mean(1))
+
+
+def _ort_matches_torch_at(path, module, batches, shape) -> None:
+    backend = OnnxRuntimeBackend(provider="cpu")
+    data = path.read_bytes()
+    for batch in batches:
+        xb = torch.randn(batch, *shape)
+        (got,) = backend.run(data, (xb,))
+        with torch.no_grad():
+            want = module(xb).numpy()
+        assert got.shape == want.shape
+        assert np.allclose(got, want, rtol=1e-3, atol=1e-4)
+
+
+def test_exported_program_goes_to_the_dynamo_exporter(tmp_path, caplog):
+    """The TorchScript exporter cannot take ``ExportedProgram.module()``; the dynamo exporter
+    writes it, and ORT matches torch at two batch sizes."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 32)
+    program = torch.export.export(
+        Attention().eval(), (x,), dynamic_shapes=({0: torch.export.Dim("batch")},)
+    )
+    module = program.module()
+    with caplog.at_level("INFO", logger="fxprune"):
+        path = fxprune.export_onnx(module, tmp_path / "m.onnx", x)
+    assert "trying the dynamo exporter" in caplog.text
+    assert OnnxRuntimeBackend(provider="cpu").session(path.read_bytes()).get_inputs()[0].shape[0]
+    _ort_matches_torch_at(path, module, (1, 3), (5, 32))
+
+
+def test_the_dynamo_exporter_stands_in_where_torchscript_fails(tmp_path, monkeypatch):
+    from fxprune.backends import onnxruntime
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("unsupported operator")
+
+    monkeypatch.setattr(onnxruntime, "_export_torchscript", fails)
+    torch.manual_seed(0)
+    model = make_sensitive(torchvision.models.resnet18().eval(), torch.randn(2, 3, 32, 32))
+    path = fxprune.export_onnx(model, tmp_path / "m.onnx", torch.randn(2, 3, 32, 32))
+    sess = OnnxRuntimeBackend(provider="cpu").session(path.read_bytes())
+    assert sess.get_inputs()[0].shape[1:] == [3, 32, 32]
+    _ort_matches_torch_at(path, model, (1, 3), (3, 32, 32))

@@ -272,6 +272,33 @@ def test_measured_module_is_the_unit(tmp_path):
     assert ("Conv2d", "BatchNorm2d") in kinds
 
 
+class UnitBackend(FakeBackend):
+    """Offers ``measure_unit`` (as inductor does): units go there, the whole model does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unit_calls = 0
+
+    def measure_unit(self, module, example_inputs, config=None):
+        self.unit_calls += 1
+        return self.measure(module, example_inputs, config)
+
+
+@pytest.mark.parametrize(("timing", "generic"), [("kernels", True), ("wall", False)])
+def test_units_go_to_measure_unit_and_are_keyed_apart(tmp_path, timing, generic):
+    analysis = fxprune.analyze(Tiny().eval(), torch.randn(1, 3, 8, 8))
+    config = LatencyConfig(progress=False, unit_timing=timing)
+    backend = UnitBackend()
+    tables = annotate_latency(analysis, backend, cache=LatencyCache(tmp_path), config=config)
+    assert tables.notes["unit_timing"] == ("generic" if generic else "wall")
+    assert backend.unit_calls == (len(backend.calls) - 1 if generic else 0)  # -1: dense model
+    # figures of a shape-generic compile never stand in for static ones, nor the reverse
+    other = UnitBackend()
+    other_config = LatencyConfig(progress=False, unit_timing="wall" if generic else "kernels")
+    annotate_latency(analysis, other, cache=LatencyCache(tmp_path), config=other_config)
+    assert len(other.calls) == len(backend.calls) - 1  # all units again; the dense model cached
+
+
 # --------------------------------------------------------------------------- multi-group
 
 
