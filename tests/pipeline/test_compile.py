@@ -111,6 +111,20 @@ def test_budget_loop_recalibrates_after_a_miss(resnet, tmp_path):
     assert [r.round for r in result.rounds] == list(range(len(result.rounds)))
 
 
+def test_a_floor_the_tables_overstate_is_measured_before_the_budget_is_refused(resnet, tmp_path):
+    """Whole models 1.4× their units: the uncalibrated constant puts the tables' floor near 0.3
+    of dense, while the model reaches far less. Before refusing 0.2 the fastest plan is measured
+    beside the dense model and the latency model refitted on it, so the budget is met; a budget
+    under the measured floor is still refused, with the measured floor."""
+    result = _compile(resnet, 0.2, tmp_path, backend=Skewed(1.4))
+    assert "floor_probe_s" in result.timings  # the tables alone refused it
+    assert result.budget_met and result.measured_ms <= result.budget_ms * 1.02
+    with pytest.raises(fxprune.InfeasibleBudget) as info:
+        _compile(resnet, 0.01, tmp_path, backend=Skewed(1.4))
+    floor = info.value.min_latency / info.value.dense
+    assert 0.01 < floor < 0.1  # the measured floor, not the tables' ~0.3
+
+
 def test_absolute_budget(resnet, tmp_path):
     dense = _compile(resnet, 1.0, tmp_path).dense_ms
     result = _compile(resnet, f"{0.5 * dense:.6f}ms", tmp_path)
