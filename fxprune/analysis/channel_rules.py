@@ -167,6 +167,7 @@ _UNARY_FUNCTIONS: list[Any] = [
     torch.exp,
     torch.abs,
     torch.sqrt,
+    torch.square,
     torch.clamp,
     torch.nn.functional.relu_,
     operator.neg,
@@ -183,6 +184,7 @@ register_method_rule(
     "exp",
     "abs",
     "sqrt",
+    "square",
     "clamp",
     "clamp_",
     "contiguous",
@@ -267,15 +269,20 @@ except ImportError:  # pragma: no cover - torchvision is optional
     operator.isub,
     operator.imul,
     operator.itruediv,
+    operator.pow,
+    operator.ipow,
     torch.add,
     torch.sub,
     torch.mul,
     torch.div,
+    torch.pow,
     torch.maximum,
     torch.minimum,
     torch.where,
 )
-@register_method_rule("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "expand_as")
+@register_method_rule(
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "pow_", "expand_as"
+)
 def elementwise(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
     """Residual adds, SE scaling, layer scale: full-size operands are coupled position-wise."""
     if node.op == "call_method" and node.target == "expand_as":
