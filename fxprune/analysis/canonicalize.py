@@ -126,9 +126,14 @@ def _layer_norm(a: dict[str, Any], _: tuple[int, ...]) -> nn.Module | None:
 
 def _group_norm(a: dict[str, Any], in_shape: tuple[int, ...]) -> nn.Module | None:
     w, b = a["weight"], a["bias"]
-    if (w is None) != (b is None) or len(in_shape) < 2:
-        return None
-    return nn.GroupNorm(a["num_groups"], in_shape[1], eps=a["eps"], affine=w is not None)
+    if (w is None and b is not None) or len(in_shape) < 2:
+        return None  # a shift without a scale: no nn.GroupNorm computes it
+    m = nn.GroupNorm(a["num_groups"], in_shape[1], eps=a["eps"], affine=w is not None)
+    if w is not None and b is None:
+        # scale only (timm's GroupNorm1NoBias, poolformer v2): nn.GroupNorm's forward hands
+        # its bias to F.group_norm as it is, None included
+        m.bias = None
+    return m
 
 
 def _embedding(a: dict[str, Any], _: tuple[int, ...]) -> nn.Module | None:
