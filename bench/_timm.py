@@ -12,7 +12,8 @@ Selection is deterministic and recorded in each bench's JSON:
   :data:`HYBRID_FAMILIES`); every other family counts as a transformer / MLP model.
 
 The input is the model's default ``input_size`` (its pretrained config) with each spatial side
-capped at :data:`MAX_SIDE`, random weights (``pretrained=False``).
+capped at :data:`MAX_SIDE` where the model runs at the capped size (else its own size), random
+weights (``pretrained=False``).
 """
 
 from __future__ import annotations
@@ -107,12 +108,27 @@ def select_models(
 
 
 def input_shape(name: str) -> tuple[int, ...]:
-    """``(1, C, H, W)``: the model's default input size, each side capped at :data:`MAX_SIDE`."""
+    """``(1, C, H, W)``: the model's default input size, each side capped at :data:`MAX_SIDE`,
+    unless the model runs at its own size but not at the capped one (halonet's feature maps
+    must divide into its attention blocks: 256² works, 224² does not); then its own."""
     import timm
 
     cfg = timm.get_pretrained_cfg(name, allow_unregistered=True)
     c, h, w = (cfg.input_size if cfg is not None and cfg.input_size else (3, 224, 224))[-3:]
-    return (1, c, min(h, MAX_SIDE), min(w, MAX_SIDE))
+    own, capped = (1, c, h, w), (1, c, min(h, MAX_SIDE), min(w, MAX_SIDE))
+    if capped != own and not _runs_on_meta(name, capped) and _runs_on_meta(name, own):
+        return own
+    return capped
+
+
+def _runs_on_meta(name: str, shape: tuple[int, ...]) -> bool:
+    """Model ``name`` builds and runs at ``shape`` on the meta device (nothing is computed)."""
+    try:
+        with torch.device("meta"), torch.no_grad():
+            create(name, shape).eval()(torch.empty(shape))
+    except Exception:  # any failure: the size (or meta) does not work for this model
+        return False
+    return True
 
 
 def create(name: str, shape: Sequence[int]) -> nn.Module:

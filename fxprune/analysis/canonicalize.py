@@ -28,11 +28,13 @@ graph computes exactly what the traced graph computed (in eval mode: the calls a
 
 A call is lifted only when every parameter argument is a ``get_attr`` of a Parameter or buffer
 (or ``None`` where the module allows it) and every other argument but the input is a constant.
-A computed weight (timm's ``StdConv2d`` standardises its weight first) or a parameter used by
-more than one node (two calls sharing a weight, or a weight also read elsewhere) is left alone:
-one module cannot hold a tensor another op also reads, and pruning one user would silently
-change the other. Such a call stays an unknown op, so its channels freeze, and the reason it was
-not lifted is kept under :data:`~fxprune.core.meta.NOT_LIFTED` for the report.
+A computed weight (``w - w.mean(...)``) or a parameter used by more than one node (two calls
+sharing a weight, or a weight also read elsewhere) is left alone: one module cannot hold a
+tensor another op also reads, and pruning one user would silently change the other. Such a call stays an unknown op, so its channels freeze, and the reason it was
+not lifted is kept under :data:`~fxprune.core.meta.NOT_LIFTED` for the report. One computed
+weight is recognised: timm's ``ScaledStdConv2d`` standardisation (``batch_norm`` over the weight
+rows times a gain), collapsed first into one :func:`~fxprune.analysis.std_conv.std_conv2d` call
+and lifted onto a :class:`~fxprune.analysis.std_conv.StdConv2d`.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fxprune.analysis.std_conv import StdConv2d, std_conv2d
 from fxprune.core.meta import MODULE_PATH, NOT_LIFTED, TENSOR_META
 
 __all__ = ["LIFTABLE", "canonicalize"]
@@ -96,6 +99,17 @@ def _conv(dim: int, transpose: bool):
     return build
 
 
+def _std_conv(a: dict[str, Any], _: tuple[int, ...]) -> nn.Module | None:
+    w, gain, groups = a["weight"], a["gain"], a["groups"]
+    if w is None or w.ndim != 4 or gain is None or gain.numel() != w.shape[0]:
+        return None
+    return StdConv2d(
+        w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), scale=a["scale"], eps=a["eps"],
+        stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=groups,
+        bias=a["bias"] is not None, device="meta",
+    )  # fmt: skip
+
+
 def _batch_norm(a: dict[str, Any], in_shape: tuple[int, ...]) -> nn.Module | None:
     rm, rv, w, b = a["running_mean"], a["running_var"], a["weight"], a["bias"]
     if a["training"] is not False or rm is None or rv is None or (w is None) != (b is None):
@@ -126,9 +140,14 @@ def _layer_norm(a: dict[str, Any], _: tuple[int, ...]) -> nn.Module | None:
 
 def _group_norm(a: dict[str, Any], in_shape: tuple[int, ...]) -> nn.Module | None:
     w, b = a["weight"], a["bias"]
-    if (w is None) != (b is None) or len(in_shape) < 2:
-        return None
-    return nn.GroupNorm(a["num_groups"], in_shape[1], eps=a["eps"], affine=w is not None)
+    if (w is None and b is not None) or len(in_shape) < 2:
+        return None  # a shift without a scale: no nn.GroupNorm computes it
+    m = nn.GroupNorm(a["num_groups"], in_shape[1], eps=a["eps"], affine=w is not None)
+    if w is not None and b is None:
+        # scale only (timm's GroupNorm1NoBias, poolformer v2): nn.GroupNorm's forward hands
+        # its bias to F.group_norm as it is, None included
+        m.bias = None
+    return m
 
 
 def _embedding(a: dict[str, Any], _: tuple[int, ...]) -> nn.Module | None:
@@ -172,6 +191,8 @@ _EMB_SIG = (("input", _MISSING), ("weight", _MISSING), ("padding_idx", None), ("
 _IN_SIG = (("input", _MISSING), ("running_mean", None), ("running_var", None), ("weight", None),
            ("bias", None), ("use_input_stats", True), ("momentum", 0.1), ("eps", 1e-5))  # fmt: skip
 
+_STD_CONV_SIG = (*_CONV_SIG[:2], ("gain", _MISSING), *_CONV_SIG[2:], ("scale", 1.0),
+                 ("eps", 1e-6))  # fmt: skip
 _LINEAR_SIG = (("input", _MISSING), ("weight", _MISSING), ("bias", None))
 _WB = ("weight", "bias")
 _BN_TENSORS = ("running_mean", "running_var", "weight", "bias")
@@ -181,6 +202,7 @@ LIFTABLE: dict[Any, _Form] = {
     F.conv1d: _Form("conv1d", _CONV_SIG, _WB, _conv(1, False)),
     F.conv2d: _Form("conv2d", _CONV_SIG, _WB, _conv(2, False)),
     F.conv3d: _Form("conv3d", _CONV_SIG, _WB, _conv(3, False)),
+    std_conv2d: _Form("std_conv2d", _STD_CONV_SIG, ("weight", "gain", "bias"), _std_conv),
     F.conv_transpose1d: _Form("conv_transpose1d", _CONVT_SIG, _WB, _conv(1, True)),
     F.conv_transpose2d: _Form("conv_transpose2d", _CONVT_SIG, _WB, _conv(2, True)),
     F.conv_transpose3d: _Form("conv_transpose3d", _CONVT_SIG, _WB, _conv(3, True)),
@@ -202,7 +224,7 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     Returns ``gm``. Calls that cannot be lifted are left as they are, with the reason recorded
     in ``node.meta[NOT_LIFTED]``.
     """
-    dropped = _drop_rank_guards(gm)
+    dropped = _drop_rank_guards(gm) + _collapse_std_weights(gm)
     uses = _state_uses(gm)
     lifted = 0
     for node in list(gm.graph.nodes):
@@ -249,6 +271,91 @@ def _drop_rank_guards(gm: fx.GraphModule) -> int:
             if not node.users and _rank_only(node):
                 gm.graph.erase_node(node)
     return dropped
+
+
+def _collapse_std_weights(gm: fx.GraphModule) -> int:
+    """Rewrite convs on a standardised weight as one :func:`std_conv2d` call; their count.
+
+    timm's ``ScaledStdConv2d`` computes its weight in the forward (fx and export alike)::
+
+        w' = batch_norm(w.reshape(1, O, -1), None, None, weight=(gain * s).view(-1),
+                        training=True, eps=eps).reshape_as(w)
+        y = conv2d(x, w', b, ...)
+
+    Collapsed, the call is lifted like any functional conv (onto a ``StdConv2d`` holding ``w``,
+    ``gain`` and ``b``). Only that exact form, on parameters read nowhere else, is collapsed.
+    """
+    collapsed = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not F.conv2d:
+            continue
+        bound = _bind(node, LIFTABLE[F.conv2d])
+        found = _std_weight(gm, bound["weight"]) if bound is not None else None
+        if found is None:
+            continue
+        w, gain, scale, eps, dead = found
+        args = (bound["input"], w, gain, *(bound[k] for k, _ in _CONV_SIG[2:]), scale, eps)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(std_conv2d, args)
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        for n in dead:
+            gm.graph.erase_node(n)
+        collapsed += 1
+    return collapsed
+
+
+def _reshaped(node: Any, shape: tuple[int, ...]) -> fx.Node | None:
+    """What ``node`` reshapes to ``shape`` (used by ``node`` alone), else None."""
+    if not isinstance(node, fx.Node) or len(node.users) != 1:
+        return None
+    is_reshape = (node.op == "call_method" and node.target in ("reshape", "view")) or (
+        node.op == "call_function" and node.target is torch.reshape
+    )
+    meta = node.meta.get(TENSOR_META)
+    if not is_reshape or tuple(getattr(meta, "shape", ())) != shape:
+        return None
+    return node.args[0] if isinstance(node.args[0], fx.Node) else None
+
+
+def _std_weight(gm: fx.GraphModule, wn: Any) -> tuple[Any, ...] | None:
+    """``(w, gain, scale, eps, nodes to erase)`` when ``wn`` standardises a parameter ``w``."""
+    if not isinstance(wn, fx.Node) or wn.op != "call_method" or len(wn.users) != 1:
+        return None
+    if wn.target not in ("reshape_as", "view_as") or len(wn.args) != 2:
+        return None
+    bn, w = wn.args
+    weight = _fetch(gm, str(w.target)) if isinstance(w, fx.Node) and w.op == "get_attr" else None
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 4 or not isinstance(bn, fx.Node):
+        return None
+    form = _form_of(bn.target) if bn.op == "call_function" else None
+    b = _bind(bn, form) if form is not None and form.name == "batch_norm" else None
+    if b is None or len(bn.users) != 1 or b["training"] is not True:
+        return None
+    if any(b[k] is not None for k in ("running_mean", "running_var", "bias")):
+        return None
+    rows = (1, weight.shape[0], weight[0].numel())
+    if _reshaped(b["input"], rows) is not w or set(w.users) != {b["input"], wn}:
+        return None
+    scaled = _reshaped(b["weight"], (weight.shape[0],))
+    scale: Any = 1.0
+    dead = [wn, bn, b["input"], b["weight"]]
+    if scaled is not None and scaled.target in (operator.mul, torch.mul) and not scaled.kwargs:
+        if len(scaled.users) != 1 or len(scaled.args) != 2:
+            return None
+        consts = [a for a in scaled.args if not isinstance(a, fx.Node)]
+        nodes = [a for a in scaled.args if isinstance(a, fx.Node)]
+        if len(consts) != 1 or not isinstance(consts[0], (int, float)) or len(nodes) != 1:
+            return None
+        dead.append(scaled)
+        scale, scaled = consts[0], nodes[0]
+    if not isinstance(scaled, fx.Node) or scaled.op != "get_attr" or len(scaled.users) != 1:
+        return None
+    gain = _fetch(gm, str(scaled.target))
+    if not isinstance(gain, torch.Tensor) or gain.numel() != weight.shape[0]:
+        return None
+    return w, scaled, scale, b["eps"], dead
 
 
 def _rank_only(node: fx.Node) -> bool:

@@ -21,6 +21,7 @@ from torch import fx, nn
 from fxprune.analysis.canonicalize import LIFTABLE
 from fxprune.analysis.channel_context import ChannelContext, LayerRecord, describe
 from fxprune.analysis.ops import _ELEMENTWISE_ACTIVATIONS, entry_for, register_op
+from fxprune.analysis.std_conv import StdConv2d
 from fxprune.core.channel_units import expand_index, varying_dims
 from fxprune.core.meta import NOT_LIFTED
 
@@ -167,6 +168,7 @@ _UNARY_FUNCTIONS: list[Any] = [
     torch.exp,
     torch.abs,
     torch.sqrt,
+    torch.square,
     torch.clamp,
     torch.nn.functional.relu_,
     operator.neg,
@@ -183,6 +185,7 @@ register_method_rule(
     "exp",
     "abs",
     "sqrt",
+    "square",
     "clamp",
     "clamp_",
     "contiguous",
@@ -267,15 +270,20 @@ except ImportError:  # pragma: no cover - torchvision is optional
     operator.isub,
     operator.imul,
     operator.itruediv,
+    operator.pow,
+    operator.ipow,
     torch.add,
     torch.sub,
     torch.mul,
     torch.div,
+    torch.pow,
     torch.maximum,
     torch.minimum,
     torch.where,
 )
-@register_method_rule("add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "expand_as")
+@register_method_rule(
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "pow_", "expand_as"
+)
 def elementwise(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
     """Residual adds, SE scaling, layer scale: full-size operands are coupled position-wise."""
     if node.op == "call_method" and node.target == "expand_as":
@@ -305,6 +313,20 @@ def conv(ctx: ChannelContext, node: fx.Node, m: nn.Module) -> np.ndarray:
         ctx.equal_count.append((in_units, g, why))
         ctx.equal_count.append((out.reshape(-1), g, why))
     ctx.add_layer(LayerRecord(node.name, node.target, "conv", in_units, out.reshape(-1), g))
+    return out
+
+
+@register_module_rule(StdConv2d)
+def std_conv(ctx: ChannelContext, node: fx.Node, m: StdConv2d) -> np.ndarray:
+    """A conv on its weight standardised per output channel (:mod:`fxprune.analysis.std_conv`):
+    pruning inputs changes every kept row's statistics, except in a depthwise conv."""
+    out = conv(ctx, node, m)
+    if not m.groups == m.in_channels == m.out_channels:
+        ctx.inexact(
+            ctx.layers[-1].in_units,
+            f"{describe(node, ctx.gm)} standardises its weight over its input channels: "
+            "pruning them changes the statistics",
+        )
     return out
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from torch import nn
 
+from fxprune.analysis.std_conv import StdConv2d
 from fxprune.core.errors import PlanError
 from fxprune.core.meta import TENSOR_META
 
@@ -77,8 +78,8 @@ def _consumer(gm, nodes, rec: LayerRecord, calls: Mapping[str, int]) -> Consumer
     module = gm.get_submodule(rec.target)
     out_meta = node.meta.get(TENSOR_META)
     if isinstance(module, nn.modules.conv._ConvNd):
-        if module.groups != 1 or module.transposed:
-            return None
+        if module.groups != 1 or module.transposed or isinstance(module, StdConv2d):
+            return None  # a standardised weight: dropping its columns changes the rest
         n_in, dim = module.in_channels, 1
         out_spatial = int(np.prod(out_meta.shape[2:])) if out_meta is not None else 1
         macs = module.out_channels * int(np.prod(module.kernel_size)) * out_spatial

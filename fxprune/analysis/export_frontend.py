@@ -305,6 +305,7 @@ ATEN_TO_TORCH: dict[Any, Translate] = {
     aten.sub: _fn(torch.sub),
     aten.mul: _fn(torch.mul),
     aten.div: _fn(torch.div),
+    aten.pow: _fn(torch.pow),  # Tensor_Scalar (x ** 2), Scalar (2 ** x), Tensor_Tensor
     aten.maximum: _fn(torch.maximum),
     aten.minimum: _fn(torch.minimum),
     aten.where: _fn(torch.where),
@@ -363,6 +364,7 @@ ATEN_TO_TORCH: dict[Any, Translate] = {
     aten.leaky_relu: _fn(F.leaky_relu),
     aten.mish: _fn(F.mish),
     aten.neg: _fn(torch.neg),
+    aten.square: _fn(torch.square),
     aten._softmax: _softmax,
     aten.softmax: _softmax,
     # attention

@@ -218,11 +218,15 @@ _BINARY_FUNCTIONS = (
     torch.mul,
     torch.sub,
     torch.div,
+    # x ** 2 (timm's StarReLU), 2 ** x, x ** y: elementwise whichever operands are tensors. On
+    # ints read off shapes (C ** -0.5) it computes a size, which the sizes pass freezes
+    operator.pow,
+    operator.ipow,
+    torch.pow,
 )
 register_op(*_BINARY_FUNCTIONS, commutes=True, channelwise=True, binary=True)
-register_op(
-    "add", "add_", "mul", "mul_", "sub", "div", commutes=True, channelwise=True, binary=True
-)
+register_op("add", "add_", "mul", "mul_", "sub", "div", "pow", "pow_", commutes=True,
+            channelwise=True, binary=True)  # fmt: skip
 # move channel positions as a whole: a permutation passes through, channels do not stay put
 register_op(torch.cat, torch.concat, torch.permute, torch.transpose, "permute", "transpose",
             commutes=True)  # fmt: skip
@@ -232,6 +236,7 @@ register_op(
     torch.relu,
     torch.sigmoid,
     torch.tanh,
+    torch.square,  # timm's SquaredReLU
     F.relu,
     F.relu6,
     F.silu,
@@ -247,6 +252,7 @@ register_op(
     "relu_",
     "sigmoid",
     "tanh",
+    "square",
     "flatten",
     "mean",
     "contiguous",
@@ -259,6 +265,7 @@ for _inplace, _twin in (
     (operator.isub, operator.sub),
     (operator.imul, operator.mul),
     (operator.itruediv, operator.truediv),
+    (operator.ipow, operator.pow),
     (torch.relu_, torch.relu),
     (F.relu_, F.relu),
 ):

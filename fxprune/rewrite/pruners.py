@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from fxprune.analysis.ops import lookup, register_op
+from fxprune.analysis.std_conv import StdConv2d
 
 __all__ = ["Pruner", "lookup_pruner", "register_pruner"]
 
@@ -76,6 +77,13 @@ def prune_conv(m: nn.Module, in_idx: np.ndarray, out_idx: np.ndarray) -> nn.Modu
         new.out_channels = len(out_idx)
     if m.bias is not None:
         new.bias = _param(m.bias, keep)
+    return new
+
+
+@register_pruner(StdConv2d)
+def prune_std_conv(m: StdConv2d, in_idx: np.ndarray, out_idx: np.ndarray) -> nn.Module:
+    new = prune_conv(m, in_idx, out_idx)
+    new.gain = _param(m.gain, _idx(out_idx))  # per output channel; the dense scale stays
     return new
 
 

@@ -51,6 +51,7 @@ import torch
 from torch import fx, nn
 
 from fxprune.analysis.ops import traits_of
+from fxprune.analysis.std_conv import StdConv2d
 from fxprune.analysis.trace import refresh_shapes
 from fxprune.core.meta import TENSOR_META
 from fxprune.rewrite.pruners import lookup_pruner
@@ -174,6 +175,10 @@ def _channels(node: fx.Node) -> int | None:
 
 
 def _is_layer(m: nn.Module) -> bool:
+    """A layer that is a sum over its input columns (not a standardised-weight conv, whose
+    partial layers would each standardise over their own columns)."""
+    if isinstance(m, StdConv2d):
+        return False
     return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from functional_models import FunctionalConcat, FunctionalResNet
-from helpers import check_plan, make_sensitive
+from helpers import check_plan, check_planned_shapes, check_random_plans, make_sensitive
+from metaformer_models import PoolFormerNet
 from torch import nn
 
 import fxprune
@@ -169,6 +170,39 @@ def test_norm_transpose_and_embedding_forms_are_lifted_and_equal():
     assert not any(n.op == "call_function" and n.target in LIFTABLE for n in gm.graph.nodes)
     with torch.no_grad():
         assert torch.equal(gm(x, idx), traced(x, idx))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_scale_only_group_norm_is_lifted_and_prunes(frontend):
+    """timm's GroupNorm1NoBias (PoolFormer v2): ``F.group_norm(x, 1, weight, None)`` becomes an
+    ``nn.GroupNorm`` without a bias; its channels are prunable, inexact (the group statistics
+    change), and the exact groups around it equal the oracle."""
+    torch.manual_seed(0)
+    model, x = make_sensitive(PoolFormerNet().eval()), torch.randn(2, 3, 32, 32)
+    a = fxprune.analyze(model, x, frontend=frontend)
+    norms = {p: m for p, m in a.gm.named_modules() if isinstance(m, nn.GroupNorm)}
+    assert sorted(norms) == sorted(
+        p for p, m in model.named_modules() if isinstance(m, nn.GroupNorm)
+    )
+    assert all(type(m) is nn.GroupNorm and m.bias is None for m in norms.values())
+    assert not any(n.op == "call_function" and n.target in LIFTABLE for n in a.gm.graph.nodes)
+    with torch.no_grad():
+        assert torch.allclose(a.gm(x), model(x), atol=1e-6)
+    stream = a.group("stem")
+    assert stream.prunable and len(stream.inexact) == 5 and not stream.frozen
+    assert prunable_fraction(a)["prunable"] == 1.0
+    check_random_plans(a, x)  # the exact groups (the MLP hidden channels)
+    plan = fxprune.uniform_plan(a, 0.5, include_inexact=True, multiple=1)
+    kept = torch.as_tensor(plan.kept["stem"])
+    pruned = fxprune.prune(a, plan)
+    check_planned_shapes(a, plan, pruned)
+    norm, dense = pruned.get_submodule("blocks.0.norm1"), model.blocks[0].norm1
+    assert norm.num_channels == 4 and norm.bias is None and tuple(norm.weight.shape) == (4,)
+    y = torch.randn(2, 8, 5, 5)[:, kept]
+    with torch.no_grad():
+        want = F.group_norm(y, 1, dense.weight[kept], None, dense.eps)
+        assert torch.allclose(norm(y), want, atol=1e-6)
+        assert pruned(x).shape == (2, 5)
 
 
 # ---- what must not be lifted --------------------------------------------------------------------

@@ -13,6 +13,7 @@ import torchvision
 from fake_backend import FakeBackend
 from functional_models import FunctionalConcat, FunctionalResNet
 from helpers import check_plan, make_sensitive, rel_err
+from metaformer_models import PoolFormerNet
 from torch import nn
 
 import fxprune
@@ -70,6 +71,7 @@ MODELS = {
     "functional_resnet": FunctionalResNet,
     "functional_concat": FunctionalConcat,
     "layer_scale": LayerScaleNet,
+    "poolformer": PoolFormerNet,  # StarReLU's pow, scale-only GroupNorm: ATen pow, group_norm
 }
 
 

@@ -4,6 +4,8 @@ import operator
 
 import pytest
 import torch
+from helpers import check_random_plans, make_sensitive
+from metaformer_models import PowForms
 from torch import fx, nn
 
 import fxprune
@@ -85,3 +87,27 @@ def test_out_of_place_twins():
     assert ops.out_of_place(g.call_method("__iadd__", (x, x))) is None
     assert ops.out_of_place(g.call_function(operator.iadd, (x, x))) is operator.add
     assert ops.out_of_place(g.call_function(operator.add, (x, x))) is None
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_pow_and_square_are_elementwise_on_tensors_and_sizes_stay_sizes(frontend):
+    """``x ** 2``, ``x.pow(3)``, ``torch.pow``, ``2 ** x``, ``x ** y``, ``torch.square`` (and their
+    ATen forms) pass channels through; ``x ** y`` ties its operands' channels like ``x * y``."""
+    torch.manual_seed(0)
+    model, x = make_sensitive(PowForms().eval()), torch.randn(2, 3, 8, 8)
+    a = fxprune.analyze(model, x, frontend=frontend)
+    pows = [n for n in a.gm.graph.nodes if n.target in (operator.pow, torch.pow, "pow")]
+    assert len(pows) == (6 if frontend == "fx" else 5)  # export folds d.shape[1] ** -0.5
+    tensor_pows = [n for n in pows if "tensor_meta" in n.meta]
+    assert len(tensor_pows) == 5
+    for n in tensor_pows:
+        assert ops.traits_of(n, a.gm) == ops.OpTraits(commutes=True, channelwise=True, binary=True)
+    assert not any("unsupported op" in r for g in a.groups for r in g.frozen)
+    assert [(g.name, g.size) for g in a.groups if g.prunable] == [("a", 6), ("c", 8)] + (
+        [] if frontend == "fx" else [("d", 8)]
+    )
+    assert "b" in a.group("a").roots and not any(g.inexact for g in a.groups)
+    if frontend == "fx":  # a count read off d, raised to a power: a size used as a value
+        (reason,) = a.group("d").frozen
+        assert "function pow" in reason and "size 1 of 'd'" in reason
+    check_random_plans(a, x)
