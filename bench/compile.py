@@ -223,6 +223,7 @@ def main(argv=None) -> int:
         out["models"] = json.loads(args.out.read_text()).get("models", {})
     for name in args.models:
         model = make(name)
+        label = f"timm_{name}" if args.zoo == "timm" else name  # plan files apart from tv
         cache_dir = Path(tempfile.mkdtemp(prefix=f"fxprune-bench-{name}-"))
         at = commit()
         entry = out["models"].get(name) or {"cases": {}}  # add to cases of an earlier run
@@ -233,7 +234,7 @@ def main(argv=None) -> int:
                 case: dict = {"cold": i == 0, "commit": at}
                 try:
                     ours, case["ours"] = run_case(
-                        name, model, x, budget, "minlp", cache_dir, backend
+                        label, model, x, budget, "minlp", cache_dir, backend
                     )
                 except Exception as exc:  # recorded; the other cases still run
                     case["ours"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
@@ -249,7 +250,7 @@ def main(argv=None) -> int:
                 for solver in args.baselines:
                     try:
                         _, case[solver] = run_case(
-                            name, model, x, budget, solver, cache_dir, backend
+                            label, model, x, budget, solver, cache_dir, backend
                         )
                     except fxprune.InfeasibleBudget as exc:
                         case[solver] = {"error": str(exc)}
