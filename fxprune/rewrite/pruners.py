@@ -83,7 +83,8 @@ def prune_conv(m: nn.Module, in_idx: np.ndarray, out_idx: np.ndarray) -> nn.Modu
 @register_pruner(StdConv2d)
 def prune_std_conv(m: StdConv2d, in_idx: np.ndarray, out_idx: np.ndarray) -> nn.Module:
     new = prune_conv(m, in_idx, out_idx)
-    new.gain = _param(m.gain, _idx(out_idx))  # per output channel; the dense scale stays
+    if m.gain is not None:  # per output channel; the dense scale stays
+        new.gain = _param(m.gain, _idx(out_idx))
     return new
 
 
