@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import check_plan, check_planned_shapes, check_random_plans, make_sensitive, rel_err
+from helpers import (
+    check_plan,
+    check_planned_shapes,
+    check_random_plans,
+    check_unconstrained,
+    make_sensitive,
+    rel_err,
+)
 from hypothesis import HealthCheck, given, settings
 from size_models import SpatialReduction
 from strategies import plans
@@ -382,6 +389,9 @@ def test_depthwise_multiplier_prunes_each_input_with_its_outputs(frontend):
     assert torch.equal(dw.weight, model.dw.weight[[2, 3, 6, 7]])
     assert pruned.get_submodule("c").in_channels == pruned.get_submodule("c").out_channels == 4
     check_random_plans(a, x)
+    assert "c" in a.consumers  # reads each kept input's two outputs together
+    for seed in range(3):  # per-consumer masks, reordered, padded and segmented: the oracle
+        check_unconstrained(a, x, seed)
 
 
 def test_se_couples_gate_and_features():
