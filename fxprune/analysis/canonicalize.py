@@ -32,8 +32,8 @@ A computed weight (``w - w.mean(...)``) or a parameter used by more than one nod
 sharing a weight, or a weight also read elsewhere) is left alone: one module cannot hold a
 tensor another op also reads, and pruning one user would silently change the other. Such a call stays an unknown op, so its channels freeze, and the reason it was
 not lifted is kept under :data:`~fxprune.core.meta.NOT_LIFTED` for the report. One computed
-weight is recognised: timm's ``ScaledStdConv2d`` standardisation (``batch_norm`` over the weight
-rows times a gain), collapsed first into one :func:`~fxprune.analysis.std_conv.std_conv2d` call
+weight is recognised: timm's ``StdConv2d`` / ``ScaledStdConv2d`` standardisation (``batch_norm``
+over the weight rows, times a gain in the scaled form), collapsed first into one :func:`~fxprune.analysis.std_conv.std_conv2d` call
 and lifted onto a :class:`~fxprune.analysis.std_conv.StdConv2d`.
 """
 
@@ -101,10 +101,11 @@ def _conv(dim: int, transpose: bool):
 
 def _std_conv(a: dict[str, Any], _: tuple[int, ...]) -> nn.Module | None:
     w, gain, groups = a["weight"], a["gain"], a["groups"]
-    if w is None or w.ndim != 4 or gain is None or gain.numel() != w.shape[0]:
+    if w is None or w.ndim != 4 or (gain is not None and gain.numel() != w.shape[0]):
         return None
     return StdConv2d(
         w.shape[1] * groups, w.shape[0], tuple(w.shape[2:]), scale=a["scale"], eps=a["eps"],
+        gain=gain is not None,
         stride=a["stride"], padding=a["padding"], dilation=a["dilation"], groups=groups,
         bias=a["bias"] is not None, device="meta",
     )  # fmt: skip
@@ -282,8 +283,9 @@ def _collapse_std_weights(gm: fx.GraphModule) -> int:
                         training=True, eps=eps).reshape_as(w)
         y = conv2d(x, w', b, ...)
 
-    Collapsed, the call is lifted like any functional conv (onto a ``StdConv2d`` holding ``w``,
-    ``gain`` and ``b``). Only that exact form, on parameters read nowhere else, is collapsed.
+    and timm's ``StdConv2d`` the same with ``weight=None`` (no gain, no scale). Collapsed, the
+    call is lifted like any functional conv (onto a ``StdConv2d`` holding ``w``, ``gain`` if
+    any and ``b``). Only that exact form, on parameters read nowhere else, is collapsed.
     """
     collapsed = 0
     for node in list(gm.graph.nodes):
@@ -338,6 +340,8 @@ def _std_weight(gm: fx.GraphModule, wn: Any) -> tuple[Any, ...] | None:
     rows = (1, weight.shape[0], weight[0].numel())
     if _reshaped(b["input"], rows) is not w or set(w.users) != {b["input"], wn}:
         return None
+    if b["weight"] is None:  # timm's StdConv2d: standardised, no gain
+        return w, None, 1.0, b["eps"], [wn, bn, b["input"]]
     scaled = _reshaped(b["weight"], (weight.shape[0],))
     scale: Any = 1.0
     dead = [wn, bn, b["input"], b["weight"]]

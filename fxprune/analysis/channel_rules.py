@@ -303,10 +303,8 @@ def conv(ctx: ChannelContext, node: fx.Node, m: nn.Module) -> np.ndarray:
         out = ctx.root(node, key, "conv", m.out_channels, 1, len(out_shape))
     elif g == m.in_channels == m.out_channels:  # depthwise: output channel i reads input i
         out = in_units.reshape([1, -1] + [1] * (len(out_shape) - 2))
-    elif g == m.in_channels:  # depthwise with a channel multiplier
-        ctx.freeze(in_units, f"depthwise {describe(node, ctx.gm)} with a channel multiplier")
-        out = ctx.root(node, key, "conv", m.out_channels, 1, len(out_shape))
-        ctx.freeze(out, f"depthwise {describe(node, ctx.gm)} with a channel multiplier")
+    elif g == m.in_channels:  # depthwise, k outputs per input: output c*k + j reads input c
+        out = np.repeat(in_units, m.out_channels // g).reshape([1, -1] + [1] * (len(out_shape) - 2))
     else:  # grouped: every group must keep the same number of inputs and of outputs
         out = ctx.root(node, key, "conv", m.out_channels, 1, len(out_shape))
         why = f"grouped conv {describe(node, ctx.gm)} (groups={g})"
@@ -319,9 +317,10 @@ def conv(ctx: ChannelContext, node: fx.Node, m: nn.Module) -> np.ndarray:
 @register_module_rule(StdConv2d)
 def std_conv(ctx: ChannelContext, node: fx.Node, m: StdConv2d) -> np.ndarray:
     """A conv on its weight standardised per output channel (:mod:`fxprune.analysis.std_conv`):
-    pruning inputs changes every kept row's statistics, except in a depthwise conv."""
+    pruning inputs changes every kept row's statistics, except in a depthwise conv (with or
+    without a channel multiplier: an input goes with the rows that read it)."""
     out = conv(ctx, node, m)
-    if not m.groups == m.in_channels == m.out_channels:
+    if m.groups == 1 or m.groups != m.in_channels:
         ctx.inexact(
             ctx.layers[-1].in_units,
             f"{describe(node, ctx.gm)} standardises its weight over its input channels: "

@@ -311,7 +311,7 @@ def _macs_factors(analysis: Analysis) -> Mapping[str, tuple[int, int, int | str]
         if isinstance(m, nn.Linear):
             out[rec.node] = (int(np.prod(shape)) // m.out_features, 1, 1)
         else:
-            dw = m.groups > 1 and m.groups == m.in_channels == m.out_channels
+            dw = m.groups > 1 and m.groups == m.in_channels  # one input per output (×k)
             positions = int(np.prod(shape)) // m.out_channels
             out[rec.node] = (positions, int(np.prod(m.kernel_size)), "dw" if dw else m.groups)
     return out

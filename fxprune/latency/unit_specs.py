@@ -9,9 +9,11 @@ kernel, stride, padding, dilation, grouping, the input's batch and spatial size,
 activation — and is the op part of the cache key: identical layers anywhere in any model share
 their measurements.
 
-Grouping: a depthwise conv (``groups == in == out``) keeps ``groups`` equal to its channel
-count when pruned, so its unit is measured with ``groups = c``; any other grouped conv keeps
-its group count ``G`` and is measured with channel counts rounded up to multiples of ``G``.
+Grouping: a depthwise conv (``groups == in``) keeps ``groups`` equal to its input count when
+pruned, so its unit is measured with ``groups = c`` and ``k·c`` outputs (``k`` its channel
+multiplier, usually 1; its table counts outputs, rounded up to multiples of ``k``); any other
+grouped conv keeps its group count ``G`` and is measured with channel counts rounded up to
+multiples of ``G``.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ class UnitSpec:
     padding_mode: str = "zeros"
     groups: int = 1  # fixed group count of a grouped (not depthwise) conv
     depthwise: bool = False
+    multiplier: int = 1  # outputs per input of a depthwise conv
     bias: bool = False
     bn: bool = False
     activation: str = ""
@@ -83,6 +86,8 @@ class UnitSpec:
     def key(self) -> dict[str, Any]:
         """JSON-ready op identity for the latency cache."""
         d = asdict(self)
+        if d["multiplier"] == 1:  # the key every cached figure was stored under before it
+            del d["multiplier"]
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
     def label(self) -> str:
@@ -95,7 +100,7 @@ class UnitSpec:
                 uniform = len(set(self.stride)) == 1
                 what += "/s" + (str(self.stride[0]) if uniform else "x".join(map(str, self.stride)))
             if self.depthwise:
-                what += " dw"
+                what += " dw" + (f"x{self.multiplier}" if self.multiplier > 1 else "")
             elif self.groups > 1:
                 what += f" g{self.groups}"
             what += " " + "x".join(map(str, self.input_shape[2:]))
@@ -104,9 +109,11 @@ class UnitSpec:
         )
 
     def counts(self, cin: int, cout: int) -> tuple[int, int]:
-        """The channel counts a unit is built with (grouped convs round up to multiples of G)."""
+        """The channel counts a unit is built with (grouped convs round up to multiples of G; a
+        depthwise conv has one space, given as its output count)."""
         if self.depthwise:
-            return cin, cin
+            c = -(-cin // self.multiplier)
+            return c, c * self.multiplier
         g = self.groups
         return -(-cin // g) * g, -(-cout // g) * g
 
@@ -177,7 +184,7 @@ def unit_spec(node: fx.Node, gm: fx.GraphModule) -> tuple[UnitSpec, nn.Module | 
     if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
         shape[1] = 0
         g = module.groups
-        dw = g > 1 and g == module.in_channels == module.out_channels
+        dw = g > 1 and g == module.in_channels
         padding = module.padding if isinstance(module.padding, str) else tuple(module.padding)
         spec = UnitSpec(
             kind="conv",
@@ -189,6 +196,7 @@ def unit_spec(node: fx.Node, gm: fx.GraphModule) -> tuple[UnitSpec, nn.Module | 
             padding_mode=module.padding_mode,
             groups=1 if dw else g,
             depthwise=dw,
+            multiplier=module.out_channels // g if dw else 1,
             **common,
         )
         return spec, act

@@ -61,6 +61,14 @@ def prune_conv(m: nn.Module, in_idx: np.ndarray, out_idx: np.ndarray) -> nn.Modu
     if g == m.in_channels == m.out_channels and g > 1:  # depthwise: in and out are one space
         new.weight = _param(m.weight, keep)
         new.groups = new.in_channels = new.out_channels = len(keep)
+    elif g == m.in_channels and g > 1:  # depthwise with k outputs per input: rows c*k .. c*k+k-1
+        k = m.out_channels // g
+        rows = (np.asarray(in_idx)[:, None] * k + np.arange(k)).reshape(-1)
+        if not np.array_equal(rows, np.asarray(out_idx)):
+            raise ValueError(f"a depthwise conv ×{k} keeps each input's {k} outputs, in its order")
+        new.weight = _param(m.weight, keep)
+        new.groups = new.in_channels = len(in_idx)
+        new.out_channels = len(out_idx)
     else:
         cin_g, cout_g = m.in_channels // g, m.out_channels // g
         in_idx, out_idx = np.asarray(in_idx), np.asarray(out_idx)
@@ -83,7 +91,8 @@ def prune_conv(m: nn.Module, in_idx: np.ndarray, out_idx: np.ndarray) -> nn.Modu
 @register_pruner(StdConv2d)
 def prune_std_conv(m: StdConv2d, in_idx: np.ndarray, out_idx: np.ndarray) -> nn.Module:
     new = prune_conv(m, in_idx, out_idx)
-    new.gain = _param(m.gain, _idx(out_idx))  # per output channel; the dense scale stays
+    if m.gain is not None:  # per output channel; the dense scale stays
+        new.gain = _param(m.gain, _idx(out_idx))
     return new
 
 

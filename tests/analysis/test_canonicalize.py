@@ -206,8 +206,9 @@ def test_scale_only_group_norm_is_lifted_and_prunes(frontend):
 
 
 # ---- what must not be lifted --------------------------------------------------------------------
-class StdConv(nn.Conv2d):
-    """timm's StdConv2d in small: the weight is computed (standardised) before the conv."""
+class CentredConv(nn.Conv2d):
+    """A weight computed in the forward in a form no pass recognises (centred, not standardised
+    by ``batch_norm`` as timm's StdConv2d, which is collapsed and lifted: test_std_conv)."""
 
     def forward(self, x):
         w = self.weight - self.weight.mean((1, 2, 3), keepdim=True)
@@ -218,11 +219,11 @@ class Computed(nn.Module):
     def __init__(self):
         super().__init__()
         self.c1 = nn.Conv2d(3, 8, 3, padding=1)
-        self.std = StdConv(8, 8, 3, padding=1)
+        self.centred = CentredConv(8, 8, 3, padding=1)
         self.c3 = nn.Conv2d(8, 4, 1)
 
     def forward(self, x):
-        return self.c3(self.std(torch.relu(self.c1(x))))
+        return self.c3(self.centred(torch.relu(self.c1(x))))
 
 
 class Shared(nn.Module):
@@ -242,7 +243,7 @@ class Shared(nn.Module):
 
 @pytest.mark.parametrize(
     ("cls", "why", "path"),
-    [(Computed, "is computed", "std"), (Shared, "used by more than one node", "")],
+    [(Computed, "is computed", "centred"), (Shared, "used by more than one node", "")],
 )
 def test_unliftable_call_freezes_and_is_named(cls, why, path):
     torch.manual_seed(0)

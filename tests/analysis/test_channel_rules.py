@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import check_plan, check_planned_shapes, make_sensitive, rel_err
+from helpers import (
+    check_plan,
+    check_planned_shapes,
+    check_random_plans,
+    check_unconstrained,
+    make_sensitive,
+    rel_err,
+)
 from hypothesis import HealthCheck, given, settings
 from size_models import SpatialReduction
 from strategies import plans
@@ -83,6 +90,23 @@ class Grouped(nn.Module):
 
     def forward(self, x):
         return self.b(self.dw(self.g(self.a(x))))
+
+
+class DepthwiseMultiplier(nn.Module):
+    """A depthwise conv with two outputs per input (PiT's pooling, FastViT's downsampling),
+    then a residual over its outputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.dw = nn.Conv2d(4, 8, 3, padding=1, groups=4)
+        self.bn = nn.BatchNorm2d(8)
+        self.c = nn.Conv2d(8, 8, 1)
+        self.b = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.dw(self.a(x))))
+        return self.b(y + self.c(y))
 
 
 class SE(nn.Module):
@@ -267,6 +291,7 @@ CASES = {
     "flatten_linear": (FlattenLinear, (2, 3, 8, 8)),
     "view_linear": (ViewLinear, (2, 3, 8, 8)),
     "grouped": (Grouped, (1, 3, 8, 8)),
+    "depthwise_multiplier": (DepthwiseMultiplier, (1, 3, 8, 8)),
     "se": (SE, (1, 3, 8, 8)),
     "shuffle": (Shuffle, (1, 3, 8, 8)),
     "shared": (SharedConv, (1, 3, 8, 8)),
@@ -346,6 +371,27 @@ def test_grouped_conv_equal_count_rule():
     assert pruned.dw.groups == pruned.dw.in_channels == 8
     with pytest.raises(fxprune.PlanError, match="same number of kept"):
         fxprune.Plan({"a": (0, 1, 2, 3)}, (), a.signature).validate(a)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_depthwise_multiplier_prunes_each_input_with_its_outputs(frontend):
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    model = make_sensitive(DepthwiseMultiplier().eval())
+    a = fxprune.analyze(model, x, frontend=frontend)
+    (g,) = [g for g in a.groups if g.prunable and g.size == 4]  # a's 4 units, each 2 of dw's
+    assert not g.frozen and not g.inexact and set(g.roots) == {"a", "c"}  # c pairs via the add
+    assert {gr.name for gr in a.groups if gr.prunable} == {g.name}
+    plan = fxprune.Plan({g.name: (1, 3)}, (), a.signature)
+    pruned = check_plan(a, plan, x)
+    dw = pruned.get_submodule("dw")
+    assert (dw.in_channels, dw.out_channels, dw.groups) == (2, 4, 2)
+    assert torch.equal(dw.weight, model.dw.weight[[2, 3, 6, 7]])
+    assert pruned.get_submodule("c").in_channels == pruned.get_submodule("c").out_channels == 4
+    check_random_plans(a, x)
+    assert "c" in a.consumers  # reads each kept input's two outputs together
+    for seed in range(3):  # per-consumer masks, reordered, padded and segmented: the oracle
+        check_unconstrained(a, x, seed)
 
 
 def test_se_couples_gate_and_features():

@@ -65,6 +65,17 @@ def test_depthwise_and_grouped_counts():
     assert grouped.counts(5, 9) == (8, 12)
 
 
+def test_depthwise_multiplier_counts_outputs():
+    plain, _ = _spec(nn.Conv2d(8, 8, 3, groups=8), shape=(1, 8, 9, 9))
+    dw, _ = _spec(nn.Conv2d(8, 16, 3, groups=8), shape=(1, 8, 9, 9))
+    assert dw.depthwise and dw.multiplier == 2 and dw.label().startswith("conv3x3 dwx2")
+    assert dw.counts(6, 6) == (3, 6) and dw.counts(5, 5) == (3, 6)  # outputs, rounded up to k
+    module, (x,) = build_unit(dw, 6, 6)
+    assert (module[0].in_channels, module[0].out_channels, module[0].groups) == (3, 6, 3)
+    assert module(x).shape == (1, 6, 7, 7)
+    assert "multiplier" not in plain.key() and dw.key()["multiplier"] == 2  # old keys kept
+
+
 def test_linear_unit_keeps_leading_dims():
     spec, act = _spec(nn.Linear(16, 4), nn.ReLU(), shape=(3, 7, 16))
     assert spec.kind == "linear" and spec.input_shape == (3, 7, 0) and spec.activation == "ReLU()"

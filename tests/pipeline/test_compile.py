@@ -20,7 +20,7 @@ import pytest
 import torch
 import torchvision
 from fake_backend import FakeBackend
-from helpers import ROUND_KEYS, make_sensitive, rel_err
+from helpers import ROUND_KEYS, check_planned_shapes, make_sensitive, rel_err
 from torch import fx, nn
 
 import fxprune
@@ -737,3 +737,33 @@ def test_keyword_inputs_and_dict_outputs(tmp_path):
         assert set(result.model(x)) == {"out"}
     out = result.save(tmp_path / "run")
     assert [o.name for o in onnx.load(out / "pruned.onnx").graph.output] == ["out"]
+
+
+class MultiplierNet(nn.Module):
+    """Depthwise convs with two outputs per input between stages (PiT, FastViT)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, stride=2, padding=1)
+        self.down = nn.Conv2d(16, 32, 3, stride=2, padding=1, groups=16)
+        self.bn = nn.BatchNorm2d(32)
+        self.mix = nn.Conv2d(32, 32, 1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(self.down(torch.relu(self.stem(x)))))
+        return self.fc((y + torch.relu(self.mix(y))).mean((2, 3)))
+
+
+def test_depthwise_multiplier_compiles_to_a_valid_exact_plan(tmp_path):
+    torch.manual_seed(0)
+    model = make_sensitive(MultiplierNet().eval(), torch.randn(1, 3, 64, 64))
+    result = _compile(model, 0.75, tmp_path)  # the fixed stem input and fc output: 63% at least
+    assert result.budget_met
+    down = result.model.get_submodule("down")
+    assert down.groups == down.in_channels < 16 and down.out_channels == 2 * down.in_channels
+    check_planned_shapes(result.analysis, result.plan, result.model)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = fxprune.masked_forward(result.analysis, result.plan, x)
+        assert rel_err(result.model(x), want) < 1e-4
