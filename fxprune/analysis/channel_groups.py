@@ -158,9 +158,10 @@ def _waits_for_a_user(ctx: ChannelContext, node: fx.Node) -> bool:
     return False
 
 
-def analyze_channels(gm: fx.GraphModule) -> ChannelSpaces:
-    """Run the channel-space pass on a traced GraphModule with ``tensor_meta`` set."""
-    ctx = ChannelContext(gm)
+def analyze_channels(gm: fx.GraphModule, attention: str = "head_dim") -> ChannelSpaces:
+    """Run the channel-space pass on a traced GraphModule with ``tensor_meta`` set
+    (``attention``: what a multi-head split offers, :data:`~fxprune.analysis.channel_rules.ATTENTION`)."""
+    ctx = ChannelContext(gm, attention)
     for node in gm.graph.nodes:
         node.meta.pop(CHANNELS, None)  # a parameter may wait for a later node (below)
     for node in gm.graph.nodes:

@@ -1,0 +1,238 @@
+"""Whole-head pruning (``analyze(attention="heads")``): a multi-head split offers its heads as
+a group's indices, random plans equal the masking oracle under both front ends, the pruned graph
+runs with fewer heads of the same width, and it exports to ONNX."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from attention_models import (
+    ChannelAttention,
+    ExplicitAttention,
+    FunctionalAttention,
+    FusedViT,
+    ShiftedWindows,
+    UnbindChannels,
+)
+from helpers import check_plan, check_random_plans, make_sensitive, rel_err
+
+import fxprune
+from fxprune.core.errors import ConfigError
+
+CASES = {
+    "fused_vit": (FusedViT, (2, 3, 6, 6)),
+    "explicit": (ExplicitAttention, (2, 5, 4)),
+    "functional": (FunctionalAttention, (2, 6, 4)),
+    "shifted_windows": (ShiftedWindows, (2, 3, 5, 5)),
+    "channel_attention": (ChannelAttention, (2, 5, 4)),
+    "unbind_channels": (UnbindChannels, (2, 5, 4)),
+}
+
+
+def _analysis(name: str, frontend: str = "fx"):
+    cls, shape = CASES[name]
+    torch.manual_seed(0)
+    model = make_sensitive(cls().eval())
+    x = torch.randn(shape)
+    return model, x, fxprune.analyze(model, x, frontend=frontend, attention="heads")
+
+
+def _timm(name: str, fused: bool = True):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    # two blocks at 64x64 (16 patches): every op of the 224x224 model, a fraction of its time
+    model = timm.create_model(name, pretrained=False, depth=2, img_size=64).eval()
+    for block in model.blocks:
+        block.attn.fused_attn = fused  # False: q @ k.T, softmax, @ v written out
+    return make_sensitive(model), torch.randn(2, 3, 64, 64)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_random_plans_equal_masking_and_run_at_planned_shapes(name, frontend):
+    _, x, a = _analysis(name, frontend)
+
+    check_random_plans(a, x, max_examples=12)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_fused_qkv_split_offers_its_heads(frontend):
+    _, _, a = _analysis("fused_vit", frontend)
+    assert a.attention == "heads"
+    qkv = a.group("qkv")  # 2 heads of 8: each index is one head of q, k and v
+    assert qkv.size == 2 and qkv.prunable and not qkv.inexact
+    assert a.group("embed").size == 16 and a.group("fc1").size == 32  # the rest as before
+    (rec,) = [r for r in a.spaces.layers if r.target == "qkv"]
+    idx = [a.spaces.class_index[c][1] for c in a.spaces.unit_class[rec.out_units].tolist()]
+    # output row s*16 + h*8 + d (s: q, k or v) belongs to head h
+    assert idx == [h for _ in range(3) for h in (0, 1) for _ in range(8)]
+
+
+def test_head_dim_stays_the_default():
+    cls, shape = CASES["fused_vit"]
+    a = fxprune.analyze(cls().eval(), torch.randn(shape))
+    assert a.attention == "head_dim" and a.group("qkv").size == 8
+
+
+def test_an_unknown_attention_option_is_refused():
+    cls, shape = CASES["fused_vit"]
+    with pytest.raises(ConfigError, match="attention"):
+        fxprune.analyze(cls().eval(), torch.randn(shape), attention="tokens")
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_pruned_heads_keep_their_width_and_the_dense_scale(frontend):
+    _, x, a = _analysis("fused_vit", frontend)
+    pruned = check_plan(a, fxprune.Plan(kept={"qkv": np.array([1])}), x)
+    assert pruned.get_submodule("qkv").weight.shape == (3 * 8, 16)
+    assert pruned.get_submodule("proj").weight.shape == (16, 8)
+    (sdpa,) = [n for n in pruned.graph.nodes if n.target is F.scaled_dot_product_attention]
+    query = sdpa.kwargs.get("query", sdpa.args[0] if sdpa.args else None)
+    assert tuple(query.meta["tensor_meta"].shape) == (2, 1, 10, 8)  # one head, d = 8
+    scale = sdpa.kwargs.get("scale")
+    assert scale is None or scale == pytest.approx(1 / math.sqrt(8))
+    # the split's head count is now a literal 1 (it was self.heads = 2)
+    split = next(n for n in pruned.graph.nodes if len(getattr(_meta(n), "shape", ())) == 5)
+    assert tuple(_meta(split).shape)[2:] == (3, 1, 8)
+    sizes = split.args[1] if isinstance(split.args[1], (list, tuple)) else split.args[1:]
+    assert sizes[3] == 1  # B, N + 1, 3, <heads>, <head dim>
+
+
+def _meta(node):
+    return node.meta.get("tensor_meta")
+
+
+def test_explicit_attention_prunes_heads_with_their_bias_table():
+    _, x, a = _analysis("explicit")
+    # q, k, v of a head are one index, and the (H, N, N) relative-position bias follows them
+    (heads,) = [g for g in a.groups if {"q", "k", "v"} <= set(g.roots)]
+    assert heads.size == 3 and heads.prunable and not heads.inexact and "bias" in heads.roots
+    pruned = check_plan(a, fxprune.Plan(kept={heads.name: np.array([0, 2])}), x)
+    assert pruned.bias.shape == (2, 5, 5)
+    for name in ("q", "k", "v"):
+        assert pruned.get_submodule(name).weight.shape == (8, 12)
+    assert pruned.get_submodule("proj").weight.shape == (12, 8)
+
+
+def test_models_without_a_head_split_are_analysed_as_before():
+    for name in ("functional", "shifted_windows", "channel_attention", "unbind_channels"):
+        cls, shape = CASES[name]
+        torch.manual_seed(0)
+        x = torch.randn(shape)
+        heads = fxprune.analyze(cls().eval(), x, attention="heads")
+        head_dim = fxprune.analyze(cls().eval(), x)
+        assert heads.signature == head_dim.signature, name
+        assert [g.frozen for g in heads.groups] == [g.frozen for g in head_dim.groups], name
+
+
+@pytest.mark.parametrize(
+    ("name", "fused", "frontend"),
+    [
+        ("deit_tiny_patch16_224", True, "fx"),
+        ("deit_tiny_patch16_224", True, "export"),
+        ("vit_tiny_patch16_224", True, "fx"),
+        ("vit_tiny_patch16_224", True, "export"),
+        # timm's written-out attention; under fx its mask helpers (maybe_add_mask, fx-wrapped)
+        # are unknown ops, so only export (which traces into them) reaches the heads
+        ("deit_tiny_patch16_224", False, "export"),
+    ],
+)
+def test_timm_vits_offer_heads_and_equal_masking(name, fused, frontend):
+    model, x = _timm(name, fused)
+    a = fxprune.analyze(model, x, frontend=frontend, attention="heads")
+    for i in range(2):
+        g = a.group(f"blocks.{i}.attn.qkv")
+        assert g.size == 3 and g.prunable and not g.inexact  # tiny: 3 heads of 64
+    assert not [g for g in a.groups if g.frozen and g.name != "head"]
+    check_random_plans(a, x, max_examples=6)
+
+
+def test_timm_pruned_heads_export_to_onnx_and_run_at_two_batch_sizes(tmp_path):
+    model, x = _timm("deit_tiny_patch16_224")
+    a = fxprune.analyze(model, x, attention="heads")
+    plan = fxprune.Plan(
+        kept={"blocks.0.attn.qkv": np.array([0, 2]), "blocks.1.attn.qkv": np.array([1])}
+    )
+    pruned = check_plan(a, plan, x)
+    assert pruned.get_submodule("blocks.0.attn.qkv").weight.shape == (3 * 2 * 64, 192)
+    assert pruned.get_submodule("blocks.1.attn.qkv").weight.shape == (3 * 64, 192)
+    assert pruned.get_submodule("blocks.0.attn.proj").weight.shape == (192, 2 * 64)
+    assert pruned.get_submodule("blocks.1.attn.proj").weight.shape == (192, 64)
+    path = fxprune.export_onnx(pruned, tmp_path / "pruned.onnx", x)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (name,) = [i.name for i in session.get_inputs()]
+    for batch in (1, 3):
+        xb = torch.randn(batch, 3, 64, 64)
+        (got,) = session.run(None, {name: xb.numpy()})
+        with torch.no_grad():
+            want = fxprune.masked_forward(a, plan, xb)
+        assert got.shape == (batch, 1000)
+        assert rel_err(torch.from_numpy(got), want) <= 1e-3
+
+
+class _MHA(torch.nn.Module):
+    """torchvision's form: ``nn.MultiheadAttention`` (expanded into in_proj, unbind, SDPA)."""
+
+    def __init__(self, heads: int) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 16)
+        self.mha = torch.nn.MultiheadAttention(16, heads, batch_first=True)
+        self.head = torch.nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.fc(x)
+        return self.head(t + self.mha(t, t, t, need_weights=False)[0])
+
+
+@pytest.mark.parametrize(
+    ("heads", "attention", "size"),
+    [(2, "heads", 2), (2, "head_dim", 8), (8, "heads", 8), (8, "head_dim", 8)],
+)
+def test_expanded_multihead_attention_offers_heads(heads, attention, size):
+    # 8 heads of 2: the longest dim of the split is the head dim, so "head_dim" keeps heads too
+    # (SDPA used to freeze channels on its head dim)
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 4)
+    a = fxprune.analyze(make_sensitive(_MHA(heads).eval()), x, attention=attention)
+    g = a.group("mha.in_proj")
+    assert g.size == size and g.prunable and not g.inexact
+    check_random_plans(a, x, max_examples=6)
+
+
+class _WidthReadOffHeads(torch.nn.Module):
+    """``C`` read off the projection that carries the heads: ``C // h`` is the head width in
+    the dense model only, so the rewrite must write the width (and ``h``) as literals."""
+
+    def __init__(self, dim: int = 12, heads: int = 3) -> None:
+        super().__init__()
+        self.heads = heads
+        self.embed = torch.nn.Linear(4, dim)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x)
+        q, k, v = self.qkv(t).chunk(3, dim=-1)
+        B, N, C = q.shape
+        q, k, v = (z.reshape(B, N, self.heads, C // self.heads).transpose(1, 2) for z in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        return t + self.proj(a)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_sizes_read_off_the_heads_become_the_planned_literals(frontend):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 4)
+    a = fxprune.analyze(
+        make_sensitive(_WidthReadOffHeads().eval()), x, frontend=frontend, attention="heads"
+    )
+    (heads,) = [g for g in a.groups if "qkv" in g.roots]
+    assert heads.size == 3 and heads.prunable and not heads.inexact
+    check_random_plans(a, x, max_examples=8)
+    pruned = check_plan(a, fxprune.Plan(kept={heads.name: np.array([2])}), x)
+    assert pruned.get_submodule("proj").weight.shape == (12, 4)
