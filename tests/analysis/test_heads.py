@@ -236,3 +236,34 @@ def test_sizes_read_off_the_heads_become_the_planned_literals(frontend):
     check_random_plans(a, x, max_examples=8)
     pruned = check_plan(a, fxprune.Plan(kept={heads.name: np.array([2])}), x)
     assert pruned.get_submodule("proj").weight.shape == (12, 4)
+
+
+def test_compile_prunes_heads_and_rebuild_reads_the_option(tmp_path):
+    from fake_backend import FakeBackend
+
+    from fxprune.latency.tables import LatencyConfig
+
+    model, x = _timm("deit_tiny_patch16_224")
+    x = x[:1]
+    config = fxprune.CompileConfig(
+        attention="heads",
+        cache=tmp_path / "cache",
+        progress=False,
+        allow_block_removal=False,
+        latency=LatencyConfig(progress=False, unit_timing="wall"),
+    )
+    result = fxprune.compile(model, 0.4, example_inputs=x, backend=FakeBackend(), config=config)
+    assert result.budget_met and result.plan.notes["attention"] == "heads"
+    heads = [len(result.plan.kept.get(f"blocks.{i}.attn.qkv", range(3))) for i in range(2)]
+    assert min(heads) < 3  # whole heads went (0.4 needs them on the fake backend)
+    for i, h in enumerate(heads):
+        assert result.model.get_submodule(f"blocks.{i}.attn.qkv").weight.shape[0] == 3 * h * 64
+    with torch.no_grad():
+        want = fxprune.masked_forward(result.analysis, result.plan, x)
+        assert rel_err(result.model(x), want) <= 1e-4
+    out = result.save(tmp_path / "run")
+    rebuilt = fxprune.rebuild(model, x, out / "plan.json", out / "pruned_state_dict.pt")
+    with torch.no_grad():
+        assert torch.allclose(rebuilt(x), result.model(x), atol=1e-5)
+    with pytest.raises(ConfigError, match="attention"):
+        fxprune.CompileConfig(attention="tokens")
