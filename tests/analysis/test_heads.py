@@ -11,35 +11,15 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
-from attention_models import (
-    ChannelAttention,
-    ExplicitAttention,
-    FunctionalAttention,
-    FusedViT,
-    ShiftedWindows,
-    UnbindChannels,
-)
+from attention_models import CASES, analysed
 from helpers import check_plan, check_random_plans, make_sensitive, rel_err
 
 import fxprune
 from fxprune.core.errors import ConfigError
 
-CASES = {
-    "fused_vit": (FusedViT, (2, 3, 6, 6)),
-    "explicit": (ExplicitAttention, (2, 5, 4)),
-    "functional": (FunctionalAttention, (2, 6, 4)),
-    "shifted_windows": (ShiftedWindows, (2, 3, 5, 5)),
-    "channel_attention": (ChannelAttention, (2, 5, 4)),
-    "unbind_channels": (UnbindChannels, (2, 5, 4)),
-}
-
 
 def _analysis(name: str, frontend: str = "fx"):
-    cls, shape = CASES[name]
-    torch.manual_seed(0)
-    model = make_sensitive(cls().eval())
-    x = torch.randn(shape)
-    return model, x, fxprune.analyze(model, x, frontend=frontend, attention="heads")
+    return analysed(name, frontend, attention="heads")
 
 
 def _timm(name: str, fused: bool = True):
