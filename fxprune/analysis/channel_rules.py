@@ -409,7 +409,13 @@ def reshape(ctx: ChannelContext, node: fx.Node, *_: Any) -> np.ndarray:
     u, in_shape, out_shape = ctx.map(x), ctx.shape(x), ctx.shape(node)
     full = np.broadcast_to(u.reshape((1,) * (len(in_shape) - u.ndim) + u.shape), in_shape)
     out = full.reshape(out_shape)
-    return ctx.normalize(out, head_dim(ctx, node, out) if ctx.attention == "heads" else None)
+    if ctx.attention != "heads" or node.name in ctx.no_heads:
+        return ctx.normalize(out)
+    cdim = head_dim(ctx, node, out)
+    result = ctx.normalize(out, cdim)
+    if cdim is not None:
+        ctx.head_splits[node.name] = result
+    return result
 
 
 @register_function_rule(torch.permute)

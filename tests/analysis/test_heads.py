@@ -247,3 +247,41 @@ def test_compile_prunes_heads_and_rebuild_reads_the_option(tmp_path):
         assert torch.allclose(rebuilt(x), result.model(x), atol=1e-5)
     with pytest.raises(ConfigError, match="attention"):
         fxprune.CompileConfig(attention="tokens")
+
+
+class _GatheredBias(torch.nn.Module):
+    """Swin's and LeViT's form: a relative-position bias gathered from a table by an index
+    buffer (advanced indexing: frozen, one unit) and added to the scores of every head."""
+
+    def __init__(self, dim: int = 12, heads: int = 3, tokens: int = 5) -> None:
+        super().__init__()
+        self.heads = heads
+        self.embed = torch.nn.Linear(4, dim)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.table = torch.nn.Parameter(torch.randn(2 * tokens - 1, heads))
+        index = torch.arange(tokens)[:, None] - torch.arange(tokens)[None, :] + tokens - 1
+        self.register_buffer("index", index.reshape(-1))
+        self.proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x)
+        B, N, C = t.shape
+        qkv = self.qkv(t).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        bias = self.table[self.index].reshape(N, N, self.heads).permute(2, 0, 1)
+        attn = (q @ k.transpose(-2, -1) + bias).softmax(dim=-1)
+        return t + self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+
+def test_a_split_whose_heads_freeze_keeps_its_head_dim():
+    # the bias has no channels to drop per head, so the heads freeze; the split then offers
+    # its head-dim positions, as under "head_dim", instead of nothing
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 4)
+    model = make_sensitive(_GatheredBias().eval())
+    heads = fxprune.analyze(model, x, attention="heads")
+    head_dim = fxprune.analyze(model, x)
+    assert heads.signature == head_dim.signature
+    (g,) = [g for g in heads.groups if "qkv" in g.roots]
+    assert g.size == 4 and g.prunable and not g.inexact
+    check_random_plans(heads, x, max_examples=6)
