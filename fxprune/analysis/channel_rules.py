@@ -351,6 +351,17 @@ def batch_norm(ctx: ChannelContext, node: fx.Node, m: nn.Module) -> np.ndarray:
     return units.reshape([1, -1] + [1] * (len(ctx.shape(node)) - 2))
 
 
+def _rows_only(ctx: ChannelContext, node: fx.Node) -> np.ndarray | None:
+    """The input map of a norm over the last dim when its channels lie on another dim only
+    (heads of ``(B, H, N, D)`` under timm's ``qk_norm``), else None.
+
+    Each row is normalised on its own, so dropping rows is exact and leaves the norm's
+    weights (over the last dim) whole: the map passes through."""
+    u, shape = _padded(ctx, node.args[0])
+    dims = varying_dims(u)
+    return u if dims and len(shape) - 1 not in dims else None
+
+
 def _layer_norm(
     ctx: ChannelContext, node: fx.Node, name: str, normalized: tuple[int, ...]
 ) -> np.ndarray:
@@ -367,6 +378,8 @@ def _layer_norm(
 
 @register_module_rule(nn.LayerNorm)
 def layer_norm_module(ctx: ChannelContext, node: fx.Node, m: nn.LayerNorm) -> np.ndarray:
+    if len(m.normalized_shape) == 1 and (rows := _rows_only(ctx, node)) is not None:
+        return rows
     return _layer_norm(ctx, node, ctx.key(node, m), tuple(m.normalized_shape))
 
 
@@ -374,6 +387,8 @@ def layer_norm_module(ctx: ChannelContext, node: fx.Node, m: nn.LayerNorm) -> np
 def layer_norm_function(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
     shape = arg(node, 1, "normalized_shape")
     normalized = (shape,) if isinstance(shape, int) else tuple(shape)
+    if len(normalized) == 1 and (rows := _rows_only(ctx, node)) is not None:
+        return rows
     out = _layer_norm(ctx, node, node.name, normalized)
     for i, key in ((2, "weight"), (3, "bias")):
         p = arg(node, i, key)
@@ -845,13 +860,28 @@ def _user_carries(ctx: ChannelContext, src: fx.Node, user: fx.Node, dim: int, de
         return _carries_to_a_batch_dim(ctx, user, moved, depth + 1)
     entry = entry_for(user, ctx.gm, lambda e: e.rule is not None)
     rule = entry.rule if entry is not None else None
-    per_element = rule in (passthrough, elementwise) or (
-        rule is softmax and arg(user, 1, "dim") % nd != dim
+    per_element = (
+        rule in (passthrough, elementwise)
+        or (rule is softmax and arg(user, 1, "dim") % nd != dim)
+        or (
+            rule in (layer_norm_module, layer_norm_function)
+            and dim != nd - 1
+            and _last_only(ctx, user)
+        )
     )
     if not per_element or out is None or len(out) < nd:
         return False
     moved = dim + len(out) - nd
     return out[moved] == shape[dim] and _carries_to_a_batch_dim(ctx, user, moved, depth + 1)
+
+
+def _last_only(ctx: ChannelContext, node: fx.Node) -> bool:
+    """Whether a LayerNorm call normalises over its input's last dim only."""
+    if node.op == "call_module":
+        shape = ctx.gm.get_submodule(str(node.target)).normalized_shape
+    else:
+        shape = arg(node, 1, "normalized_shape")
+    return isinstance(shape, int) or len(tuple(shape)) == 1
 
 
 # ---- functional layers the canonicalising pass could not lift ----------------------------------

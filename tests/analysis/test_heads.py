@@ -22,11 +22,11 @@ def _analysis(name: str, frontend: str = "fx"):
     return analysed(name, frontend, attention="heads")
 
 
-def _timm(name: str, fused: bool = True):
+def _timm(name: str, fused: bool = True, **kwargs):
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
     # two blocks at 64x64 (16 patches): every op of the 224x224 model, a fraction of its time
-    model = timm.create_model(name, pretrained=False, depth=2, img_size=64).eval()
+    model = timm.create_model(name, pretrained=False, depth=2, img_size=64, **kwargs).eval()
     for block in model.blocks:
         block.attn.fused_attn = fused  # False: q @ k.T, softmax, @ v written out
     return make_sensitive(model), torch.randn(2, 3, 64, 64)
@@ -111,19 +111,22 @@ def test_models_without_a_head_split_are_analysed_as_before():
 
 
 @pytest.mark.parametrize(
-    ("name", "fused", "frontend"),
+    ("name", "fused", "frontend", "qk_norm"),
     [
-        ("deit_tiny_patch16_224", True, "fx"),
-        ("deit_tiny_patch16_224", True, "export"),
-        ("vit_tiny_patch16_224", True, "fx"),
-        ("vit_tiny_patch16_224", True, "export"),
+        ("deit_tiny_patch16_224", True, "fx", False),
+        ("deit_tiny_patch16_224", True, "export", False),
+        ("vit_tiny_patch16_224", True, "fx", False),
+        ("vit_tiny_patch16_224", True, "export", False),
         # timm's written-out attention; under fx its mask helpers (maybe_add_mask, fx-wrapped)
         # are unknown ops, so only export (which traces into them) reaches the heads
-        ("deit_tiny_patch16_224", False, "export"),
+        ("deit_tiny_patch16_224", False, "export", False),
+        # LayerNorm over each head's d (exact for whole heads: each row normalised alone)
+        ("vit_tiny_patch16_224", True, "fx", True),
+        ("vit_tiny_patch16_224", True, "export", True),
     ],
 )
-def test_timm_vits_offer_heads_and_equal_masking(name, fused, frontend):
-    model, x = _timm(name, fused)
+def test_timm_vits_offer_heads_and_equal_masking(name, fused, frontend, qk_norm):
+    model, x = _timm(name, fused, qk_norm=qk_norm)
     a = fxprune.analyze(model, x, frontend=frontend, attention="heads")
     for i in range(2):
         g = a.group(f"blocks.{i}.attn.qkv")
