@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from attention_models import CASES, analysed
-from helpers import check_plan, check_random_plans, make_sensitive, rel_err
+from helpers import check_plan, check_random_plans, check_unconstrained, make_sensitive, rel_err
 
 import fxprune
 from fxprune.core.errors import ConfigError
@@ -288,3 +288,10 @@ def test_a_split_whose_heads_freeze_keeps_its_head_dim():
     (g,) = [g for g in heads.groups if "qkv" in g.roots]
     assert g.size == 4 and g.prunable and not g.inexact
     check_random_plans(heads, x, max_examples=6)
+
+
+@pytest.mark.parametrize("name", ["fused_vit", "explicit"])
+def test_unconstrained_plans_over_heads_equal_masking(name):
+    _, x, a = _analysis(name)
+    for seed in range(2):
+        check_unconstrained(a, x, seed)
