@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from helpers import make_sensitive
 from torch import nn
+
+import fxprune
 
 
 class FusedViT(nn.Module):
@@ -145,3 +148,23 @@ class UnbindChannels(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b, c = self.fc(x).unbind(-1)
         return self.head(x * (a + b * c).unsqueeze(-1))
+
+
+#: name -> (model class, example input shape)
+CASES = {
+    "fused_vit": (FusedViT, (2, 3, 6, 6)),
+    "explicit": (ExplicitAttention, (2, 5, 4)),
+    "functional": (FunctionalAttention, (2, 6, 4)),
+    "shifted_windows": (ShiftedWindows, (2, 3, 5, 5)),
+    "channel_attention": (ChannelAttention, (2, 5, 4)),
+    "unbind_channels": (UnbindChannels, (2, 5, 4)),
+}
+
+
+def analysed(name: str, frontend: str = "fx", attention: str = "head_dim"):
+    """One of ``CASES``, seeded and made sensitive, its example input and its analysis."""
+    cls, shape = CASES[name]
+    torch.manual_seed(0)
+    model = make_sensitive(cls().eval())
+    x = torch.randn(shape)
+    return model, x, fxprune.analyze(model, x, frontend=frontend, attention=attention)

@@ -17,6 +17,7 @@ from torch import fx, nn
 from fxprune.analysis.blocks import Block, find_blocks, to_networkx
 from fxprune.analysis.canonicalize import canonicalize
 from fxprune.analysis.channel_groups import ChannelSpaces, Group, analyze_channels
+from fxprune.analysis.channel_rules import ATTENTION
 from fxprune.analysis.consumers import Consumer, find_consumers
 from fxprune.analysis.expand_attention import expand_attention
 from fxprune.analysis.export_frontend import capture, from_exported
@@ -45,6 +46,8 @@ class Analysis:
     example_inputs: tuple[torch.Tensor, ...]
     #: the front end that captured the graph: ``"fx"`` or ``"export"``
     frontend: str = "fx"
+    #: what multi-head attention offers as indices: ``"head_dim"`` or ``"heads"``
+    attention: str = "head_dim"
 
     def __repr__(self) -> str:
         """One line: the model, its groups and blocks, the input shapes, the signature."""
@@ -114,6 +117,7 @@ def analyze(
     *,
     leaf_modules: Iterable[type | str] | None = None,
     frontend: str = "auto",
+    attention: str = "head_dim",
 ) -> Analysis:
     """Capture ``model`` (a copy; the original is untouched) and analyse its prunable structure.
 
@@ -129,6 +133,12 @@ def analyze(
         frontend: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export``, ATen ops
             translated to torch-level ones) or ``"auto"``: fx first, export when fx cannot
             trace the model. The one used is ``Analysis.frontend``.
+        attention: what a multi-head split (``reshape(B, N, H, D)`` whose head dim reaches
+            attention as a batch dim) offers as a group's indices: ``"head_dim"``, its longest
+            dim as for any reshape (``D``: each position tied across all heads and across q,
+            k, v; heads where ``H > D``), or ``"heads"``, the ``H`` whole heads (each head's
+            q, k, v rows, its columns of the output projection, its slice of a per-head bias
+            table). One or the other: a tensor has one channel dim.
 
     Raises:
         TraceError: the model cannot be captured; under ``"auto"``, why under both front ends.
@@ -137,6 +147,10 @@ def analyze(
     if frontend not in FRONTENDS:
         raise ConfigError(
             f"analyze(frontend=) takes one of {', '.join(map(repr, FRONTENDS))}, got {frontend!r}"
+        )
+    if attention not in ATTENTION:
+        raise ConfigError(
+            f"analyze(attention=) takes one of {', '.join(map(repr, ATTENTION))}, got {attention!r}"
         )
     name = type(model).__name__
     if isinstance(model, torch.export.ExportedProgram):
@@ -153,9 +167,10 @@ def analyze(
     logger.info("analyze %s: captured with the %s front end", name, used)
     gm = canonicalize(gm)
     expand_attention(gm, tuple(inputs))
-    spaces = analyze_channels(gm)
+    spaces = analyze_channels(gm, attention)
     blocks = find_blocks(gm, to_networkx(gm))
-    return Analysis(gm, spaces, blocks, tuple(t.detach().clone() for t in inputs), used)
+    inputs = tuple(t.detach().clone() for t in inputs)
+    return Analysis(gm, spaces, blocks, inputs, used, attention)
 
 
 def _capture(

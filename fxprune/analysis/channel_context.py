@@ -71,8 +71,20 @@ def _tensor_metas(meta: Any) -> Iterator[Any]:
 class ChannelContext:
     """Unit bookkeeping for one graph: roots, layers, constraints, per-module sharing."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        attention: str = "head_dim",
+        no_heads: frozenset[str] = frozenset(),
+    ) -> None:
         self.gm = gm
+        #: what a multi-head split offers: ``"head_dim"`` (positions within every head) or
+        #: ``"heads"`` (whole heads); see :data:`fxprune.analysis.channel_rules.ATTENTION`
+        self.attention = attention
+        #: reshapes split by their longest dim even under ``"heads"`` (their heads froze)
+        self.no_heads = no_heads
+        #: reshape node -> its output units, for every split collapsed onto its head dim
+        self.head_splits: dict[str, np.ndarray] = {}
         self.table = UnitTable()
         self.roots: list[RootRecord] = []
         self.layers: list[LayerRecord] = []
@@ -199,8 +211,8 @@ class ChannelContext:
             return np.broadcast_to(moved[:, 0], (size,)).copy()
         return np.broadcast_to(u.reshape(-1), (size,)).copy()
 
-    def normalize(self, u: np.ndarray) -> np.ndarray:
-        return normalize(self.table, u)
+    def normalize(self, u: np.ndarray, cdim: int | None = None) -> np.ndarray:
+        return normalize(self.table, u, cdim)
 
     def combine(self, node: fx.Node, inputs: list[fx.Node]) -> np.ndarray:
         """The map of an elementwise op with broadcasting: inputs that are full-size along the

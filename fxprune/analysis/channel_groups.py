@@ -158,9 +158,30 @@ def _waits_for_a_user(ctx: ChannelContext, node: fx.Node) -> bool:
     return False
 
 
-def analyze_channels(gm: fx.GraphModule) -> ChannelSpaces:
-    """Run the channel-space pass on a traced GraphModule with ``tensor_meta`` set."""
-    ctx = ChannelContext(gm)
+def analyze_channels(gm: fx.GraphModule, attention: str = "head_dim") -> ChannelSpaces:
+    """Run the channel-space pass on a traced GraphModule with ``tensor_meta`` set.
+
+    ``attention`` is what a multi-head split offers (:data:`~fxprune.analysis.channel_rules.ATTENTION`).
+    Under ``"heads"``, a split whose heads end in a frozen group (Swin's and LeViT's bias tables
+    gathered by index are added to the scores with no channels to drop per head) is split by its
+    longest dim instead, and the pass runs again: heads where they can be pruned, head-dim
+    positions elsewhere. Each run gives up at least one split, so this ends.
+    """
+    no_heads: frozenset[str] = frozenset()
+    while True:
+        spaces = _analyze_once(gm, attention, no_heads)
+        frozen = {
+            name
+            for name, units in spaces.ctx.head_splits.items()
+            if any(spaces.groups[g].frozen for g in spaces.groups_of(units.reshape(-1)))
+        }
+        if not frozen:
+            return spaces
+        no_heads |= frozen
+
+
+def _analyze_once(gm: fx.GraphModule, attention: str, no_heads: frozenset[str]) -> ChannelSpaces:
+    ctx = ChannelContext(gm, attention, no_heads)
     for node in gm.graph.nodes:
         node.meta.pop(CHANNELS, None)  # a parameter may wait for a later node (below)
     for node in gm.graph.nodes:

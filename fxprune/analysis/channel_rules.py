@@ -20,12 +20,13 @@ from torch import fx, nn
 
 from fxprune.analysis.canonicalize import LIFTABLE
 from fxprune.analysis.channel_context import ChannelContext, LayerRecord, describe
-from fxprune.analysis.ops import _ELEMENTWISE_ACTIVATIONS, entry_for, register_op
+from fxprune.analysis.ops import _ELEMENTWISE_ACTIVATIONS, entry_for, register_op, traits_of
 from fxprune.analysis.std_conv import StdConv2d
-from fxprune.core.channel_units import expand_index, varying_dims
+from fxprune.core.channel_units import compact, expand_index, varying_dims
 from fxprune.core.meta import NOT_LIFTED
 
 __all__ = [
+    "ATTENTION",
     "FunctionRule",
     "ModuleRule",
     "lookup_rule",
@@ -349,6 +350,17 @@ def batch_norm(ctx: ChannelContext, node: fx.Node, m: nn.Module) -> np.ndarray:
     return units.reshape([1, -1] + [1] * (len(ctx.shape(node)) - 2))
 
 
+def _rows_only(ctx: ChannelContext, node: fx.Node) -> np.ndarray | None:
+    """The input map of a norm over the last dim when its channels lie on another dim only
+    (heads of ``(B, H, N, D)`` under timm's ``qk_norm``), else None.
+
+    Each row is normalised on its own, so dropping rows is exact and leaves the norm's
+    weights (over the last dim) whole: the map passes through."""
+    u, shape = _padded(ctx, node.args[0])
+    dims = varying_dims(u)
+    return u if dims and len(shape) - 1 not in dims else None
+
+
 def _layer_norm(
     ctx: ChannelContext, node: fx.Node, name: str, normalized: tuple[int, ...]
 ) -> np.ndarray:
@@ -365,6 +377,8 @@ def _layer_norm(
 
 @register_module_rule(nn.LayerNorm)
 def layer_norm_module(ctx: ChannelContext, node: fx.Node, m: nn.LayerNorm) -> np.ndarray:
+    if len(m.normalized_shape) == 1 and (rows := _rows_only(ctx, node)) is not None:
+        return rows
     return _layer_norm(ctx, node, ctx.key(node, m), tuple(m.normalized_shape))
 
 
@@ -372,6 +386,8 @@ def layer_norm_module(ctx: ChannelContext, node: fx.Node, m: nn.LayerNorm) -> np
 def layer_norm_function(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
     shape = arg(node, 1, "normalized_shape")
     normalized = (shape,) if isinstance(shape, int) else tuple(shape)
+    if len(normalized) == 1 and (rows := _rows_only(ctx, node)) is not None:
+        return rows
     out = _layer_norm(ctx, node, node.name, normalized)
     for i, key in ((2, "weight"), (3, "bias")):
         p = arg(node, i, key)
@@ -396,11 +412,24 @@ def group_norm(ctx: ChannelContext, node: fx.Node, m: nn.GroupNorm) -> np.ndarra
 @register_method_rule("view", "reshape", "flatten", "unflatten", "reshape_as", "view_as")
 @register_module_rule(nn.Flatten, nn.Unflatten)
 def reshape(ctx: ChannelContext, node: fx.Node, *_: Any) -> np.ndarray:
-    """Any reshape: lay the units out over the input shape and reshape them like the data."""
+    """Any reshape: lay the units out over the input shape and reshape them like the data.
+
+    A reshape that splits the channel dim over several dims keeps one of them: the longest
+    (a multi-head split ``(B, N, H, D)`` then ties the same position ``d`` of every head), or,
+    under ``attention="heads"``, the head dim when :func:`head_dim` finds one (then the ``D``
+    positions of each head, and of ``q``, ``k`` and ``v``, are tied into one index per head).
+    """
     x = ctx.tensor_args(node)[0]
     u, in_shape, out_shape = ctx.map(x), ctx.shape(x), ctx.shape(node)
     full = np.broadcast_to(u.reshape((1,) * (len(in_shape) - u.ndim) + u.shape), in_shape)
-    return ctx.normalize(full.reshape(out_shape))
+    out = full.reshape(out_shape)
+    if ctx.attention != "heads" or node.name in ctx.no_heads:
+        return ctx.normalize(out)
+    cdim = head_dim(ctx, node, out)
+    result = ctx.normalize(out, cdim)
+    if cdim is not None:
+        ctx.head_splits[node.name] = result
+    return result
 
 
 @register_function_rule(torch.permute)
@@ -626,6 +655,59 @@ def _contract(
         ctx.freeze(a if a is not None else b, f"{describe(node, ctx.gm)}: {why}")
 
 
+def _batch_channels(
+    ctx: ChannelContext,
+    node: fx.Node,
+    operands: list[tuple[np.ndarray, tuple[int, ...]]],
+    core: list[int],
+) -> np.ndarray | None:
+    """The output map of a batched product whose operands carry channels on a *batch* dim
+    (attention heads: ``(B, H, N, D)``), or None when none does.
+
+    Each batch index is computed from that index of every operand alone, so dropping one drops
+    it from the result and from nothing else: the operands that carry the dim must carry the
+    same units there (joined), the others must be broadcast along it (size 1). Anything else
+    — channels on several batch dims, or on a batch dim and elsewhere, or an operand full-size
+    along the dim without channels there (it could not follow) — freezes them all.
+
+    ``operands`` are ``(map, shape)`` pairs; ``core[i]`` is how many trailing dims of operand
+    ``i`` are not batch dims (2 for a matrix, 1 for a vector).
+    """
+    out_shape = ctx.shape(node)
+    if out_shape is None:
+        return None
+    nd = len(out_shape)
+    padded = [
+        (u.reshape((1,) * (nd - u.ndim) + u.shape), (1,) * (nd - len(s)) + tuple(s))
+        for u, s in operands
+    ]
+    found = {
+        d for (u, s), c in zip(padded, core, strict=True) for d in varying_dims(u) if d < nd - c
+    }
+    if not found:
+        return None
+    where = describe(node, ctx.gm)
+    lines: list[np.ndarray] = []
+    j = min(found)
+    ok = len(found) == 1
+    for u, s in padded if ok else ():
+        dims = varying_dims(u)
+        if dims == [j] and s[j] == out_shape[j]:
+            lines.append(np.moveaxis(u, j, -1).reshape(-1))
+        elif dims or s[j] != 1:
+            ok = False
+    if not ok:
+        why = f"{where} has channels on a batch dim that not every operand can follow"
+        for u, _ in padded:
+            ctx.freeze(u, why)
+        return ctx.frozen_output(node, why)
+    for line in lines[1:]:
+        ctx.table.union_arrays(lines[0], line)
+    shape = [1] * nd
+    shape[j] = out_shape[j]
+    return lines[0].reshape(shape)
+
+
 @register_function_rule(torch.matmul, operator.matmul, torch.bmm)
 @register_method_rule("matmul", "bmm", "__matmul__")
 def matmul(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
@@ -640,6 +722,9 @@ def matmul(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
     if len(sa) < 2 or len(sb) < 2 or out_shape is None:
         raise ValueError("matrix-vector products are not followed")
     where = describe(node, ctx.gm)
+    heads = _batch_channels(ctx, node, [(ua, sa), (ub, sb)], [2, 2])
+    if heads is not None:
+        return heads
     batch_a = [d for d in varying_dims(ua) if d < len(sa) - 2]
     batch_b = [d for d in varying_dims(ub) if d < len(sb) - 2]
     rows = len(sa) - 2 in varying_dims(ua)
@@ -671,14 +756,20 @@ def scaled_dot_product_attention(ctx: ChannelContext, node: fx.Node) -> np.ndarr
     The embedding dim ``E`` of ``q`` and ``k`` is contracted: it is pruned in both alike (the
     masked terms add nothing to the scores). The default scale ``1/sqrt(E)`` would change with
     ``E``, so the rewrite passes the original scale explicitly. The value dim ``Ev`` carries
-    over to the output. Channels on any other dim (heads, tokens, the mask) freeze.
+    over to the output. Channels on a batch dim (heads) carry over when ``q``, ``k``, ``v``
+    (and a mask) carry the same ones or broadcast there (:func:`_batch_channels`); on any other
+    dim (tokens, the mask's) they freeze.
     """
     q, k, v = (arg(node, i, name) for i, name in enumerate(("query", "key", "value")))
     maps = [_padded(ctx, t) for t in (q, k, v)]
     out_shape = ctx.shape(node)
     where = describe(node, ctx.gm)
-    others = [d for u, s in maps for d in varying_dims(u) if d != len(s) - 1]
     mask = arg(node, 3, "attn_mask")
+    masks = [_padded(ctx, mask)] if isinstance(mask, fx.Node) and ctx.map(mask) is not None else []
+    heads = _batch_channels(ctx, node, maps + masks, [2] * (len(maps) + len(masks)))
+    if heads is not None:  # whole heads: every one is attention of its own q, k and v
+        return heads
+    others = [d for u, s in maps for d in varying_dims(u) if d != len(s) - 1]
     if isinstance(mask, fx.Node) and ctx.map(mask) is not None and varying_dims(ctx.map(mask)):
         ctx.freeze(ctx.map(mask), f"{where}: the attention mask has channels")
     if others or out_shape is None:
@@ -698,6 +789,98 @@ def scaled_dot_product_attention(ctx: ChannelContext, node: fx.Node) -> np.ndarr
     if values is None:
         return ctx.single(out_shape, f"output of {where}")
     return values.reshape([1] * (len(out_shape) - 1) + [-1])
+
+
+# ---- whole heads (attention="heads") ------------------------------------------------------------
+#: what a multi-head split offers as indices: positions within every head, or whole heads
+ATTENTION = ("head_dim", "heads")
+
+_MOVES = ("permute", "transpose", "swapaxes", "unbind", "unsqueeze")
+_FOLLOW_DEPTH = 32
+
+
+def head_dim(ctx: ChannelContext, node: fx.Node, u: np.ndarray) -> int | None:
+    """The head dim of a reshape that splits channels over several dims, or None.
+
+    That is a dim of the split that every use of the reshape's output carries — through moves
+    of dims (permute, transpose, unbind along another dim, unsqueeze) and ops on single
+    elements (activations, dropout, a scale, an added bias) — to a *batch* dim of scaled
+    dot-product attention or of a matrix product: timm's ``qkv.reshape(B, N, 3, H, D)
+    .permute(2, 0, 3, 1, 4).unbind(0)`` into SDPA, or ``q.view(B, N, H, D).transpose(1, 2)``
+    into ``q @ k.transpose(-2, -1)``. Only a preference: the rules of the ops on the way decide
+    what is sound (:func:`_batch_channels`), so a wrong guess can only freeze.
+    """
+    dims = varying_dims(compact(u))
+    if len(dims) < 2:
+        return None
+    return next((d for d in dims if _carries_to_a_batch_dim(ctx, node, d, 0)), None)
+
+
+def _carries_to_a_batch_dim(ctx: ChannelContext, node: fx.Node, dim: int, depth: int) -> bool:
+    """Whether every use of ``node`` carries its dim ``dim`` to an attention batch dim."""
+    users = list(node.users)
+    if not users or depth > _FOLLOW_DEPTH:
+        return False
+    return all(_user_carries(ctx, node, user, dim, depth) for user in users)
+
+
+def _user_carries(ctx: ChannelContext, src: fx.Node, user: fx.Node, dim: int, depth: int) -> bool:
+    shape, out = ctx.shape(src), ctx.shape(user)
+    if shape is None:
+        return False
+    nd = len(shape)
+    if user.op == "call_function" and user.target is F.scaled_dot_product_attention:
+        qkv = [arg(user, i, name) for i, name in enumerate(("query", "key", "value"))]
+        return src in qkv and dim < nd - 2
+    if traits_of(user, ctx.gm).matmul:
+        return src in user.args[:2] and dim < nd - 2
+    name = user.target if user.op == "call_method" else getattr(user.target, "__name__", None)
+    if user.op != "call_module" and name in _MOVES and user.args[0] is src:
+        if name == "permute":
+            rest = list(user.args[1:]) or [user.kwargs["dims"]]
+            order = list(rest[0]) if isinstance(rest[0], (list, tuple)) else rest
+            moved = [d % nd for d in order].index(dim)
+        elif name in ("transpose", "swapaxes"):
+            a, b = (d % nd for d in user.args[1:3])
+            moved = b if dim == a else a if dim == b else dim
+        elif name == "unsqueeze":
+            d = arg(user, 1, "dim") % (nd + 1)
+            moved = dim + (d <= dim)
+        else:  # unbind: each piece, without the unbound dim, is taken by a getitem
+            d = arg(user, 1, "dim", 0) % nd
+            if d == dim or not user.users:
+                return False
+            return all(
+                p.op == "call_function"
+                and p.target is operator.getitem
+                and _carries_to_a_batch_dim(ctx, p, dim - (d < dim), depth + 1)
+                for p in user.users
+            )
+        return _carries_to_a_batch_dim(ctx, user, moved, depth + 1)
+    entry = entry_for(user, ctx.gm, lambda e: e.rule is not None)
+    rule = entry.rule if entry is not None else None
+    per_element = (
+        rule in (passthrough, elementwise)
+        or (rule is softmax and arg(user, 1, "dim") % nd != dim)
+        or (
+            rule in (layer_norm_module, layer_norm_function)
+            and dim != nd - 1
+            and _last_only(ctx, user)
+        )
+    )
+    if not per_element or out is None or len(out) < nd:
+        return False
+    moved = dim + len(out) - nd
+    return out[moved] == shape[dim] and _carries_to_a_batch_dim(ctx, user, moved, depth + 1)
+
+
+def _last_only(ctx: ChannelContext, node: fx.Node) -> bool:
+    """Whether a LayerNorm call normalises over its input's last dim only."""
+    if node.op == "call_module":
+        shape = ctx.gm.get_submodule(str(node.target)).normalized_shape
+    else:
+        shape = arg(node, 1, "normalized_shape")
+    return isinstance(shape, int) or len(tuple(shape)) == 1
 
 
 # ---- functional layers the canonicalising pass could not lift ----------------------------------

@@ -25,7 +25,10 @@ that reads channels:
   moves them) and adds no coupling. A multi-head split ``reshape(B, N, h, C // h)`` is exact
   for the same reason: the reshape rule joins the units at one position of every head
   (:func:`fxprune.core.channel_units.normalize`), so every count the group can take keeps
-  ``h`` heads of equal width and ``C // h`` never has to divide unevenly.
+  ``h`` heads of equal width and ``C // h`` never has to divide unevenly. Under
+  ``attention="heads"`` the rule joins the positions of one head instead: the planned sizes
+  are the kept head count and the unchanged width (``h`` and ``C // h`` are written as those
+  literals where they would compute other values).
 - anything else (a comparison, ``arange``, a scale, a slice bound, a true division, an op
   fxprune does not know): the units it reads are frozen, and the reason names the op and its
   module path. fxprune never prunes what it cannot prove.

@@ -123,18 +123,21 @@ def compact(u: np.ndarray) -> np.ndarray:
     return u
 
 
-def normalize(table: UnitTable, u: np.ndarray) -> np.ndarray:
+def normalize(table: UnitTable, u: np.ndarray, cdim: int | None = None) -> np.ndarray:
     """Compact ``u`` and, if it still varies along several dims, collapse it onto one.
 
-    Collapsing joins all units that share an index along the chosen channel dim (the longest
-    varying dim). That is always safe — it only adds constraints — and it is exactly the rule
-    channel shuffle needs: after ``view(b, g, c // g, h, w)`` the g rows must be pruned alike.
+    Collapsing joins all units that share an index along the chosen channel dim: ``cdim`` when
+    given and varying, else the longest varying dim. That is always safe — it only adds
+    constraints — and the longest dim is exactly the rule channel shuffle needs: after
+    ``view(b, g, c // g, h, w)`` the g rows must be pruned alike. (A multi-head split may collapse
+    onto its head dim instead: ``channel_rules.head_dim``.)
     """
     u = compact(u)
     dims = varying_dims(u)
     if len(dims) <= 1:
         return u
-    cdim = max(dims, key=lambda d: (u.shape[d], d))
+    if cdim not in dims:
+        cdim = max(dims, key=lambda d: (u.shape[d], d))
     moved = np.moveaxis(u, cdim, 0).reshape(u.shape[cdim], -1)
     table.union_arrays(moved[:, :1], moved)
     out_shape = [1] * u.ndim

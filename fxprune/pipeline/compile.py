@@ -211,6 +211,7 @@ def _analyse(
             example_inputs,
             leaf_modules=run.config.leaf_modules,
             frontend=run.config.frontend,
+            attention=run.config.attention,
         )
 
 
@@ -861,6 +862,7 @@ def _notes(analysis: Analysis, method: str, run: _Run) -> dict[str, Any]:
         "importance": method,
         "input_shapes": [list(t.shape) for t in analysis.example_inputs],
         "frontend": analysis.frontend,
+        "attention": analysis.attention,
     }
 
 

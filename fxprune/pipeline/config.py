@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fxprune.analysis.analyze import FRONTENDS
+from fxprune.analysis.channel_rules import ATTENTION
 from fxprune.analysis.importance import IMPORTANCE_METHODS, NORMALIZATIONS
 from fxprune.backends import LatencyCache, MeasureConfig
 from fxprune.core.errors import ConfigError
@@ -232,6 +233,9 @@ class CompileConfig:
         frontend: selects the capture front end that turns the model into a graph: ``"fx"``
             (symbolic tracing), ``"export"`` (``torch.export``) or ``"auto"`` (the first that
             works).
+        attention: what a multi-head split offers the plan: ``"head_dim"`` (positions
+            within every head) or ``"heads"`` (whole heads, as MDP prunes DeiT; see
+            :func:`fxprune.analyze`). Recorded in the plan's notes; ``rebuild`` reads it.
         max_params, max_macs: limits on the pruned model's parameters and conv/linear
             multiply-accumulates, besides the latency budget: each is one more linear row in
             the solver (exact in the kept counts), checked again on the pruned model; None:
@@ -264,6 +268,7 @@ class CompileConfig:
     progress: bool = True
     recalibrate: bool = True
     frontend: str = "auto"
+    attention: str = "head_dim"
     max_params: int | None = None
     max_macs: int | None = None
     max_activation_bytes: int | None = None
@@ -290,6 +295,7 @@ class CompileConfig:
         if not (self.cache is None or isinstance(self.cache, (LatencyCache, str, os.PathLike))):
             _fail(owner, "cache", self.cache, "a LatencyCache, a directory or None")
         _choice(owner, "frontend", self.frontend, FRONTENDS)
+        _choice(owner, "attention", self.attention, ATTENTION)
         _optional_count(owner, "max_params", self.max_params)
         _optional_count(owner, "max_macs", self.max_macs)
         _optional_count(owner, "max_activation_bytes", self.max_activation_bytes)

@@ -356,7 +356,10 @@ class FxpruneBackend:
         options = self.options
         config = options.config
         leaf = config.leaf_modules if config is not None else None
-        analysis = analyze(lifted.gm, inputs, leaf_modules=leaf)
+        attention = config.attention if config is not None else "head_dim"
+        if options.plan is not None:  # what the plan's groups index
+            attention = options.plan.notes.get("attention", attention)
+        analysis = analyze(lifted.gm, inputs, leaf_modules=leaf, attention=attention)
         base = {
             "index": index,
             "inputs": shapes,

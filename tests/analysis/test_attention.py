@@ -10,37 +10,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from attention_models import (
-    ChannelAttention,
-    ExplicitAttention,
-    FunctionalAttention,
-    FusedViT,
-    ShiftedWindows,
-    UnbindChannels,
-)
-from helpers import check_plan, check_random_plans, make_sensitive
+from attention_models import CASES, analysed
+from helpers import check_plan, check_random_plans
 from hypothesis import HealthCheck, settings
 
 import fxprune
 
 SETTINGS = settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-CASES = {
-    "fused_vit": (FusedViT, (2, 3, 6, 6)),
-    "explicit": (ExplicitAttention, (2, 5, 4)),
-    "functional": (FunctionalAttention, (2, 6, 4)),
-    "shifted_windows": (ShiftedWindows, (2, 3, 5, 5)),
-    "channel_attention": (ChannelAttention, (2, 5, 4)),
-    "unbind_channels": (UnbindChannels, (2, 5, 4)),
-}
-
 
 def _analysis(name: str, frontend: str = "fx"):
-    cls, shape = CASES[name]
-    torch.manual_seed(0)
-    model = make_sensitive(cls().eval())
-    x = torch.randn(shape)
-    return model, x, fxprune.analyze(model, x, frontend=frontend)
+    return analysed(name, frontend)
 
 
 def _prunable(a: fxprune.Analysis) -> set[str]:
