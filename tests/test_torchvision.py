@@ -3,8 +3,8 @@ give a pruned model equal to the masking oracle; the empty plan is bit-identical
 backward run; the original model is untouched. CNNs also export random unconstrained plans
 equal to the oracle, and reordering never adds a gather.
 
-Models above ~60M parameters run under ``-m slow`` (each takes a minute or more here; every
-family keeps smaller members in the default suite).
+Models above ~60M parameters, and the deep ones that took 45 s or more in the default suite
+(``SLOW_DEEP``), run under ``-m slow``; every family keeps smaller members in the default suite.
 """
 
 from __future__ import annotations
@@ -48,6 +48,8 @@ SLOW = {
     "wide_resnet101_2",
     "wide_resnet50_2",
 }
+#: under 60M parameters but among the slowest of the default suite (45-100 s each on 2 cores)
+SLOW_DEEP = {"densenet161", "efficientnet_b6", "efficientnet_v2_m", "regnet_x_16gf", "resnet152"}
 TRANSFORMERS = ("vit_", "swin_", "maxvit_")
 
 
@@ -64,7 +66,7 @@ def threshold(name: str) -> float:
 
 
 def params(name):
-    marks = [pytest.mark.slow] if name in SLOW else []
+    marks = [pytest.mark.slow] if name in SLOW | SLOW_DEEP else []
     return pytest.param(name, marks=marks, id=name)
 
 
