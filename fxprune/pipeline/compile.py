@@ -335,7 +335,17 @@ def _budget_loop(
             label: budget.resolve(also_dense[label]) for label, (_, budget) in run.also.items()
         }
         start = time.perf_counter()
-        sol, pp = _solve_round(run, priced, pp, r, target, budget_ms, dense_ms, warm, also_budgets)
+        try:
+            sol = _solve_round(run, priced, pp, r, target, budget_ms, dense_ms, warm, also_budgets)
+        except InfeasibleBudget as exc:  # round 0 only: the tables' floor is measured first
+            probe = _probe_floor(run, priced, pp, exc)
+            if probe is None:
+                raise
+            pp, dense_ms = probe
+            start += run.timings["floor_probe_s"]  # timed apart, not solve time
+            budget_ms = run.budget.resolve(dense_ms)
+            target = budget_ms * (1 - loop.margin)
+            sol = _solve_round(run, priced, pp, r, target, budget_ms, dense_ms, warm, also_budgets)
         if sol is None:
             break
         timings["solve_s"] += time.perf_counter() - start
@@ -401,36 +411,6 @@ def _budget_loop(
     return candidates, pp
 
 
-def _solve_round(
-    run: _Run,
-    priced: _Priced,
-    pp: PruningProblem,
-    r: int,
-    target: float,
-    budget_ms: float,
-    dense_ms: float,
-    warm: Solution | None,
-    also_budgets: dict[str, float] | None = None,
-) -> tuple[Solution | None, PruningProblem]:
-    """:func:`_solve_at`, and the problem it solved. A first-round budget the tables put out of
-    reach is not refused on their word alone: :func:`_probe_floor` measures the fastest plan,
-    the latency model is refitted on it, and the round is solved again on the refitted problem.
-
-    Raises:
-        InfeasibleBudget: in the first round, when the budget is out of reach as measured.
-    """
-    try:
-        return _solve_at(run, priced, pp, r, target, budget_ms, dense_ms, warm, also_budgets), pp
-    except InfeasibleBudget as exc:
-        probe = _probe_floor(run, priced, pp, exc)
-        if probe is None:
-            raise
-        pp, dense_ms = probe
-    budget_ms = run.budget.resolve(dense_ms)
-    target = budget_ms * (1 - run.config.loop.margin)
-    return _solve_at(run, priced, pp, r, target, budget_ms, dense_ms, warm, also_budgets), pp
-
-
 def _probe_floor(
     run: _Run, priced: _Priced, pp: PruningProblem, floor: InfeasibleBudget
 ) -> tuple[PruningProblem, float] | None:
@@ -466,7 +446,7 @@ def _probe_floor(
     return priced.problem(run.config.allow_block_removal), dense_ms
 
 
-def _solve_at(
+def _solve_round(
     run: _Run,
     priced: _Priced,
     pp: PruningProblem,
