@@ -4,8 +4,9 @@ Stages (each timed in the result): trace and analyse → importance → latency 
 target runtime → build the problem → the budget loop (solve with SCIP → rewrite → measure) →
 the result. The measured latency, not the prediction, decides: if the pruned model misses the
 budget by more than ``tolerance``, the latency model is re-calibrated on what was just measured
-(``a·Σ tables + b`` refitted on every pruned model measured so far and the dense model) and the
-problem re-solved; if it lands far under the budget the same refit loosens it. At most
+(``a·Σ tables + p·live layers + b`` refitted on every pruned model measured so far and the
+dense model, with a secant step once the budget is bracketed: :mod:`fxprune.pipeline.refit`)
+and the problem re-solved; if it lands far under the budget the same refit loosens it. At most
 ``max_rounds`` rounds; the result keeps the most important plan that met the budget, and every
 round's figures (:class:`~fxprune.pipeline.result.Round`).
 
@@ -51,6 +52,7 @@ from fxprune.latency.predictor import LatencyModel
 from fxprune.latency.tables import LatencyTables, annotate_latency
 from fxprune.pipeline.config import CompileConfig, config_from_keywords
 from fxprune.pipeline.problem import PruningProblem, build_problem, solution_from_plan
+from fxprune.pipeline.refit import refit
 from fxprune.pipeline.result import Budget, CompileResult, Round, RoundExport
 from fxprune.rewrite.api import ExportSpec, prune
 from fxprune.rewrite.prune import RewriteInfo, rewrite
@@ -351,6 +353,9 @@ def _budget_loop(
         timings["solve_s"] += time.perf_counter() - start
         start = time.perf_counter()
         solved = pp.plan(sol, _notes(priced.analysis, priced.importance.method, run))
+        if any(_same_plan(c.solved, solved) for c in candidates):
+            log.say(f"round {r}: the solver returned a plan already measured; stopping")
+            break
         plan, pruned, export = _export(run, priced.analysis, pp, solved, read_cost)
         timings["rewrite_s"] += time.perf_counter() - start
         start = time.perf_counter()
@@ -399,16 +404,21 @@ def _budget_loop(
         fitted.append(candidates[-1])
         if r + 1 < loop.max_rounds:  # refit on everything measured, dense at its latest figure
             points = [(c.solved, c.round.measured_ms, c.round.dense_ms) for c in fitted]
-            _recalibrate(priced.latency, priced.analysis, points, dense_ms)
+            refit(priced.latency, priced.analysis, points, dense_ms, budget_ms)
             for label, model in priced.also.items():
                 points = [
                     (c.solved, c.round.also[label]["measured_ms"], c.round.also[label]["dense_ms"])
                     for c in fitted
                 ]
-                _recalibrate(model, priced.analysis, points, also_dense[label])
+                refit(model, priced.analysis, points, also_dense[label], also[label]["budget_ms"])
             pp = priced.problem(run.config.allow_block_removal)
             warm = solution_from_plan(pp, solved) if record.all_met else None
     return candidates, pp
+
+
+def _same_plan(a: Plan, b: Plan) -> bool:
+    """True when two plans keep the same channels and remove the same blocks."""
+    return a.kept == b.kept and a.removed_blocks == b.removed_blocks and a.consumers == b.consumers
 
 
 def _probe_floor(
@@ -442,7 +452,7 @@ def _probe_floor(
     dense_ms = m_d.median_ms
     measured = relative_latency(m_p, m_d) * dense_ms
     log.say(f"the fastest plan measured {measured:.3f} ms (dense {dense_ms:.3f} ms)")
-    _recalibrate(priced.latency, analysis, [(plan, measured, dense_ms)], dense_ms)
+    refit(priced.latency, analysis, [(plan, measured, dense_ms)], dense_ms)
     return priced.problem(run.config.allow_block_removal), dense_ms
 
 
@@ -458,9 +468,11 @@ def _solve_round(
     also_budgets: dict[str, float] | None = None,
 ) -> Solution | None:
     """Round ``r``'s solution for ``target`` ms (and each further backend's budget, less the
-    loop's margin, as its row's limit); None when a later round's target is out of reach (the
-    loop stops with what it has). In round 0, a target out of reach is retried at the budget
-    itself (the minimum may lie between them), on every backend.
+    loop's margin, as its row's limit). In round 0, a target out of reach is retried at the
+    budget itself (the minimum may lie between them), on every backend. In a later round a
+    latency target out of reach gives the fastest plan instead (the refitted floor is a guess
+    until that plan is measured); None when a further backend's budget is out of reach then
+    (the loop stops with what it has).
 
     Raises:
         InfeasibleBudget: in the first round, when not even the budget itself is reachable.
@@ -475,9 +487,15 @@ def _solve_round(
         try:
             return _solve(solve.solver, limited, target, warm, opts)
         except InfeasibleBudget as exc:
-            if r > 0:
-                run.log.say(f"round {r}: the re-calibrated target {target:.3f} ms is out of reach")
-                return None
+            if r > 0:  # the refit may misjudge the floor: measure the fastest plan instead
+                run.log.say(
+                    f"round {r}: the re-calibrated target {target:.3f} ms is out of reach "
+                    f"(floor {exc.min_latency:.3f} ms predicted): measuring the fastest plan"
+                )
+                try:
+                    return _solve(solve.solver, limited, exc.min_latency * (1 + 1e-6), None, opts)
+                except (InfeasibleBudget, InfeasibleLimit):
+                    return None
             try:  # the minimum may lie between the target and the budget: try the budget
                 if not exc.min_latency <= budget_ms:  # (also catches NaN)
                     raise
@@ -800,38 +818,6 @@ def _dense_result(run: _Run, analysis: Analysis, dense_ms: float) -> CompileResu
             for count in [_count(name, analysis.gm)]
         },
     )
-
-
-def _recalibrate(
-    latency: LatencyModel,
-    analysis: Analysis,
-    points: list[tuple[Plan, float, float]],
-    dense_ms: float,
-) -> None:
-    """Refit ``a·Σ + b`` on every measured plan and the dense model's latest figure.
-
-    Each plan's figure is first scaled by (latest dense / dense measured beside it): the host
-    drifts by 10% and more between rounds, and fitting raw figures taken at different drift
-    levels made EfficientNet-B0 chase its budget for four rounds. With few points on a noisy
-    host the fit can still turn absurd (a slope near 0 or negative); then the slope is kept
-    and only the offset moves so the last plan is predicted as measured.
-    """
-    scaled = [(plan, measured * dense_ms / dense) for plan, measured, dense in points]
-    a = latency.a
-    latency.calibrate(
-        [p for p, _ in scaled] + [Plan.empty(analysis)],
-        [m for _, m in scaled] + [dense_ms],
-        include_dense=False,
-        per_layer=False,
-    )
-    if not 0.2 <= latency.a <= 5.0:
-        plan, measured = scaled[-1]
-        latency.a = a
-        latency.b = (
-            measured
-            - a * latency.feature(plan)
-            - latency.per_layer * len(latency.layer_costs(plan))
-        )
 
 
 def _notes(analysis: Analysis, method: str, run: _Run) -> dict[str, Any]:
