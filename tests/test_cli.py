@@ -9,6 +9,7 @@ import torch
 from fake_backend import FakeBackend
 from model_files import write_exported, write_factory_file, write_package
 
+import fxprune
 from fxprune import backends
 from fxprune.cli import main
 
@@ -459,3 +460,25 @@ def test_unreachable_limit_exits_2_naming_the_flag(fake, tmp_path, capsys):
     err = " ".join(capsys.readouterr().err.split())
     assert "argument --max-activation-bytes" in err and "cannot be met" in err
     assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_attention_heads_offers_whole_heads(fake, tmp_path, forget_modules):
+    """--attention heads: the split's group indexes 4 heads (not 16 positions per head), and
+    the projections keep whole heads (on the fake backend the solver keeps all 4 here)."""
+    factory = tmp_path / "vit.py"
+    factory.write_text(
+        "from attention_models import FusedViT\n\n\n"
+        "def factory():\n    return FusedViT(dim=64, heads=4, side=8).eval()\n"
+    )
+    out = tmp_path / "run"
+    extra = ["--input-shape", "1,3,8,8", "--no-onnx", "--attention", "heads"]
+    assert _compile(f"{factory}:factory", out, tmp_path / "cache", *extra) == 0
+    plan = fxprune.Plan.load(out / "plan.json")
+    assert plan.notes["attention"] == "heads"  # recorded for rebuild / apply
+    groups = {g["name"]: g for g in json.loads((out / "report.json").read_text())["groups"]}
+    assert groups["qkv"]["size"] == 4 and groups["qkv"]["status"] == "prunable"  # heads
+    pruned = torch.load(out / "pruned_model.pt", weights_only=False)
+    modules = dict(pruned.named_modules())
+    kept = groups["qkv"]["kept"]
+    assert modules["proj"].in_features == 16 * kept
+    assert modules["qkv"].out_features == 3 * 16 * kept
