@@ -17,7 +17,8 @@ pruned and dense exported with ``torch.onnx.export`` and timed interleaved in pl
 Runtime sessions; the budget holds when that ratio / budget ≤ :data:`BUDGET_SLACK`.
 
 Writes ``bench/results/compile.json`` after every case, ``compile.md`` (tables) and a widths
-plot per model. Run: ``python -m bench.compile`` (about an hour here; ``--models``,
+plot per model (``compile_<model>.png``; timm's ``compile_timm_<model>.png``, as its plans are
+``compile_plans/timm_<model>_...``). Run: ``python -m bench.compile`` (about an hour here; ``--models``,
 ``--budgets``, ``--no-tp`` to narrow it). ``--zoo timm`` runs :data:`TIMM_MODELS` (one CNN of
 each of twelve timm families, random weights, 224×224) at 0.5 and 0.3 into
 ``compile_timm.json`` / ``.md``; a case whose compile fails is recorded with its error and the
@@ -152,6 +153,17 @@ def timm_init(name: str) -> torch.nn.Module:
     return timm.create_model(name, pretrained=False).eval()
 
 
+def case_label(name: str, zoo: str) -> str:
+    """What a model's files are named by: timm's apart from torchvision's (both have an
+    ``efficientnet_b0`` and a ``resnet50``)."""
+    return f"timm_{name}" if zoo == "timm" else name
+
+
+def widths_plot_path(label: str) -> Path:
+    """The widths plot of a model's first budget, named by :func:`case_label`."""
+    return RESULTS / f"compile_{label}.png"
+
+
 def run_case(name, model, x, budget, solver, cache, backend):
     start = time.perf_counter()
     config = fxprune.CompileConfig(
@@ -223,7 +235,7 @@ def main(argv=None) -> int:
         out["models"] = json.loads(args.out.read_text()).get("models", {})
     for name in args.models:
         model = make(name)
-        label = f"timm_{name}" if args.zoo == "timm" else name  # plan files apart from tv
+        label = case_label(name, args.zoo)  # plan files and plots apart from torchvision's
         cache_dir = Path(tempfile.mkdtemp(prefix=f"fxprune-bench-{name}-"))
         at = commit()
         entry = out["models"].get(name) or {"cases": {}}  # add to cases of an earlier run
@@ -264,7 +276,7 @@ def main(argv=None) -> int:
                     try:
                         from fxprune.pipeline.plots import plot_widths
 
-                        plot_widths(ours.analysis, ours.plan, RESULTS / f"compile_{name}.png")
+                        plot_widths(ours.analysis, ours.plan, widths_plot_path(label))
                     except ImportError:
                         pass
                 entry["cases"][str(budget)] = case

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -36,6 +37,14 @@ EXIT_USAGE = 2
 
 #: the ways out of an infeasible budget this CLI has flags for (no flag offers smaller counts)
 _CLI_SPELLING = {"solver": "pass --solver minlp", "allow_block_removal": "drop --no-blocks"}
+
+
+#: the flag that sets each resource limit (a ``latency@<runtime>`` limit is an --also)
+_LIMIT_FLAGS = {
+    "params": "--max-params",
+    "macs": "--max-macs",
+    "activation_bytes": "--max-activation-bytes",
+}
 
 
 class _UsageError(Exception):
@@ -100,6 +109,53 @@ def _fraction(text: str) -> float:
     if value > 1:
         raise argparse.ArgumentTypeError(f"a fraction of the channels, in (0, 1]; got {text}")
     return value
+
+
+#: suffixes of --max-params / --max-macs / --max-activation-bytes (decimal; KiB... binary)
+_SCALES = {
+    "": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+}
+
+
+def _amount(unit: str) -> Callable[[str], int]:
+    """A positive count: an int (``8000000``, ``8_000_000``) or a number with a suffix k/M/G
+    (×1000) or Ki/Mi/Gi (×1024), case-insensitive, optionally followed by ``unit``
+    (``8MB``, ``1.5MiB``, ``11M``)."""
+
+    def parse(text: str) -> int:
+        match = re.fullmatch(
+            rf"\s*([0-9][0-9_]*(?:\.[0-9]*)?)\s*(k|m|g|ki|mi|gi)?\s*{unit}?\s*",
+            text,
+            re.IGNORECASE,
+        )
+        if match is None:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a count: an integer, optionally with k, M, G (×1000) or "
+                f"Ki, Mi, Gi (×1024), e.g. 8000000, 8M{', 8MB or 8MiB' if unit else ''}"
+            )
+        number, suffix = match.group(1), (match.group(2) or "").lower()
+        value = float(number.replace("_", "")) * _SCALES[suffix]
+        if value < 1 or value != int(value):
+            raise argparse.ArgumentTypeError(f"must be a whole number ≥ 1, got {text!r}")
+        return int(value)
+
+    return parse
+
+
+def _also(text: str) -> tuple[str, Budget]:
+    """``BACKEND:BUDGET`` for ``--also``."""
+    name, sep, budget = text.partition(":")
+    if not sep or not name or not budget:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not BACKEND:BUDGET, e.g. inductor:0.6 or torch:25ms"
+        )
+    return _backend_name(name), _budget(budget)
 
 
 def _model_spec(text: str) -> ModelSpec:
@@ -245,6 +301,41 @@ def _parser() -> argparse.ArgumentParser:
     )
     co.add_argument("--no-blocks", action="store_true", help="never remove residual blocks")
     co.add_argument(
+        "--attention",
+        default="head_dim",
+        choices=["head_dim", "heads"],
+        help="what a multi-head split offers: positions within every head (head_dim, the "
+        "default) or whole heads (heads)",
+    )
+    co.add_argument(
+        "--also",
+        type=_also,
+        action="append",
+        default=[],
+        metavar="BACKEND:BUDGET",
+        help="a latency budget on a further backend too, measured there (a fraction of the "
+        "dense latency on it, or a time), e.g. --also inductor:0.6; repeatable",
+    )
+    co.add_argument(
+        "--max-params",
+        type=_amount(""),
+        metavar="N",
+        help="limit on the pruned model's parameters: an integer or with k/M/G (×1000), e.g. 5M",
+    )
+    co.add_argument(
+        "--max-macs",
+        type=_amount(""),
+        metavar="N",
+        help="limit on the pruned model's conv/linear multiply-accumulates, e.g. 1.2G",
+    )
+    co.add_argument(
+        "--max-activation-bytes",
+        type=_amount("b"),
+        metavar="BYTES",
+        help="limit on the pruned model's peak activation memory at the example input: bytes "
+        "as an integer or with k/M/G (×1000) or Ki/Mi/Gi (×1024), B optional, e.g. 8MB, 8MiB",
+    )
+    co.add_argument(
         "--coupling",
         default="constrained",
         choices=["constrained", "unconstrained"],
@@ -313,6 +404,9 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args, console, out, loaded.model, x)
     except (_UsageError, SpecError) as exc:
         console.print(f"fxprune {args.command}: error: {exc}", style="red", markup=False)
+    except fxprune.InfeasibleLimit as exc:  # named by the flag that set it
+        flag = _LIMIT_FLAGS.get(exc.resource, "--also")
+        console.print(f"error: argument {flag}: {exc}", style="red", markup=False)
     except fxprune.InfeasibleBudget as exc:
         console.print(exc.message(_CLI_SPELLING), style="red", markup=False)
     except fxprune.FxpruneError as exc:
@@ -438,6 +532,11 @@ def _compile(
         unconstrained=fxprune.UnconstrainedConfig() if args.coupling == "unconstrained" else None,
         allow_block_removal=not args.no_blocks,
         cache=args.cache,
+        attention=args.attention,
+        also=tuple(args.also),
+        max_params=args.max_params,
+        max_macs=args.max_macs,
+        max_activation_bytes=args.max_activation_bytes,
     )
     # InfeasibleBudget: main prints it, exit 2
     result = fxprune.compile(

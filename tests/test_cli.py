@@ -9,6 +9,7 @@ import torch
 from fake_backend import FakeBackend
 from model_files import write_exported, write_factory_file, write_package
 
+import fxprune
 from fxprune import backends
 from fxprune.cli import main
 
@@ -319,3 +320,165 @@ def test_bad_data_or_loss_exits_2(fake, tmp_path, capsys, extra, says, forget_mo
     err = " ".join(capsys.readouterr().err.split())
     assert says in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+# ---- limits: --max-params, --max-macs, --max-activation-bytes, --also, --attention -------
+
+
+def _config_of(monkeypatch, *extra):
+    """The CompileConfig ``compile`` gets from these flags (``fxprune.compile`` stubbed out)."""
+    import fxprune
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def stub(*args, config, **kwargs):
+        seen["config"] = config
+        raise Stop
+
+    monkeypatch.setattr(fxprune, "compile", stub)
+    argv = ["compile", "--model", "resnet18", "--size", "32", "--backend", "torch", *extra]
+    with pytest.raises(Stop):
+        main(argv)
+    return seen["config"]
+
+
+def test_limit_flags_reach_the_config(monkeypatch):
+    config = _config_of(
+        monkeypatch,
+        *("--max-params", "1.5M", "--max-macs", "2_000_000"),
+        *("--max-activation-bytes", "8MiB", "--attention", "heads"),
+        *("--also", "inductor:0.6", "--also", "torch:25ms"),
+    )
+    assert config.max_params == 1_500_000 and config.max_macs == 2_000_000
+    assert config.max_activation_bytes == 8 * 2**20 and config.attention == "heads"
+    assert [(b, str(budget)) for b, budget in config.also] == [
+        ("inductor", str(_parsed("0.6"))),
+        ("torch", str(_parsed("25ms"))),
+    ]
+    plain = _config_of(monkeypatch)  # no flag: no limit, the library's defaults
+    assert plain.limits() == {} and plain.also == () and plain.attention == "head_dim"
+
+
+def _parsed(text):
+    from fxprune.pipeline.result import Budget
+
+    return Budget.parse(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [("8MB", 8_000_000), ("8mb", 8_000_000), ("8MiB", 8 * 2**20), ("512k", 512_000), ("123", 123)],
+)
+def test_activation_bytes_take_human_sizes(monkeypatch, text, value):
+    assert _config_of(monkeypatch, "--max-activation-bytes", text).max_activation_bytes == value
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--max-activation-bytes", "8XB"],
+        ["--max-activation-bytes", "0"],
+        ["--max-activation-bytes", "-5"],
+        ["--max-params", "0.5"],
+        ["--max-params", "5MB"],  # a count, not bytes
+        ["--max-macs", "lots"],
+        ["--also", "inductor"],
+        ["--also", "nope:0.5"],
+        ["--also", "torch:1.5"],
+        ["--attention", "rows"],
+    ],
+)
+def test_bad_limit_flags_are_usage_errors_naming_the_flag(fake, extra, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([*_args(tmp_path / "run", "0.5", tmp_path / "cache"), *extra])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {extra[0]}" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_max_activation_bytes_holds_and_the_report_shows_it_measured(fake, tmp_path):
+    import fxprune
+    from fxprune.analysis.liveness import peak_activation_bytes
+
+    torch.manual_seed(0)  # the CLI's --seed 0: the same random weights
+    x = torch.randn(1, 3, 64, 64)
+    dense = fxprune.analyze(__import__("torchvision").models.resnet18(), x).gm
+    limit = int(0.6 * peak_activation_bytes(dense, (x,)))
+    out = tmp_path / "run"
+    extra = ["--no-onnx", "--max-activation-bytes", str(limit), "--max-params", "5M"]
+    assert main([*_args(out, "0.8", tmp_path / "cache"), *extra]) == 0
+    s = _summary(out)
+    assert s["max_activation_bytes"] == limit and s["activation_bytes_limit_met"] is True
+    pruned = torch.load(out / "pruned_model.pt", weights_only=False)
+    assert s["activation_bytes_measured"] == peak_activation_bytes(pruned, (x,)) <= limit
+    assert s["max_params"] == 5_000_000 and s["params_limit_met"] is True
+    assert s["params_measured"] == s["params_after"] <= 5_000_000
+    assert "activation_bytes_measured" in (out / "report.md").read_text()
+
+
+class _Other(FakeBackend):
+    """A second runtime whose costs differ from the first's (another channel alignment)."""
+
+    def __init__(self) -> None:
+        super().__init__(period=4, runtime="other")
+
+    def layer_cost(self, m, out_shape):
+        return super().layer_cost(m, out_shape) * (3.0 if out_shape[-1] >= 16 else 0.3)
+
+
+def test_also_budget_holds_as_measured_on_the_second_backend(fake, monkeypatch, tmp_path):
+    monkeypatch.setitem(backends._BACKENDS, "other", _Other)
+    out = tmp_path / "run"
+    extra = ["--no-onnx", "--also", "other:0.5"]
+    assert main([*_args(out, "0.9", tmp_path / "cache"), *extra]) == 0
+    s = _summary(out)
+    assert s["latency@other_limit_met"] is True
+    assert s["latency@other_measured"] <= s["max_latency@other"] * 1.02  # the loop's tolerance
+    pruned = torch.load(out / "pruned_model.pt", weights_only=False)
+    dense = _dense_resnet18()
+    x = (torch.randn(1, 3, 64, 64),)
+    ratio = _Other().cost(pruned, x) / _Other().cost(dense, x)
+    assert ratio <= 0.5 * 1.02
+    # the second budget bound: the first alone would be loosened to within LoopConfig.slack
+    assert s["measured_ms"] < 0.95 * s["budget_ms"]
+
+
+def _dense_resnet18():
+    import torchvision
+
+    torch.manual_seed(0)
+    return torchvision.models.resnet18().eval()
+
+
+def test_unreachable_limit_exits_2_naming_the_flag(fake, tmp_path, capsys):
+    extra = ["--no-onnx", "--max-activation-bytes", "1000"]
+    assert main([*_args(tmp_path / "run", "0.8", tmp_path / "cache"), *extra]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "argument --max-activation-bytes" in err and "cannot be met" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_attention_heads_offers_whole_heads(fake, tmp_path, forget_modules):
+    """--attention heads: the split's group indexes 4 heads (not 16 positions per head), and
+    the projections keep whole heads (on the fake backend the solver keeps all 4 here)."""
+    factory = tmp_path / "vit.py"
+    factory.write_text(
+        "from attention_models import FusedViT\n\n\n"
+        "def factory():\n    return FusedViT(dim=64, heads=4, side=8).eval()\n"
+    )
+    out = tmp_path / "run"
+    extra = ["--input-shape", "1,3,8,8", "--no-onnx", "--attention", "heads"]
+    assert _compile(f"{factory}:factory", out, tmp_path / "cache", *extra) == 0
+    plan = fxprune.Plan.load(out / "plan.json")
+    assert plan.notes["attention"] == "heads"  # recorded for rebuild / apply
+    groups = {g["name"]: g for g in json.loads((out / "report.json").read_text())["groups"]}
+    assert groups["qkv"]["size"] == 4 and groups["qkv"]["status"] == "prunable"  # heads
+    pruned = torch.load(out / "pruned_model.pt", weights_only=False)
+    modules = dict(pruned.named_modules())
+    kept = groups["qkv"]["kept"]
+    assert modules["proj"].in_features == 16 * kept
+    assert modules["qkv"].out_features == 3 * 16 * kept

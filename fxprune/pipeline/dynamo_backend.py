@@ -25,14 +25,24 @@ the user inputs alone. The function handed back to dynamo takes dynamo's full ar
 Graph breaks: each captured graph is pruned on its own. What crosses a break is a graph input
 or output, and fxprune keeps a graph's inputs and outputs whole, so the channels that cross a
 break are frozen. Every graph's outcome is a :class:`GraphRecord` in :attr:`FxpruneBackend.graphs`
-(pruned, skipped and why, what was frozen) and is logged (logger ``fxprune``).
+(pruned, skipped and why, what was frozen) and is logged (logger ``fxprune``). By name
+(``backend="fxprune"``), dynamo builds no object the caller holds: the records of every graph
+the name received are kept in this module instead, read with :func:`last_records` and dropped
+with :func:`clear_records` (they hold each graph's :class:`~fxprune.CompileResult`, pruned
+model and latency tables included, until then).
 
 A graph is handed on unpruned, with the reason recorded, when it has no parameters or no
 prunable channel group, when it was captured in training mode (batch statistics, dropout), when
-its budget cannot be reached or a plan does not fit it, and when dynamo made a size symbolic
-(after a recompile at another shape): pass ``dynamic=False`` to ``torch.compile`` so each input
-shape gets a static graph, pruned on its own. Where that is not what the caller asked for, the
-record is logged as a warning.
+its budget cannot be reached or a plan does not fit it, and when dynamo made a size symbolic.
+That last one is what ``torch.compile``'s default (``dynamic=None``) does on the first call at a
+new input shape: the recompiled graph takes the changed sizes as ``SymInt`` inputs, and it runs
+*dense* (a warning, and a ``"skipped"`` record saying why). Its node names are those of the
+static graph (seen on a small CNN), so the first graph's plan could in principle be applied
+to it, but fxprune analyses, prunes and times a graph at concrete shapes, and a graph taking
+``SymInt`` inputs (its tensors arrive at the new shape) is not pruned here. Pass
+``dynamic=False`` to ``torch.compile`` so each input shape gets a static graph, pruned on its own
+(each solved again, or the same ``plan=`` applied to each). Where a graph is handed on unpruned
+and that is not what the caller asked for, the record is logged as a warning.
 """
 
 from __future__ import annotations
@@ -66,7 +76,9 @@ __all__ = [
     "FxpruneBackend",
     "GraphRecord",
     "backend",
+    "clear_records",
     "fxprune_backend",
+    "last_records",
     "lift_parameters",
 ]
 
@@ -292,9 +304,11 @@ class FxpruneBackend:
     in the order dynamo compiled them (a recompilation appends another).
     """
 
-    def __init__(self, options: BackendOptions) -> None:
+    def __init__(self, options: BackendOptions, graphs: list[GraphRecord] | None = None) -> None:
         self.options = options
-        self.graphs: list[GraphRecord] = []
+        #: one record per graph received (``graphs``: a list to append to, shared by the
+        #: by-name backend's calls; a graph's ``index`` is its position in it)
+        self.graphs: list[GraphRecord] = [] if graphs is None else graphs
 
     def __call__(self, gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         index = len(self.graphs)
@@ -342,7 +356,7 @@ class FxpruneBackend:
         if any(not isinstance(t, torch.Tensor) for t in lifted.inputs):
             return (
                 "symbolic sizes among the inputs (dynamo made a dimension dynamic after a "
-                "recompile): not pruned; compile with torch.compile(..., dynamic=False) so "
+                "recompile at a new input shape): this graph runs dense, unpruned; compile with torch.compile(..., dynamic=False) so "
                 "every input shape gets a static graph, pruned on its own"
             ), True
         return None, False
@@ -517,10 +531,38 @@ def fxprune_backend(
     """The backend registered as ``"fxprune"``: ``options`` are :func:`backend`'s keywords.
 
     ``torch.compile(model, backend="fxprune", options={"budget": 0.5})`` calls it with those
-    options once per captured graph; each graph's record is logged (logger ``fxprune``). Use
-    :func:`backend` to keep the records (``FxpruneBackend.graphs``).
+    options once per captured graph (recompiles included); each graph's record is logged
+    (logger ``fxprune``) and appended to the module's records, numbered across calls: read
+    them with :func:`last_records`, drop them with :func:`clear_records`. (:func:`backend`
+    keeps its own, in ``FxpruneBackend.graphs``.)
     """
-    return backend(**(options or {}))(gm, example_inputs)
+    options = backend(**(options or {})).options
+    return FxpruneBackend(options, graphs=_NAMED_RECORDS)(gm, example_inputs)
+
+
+#: the records of every graph the by-name backend received since import or clear_records()
+_NAMED_RECORDS: list[GraphRecord] = []
+
+
+def last_records() -> list[GraphRecord]:
+    """The :class:`GraphRecord` of every graph ``torch.compile(..., backend="fxprune")`` handed
+    to fxprune since import or the last :func:`clear_records`, in order (a copy).
+
+    Example::
+
+        fxprune.pipeline.dynamo_backend.clear_records()
+        compiled = torch.compile(model.eval(), backend="fxprune", options={"budget": 0.5})
+        compiled(x)
+        for record in fxprune.pipeline.dynamo_backend.last_records():
+            print(record.describe())  # "graph 0: pruned; ...", or "skipped (why)"
+    """
+    return list(_NAMED_RECORDS)
+
+
+def clear_records() -> None:
+    """Forget the by-name backend's records (and the compile results they keep alive); the
+    next graph is numbered 0."""
+    _NAMED_RECORDS.clear()
 
 
 def _register() -> None:

@@ -250,6 +250,7 @@ class CompileResult:
                 for key, value in (
                     (f"max_{name}", v["limit"]),
                     (f"{name}_predicted", v["predicted"]),
+                    (f"{name}_measured", v["measured"]),
                     (f"{name}_limit_met", v["met"]),
                 )
             },

@@ -28,7 +28,9 @@ from fxprune.latency.tables import LatencyConfig
 from fxprune.pipeline.dynamo_backend import (
     BACKEND_NAME,
     FxpruneBackend,
+    clear_records,
     fxprune_backend,
+    last_records,
     lift_parameters,
 )
 
@@ -246,10 +248,28 @@ def test_backend_resolves_by_name(tmp_path, caplog):
         "config": _config(tmp_path),
     }
     torch._dynamo.reset()
+    clear_records()
     with torch.no_grad(), caplog.at_level(logging.INFO, logger="fxprune"):
-        got = torch.compile(model, backend="fxprune", options=options)(x)
+        compiled = torch.compile(model, backend="fxprune", options=options)
+        got = compiled(x)
         assert not torch.allclose(got, model(x), atol=1e-3)
+        (record,) = last_records()  # the by-name path keeps its records in the module
+        assert record.status == "pruned" and record.index == 0 and record.pruned
+        torch.testing.assert_close(got, _eager(record, x), rtol=1e-4, atol=1e-5)
+        # a new shape: dynamo recompiles with a symbolic batch, which runs dense, warned
+        x3 = torch.randn(3, 3, 32, 32)
+        got3 = compiled(x3)
+        torch.testing.assert_close(got3, model(x3))
     assert "graph 0: pruned" in caplog.text
+    first, second = last_records()
+    assert first is record and second.index == 1 and second.status == "skipped"
+    assert "runs dense" in second.reason and "dynamic=False" in second.reason
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("graph 1: skipped" in r.getMessage() for r in warned)
+    last_records().clear()  # a copy: the module's records are not the caller's to edit
+    assert len(last_records()) == 2
+    clear_records()
+    assert last_records() == []
 
 
 def test_entry_point_names_the_registered_backend():
