@@ -225,7 +225,7 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     Returns ``gm``. Calls that cannot be lifted are left as they are, with the reason recorded
     in ``node.meta[NOT_LIFTED]``.
     """
-    dropped = _drop_rank_guards(gm) + _collapse_std_weights(gm)
+    dropped = _drop_rank_guards(gm) + _collapse_std_weights(gm) + _split_computed_biases(gm)
     uses = _state_uses(gm)
     lifted = 0
     for node in list(gm.graph.nodes):
@@ -245,6 +245,44 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
         gm.recompile()
         logger.debug("canonicalize: lifted %d functional calls", lifted)
     return gm
+
+
+def _split_computed_biases(gm: fx.GraphModule) -> int:
+    """``F.linear(x, w, b)`` with a computed bias becomes ``F.linear(x, w) + b``; the count.
+
+    BEiT / EVA build their qkv bias in the forward, ``torch.cat((q_bias, k_bias, v_bias))`` with
+    a zero ``k_bias`` buffer, and pass it to ``F.linear(x, self.qkv.weight, qkv_bias)``. Split
+    off, the weight lifts onto its ``nn.Linear`` like any other, and the bias is an elementwise
+    add whose channels the rules of ``cat`` and of parameters read by ``get_attr`` derive: row
+    ``j`` of the bias is tied to output row ``j`` of the linear, so a pruned q/k/v channel drops
+    its row of ``q_bias`` / ``k_bias`` / ``v_bias`` exactly, and anything the rules cannot follow
+    (a bias mixed across channels) freezes as before. The same computation as timm's
+    ``qkv_bias_separate=True``; results differ by float rounding only (addmm vs mm + add).
+    Only a 1-d bias of the output's last-dim size, on a ``get_attr`` weight, is split.
+    """
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not F.linear:
+            continue
+        bound = _bind(node, LIFTABLE[F.linear])
+        if bound is None:
+            continue
+        w, b = bound["weight"], bound["bias"]
+        if not isinstance(w, fx.Node) or w.op != "get_attr":
+            continue
+        if not isinstance(b, fx.Node) or b.op == "get_attr":
+            continue
+        bmeta, ometa = b.meta.get(TENSOR_META), node.meta.get(TENSOR_META)
+        if not hasattr(bmeta, "shape") or not hasattr(ometa, "shape"):
+            continue
+        if len(bmeta.shape) != 1 or not ometa.shape or bmeta.shape[0] != ometa.shape[-1]:
+            continue
+        with gm.graph.inserting_before(node):
+            linear = gm.graph.call_function(F.linear, (bound["input"], w))
+        linear.meta = dict(node.meta)
+        node.target, node.args, node.kwargs = operator.add, (linear, b), {}
+        count += 1
+    return count
 
 
 _RANK_FUNCTIONS = frozenset({operator.eq, operator.ne, operator.lt, operator.le, operator.gt,

@@ -20,7 +20,13 @@ from torch import fx, nn
 
 from fxprune.analysis.canonicalize import LIFTABLE
 from fxprune.analysis.channel_context import ChannelContext, LayerRecord, describe
-from fxprune.analysis.ops import _ELEMENTWISE_ACTIVATIONS, entry_for, register_op, traits_of
+from fxprune.analysis.ops import (
+    _ELEMENTWISE_ACTIVATIONS,
+    entry_for,
+    register_lazy,
+    register_op,
+    traits_of,
+)
 from fxprune.analysis.std_conv import StdConv2d
 from fxprune.core.channel_units import compact, expand_index, varying_dims
 from fxprune.core.meta import NOT_LIFTED
@@ -290,6 +296,11 @@ def elementwise(ctx: ChannelContext, node: fx.Node) -> np.ndarray:
     if node.op == "call_method" and node.target == "expand_as":
         return ctx.combine(node, [node.args[0]])
     return ctx.combine(node, ctx.tensor_args(node))
+
+
+# timm's ``maybe_add_mask(scores, mask)``: ``scores`` alone when the mask is None (a constant
+# None arg, no tensor), else ``scores + mask``: tensor_args holds exactly the operands added
+register_lazy("timm.layers.attention", "maybe_add_mask", rule=elementwise)
 
 
 # ---- conv / linear: roots ----------------------------------------------------------------------

@@ -324,6 +324,7 @@ ATEN_TO_TORCH: dict[Any, Translate] = {
     aten.transpose: _fn(torch.transpose),
     aten.t: _t,
     aten.flatten: _fn(torch.flatten),
+    aten.unflatten: _fn(torch.unflatten),
     aten.roll: _fn(torch.roll),
     aten.pad: _fn(F.pad),
     aten.constant_pad_nd: _fn(F.pad, lambda x, pad, value=0.0: (x, pad, "constant", value)),

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 import operator
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -142,6 +144,8 @@ def entry_for(
 ) -> OpEntry | None:
     """The entry of the op a node calls, or None when the table does not know it."""
     _register_optional()
+    if _LAZY:
+        _register_lazy()
     if node.op == "call_module":
         return lookup(type(gm.get_submodule(str(node.target))), has)
     if node.op in ("call_function", "call_method"):
@@ -286,6 +290,37 @@ register_op("reshape_as", size_args=SizeArgs(1, name="other", like="reshape"))
 register_op("view_as", size_args=SizeArgs(1, name="other", like="view"))
 register_op("unflatten", torch.unflatten, size_args=SizeArgs(2, name="sizes", varargs=False,
             dim_arg=1))  # fmt: skip
+
+
+# entries of functions in optional packages that are slow to import (timm): registered when the
+# package is first seen imported (a model that calls the function has imported it), so fxprune
+# never imports the package itself. (module name, attribute) -> the pending register_op keywords
+_LAZY: dict[tuple[str, str], list[dict[str, Any]]] = {}
+
+
+def register_lazy(module: str, name: str, **entry: Any) -> None:
+    """``register_op(module.name, **entry)`` once ``module`` is imported (by anyone).
+
+    For a function of an optional package: its key is the function object, which fxprune cannot
+    hold without importing the package. Until then no graph can call it.
+    """
+    _LAZY.setdefault((module, name), []).append(entry)
+    _register_lazy()
+
+
+def _register_lazy() -> None:
+    for key in [k for k in _LAZY if k[0] in sys.modules]:
+        module = importlib.import_module(key[0])  # already imported: a dict lookup
+        fn = getattr(module, key[1], None)
+        for entry in _LAZY.pop(key):
+            if fn is not None:
+                register_op(fn, **entry)
+
+
+# timm's maybe_add_mask (timm.layers.attention, fx-wrapped: a leaf of fx traces): ``scores if
+# mask is None else scores + mask``, an elementwise add whose second operand is optional
+register_lazy("timm.layers.attention", "maybe_add_mask", commutes=True, channelwise=True,
+              binary=True)  # fmt: skip
 
 
 @functools.cache

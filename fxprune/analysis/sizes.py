@@ -255,9 +255,10 @@ def _slots(ctx: ChannelContext, node: fx.Node, spec: SizeArgs) -> list[SizeSlot]
     first = spec.first_dim
     if spec.dim_arg is not None:
         dim = node.args[spec.dim_arg] if len(node.args) > spec.dim_arg else node.kwargs.get("dim")
-        if not isinstance(dim, int):
+        src = node.args[0].meta.get(TENSOR_META) if isinstance(node.args[0], fx.Node) else None
+        if not isinstance(dim, int) or not hasattr(src, "shape"):
             return None
-        first = dim % len(out)
+        first = dim % len(src.shape)  # unflatten(x, -1, ...): the input's dim, not the output's
     if len(node.args) > spec.index:
         where: tuple[Any, ...] = ("args", spec.index)
         spec_arg = node.args[spec.index]

@@ -318,3 +318,62 @@ def test_timm_bn_act_models_are_prunable_and_exact(name):
         assert torch.equal(a.gm(x), model(x))
     for seed in range(2):
         check_plan(a, random_plan(a, seed), x)
+
+
+class CatBias(nn.Module):
+    """BEiT's qkv: ``F.linear`` on a Linear's weight with a bias built in the forward from a q
+    and a v parameter around a zero k buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(8, 12, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+        self.register_buffer("k_bias", torch.zeros(4), persistent=False)
+        self.out = nn.Linear(4, 8)
+
+    def forward(self, x):
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        q, k, v = F.linear(x, self.qkv.weight, bias).chunk(3, dim=-1)
+        return self.out(torch.relu(q) * k + v)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_computed_linear_bias_is_split_off_and_its_parts_pruned(frontend):
+    torch.manual_seed(0)
+    model, x = CatBias().eval(), torch.randn(2, 5, 8)
+    a = fxprune.analyze(model, x, frontend=frontend)
+    assert not [n for n in a.gm.graph.nodes if n.target is F.linear]  # the weight is lifted
+    assert isinstance(a.gm.get_submodule("qkv"), nn.Linear) and a.gm.qkv.bias is None
+    g = a.group("qkv")  # q, k, v rows tied (q * k + v) and tied to their bias rows
+    assert g.size == 4 and g.prunable and not g.inexact and not g.frozen
+    assert {"q_bias", "k_bias", "v_bias"} <= set(g.roots)
+    plan = fxprune.Plan(kept={"qkv": torch.tensor([0, 3]).numpy()})
+    pruned = check_plan(a, plan, x)
+    assert pruned.q_bias.shape == pruned.v_bias.shape == pruned.k_bias.shape == (2,)
+    assert torch.equal(pruned.q_bias, model.q_bias[[0, 3]])
+    check_random_plans(a, x)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_timm_beit_qkv_bias_is_prunable_and_exact(frontend):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    kw = {"depth": 2, "img_size": 32, "embed_dim": 32, "num_heads": 2, "mlp_ratio": 2}
+    model = make_sensitive(timm.create_model("beit_base_patch16_224", pretrained=False, **kw))
+    with torch.no_grad():  # zero-initialised by timm: a row mix-up would not show
+        for block in model.blocks:
+            block.attn.q_bias.normal_()
+            block.attn.v_bias.normal_()
+    x = torch.randn(2, 3, 32, 32)
+    a = fxprune.analyze(model.eval(), x, frontend=frontend)
+    assert prunable_fraction(a)["prunable"] == 1.0
+    for i in range(2):
+        g = a.group(f"blocks.{i}.attn.qkv")  # head dim 16, q/k/v bias rows with it
+        assert g.size == 16 and g.prunable and not g.inexact
+        assert {f"blocks.{i}.attn.{p}_bias" for p in "qkv"} <= set(g.roots)
+    assert not [g for g in a.groups if g.frozen and g.name != "head"]
+    check_random_plans(a, x, max_examples=6)
+    # whole heads: BEiT's relative position bias is a table gathered by index (no channels per
+    # head), so the split keeps its head dim, as in Swin
+    heads = fxprune.analyze(model, x, frontend=frontend, attention="heads")
+    assert [(g.name, g.size) for g in heads.groups] == [(g.name, g.size) for g in a.groups]

@@ -361,3 +361,39 @@ def test_upsampling_matches_fx_and_a_module_called_twice_freezes():
     assert sum("used by more than one node" in w for w in why) == 2  # the report says why
     with torch.no_grad():
         assert torch.equal(fxprune.prune(a, fxprune.Plan.empty(a))(X), model(X))
+
+
+class Encoder(nn.Module):
+    """``nn.MultiheadAttention`` self-attention; torch.export writes it out in ATen
+    (``unflatten(-1, (3, E))`` of the packed projection, heads merged into the batch dim)."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 16)
+        self.attn = nn.MultiheadAttention(16, 2, batch_first=batch_first)
+        self.fc = nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x)
+        y, _ = self.attn(t, t, t, need_weights=False)
+        return self.fc(nn.functional.relu(t + y))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_prunes_as_under_fx(batch_first):
+    from helpers import check_random_plans
+
+    torch.manual_seed(0)
+    # 2 heads of 8; sequence-first (5 tokens of a batch of 2) keeps batch * heads under 8
+    x = torch.randn(2, 5, 4) if batch_first else torch.randn(5, 2, 4)
+    model = make_sensitive(Encoder(batch_first).eval())
+    a = fxprune.analyze(model, x, frontend="export")
+    assert not [r for g in a.groups for r in g.frozen if r != "model output"]
+    (qkv,) = [g for g in a.groups if g.name.startswith("attn.")]  # the lifted in_proj
+    assert qkv.size == 8 and qkv.prunable and not qkv.inexact  # head dim, tied over q, k, v
+    fx_analysis = fxprune.analyze(model, x, frontend="fx")
+    assert [(g.size, g.prunable) for g in a.groups] == [
+        (g.size, g.prunable) for g in fx_analysis.groups
+    ]
+    assert prunable_fraction(a) == prunable_fraction(fx_analysis)
+    check_random_plans(a, x, max_examples=10)

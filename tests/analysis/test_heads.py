@@ -117,8 +117,9 @@ def test_models_without_a_head_split_are_analysed_as_before():
         ("deit_tiny_patch16_224", True, "export", False),
         ("vit_tiny_patch16_224", True, "fx", False),
         ("vit_tiny_patch16_224", True, "export", False),
-        # timm's written-out attention; under fx its mask helpers (maybe_add_mask, fx-wrapped)
-        # are unknown ops, so only export (which traces into them) reaches the heads
+        # timm's written-out attention: under fx its mask helper maybe_add_mask (fx-wrapped, a
+        # leaf call) is an op table entry (an add with an optional operand); export traces in
+        ("deit_tiny_patch16_224", False, "fx", False),
         ("deit_tiny_patch16_224", False, "export", False),
         # LayerNorm over each head's d (exact for whole heads: each row normalised alone)
         ("vit_tiny_patch16_224", True, "fx", True),

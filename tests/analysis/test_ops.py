@@ -1,6 +1,7 @@
 """The op table: one registration teaches the channel analysis, the reorder and the segment pass."""
 
 import operator
+import sys
 
 import pytest
 import torch
@@ -110,4 +111,55 @@ def test_pow_and_square_are_elementwise_on_tensors_and_sizes_stay_sizes(frontend
     if frontend == "fx":  # a count read off d, raised to a power: a size used as a value
         (reason,) = a.group("d").frozen
         assert "function pow" in reason and "size 1 of 'd'" in reason
+    check_random_plans(a, x)
+
+
+def test_lazy_entries_wait_for_their_module_to_be_imported(restore_table, monkeypatch):
+    import types
+
+    monkeypatch.delitem(ops._LAZY, ("fxprune_test_lazy", "fn"), raising=False)
+    ops.register_lazy("fxprune_test_lazy", "fn", rule=passthrough, channelwise=True)
+    assert ("fxprune_test_lazy", "fn") in ops._LAZY  # not imported: nothing to key it by
+    module = types.ModuleType("fxprune_test_lazy")
+    module.fn = _erfish
+    monkeypatch.setitem(sys.modules, "fxprune_test_lazy", module)
+    a = fxprune.analyze(Net(), torch.randn(1, 3, 8, 8))  # the first lookup registers it
+    assert ("fxprune_test_lazy", "fn") not in ops._LAZY
+    assert not a.group("a").frozen
+    assert lookup_rule(_node(a.gm, _erfish), a.gm) is passthrough
+
+
+class _MaskAdds(nn.Module):
+    """timm's ``maybe_add_mask`` without a mask (the scores alone) and with one (an add)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.c = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        from timm.layers.attention import maybe_add_mask
+
+        y = maybe_add_mask(self.a(x), None)
+        return self.b(maybe_add_mask(y, self.c(x)))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_timm_maybe_add_mask_is_an_add_with_an_optional_operand(frontend):
+    pytest.importorskip("timm")
+    from timm.layers.attention import maybe_add_mask
+
+    torch.manual_seed(0)
+    model, x = make_sensitive(_MaskAdds().eval()), torch.randn(2, 3, 8, 8)
+    a = fxprune.analyze(model, x, frontend=frontend)
+    if frontend == "fx":  # fx-wrapped by timm: two leaf calls, each known to the op table
+        calls = [n for n in a.gm.graph.nodes if n.target is maybe_add_mask]
+        assert len(calls) == 2
+        for n in calls:
+            assert ops.traits_of(n, a.gm) == ops.OpTraits(
+                commutes=True, channelwise=True, binary=True
+            )
+    (g,) = [g for g in a.groups if g.prunable]
+    assert g.size == 8 and {"a", "c"} <= set(g.roots) and not g.frozen and not g.inexact
     check_random_plans(a, x)

@@ -270,3 +270,28 @@ def test_export_front_end_prunes_the_same_models(name):
         check_plan(a, plan, x)
 
     run()
+
+
+class _UnflattenLast(nn.Module):
+    """``x.unflatten(-1, (2, C // 2))``: a negative dim counts from the end of the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 16)
+        self.b = nn.Linear(8, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        y = y.unflatten(-1, (2, y.shape[-1] // 2))  # (B, N, 2, 8): channels on the 8
+        return self.b(y.mean(-2))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_unflatten_at_a_negative_dim_follows_its_sizes(frontend):
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 4)
+    a = fxprune.analyze(make_sensitive(_UnflattenLast().eval()), x, frontend=frontend)
+    assert not [r for g in a.groups for r in g.frozen if "unflatten" in r]
+    g = a.group("a")  # each of the 8 positions, in both halves
+    assert g.size == 8 and g.prunable and not g.inexact
+    check_random_plans(a, x)
