@@ -100,3 +100,28 @@ class FakeBackend:
         self.calls.append([type(m).__name__ for m in module.modules()][1:])
         ms = self.cost(module, example_inputs)
         return Measurement(ms, ms, ms, 0.0, (ms,), True, f"{self.runtime}#0")
+
+
+class AttentionFake(FakeBackend):
+    """Also prices every ``F.scaled_dot_product_attention`` call it runs (an attention unit or
+    one inside a whole model): ``BASE + SCALE·(q's positions)·S·(E + Ev)``, so fewer heads or a
+    narrower head cost less."""
+
+    def cost(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> float:
+        from torch.overrides import TorchFunctionMode
+
+        extra = [0.0]
+
+        class _Count(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func is torch.nn.functional.scaled_dot_product_attention:
+                    named = dict(zip(("query", "key", "value"), args, strict=False))
+                    q, k, v = ({**named, **kwargs}[n] for n in ("query", "key", "value"))
+                    positions = int(np.prod(q.shape[:-1]))
+                    extra[0] += BASE + SCALE * positions * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+                return func(*args, **kwargs)
+
+        with _Count():
+            base = super().cost(module, inputs)
+        return base + extra[0]
