@@ -184,7 +184,6 @@ def test_fewer_heads_are_priced_by_the_attention_table(tmp_path, attention):
     """With SDPA a table unit, a plan keeping fewer heads (a narrower head) is predicted as the
     additive runtime measures it; the SDPA saving no longer hides in the constant."""
     from attention_models import FusedViT
-    from fake_backend import AttentionFake
 
     from fxprune.rewrite.api import prune
 
@@ -192,7 +191,7 @@ def test_fewer_heads_are_priced_by_the_attention_table(tmp_path, attention):
     analysis = fxprune.analyze(
         FusedViT(dim=64, heads=4, side=8).eval(), torch.randn(1, 3, 8, 8), attention=attention
     )
-    backend = AttentionFake()
+    backend = FakeBackend()
     tables = annotate_latency(
         analysis, backend, cache=LatencyCache(tmp_path), config=LatencyConfig(progress=False)
     )

@@ -340,13 +340,12 @@ def test_interp_weights(c, expected):
 
 def _vit(attention: str, tmp_path):
     from attention_models import FusedViT
-    from fake_backend import AttentionFake
 
     torch.manual_seed(0)
     analysis = fxprune.analyze(
         FusedViT(dim=64, heads=4, side=8).eval(), torch.randn(1, 3, 8, 8), attention=attention
     )
-    backend = AttentionFake()
+    backend = FakeBackend()
     tables = annotate_latency(analysis, backend, cache=LatencyCache(tmp_path), config=QUIET)
     return analysis, tables, backend
 

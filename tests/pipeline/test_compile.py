@@ -773,7 +773,6 @@ def test_a_vit_compiles_with_its_attention_priced_by_heads(tmp_path):
     """Under attention="heads" the SDPA call is a table unit: the compile meets its budget on
     a runtime that charges attention by its heads (the fake's MAC count; no timing)."""
     from attention_models import FusedViT
-    from fake_backend import AttentionFake
 
     torch.manual_seed(0)
     x = torch.randn(1, 3, 8, 8)
@@ -781,6 +780,6 @@ def test_a_vit_compiles_with_its_attention_priced_by_heads(tmp_path):
     config = CompileConfig(
         cache=tmp_path / "cache", progress=False, latency=QUIET, attention="heads"
     )
-    result = fxprune.compile(model, 0.8, example_inputs=x, backend=AttentionFake(), config=config)
+    result = fxprune.compile(model, 0.8, example_inputs=x, backend=FakeBackend(), config=config)
     assert result.budget_met
     assert any(n.startswith("scaled_dot_product_attention") for n in result.tables.layers)

@@ -330,12 +330,11 @@ def test_an_attention_unit_is_one_op_over_the_head_group(tmp_path, attention):
     """An SDPA call is an op over the group that sets its heads (a vector, like a depthwise
     conv), calibrated like the others, and costs less at fewer heads / a narrower head."""
     from attention_models import FusedViT
-    from fake_backend import AttentionFake
 
     torch.manual_seed(0)
     x = torch.randn(1, 3, 8, 8)
     analysis = fxprune.analyze(FusedViT(dim=64, heads=4, side=8).eval(), x, attention=attention)
-    tables = annotate_latency(analysis, AttentionFake(), cache=LatencyCache(tmp_path), config=QUIET)
+    tables = annotate_latency(analysis, FakeBackend(), cache=LatencyCache(tmp_path), config=QUIET)
     latency = LatencyModel(analysis, tables)
     latency.a = 2.0  # a calibrated slope reaches the attention op too
     pp = build_problem(analysis, latency, magnitude_scores(analysis))
