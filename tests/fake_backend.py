@@ -1,7 +1,9 @@
 """A deterministic stand-in for a runtime: latency computed from the module's conv/linear shapes.
 
 Cost of a conv or linear call: ``BASE + SCALE·MACs``, times ``PENALTY`` unless its channel
-counts are multiples of ``period`` (the runtime's alignment), plus ``ACT`` per activation; a
+counts are multiples of ``period`` (the runtime's alignment), plus ``ACT`` per activation; an
+``F.scaled_dot_product_attention`` call (an attention unit, or one inside a model) costs
+``BASE + SCALE·(q's positions)·S·(E + Ev)``, so fewer heads or a narrower head cost less; a
 whole model (a GraphModule) adds ``CONSTANT``. Additive by construction, so tables built from
 it must predict it exactly on aligned counts.
 """
@@ -10,7 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
+from torch.overrides import TorchFunctionMode
 
 from fxprune.backends import MeasureConfig, Measurement
 
@@ -66,6 +70,24 @@ class FakeBackend:
         return self.layer_cost(layer, out) + ACT * acts
 
     def cost(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> float:
+        """Conv / linear / activation costs, plus every SDPA call's (see the module doc)."""
+        extra = [0.0]
+
+        class _Count(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                if func is F.scaled_dot_product_attention:
+                    named = dict(zip(("query", "key", "value"), args, strict=False))
+                    q, k, v = ({**named, **kwargs}[n] for n in ("query", "key", "value"))
+                    positions = int(np.prod(q.shape[:-1]))
+                    extra[0] += BASE + SCALE * positions * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+                return func(*args, **kwargs)
+
+        with _Count():
+            base = self._layers_cost(module, inputs)
+        return base + extra[0]
+
+    def _layers_cost(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> float:
         if isinstance(module, nn.Sequential) and isinstance(module[0], (nn.Conv2d, nn.Linear)):
             return self.unit_cost(module, inputs[0])
         total = [0.0]

@@ -14,6 +14,11 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from fxprune.analysis.attention_units import (
+    AttentionRecord,
+    attention_full_counts,
+    attention_layers,
+)
 from fxprune.analysis.blocks import Block, find_blocks, to_networkx
 from fxprune.analysis.canonicalize import canonicalize
 from fxprune.analysis.channel_groups import ChannelSpaces, Group, analyze_channels
@@ -101,6 +106,24 @@ class Analysis:
             layer_roots = [r for r in self.spaces.roots if r.name in g.roots and r.kind != "param"]
             if layer_roots and all(r.name in targets or r.name in names for r in layer_roots):
                 out.append(g.name)
+        return out
+
+    @cached_property
+    def attention_layers(self) -> list[AttentionRecord]:
+        """SDPA calls whose cost pruning changes: latency units of kind ``"attention"``
+        (:mod:`fxprune.analysis.attention_units`); not weight layers (``spaces.layers``)."""
+        return attention_layers(self.gm)
+
+    def attention_keep(self, keep_unit: np.ndarray) -> dict[str, tuple[int, int]]:
+        """Kept (in, out) counts of every attention unit under a unit keep mask (a side
+        without channels counts its full size)."""
+        shapes = {n.name: n for n in self.gm.graph.nodes}
+        out = {}
+        for rec in self.attention_layers:
+            full_in, full_out = attention_full_counts(shapes[rec.node], rec)
+            k_in = int(keep_unit[rec.in_units].sum()) if rec.in_units.size else full_in
+            k_out = int(keep_unit[rec.out_units].sum()) if rec.out_units.size else full_out
+            out[rec.node] = (k_in, k_out)
         return out
 
     def layer_keep(self, keep_unit: np.ndarray) -> dict[str, tuple[int, int]]:

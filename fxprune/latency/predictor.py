@@ -42,10 +42,12 @@ __all__ = [
 
 
 def live_layer_counts(analysis: Analysis, plan: Plan) -> dict[str, tuple[int, int]]:
-    """Kept (in, out) counts of every conv/linear/norm call outside the plan's removed blocks."""
+    """Kept (in, out) counts of every conv/linear/norm call and attention unit outside the
+    plan's removed blocks."""
     dead = {n for b in plan.removed_blocks for n in analysis.block(b).region}
     keep_unit = analysis.spaces.keep_units(dict(plan.kept))
-    return {n: k for n, k in analysis.layer_keep(keep_unit).items() if n not in dead}
+    counts = {**analysis.layer_keep(keep_unit), **analysis.attention_keep(keep_unit)}
+    return {n: k for n, k in counts.items() if n not in dead}
 
 
 def relative_errors(predicted: Sequence[float], measured: Sequence[float]) -> np.ndarray:
@@ -178,7 +180,8 @@ class LatencyModel(_Linear):
         return self.a * float(sum(costs.values())) + self.per_layer * len(costs) + self.b
 
     def layer_costs(self, plan: Plan) -> dict[str, float]:
-        """Table cost (ms) of every live conv/linear layer at the plan's kept counts."""
+        """Table cost (ms) of every live table unit (conv, linear, attention) at the plan's
+        kept counts."""
         counts = live_layer_counts(self.analysis, plan)
         return {
             name: self.layer_cost(name, *counts[name])

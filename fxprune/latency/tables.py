@@ -1,4 +1,4 @@
-"""Latency annotation: a measured cost table ``C[k_in, k_out]`` for every conv and linear layer.
+"""Latency annotation: a measured cost table ``C[k_in, k_out]`` for every conv, linear and attention unit.
 
 For each conv/linear call the pass measures its *unit* (layer + folded BN + fused activation,
 :mod:`fxprune.latency.unit_specs`) on the backend, at the layer's real input size and batch, and
@@ -23,7 +23,11 @@ stores a :class:`LayerLatency` in ``node.meta["fxprune.latency"]``. How:
    function of the *total* input count (the sum of kept counts over the concatenated groups),
    on a grid of multiples of the smallest period among them. A conv reads the concatenation as
    one tensor, so its kernel sees only the total.
-6. **The constant.** Everything not in a table (stand-alone BN, pooling, adds, reshapes, the
+6. **Attention.** An unmasked SDPA call is a unit too (:mod:`fxprune.analysis.attention_units`):
+   its input axis is ``q``'s pruned dim (``E``, or the heads), its output axis the output's
+   (``Ev``, or the heads). Where one group sets both (heads; timm's fused ``qkv``) it is a
+   vector over that group (``axes == "channel"``, like a depthwise conv).
+7. **The constant.** Everything not in a table (stand-alone BN, pooling, adds, reshapes, the
    runtime's per-op overhead) is ``dense whole-model latency − Σ tables at full width``; the
    predictor's calibration refines it (:mod:`fxprune.latency.predictor`).
 
@@ -44,6 +48,7 @@ from typing import Any
 import numpy as np
 from torch import fx, nn
 
+from fxprune.analysis.attention_units import attention_full_counts
 from fxprune.backends import (
     Backend,
     KernelMeasurement,
@@ -59,7 +64,7 @@ from fxprune.core.meta import LATENCY
 from fxprune.core.progress import reporter
 from fxprune.latency.denoise import candidate_counts, class_of, denoise_2d
 from fxprune.latency.steps import detect_period
-from fxprune.latency.unit_specs import UnitSpec, build_unit, unit_spec
+from fxprune.latency.unit_specs import UnitSpec, attention_spec, build_unit, unit_spec
 
 __all__ = [
     "LATENCY",
@@ -400,6 +405,17 @@ def _collect(analysis: Any) -> list[_Layer]:
                 node, spec, act, axes, len(rec.in_units), len(rec.out_units), in_groups, out_groups
             )
         )
+    for att in analysis.attention_layers:
+        node = nodes[att.node]
+        in_groups = [i for i in spaces.groups_of(att.in_units) if i in prunable]
+        out_groups = [i for i in spaces.groups_of(att.out_units) if i in prunable]
+        if in_groups and set(in_groups) == set(out_groups):
+            axes = "channel"  # one space sets both sides (heads; timm's fused qkv): a vector
+        else:
+            axes = ",".join(a for a, g in (("in", in_groups), ("out", out_groups)) if g)
+        full_in, full_out = attention_full_counts(node, att)
+        spec = attention_spec(node, att.dim)
+        out.append(_Layer(node, spec, None, axes, full_in, full_out, in_groups, out_groups))
     return out
 
 
@@ -486,7 +502,7 @@ def _sweep_all(layers: list[_Layer], meas: _Measurer, config: LatencyConfig) -> 
         times = []
         for c in counts:
             cin, cout = (c, layer.out_max) if axis == "in" else (layer.in_max, c)
-            if layer.spec.depthwise:
+            if layer.axes == "channel":  # one space: depthwise, or attention's heads
                 cin = cout = c
             times.append(meas.unit(layer, cin, cout, config.sweep_measure, task).median_ms)
         layer.period = detect_period(counts, times, max_period=config.max_period)

@@ -14,6 +14,14 @@ pruned, so its unit is measured with ``groups = c`` and ``k·c`` outputs (``k`` 
 multiplier, usually 1; its table counts outputs, rounded up to multiples of ``k``); any other
 grouped conv keeps its group count ``G`` and is measured with channel counts rounded up to
 multiples of ``G``.
+
+Attention (``kind="attention"``): an unmasked ``F.scaled_dot_product_attention`` call
+(:mod:`fxprune.analysis.attention_units`), measured as SDPA alone on random ``q``, ``k``, ``v``.
+``input_shape`` is ``q``'s shape with the dim the counts set at 0: the last (``E``, under
+``attention="head_dim"``; the output count is then ``Ev``) or the head dim (under ``"heads"``:
+both counts are the head count, ``E`` and ``Ev`` fixed). ``seq_kv`` is the key/value length
+``S``, ``value_dim`` the full ``Ev``, ``causal`` its ``is_causal``. These fields are left out
+of conv/linear keys, so figures cached before attention units existed still hit.
 """
 
 from __future__ import annotations
@@ -26,9 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fxprune.analysis.attention_units import sdpa_operands
 from fxprune.core.meta import TENSOR_META
 
-__all__ = ["UnitSpec", "build_unit", "unit_spec"]
+__all__ = ["AttentionUnit", "UnitSpec", "attention_spec", "build_unit", "unit_spec"]
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONVS = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -69,7 +78,7 @@ class UnitSpec:
     ``"ReLU()"`` or ``"LeakyReLU(negative_slope=0.1)"``, or ``""``.
     """
 
-    kind: str  # "conv" | "linear"
+    kind: str  # "conv" | "linear" | "attention"
     input_shape: tuple[int, ...]
     kernel: tuple[int, ...] = ()
     stride: tuple[int, ...] = ()
@@ -82,18 +91,35 @@ class UnitSpec:
     bias: bool = False
     bn: bool = False
     activation: str = ""
+    seq_kv: int = 0  # attention: the key/value length S
+    value_dim: int = 0  # attention: the full value width Ev
+    causal: bool = False  # attention: is_causal
 
     def key(self) -> dict[str, Any]:
         """JSON-ready op identity for the latency cache."""
         d = asdict(self)
-        if d["multiplier"] == 1:  # the key every cached figure was stored under before it
-            del d["multiplier"]
+        # fields added later are left out at their defaults: the key every cached figure was
+        # stored under before them
+        for name, default in (
+            ("multiplier", 1),
+            ("seq_kv", 0),
+            ("value_dim", 0),
+            ("causal", False),
+        ):
+            if d[name] == default:
+                del d[name]
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
 
     def label(self) -> str:
         """Short human description, e.g. ``conv3x3/s2 dw 56x56 +BN+ReLU6()``."""
         if self.kind == "linear":
             what = "linear"
+        elif self.kind == "attention":
+            q = self.input_shape
+            heads = q[-1] != 0
+            what = "sdpa" + (" heads" if heads else " head_dim") + f" L{q[-2]} S{self.seq_kv}"
+            what += f" d{q[-1]}" if heads else ""
+            what += " causal" if self.causal else ""
         else:
             what = "conv" + "x".join(map(str, self.kernel))
             if any(s != 1 for s in self.stride):
@@ -111,6 +137,8 @@ class UnitSpec:
     def counts(self, cin: int, cout: int) -> tuple[int, int]:
         """The channel counts a unit is built with (grouped convs round up to multiples of G; a
         depthwise conv has one space, given as its output count)."""
+        if self.kind == "attention":
+            return cin, cout
         if self.depthwise:
             c = -(-cin // self.multiplier)
             return c, c * self.multiplier
@@ -206,6 +234,45 @@ def unit_spec(node: fx.Node, gm: fx.GraphModule) -> tuple[UnitSpec, nn.Module | 
     )
 
 
+def attention_spec(node: fx.Node, dim: int) -> UnitSpec:
+    """The unit of an SDPA call ``node`` whose counts set ``q``'s dim ``dim`` (negative: -1 for
+    the embedding dim, a batch dim for heads); see the module doc."""
+    ops = sdpa_operands(node)
+    q, k, v = (list(_shape(ops[name])) for name in ("query", "key", "value"))
+    q[dim] = 0
+    return UnitSpec(
+        kind="attention",
+        input_shape=tuple(q),
+        seq_kv=k[-2],
+        value_dim=v[-1],
+        causal=bool(ops.get("is_causal", False)),
+    )
+
+
+class AttentionUnit(nn.Module):
+    """``F.scaled_dot_product_attention(q, k, v)``: what an attention unit times."""
+
+    def __init__(self, causal: bool = False) -> None:
+        super().__init__()
+        self.causal = causal
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+
+
+def _build_attention(
+    spec: UnitSpec, cin: int, cout: int, gen: torch.Generator
+) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    q = list(spec.input_shape)
+    dim = q.index(0)
+    q[dim] = cin
+    ev = cout if dim == len(q) - 1 else spec.value_dim
+    k = [*q[:-2], spec.seq_kv, q[-1]]
+    v = [*q[:-2], spec.seq_kv, ev]
+    inputs = tuple(torch.randn(*s, generator=gen) for s in (q, k, v))
+    return AttentionUnit(spec.causal).eval(), inputs
+
+
 def build_unit(
     spec: UnitSpec, cin: int, cout: int, activation: nn.Module | None = None, seed: int = 0
 ) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
@@ -215,6 +282,8 @@ def build_unit(
     """
     cin, cout = spec.counts(cin, cout)
     gen = torch.Generator().manual_seed(seed)
+    if spec.kind == "attention":
+        return _build_attention(spec, cin, cout, gen)
     layers: list[nn.Module] = []
     shape = list(spec.input_shape)
     if spec.kind == "linear":

@@ -17,7 +17,8 @@ The solver never sees an fx graph; this module is the only translator between th
   produced inside it is in the problem, and it contains no other block (a nested block's outer
   block is left in place). Its groups get a leading option "count 0", taken iff the block goes:
   removing a block loses exactly the importance of the groups inside it (MDP's block score).
-* **Ops.** Every conv/linear layer with a latency table is one :class:`OpCost` over the options
+* **Ops.** Every conv/linear layer (and attention unit, ``Analysis.attention_layers``) with a
+  latency table is one :class:`OpCost` over the options
   of the group on its input and on its output. A layer axis that reads each index of exactly one
   group once indexes that group's options directly. Any other axis (a concatenation of several
   groups, a flatten that repeats a channel, a slice of a group, frozen channels alongside) reads
@@ -438,7 +439,7 @@ def _ops(
     block_groups: Mapping[str, tuple[str, ...]],
 ) -> tuple[OpCost, ...]:
     """One calibrated cost table per layer with a latency table, over its axes' groups."""
-    records = {rec.node: rec for rec in analysis.spaces.layers}
+    records = {rec.node: rec for rec in [*analysis.spaces.layers, *analysis.attention_layers]}
     block_of_node = {n: b for b in block_groups for n in analysis.block(b).region}
     ops: list[OpCost] = []
     for node, lat in latency.tables.layers.items():

@@ -333,3 +333,51 @@ def test_concatenated_groups_use_the_total_input_count(tmp_path):
 )
 def test_interp_weights(c, expected):
     assert interp_weights((8, 16, 32, 40), 8, c) == expected
+
+
+# --------------------------------------------------------------------------- attention units
+
+
+def _vit(attention: str, tmp_path):
+    from attention_models import FusedViT
+
+    torch.manual_seed(0)
+    analysis = fxprune.analyze(
+        FusedViT(dim=64, heads=4, side=8).eval(), torch.randn(1, 3, 8, 8), attention=attention
+    )
+    backend = FakeBackend()
+    tables = annotate_latency(analysis, backend, cache=LatencyCache(tmp_path), config=QUIET)
+    return analysis, tables, backend
+
+
+@pytest.mark.parametrize(("attention", "size"), [("head_dim", 16), ("heads", 4)])
+def test_an_attention_unit_is_a_vector_over_the_head_group(tmp_path, attention, size):
+    analysis, tables, _ = _vit(attention, tmp_path)
+    (rec,) = analysis.attention_layers
+    lat = tables.layers[rec.node]
+    assert nodes(analysis)[rec.node].meta[LATENCY] is lat  # annotated like a layer
+    assert lat.axes == "channel" and lat.unit.startswith("sdpa " + attention)
+    (g,) = analysis.spaces.groups_of(rec.in_units)
+    grid = tables.group_grids[analysis.groups[g].name]
+    assert lat.in_grid == (size,) and lat.out_grid == grid and grid[-1] == size
+    row = np.asarray(lat.table)
+    assert row.shape == (1, len(grid))  # one entry per kept count on the group's grid
+    assert np.all(np.diff(row[0]) > 0)  # fewer heads (a narrower head) cost less
+    assert tables.constant_ms == pytest.approx(tables.dense_ms - tables.full_sum())
+
+
+def test_attention_tables_cost_what_the_fake_runtime_charges(tmp_path):
+    from fxprune.latency.unit_specs import build_unit
+
+    analysis, tables, backend = _vit("heads", tmp_path)
+    (rec,) = analysis.attention_layers
+    lat = tables.layers[rec.node]
+    for k in lat.out_grid:
+        module, inputs = build_unit(lat_spec(analysis, rec), k, k)
+        assert lat.cost(k, k) == pytest.approx(backend.cost(module, inputs), rel=1e-4)  # fit
+
+
+def lat_spec(analysis, rec):
+    from fxprune.latency.unit_specs import attention_spec
+
+    return attention_spec(nodes(analysis)[rec.node], rec.dim)

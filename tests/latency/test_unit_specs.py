@@ -86,3 +86,84 @@ def test_linear_unit_keeps_leading_dims():
 def test_label_is_readable():
     spec, _ = _spec(nn.Conv2d(3, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU6())
     assert spec.label() == "conv3x3/s2 9x9+BN+ReLU6()"
+
+
+# ---- attention units -----------------------------------------------------------------------
+
+
+def test_conv_and_linear_keys_have_no_attention_fields():
+    """Keys of units cached before attention units existed must not change."""
+    spec, _ = _spec(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+    assert set(spec.key()) == {
+        "kind",
+        "input_shape",
+        "kernel",
+        "stride",
+        "padding",
+        "dilation",
+        "padding_mode",
+        "groups",
+        "depthwise",
+        "bias",
+        "bn",
+        "activation",
+    }
+    linear, _ = _spec(nn.Linear(6, 4), shape=(2, 5, 6))
+    assert "seq_kv" not in linear.key() and "value_dim" not in linear.key()
+
+
+def _attention_spec(attention: str):
+    import torch.nn.functional as F
+
+    from fxprune.latency.unit_specs import attention_spec
+
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = nn.Linear(24, 72)
+            self.proj = nn.Linear(24, 24)
+
+        def forward(self, x):
+            B, N, _ = x.shape
+            q, k, v = self.qkv(x).reshape(B, N, 3, 3, 8).permute(2, 0, 3, 1, 4).unbind(0)
+            return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2))
+
+    analysis = fxprune.analyze(Attn().eval(), torch.randn(2, 5, 24), attention=attention)
+    (rec,) = analysis.attention_layers
+    node = next(n for n in analysis.gm.graph.nodes if n.name == rec.node)
+    return attention_spec(node, rec.dim)
+
+
+def test_attention_spec_and_unit_under_head_dim():
+    spec = _attention_spec("head_dim")
+    assert spec.kind == "attention" and spec.input_shape == (2, 3, 5, 0)
+    assert spec.seq_kv == 5 and spec.value_dim == 8 and not spec.causal
+    assert json.loads(json.dumps(spec.key()))["seq_kv"] == 5
+    module, (q, k, v) = build_unit(spec, 4, 6)
+    assert q.shape == (2, 3, 5, 4) and k.shape == (2, 3, 5, 4) and v.shape == (2, 3, 5, 6)
+    assert module(q, k, v).shape == (2, 3, 5, 6)
+    assert "head_dim" in spec.label()
+
+
+def test_attention_spec_and_unit_under_heads():
+    spec = _attention_spec("heads")
+    assert spec.input_shape == (2, 0, 5, 8) and spec.value_dim == 8
+    module, (q, k, v) = build_unit(spec, 2, 2)
+    assert q.shape == k.shape == v.shape == (2, 2, 5, 8)
+    assert module(q, k, v).shape == (2, 2, 5, 8)
+    assert spec.key() != _attention_spec("head_dim").key()
+
+
+def test_attention_unit_runs_on_ort_like_torch():
+    spec = _attention_spec("heads")
+    module, inputs = build_unit(spec, 2, 2)
+    got = OnnxRuntimeBackend(provider="cpu").run(export_to_bytes(module, inputs), inputs)[0]
+    want = module(*inputs).detach().numpy()
+    assert np.allclose(np.asarray(got), want, atol=1e-5)
+
+
+def test_the_inductor_generic_path_leaves_attention_units_to_per_shape_compiles():
+    from fxprune.backends.inductor_units import supported
+
+    module, _ = build_unit(_attention_spec("heads"), 2, 2)
+    assert not supported(module)  # measure_unit falls back to measure(): no crash, one compile

@@ -814,3 +814,19 @@ def test_depthwise_multiplier_compiles_to_a_valid_exact_plan(tmp_path):
     with torch.no_grad():
         want = fxprune.masked_forward(result.analysis, result.plan, x)
         assert rel_err(result.model(x), want) < 1e-4
+
+
+def test_a_vit_compiles_with_its_attention_priced_by_heads(tmp_path):
+    """Under attention="heads" the SDPA call is a table unit: the compile meets its budget on
+    a runtime that charges attention by its heads (the fake's MAC count; no timing)."""
+    from attention_models import FusedViT
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    model = make_sensitive(FusedViT(dim=64, heads=4, side=8).eval(), x)
+    config = CompileConfig(
+        cache=tmp_path / "cache", progress=False, latency=QUIET, attention="heads"
+    )
+    result = fxprune.compile(model, 0.8, example_inputs=x, backend=FakeBackend(), config=config)
+    assert result.budget_met
+    assert any(n.startswith("scaled_dot_product_attention") for n in result.tables.layers)

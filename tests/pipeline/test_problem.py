@@ -323,3 +323,28 @@ def test_keep_mask_with_identical_equal_count_parts_keeps_the_count(size, copies
     mask = keep_mask(group, scores, count)
     assert int(mask.sum()) == count
     assert set(np.flatnonzero(mask)) == set(np.argsort(-scores)[:count])
+
+
+@pytest.mark.parametrize("attention", ["head_dim", "heads"])
+def test_an_attention_unit_is_one_op_over_the_head_group(tmp_path, attention):
+    """An SDPA call is an op over the group that sets its heads (a vector, like a depthwise
+    conv), calibrated like the others, and costs less at fewer heads / a narrower head."""
+    from attention_models import FusedViT
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    analysis = fxprune.analyze(FusedViT(dim=64, heads=4, side=8).eval(), x, attention=attention)
+    tables = annotate_latency(analysis, FakeBackend(), cache=LatencyCache(tmp_path), config=QUIET)
+    latency = LatencyModel(analysis, tables)
+    latency.a = 2.0  # a calibrated slope reaches the attention op too
+    pp = build_problem(analysis, latency, magnitude_scores(analysis))
+    (rec,) = analysis.attention_layers
+    (op,) = [op for op in pp.problem.ops if op.name == rec.node]
+    (g,) = analysis.spaces.groups_of(rec.in_units)
+    name = analysis.groups[g].name
+    assert op.in_group is None and op.out_group == name
+    counts = pp.problem.group(name).counts
+    assert op.table.shape == (1, len(counts)) and len(counts) > 1
+    lat = tables.layers[rec.node]
+    want = [2.0 * lat.cost(c, c) for c in counts]
+    assert np.allclose(op.table[0], want) and np.all(np.diff(op.table[0]) > 0)
