@@ -292,7 +292,7 @@ def _parser() -> argparse.ArgumentParser:
         "--backend",
         type=_backend_name,
         default="onnxruntime",
-        help="onnxruntime (default) or torch",
+        help="onnxruntime (default), torch (eager) or inductor (torch.compile)",
     )
     co.add_argument("--solver", default="minlp", choices=["minlp", "knapsack", "uniform"])
     co.add_argument("--time-limit", type=_positive(float), default=30.0, help="SCIP time limit (s)")
