@@ -114,13 +114,18 @@ class Analysis:
         (:mod:`fxprune.analysis.attention_units`); not weight layers (``spaces.layers``)."""
         return attention_layers(self.gm)
 
+    @cached_property
+    def _attention_full(self) -> dict[str, tuple[int, int]]:
+        """Unpruned (in, out) counts of every attention unit, by node name."""
+        nodes = {n.name: n for n in self.gm.graph.nodes}
+        return {r.node: attention_full_counts(nodes[r.node], r) for r in self.attention_layers}
+
     def attention_keep(self, keep_unit: np.ndarray) -> dict[str, tuple[int, int]]:
         """Kept (in, out) counts of every attention unit under a unit keep mask (a side
         without channels counts its full size)."""
-        shapes = {n.name: n for n in self.gm.graph.nodes}
         out = {}
         for rec in self.attention_layers:
-            full_in, full_out = attention_full_counts(shapes[rec.node], rec)
+            full_in, full_out = self._attention_full[rec.node]
             k_in = int(keep_unit[rec.in_units].sum()) if rec.in_units.size else full_in
             k_out = int(keep_unit[rec.out_units].sum()) if rec.out_units.size else full_out
             out[rec.node] = (k_in, k_out)

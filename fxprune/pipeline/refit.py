@@ -61,8 +61,9 @@ def refit(
     scaled = [(plan, ms * dense_ms / dense) for plan, ms, dense in points]
     plans = [p for p, _ in scaled] + [Plan.empty(analysis)]
     ys = np.array([m for _, m in scaled] + [dense_ms], float)
-    sums = np.array([latency.feature(p) for p in plans], float)
-    layers = np.array([len(latency.layer_costs(p)) for p in plans], float)
+    costs = [latency.layer_costs(p) for p in plans]  # Σ of a plan's is latency.feature(plan)
+    sums = np.array([sum(c.values()) for c in costs], float)
+    layers = np.array([len(c) for c in costs], float)
     a, per_layer, b = _shape(sums, layers, ys, latency.a)
     if a is None:  # absurd: keep the slope, move the offset so the last plan is as measured
         a, per_layer = latency.a, latency.per_layer
