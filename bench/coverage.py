@@ -11,7 +11,7 @@ hangs or exhausts memory is recorded and the run goes on. Writes ``coverage_timm
 
     python -m bench.coverage            # all torchvision models (large ones take a while)
     python -m bench.coverage --plans 3 --models resnet50 mobilenet_v2
-    python -m bench.coverage --zoo timm [--models efficientnet_b0 ...] [--timeout 600]
+    python -m bench.coverage --zoo timm [--models efficientnet_b0 ...] [--timeout 600] [--jobs 2]
 """
 
 from __future__ import annotations
@@ -125,12 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="*", default=None)
     p.add_argument("--plans", type=int, default=3, help="random plans per model")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per timm model")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="timm models run at once (each in its own child)"
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.zoo == "timm":
         from bench.coverage_timm import run_zoo
 
-        return run_zoo(args.models, args.plans, args.timeout, args.out)
+        return run_zoo(args.models, args.plans, args.timeout, args.out, args.jobs)
     names = args.models or torchvision.models.list_models(module=torchvision.models)
     rows = []
     console = Console(stderr=True)

@@ -19,6 +19,7 @@ import multiprocessing as mp
 import time
 import traceback
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from fxprune.analysis.plans import random_plan
 from fxprune.pipeline.report import prunable_fraction
 from fxprune.rewrite.shapes import check_planned_shapes
 
-__all__ = ["run_model", "run_zoo"]
+__all__ = ["run_isolated", "run_model", "run_zoo"]
 
 TOLERANCE = 1e-4  # relative error pruned vs oracle in float32
 TOLERANCE_F64 = 1e-9  # the same in float64, where float32 rounding is amplified past TOLERANCE
@@ -175,35 +176,63 @@ def run_model(name: str, family: str, n_plans: int) -> dict:
     return row
 
 
-def _child(name: str, family: str, n_plans: int, queue: Any) -> None:
+def _child(name: str, family: str, n_plans: int, threads: int | None, queue: Any) -> None:
     try:
+        if threads is not None:
+            torch.set_num_threads(threads)
         queue.put(run_model(name, family, n_plans))
     except BaseException as exc:  # keep the parent informed whatever happens
         queue.put({"model": name, "family": family, "traced": False, "error": _first_line(exc)})
 
 
-def _run_isolated(name: str, family: str, n_plans: int, timeout: float) -> dict:
-    """``run_model`` in a forked child: a hang or a crash becomes a row, not a dead run."""
+def _failed_row(name: str, family: str, proc: Any, timeout: float) -> dict:
+    timed_out = proc.exitcode is None or proc.exitcode < 0
+    why = (
+        f"timed out after {timeout:.0f} s"
+        if timed_out
+        else f"child exited with code {proc.exitcode}"
+    )
+    return {"model": name, "family": family, "kind": kind_of(family), "traced": False,
+            "error": why}  # fmt: skip
+
+
+def run_isolated(
+    pairs: list[tuple[str, str]], n_plans: int, timeout: float, jobs: int = 1
+) -> Iterator[tuple[int, dict]]:
+    """``run_model`` per ``(name, family)`` in forked children, ``jobs`` at a time.
+
+    A hang, a crash or running out of memory becomes a row, not a dead run. Yields
+    ``(index into pairs, row)`` as models finish (in finishing order when ``jobs > 1``). With
+    several jobs each child gets an equal share of the CPU threads, so children do not
+    oversubscribe the cores (the MAC-count runtime does not time anything, so the figures do
+    not depend on it).
+    """
     ctx = mp.get_context("fork")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(name, family, n_plans, queue))
-    proc.start()
-    try:
-        row = queue.get(timeout=timeout)
-    except Exception:  # queue.Empty: timed out, or the child died without a word
-        row = None
-    proc.join(5)
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
-    if row is None:
-        why = (
-            f"timed out after {timeout:.0f} s" if proc.exitcode is None or proc.exitcode < 0 else ""
-        )
-        why = why or f"child exited with code {proc.exitcode}"
-        row = {"model": name, "family": family, "kind": kind_of(family), "traced": False,
-               "error": why}  # fmt: skip
-    return row
+    threads = None if jobs == 1 else max(1, torch.get_num_threads() // jobs)
+    todo = list(enumerate(pairs))
+    running: dict[int, tuple[Any, Any, float]] = {}
+    while todo or running:
+        while todo and len(running) < jobs:
+            i, (name, family) = todo.pop(0)
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_child, args=(name, family, n_plans, threads, queue))
+            proc.start()
+            running[i] = (proc, queue, time.monotonic() + timeout)
+        time.sleep(0.2)
+        for i, (proc, queue, deadline) in list(running.items()):
+            name, family = pairs[i]
+            try:  # a child that has exited has flushed its row into the pipe
+                row = queue.get(timeout=1.0 if not proc.is_alive() else 0.01)
+            except Exception:  # queue.Empty: still working, timed out, or died without a word
+                if proc.is_alive() and time.monotonic() < deadline:
+                    continue
+                row = None
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+            del running[i]
+            yield i, row if row is not None else _failed_row(name, family, proc, timeout)
 
 
 def _pct(n: int, d: int) -> str:
@@ -297,7 +326,7 @@ def to_markdown(rows: list[dict], env: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_zoo(names: list[str] | None, n_plans: int, timeout: float, out: Path) -> int:
+def run_zoo(names: list[str] | None, n_plans: int, timeout: float, out: Path, jobs: int = 1) -> int:
     """Run the timm coverage over ``names`` (default: :func:`bench._timm.select_models`)."""
     import timm
 
@@ -308,18 +337,19 @@ def run_zoo(names: list[str] | None, n_plans: int, timeout: float, out: Path) ->
         "commit": commit(),
         "plans_per_model": n_plans,
         "timeout_s": timeout,
+        "jobs": jobs,
         "selection": [n for n, _ in pairs],
     }
-    rows: list[dict] = []
+    done: dict[int, dict] = {}
     console = Console(stderr=True)
     name = "coverage_timm" if not names else "coverage_timm_subset"
     with progress_bar(console) as progress:
         task = progress.add_task("timm", total=len(pairs))
-        for model, family in pairs:
-            progress.update(task, description=f"timm: {model}")
-            rows.append(_run_isolated(model, family, n_plans, timeout))
+        for i, row in run_isolated(pairs, n_plans, timeout, jobs):
+            done[i] = row
             gc.collect()
-            progress.advance(task)
+            progress.update(task, description=f"timm: {row['model']}", advance=1)
+            rows = [done[k] for k in sorted(done)]  # selection order, whatever finished first
             data = {"env": env, "summary": summary(rows), "rows": rows}
             write_results(out / f"{name}.json", data, to_markdown(rows, env))
     console.print(to_markdown(rows, env))
