@@ -23,6 +23,7 @@ SCALE = 1e-6
 PENALTY = 1.6
 ACT = 0.002
 CONSTANT = 0.5
+FLOOR = 1e-9  # no call takes no time (a module without layers, e.g. the null call)
 
 _ACTS = (nn.ReLU, nn.ReLU6, nn.SiLU, nn.Hardswish, nn.GELU)
 
@@ -120,5 +121,17 @@ class FakeBackend:
         config: MeasureConfig | None = None,
     ) -> Measurement:
         self.calls.append([type(m).__name__ for m in module.modules()][1:])
-        ms = self.cost(module, example_inputs)
+        ms = max(self.cost(module, example_inputs), FLOOR)
         return Measurement(ms, ms, ms, 0.0, (ms,), True, f"{self.runtime}#0")
+
+
+class CallOverhead(FakeBackend):
+    """Every call costs ``per_call`` on top of what it runs, once per call (a session run, a
+    compiled function's guards): a unit timed alone pays it, and so does a whole model, once."""
+
+    def __init__(self, per_call: float, period: int = 8) -> None:
+        super().__init__(period=period, runtime=f"call{per_call}")
+        self.per_call = per_call
+
+    def cost(self, module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> float:
+        return super().cost(module, inputs) + self.per_call

@@ -27,9 +27,15 @@ stores a :class:`LayerLatency` in ``node.meta["fxprune.latency"]``. How:
    its input axis is ``q``'s pruned dim (``E``, or the heads), its output axis the output's
    (``Ev``, or the heads). Where one group sets both (heads; timm's fused ``qkv``) it is a
    vector over that group (``axes == "channel"``, like a depthwise conv).
-7. **The constant.** Everything not in a table (stand-alone BN, pooling, adds, reshapes, the
-   runtime's per-op overhead) is ``dense whole-model latency − Σ tables at full width``; the
-   predictor's calibration refines it (:mod:`fxprune.latency.predictor`).
+7. **The call overhead.** A unit timed by a whole call (anything but a per-kernel profile)
+   pays the runtime's fixed cost of one call: a session run, a compiled function's guards, a
+   deterministic runtime's constant. A model pays it once, not once per layer, so with it in
+   every cell a plan that removes blocks looks cheaper than it is by that much per removed
+   unit, and the budget loop chases a saving that is not there. The overhead is measured on a null module (one add on one
+   element) and taken out of every cell (down to a twentieth of the cell at most).
+8. **The constant.** Everything not in a table (stand-alone BN, pooling, adds, reshapes, the
+   runtime's per-op overhead, the one call) is ``dense whole-model latency − Σ tables at full
+   width``; the predictor's calibration refines it (:mod:`fxprune.latency.predictor`).
 
 Every figure goes through :class:`~fxprune.backends.LatencyCache`, keyed by the unit spec, the
 counts, the measurement settings and the backend identity, so identical layers — in one model or
@@ -46,6 +52,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from torch import fx, nn
 
 from fxprune.analysis.attention_units import attention_full_counts
@@ -76,6 +83,7 @@ __all__ = [
 
 
 _FORMAT = 1
+_MIN_SHARE = 0.05  # a cell keeps at least this share of its figure after the overhead
 
 # Sweep points only need to rank neighbours; table points are what predictions rest on.
 _SWEEP = MeasureConfig(warmup=2, repeats=10, max_rel_spread=0.15, max_rounds=2)
@@ -104,9 +112,9 @@ class LatencyConfig:
             by the runtime's own per-kernel profile without layout conversions, which a whole
             model pays only at its ends (``measure_kernels``, i.e. ONNX Runtime), else through
             one shape-generic compile per kind of unit (``measure_unit``, i.e. inductor: one
-            compile instead of one per channel count; the figures carry a per-call overhead
-            that is constant per unit and cancels in the constant part); ``"wall"`` times the
-            whole unit run, compiled on its own.
+            compile instead of one per channel count); ``"wall"`` times the whole unit run,
+            compiled on its own. Timings other than the kernel profile carry the runtime's
+            per-call overhead in every figure, which is taken out (the module's item 7).
         share_period: no group aligns finer than the median period over all swept layers.
             One runtime's kernels share one channel blocking, and sweeps of tiny layers (7×7
             maps, where per-run overhead dominates) can miss it.
@@ -289,6 +297,13 @@ class _Layer:
     sweep: tuple[tuple[int, ...], tuple[float, ...], str] = ((), (), "")
 
 
+class _NullUnit(nn.Module):
+    """The least a runtime can be asked to run: one add on one element."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 1.0
+
+
 class _Measurer:
     """Cached, memoised, progress-reporting unit measurements."""
 
@@ -347,6 +362,25 @@ class _Measurer:
         if task is not None:
             self.progress.advance(task)
         return self.memo[digest]
+
+    def call_overhead(self, config: MeasureConfig) -> float:
+        """The runtime's fixed cost of one call (ms), in every unit figure but a kernel
+        profile's: the time of :class:`_NullUnit`. 0 under kernel timing."""
+        if self.kernels:
+            return 0.0
+        key = {
+            "format": _FORMAT,
+            "what": "call_overhead",
+            "timing": self.timing,
+            "measure": asdict(config),
+            "backend": self.identity,
+        }
+
+        def run() -> Measurement:
+            self.measured += 1
+            return self.backend.measure(_NullUnit(), (torch.zeros(1, 1),), config)
+
+        return max(0.0, self.cache.get_measurement(key, run).median_ms)
 
     def whole(self, gm: fx.GraphModule, inputs: tuple, config: MeasureConfig) -> Measurement:
         key = {
@@ -461,7 +495,8 @@ def annotate_latency(
         _sweep_all(layers, meas, config)
         block = layout_block_of(backend) if config.layout_floor else 1
         periods, grids = _group_grids(analysis, layers, config, block)
-        tables = _tables(analysis, layers, meas, periods, grids, config)
+        overhead = meas.call_overhead(config.grid_measure)
+        tables = _tables(analysis, layers, meas, periods, grids, config, overhead)
         dense = meas.whole(analysis.gm, analysis.example_inputs, config.whole_measure)
     for node in analysis.gm.graph.nodes:
         if node.name in tables:
@@ -480,6 +515,7 @@ def annotate_latency(
             "config": repr(config),
             "layout_block": block,
             "unit_timing": meas.timing,
+            "call_overhead_ms": overhead,
         },
     )
     result.build_s = time.perf_counter() - start
@@ -553,7 +589,9 @@ def _tables(
     periods: dict[int, int],
     grids: dict[int, tuple[int, ...]],
     config: LatencyConfig,
+    overhead: float = 0.0,
 ) -> dict[str, LayerLatency]:
+    """Every layer's table; ``overhead`` (the per-call cost in each figure) is taken out."""
     axes_of: dict[str, tuple[tuple[int, ...], int, tuple[int, ...], int]] = {}
     total = 0
     for layer in layers:
@@ -590,7 +628,8 @@ def _tables(
             raw = np.array([[m.median_ms for m in row] for row in figures])
             unstable = sum(not m.stable for row in figures for m in row)
             fitted = denoise_2d(mi, mo, raw, pi, po).fitted
-            table = _expand(fitted, mi, mo, gi if not dw else mi, go, pi, po)
+            in_model = np.maximum(fitted - overhead, _MIN_SHARE * fitted)
+            table = _expand(in_model, mi, mo, gi if not dw else mi, go, pi, po)
             fits[memo_key] = (raw, fitted, table, unstable)
         elif task is not None:
             meas.progress.advance(task, len(mi) * len(mo))

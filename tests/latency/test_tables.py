@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from fake_backend import FakeBackend
+from fake_backend import CallOverhead, FakeBackend
 from torch import nn
 
 import fxprune
-from fxprune.backends import LatencyCache
+from fxprune.backends import LatencyCache, Measurement
 from fxprune.latency.tables import (
     LATENCY,
     LatencyConfig,
@@ -24,7 +24,7 @@ from fxprune.latency.tables import (
     annotate_latency,
     interp_weights,
 )
-from fxprune.latency.unit_specs import unit_spec
+from fxprune.latency.unit_specs import build_unit, unit_spec
 
 QUIET = LatencyConfig(progress=False)
 
@@ -158,8 +158,6 @@ def test_interpolated_entries_match_the_backend(tmp_path):
     by_name = nodes(analysis)
     for name, lat in tables.layers.items():
         spec, act = unit_spec(by_name[name], analysis.gm)
-        from fxprune.latency.unit_specs import build_unit
-
         for ci in lat.in_grid:
             for co in lat.out_grid:
                 cin = co if lat.axes == "channel" else ci
@@ -219,6 +217,57 @@ def test_full_width_sum_plus_constant_is_the_dense_figure(tmp_path):
     dense = backend.cost(analysis.gm, analysis.example_inputs)
     assert tables.dense_ms == pytest.approx(dense)
     assert tables.full_sum() + tables.constant_ms == pytest.approx(dense)
+
+
+@pytest.mark.parametrize("per_call", [0.0, 0.004, 0.03])
+def test_the_per_call_overhead_is_taken_out_of_every_cell(tmp_path, per_call):
+    """A model pays one call, not one per layer: cells hold the layer's own cost only, and the
+    overhead sits once in the constant."""
+    analysis, tables, _ = build(Tiny(blocks=2), tmp_path, CallOverhead(per_call), size=16)
+    plain = FakeBackend(period=8)
+    assert tables.notes["call_overhead_ms"] == pytest.approx(per_call, abs=1e-8)
+    by_name = nodes(analysis)
+    for name, lat in tables.layers.items():
+        spec, act = unit_spec(by_name[name], analysis.gm)
+        for ci in lat.in_grid:
+            for co in lat.out_grid:
+                cin = co if lat.axes == "channel" else ci
+                module, inputs = build_unit(spec, cin, co, act)
+                assert lat.cost(cin, co) == pytest.approx(plain.cost(module, inputs), rel=1e-4)
+    dense = plain.cost(analysis.gm, analysis.example_inputs)
+    assert tables.constant_ms == pytest.approx(dense + per_call - tables.full_sum())
+
+
+def test_a_cell_under_the_overhead_keeps_a_share_of_its_figure(tmp_path):
+    """Noise can put a tiny unit under the measured overhead; its cell stays positive and the
+    table stays ordered."""
+    _, tables, _ = build(Tiny(), tmp_path, CallOverhead(10.0), size=16)
+    for lat in tables.layers.values():
+        table = np.array(lat.table)
+        assert (table > 0).all()
+        assert (np.diff(table, axis=-1) >= -1e-12).all()
+
+
+class KernelBackend(CallOverhead):
+    """Offers a per-kernel profile (as ONNX Runtime does), which pays no call overhead."""
+
+    def __init__(self) -> None:
+        super().__init__(per_call=0.03)
+        self.kernel_calls = 0
+
+    def measure_kernels(self, module, example_inputs, config=None):
+        self.kernel_calls += 1
+        ms = FakeBackend.cost(self, module, example_inputs)
+        return Measurement(ms, ms, ms, 0.0, (ms,), True, "kernels#0")
+
+
+def test_kernel_profiles_carry_no_call_overhead(tmp_path):
+    analysis = fxprune.analyze(Tiny().eval(), torch.randn(1, 3, 8, 8))
+    backend = KernelBackend()
+    tables = annotate_latency(analysis, backend, cache=LatencyCache(tmp_path), config=QUIET)
+    assert tables.notes["unit_timing"] == "kernels"
+    assert tables.notes["call_overhead_ms"] == 0.0
+    assert backend.kernel_calls > 0 and len(backend.calls) == 1  # the dense model; no null call
 
 
 # --------------------------------------------------------------------------------- units
@@ -291,7 +340,8 @@ def test_units_go_to_measure_unit_and_are_keyed_apart(tmp_path, timing, generic)
     backend = UnitBackend()
     tables = annotate_latency(analysis, backend, cache=LatencyCache(tmp_path), config=config)
     assert tables.notes["unit_timing"] == ("generic" if generic else "wall")
-    assert backend.unit_calls == (len(backend.calls) - 1 if generic else 0)  # -1: dense model
+    # -2: the dense model and the null call (the overhead), both through measure()
+    assert backend.unit_calls == (len(backend.calls) - 2 if generic else 0)
     # figures of a shape-generic compile never stand in for static ones, nor the reverse
     other = UnitBackend()
     other_config = LatencyConfig(progress=False, unit_timing="wall" if generic else "kernels")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from fake_backend import FakeBackend
+from fake_backend import CallOverhead, FakeBackend
 from helpers import ROUND_KEYS, check_planned_shapes, make_sensitive, rel_err
 from torch import fx, nn
 
@@ -149,6 +149,19 @@ def test_floor_probe_learns_the_cost_of_removed_blocks(resnet, tmp_path):
     assert "floor_probe_s" in result.timings
     assert result.budget_met
     assert result.budget_ms * 0.95 <= result.measured_ms <= result.budget_ms * 1.02
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.5])
+def test_a_per_call_overhead_does_not_mislead_the_first_round(resnet, tmp_path, budget):
+    """Each unit timed alone pays the runtime's per-call cost, the model pays it once. Left in
+    the cells, every removed block looks that much cheaper and the first round lands far over
+    the budget; taken out (the tables' null call), the first round meets it."""
+    backend = CallOverhead(3.0)  # ~2% of the dense model per call; 21 units
+    result = _compile(resnet, budget, tmp_path, backend=backend)
+    first = result.rounds[0]
+    assert result.tables.notes["call_overhead_ms"] == pytest.approx(3.0)
+    assert first.met, f"round 0 measured {first.measured_ms / first.budget_ms:.3f}x budget"
+    assert first.budget_ms * 0.9 <= first.measured_ms <= first.budget_ms * 1.02
 
 
 def test_a_floor_the_tables_overstate_is_measured_before_the_budget_is_refused(resnet, tmp_path):
