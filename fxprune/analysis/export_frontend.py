@@ -233,14 +233,33 @@ def _keep_kwargs(target: Callable[..., Any], *names: str) -> Translate:
     return translate
 
 
-def _mean(node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Translation:
-    dtype = args[3] if len(args) > 3 else kwargs.get("dtype")
-    if dtype is not None:
+def _reduce(target: Callable[..., Any]) -> Translate:
+    """``aten.mean`` / ``aten.sum`` (``.dim`` and full reductions) as ``target(x[, dim,
+    keepdim])``; a ``dtype`` argument is left untranslated (it changes what is computed)."""
+
+    def translate(node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Translation:
+        full = len(args) == 1 or (len(args) == 2 and not isinstance(args[1], (list, tuple, int)))
+        dtype = kwargs.get("dtype", args[1] if full and len(args) > 1 else None)
+        if not full and len(args) > 3:
+            dtype = args[3]
+        if dtype is not None or set(kwargs) - {"dtype", "keepdim"}:
+            return None
+        if full:
+            return ("call_function", target, (args[0],), {})
+        keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
+        return ("call_function", target, (args[0], args[1], keepdim), {})
+
+    return translate
+
+
+def _to_dtype(node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Translation:
+    """``aten.to.dtype(x, dtype)`` as ``x.to(dtype)``; the other overloads (a device, another
+    tensor, a memory format, a forced copy) are left untranslated."""
+    if node.target is not torch.ops.aten.to.dtype or len(args) != 2:
         return None
-    keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
-    if len(args) == 1:
-        return ("call_function", torch.mean, (args[0],), {})
-    return ("call_function", torch.mean, (args[0], args[1], keepdim), {})
+    if any(kwargs.get(k) for k in ("non_blocking", "copy", "memory_format")):
+        return None
+    return ("call_method", "to", args, {})
 
 
 def _upsample(mode: str) -> Translate:
@@ -311,6 +330,7 @@ ATEN_TO_TORCH: dict[Any, Translate] = {
     aten.where: _fn(torch.where),
     # channel layout
     aten.cat: _fn(torch.cat),
+    aten.stack: _fn(torch.stack),
     aten.split: _fn(torch.split),
     aten.split_with_sizes: _fn(torch.split),
     aten.chunk: _fn(torch.chunk),
@@ -335,7 +355,10 @@ ATEN_TO_TORCH: dict[Any, Translate] = {
     aten.view_as: _method("reshape_as"),
     aten.sym_size: _size,
     # reductions and pooling
-    aten.mean: _mean,
+    aten.mean: _reduce(torch.mean),
+    aten.sum: _reduce(torch.sum),
+    aten.amax: _fn(torch.amax),
+    aten.amin: _fn(torch.amin),
     aten.adaptive_avg_pool1d: _fn(F.adaptive_avg_pool1d),
     aten.adaptive_avg_pool2d: _fn(F.adaptive_avg_pool2d),
     aten._adaptive_avg_pool2d: _fn(F.adaptive_avg_pool2d),
@@ -382,6 +405,9 @@ ATEN_TO_TORCH: dict[Any, Translate] = {
     aten.lift_fresh_copy: _fn(torch.clone),
     aten.contiguous: _method("contiguous"),
     aten.detach: _method("detach"),
+    # dtype changes: the channels stay where they are
+    aten.to: _to_dtype,
+    aten.type_as: _method("type_as"),
 }
 
 # export's guards and assertions: they test the example's shapes (or dtypes) and return nothing

@@ -209,6 +209,34 @@ def test_unmapped_aten_op_freezes_and_is_named_with_its_module():
         assert torch.equal(pruned(X), model(X))
 
 
+class Reductions(nn.Module):
+    """Channel-wise sums and maxima, a stack, dtype changes: ATen spellings of ops that fx
+    analyses (``sum.dim_IntList``, ``amax``, ``stack``, ``to.dtype``, ``type_as``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.head = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        scale = y.sum((2, 3), keepdim=True).sigmoid() * y.amax((2, 3), keepdim=True)
+        z = torch.stack([y, y * 2.0], 0).sum(0).to(torch.float64).type_as(x)
+        return self.head(z * scale)
+
+
+def test_reductions_stacks_and_dtype_changes_prune_as_under_fx():
+    torch.manual_seed(0)
+    model = Reductions().eval()
+    fx_analysis = fxprune.analyze(model, X, frontend="fx")
+    a = fxprune.analyze(model, X, frontend="export")
+    assert a.frontend == "export"
+    assert a.group("conv").prunable, a.group("conv").frozen
+    _same_structure(a, fx_analysis)
+    for seed in range(3):
+        check_plan(a, random_plan(a, seed), X)
+
+
 class ViewWrite(nn.Module):
     """An in-place write through a view: it must reach the viewed tensor."""
 
