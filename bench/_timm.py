@@ -21,7 +21,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from fxprune.backends import MeasureConfig, Measurement
 
@@ -141,8 +143,26 @@ def create(name: str, shape: Sequence[int]) -> nn.Module:
         return timm.create_model(name, pretrained=False)
 
 
+class _CountAttention(TorchFunctionMode):
+    """Adds the MACs of every ``F.scaled_dot_product_attention`` call to ``macs[0]``:
+    ``q``'s positions × keys × (query width + value width), i.e. ``QKᵀ`` and ``AV``."""
+
+    def __init__(self, macs: list[int]) -> None:
+        super().__init__()
+        self.macs = macs
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            named = {**dict(zip(("query", "key", "value"), args, strict=False)), **kwargs}
+            q, k, v = named["query"], named["key"], named["value"]
+            self.macs[0] += q.shape[:-1].numel() * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+        return func(*args, **kwargs)
+
+
 class MacsBackend:
-    """A deterministic stand-in runtime: milliseconds proportional to conv/linear MACs.
+    """A deterministic stand-in runtime: milliseconds proportional to conv/linear/attention
+    MACs, plus a constant per call.
 
     It never times anything, so compile's budget loop can run over a whole zoo quickly and
     reproducibly; a real runtime's figures come from ``bench.compile``.
@@ -175,7 +195,7 @@ class MacsBackend:
             if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
         ]
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _CountAttention(macs):
                 module.eval()(*example_inputs)
         finally:
             for h in hooks:
