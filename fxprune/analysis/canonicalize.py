@@ -34,7 +34,9 @@ tensor another op also reads, and pruning one user would silently change the oth
 not lifted is kept under :data:`~fxprune.core.meta.NOT_LIFTED` for the report. One computed
 weight is recognised: timm's ``StdConv2d`` / ``ScaledStdConv2d`` standardisation (``batch_norm``
 over the weight rows, times a gain in the scaled form), collapsed first into one :func:`~fxprune.analysis.std_conv.std_conv2d` call
-and lifted onto a :class:`~fxprune.analysis.std_conv.StdConv2d`.
+and lifted onto a :class:`~fxprune.analysis.std_conv.StdConv2d`. One call is written out instead
+of lifted: RMSNorm (functional or ``nn.RMSNorm``) becomes the elementwise ops it computes, which
+the channel rules already know (:func:`_write_out_rms_norms`).
 """
 
 from __future__ import annotations
