@@ -227,6 +227,7 @@ def prune_case(teacher, arch, seed, budget, calib, methods, variants, work, back
             "ratio": _ratio(backend, res.model, dense_gm, x),
             "compile_ratio": res.summary()["measured_ms"] / res.summary()["dense_ms"],
             "importance_method": res.importance_method, "removed_blocks": len(res.plan.removed_blocks),
+            "rounds": [r.to_dict() for r in res.rounds],  # to replay a plan far from its budget
             "seconds": time.perf_counter() - start,
         })  # fmt: skip
     if "fxprune_progressive" in methods:

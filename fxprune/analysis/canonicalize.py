@@ -34,7 +34,9 @@ tensor another op also reads, and pruning one user would silently change the oth
 not lifted is kept under :data:`~fxprune.core.meta.NOT_LIFTED` for the report. One computed
 weight is recognised: timm's ``StdConv2d`` / ``ScaledStdConv2d`` standardisation (``batch_norm``
 over the weight rows, times a gain in the scaled form), collapsed first into one :func:`~fxprune.analysis.std_conv.std_conv2d` call
-and lifted onto a :class:`~fxprune.analysis.std_conv.StdConv2d`.
+and lifted onto a :class:`~fxprune.analysis.std_conv.StdConv2d`. One call is written out instead
+of lifted: RMSNorm (functional or ``nn.RMSNorm``) becomes the elementwise ops it computes, which
+the channel rules already know (:func:`_write_out_rms_norms`).
 """
 
 from __future__ import annotations
@@ -225,7 +227,12 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
     Returns ``gm``. Calls that cannot be lifted are left as they are, with the reason recorded
     in ``node.meta[NOT_LIFTED]``.
     """
-    dropped = _drop_rank_guards(gm) + _collapse_std_weights(gm) + _split_computed_biases(gm)
+    dropped = (
+        _drop_rank_guards(gm)
+        + _collapse_std_weights(gm)
+        + _split_computed_biases(gm)
+        + _write_out_rms_norms(gm)
+    )
     uses = _state_uses(gm)
     lifted = 0
     for node in list(gm.graph.nodes):
@@ -245,6 +252,93 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
         gm.recompile()
         logger.debug("canonicalize: lifted %d functional calls", lifted)
     return gm
+
+
+_RMS_SIG = (("input", _MISSING), ("normalized_shape", _MISSING), ("weight", None), ("eps", None))
+_RMS_FORM = _Form("rms_norm", _RMS_SIG, ("weight",), lambda a, s: None)
+
+
+def _write_out_rms_norms(gm: fx.GraphModule) -> int:
+    """``F.rms_norm`` / ``torch.rms_norm`` / ``nn.RMSNorm`` over the last dim, written out as
+    ``x * rsqrt(mean(x², -1) + eps) * w``; the count.
+
+    Written out, every op is one the channel rules know: the mean over channels marks the
+    channels *inexact* (pruning changes the statistic, as for a LayerNorm), and the weight is a
+    parameter read by ``get_attr`` and multiplied per channel, which prunes with them. That is
+    what RMSNorm computes (in float32; torch's kernel does the same ops), so no new module rule
+    or pruner is needed; the pruned model runs the written-out form. Only a normalisation over
+    the input's last dim with a ``get_attr`` weight (or none) is written out; anything else
+    stays an unknown op and freezes its channels, named in the report.
+    """
+    count = 0
+    for node in list(gm.graph.nodes):
+        found = _rms_call(gm, node)
+        if found is None:
+            continue
+        x, weight, eps = found
+        meta = x.meta[TENSOR_META]
+        shape, dtype = tuple(meta.shape), meta.dtype
+        eps = torch.finfo(dtype).eps if eps is None else float(eps)
+        reduced = (*shape[:-1], 1)
+        graph = gm.graph
+        with graph.inserting_before(node):
+            if isinstance(weight, str):  # nn.RMSNorm: its weight read where the module ran
+                weight = graph.get_attr(weight)
+                weight.meta[TENSOR_META] = _meta_of((shape[-1],), dtype)
+            steps = [
+                (torch.pow, (x, 2), shape),
+                (torch.mean, (None, -1, True), reduced),
+                (operator.add, (None, eps), reduced),
+                (torch.rsqrt, (None,), reduced),
+                (operator.mul, (x, None), shape),
+            ]
+            if weight is not None:
+                steps.append((operator.mul, (None, weight), shape))
+            last: fx.Node | None = None
+            for target, args, out_shape in steps:
+                args = tuple(last if a is None else a for a in args)
+                last = graph.call_function(target, args)
+                last.meta = {**node.meta, TENSOR_META: _meta_of(out_shape, dtype)}
+        node.replace_all_uses_with(last)
+        graph.erase_node(node)
+        count += 1
+    return count
+
+
+def _rms_call(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, Any, Any] | None:
+    """``(input, weight, eps)`` of an RMSNorm call over the last dim that can be written out
+    (weight: a ``get_attr`` node, a parameter path for a module, or None), else None."""
+    if node.op == "call_function" and node.target in (F.rms_norm, torch.rms_norm):
+        bound = _bind(node, _RMS_FORM)
+        if bound is None:
+            return None
+        x, normalized, weight, eps = (
+            bound[k] for k in ("input", "normalized_shape", "weight", "eps")
+        )
+        if weight is not None and not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+            return None
+    elif node.op == "call_module" and not node.kwargs and len(node.args) == 1:
+        m = gm.get_submodule(str(node.target))
+        if type(m) is not nn.RMSNorm:
+            return None
+        x, normalized, eps = node.args[0], m.normalized_shape, m.eps
+        weight = None if m.weight is None else f"{node.target}.weight"
+    else:
+        return None
+    normalized = (normalized,) if isinstance(normalized, int) else tuple(normalized)
+    meta = x.meta.get(TENSOR_META) if isinstance(x, fx.Node) else None
+    if not hasattr(meta, "shape") or len(normalized) != 1 or tuple(meta.shape[-1:]) != normalized:
+        return None
+    if not isinstance(eps, (float, int, type(None))):
+        return None
+    return x, weight, eps
+
+
+def _meta_of(shape: tuple[int, ...], dtype: torch.dtype) -> Any:
+    """ShapeProp's record of a contiguous tensor of ``shape`` and ``dtype``."""
+    from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+    return _extract_tensor_metadata(torch.empty(shape, dtype=dtype, device="meta"))
 
 
 def _split_computed_biases(gm: fx.GraphModule) -> int:

@@ -316,6 +316,7 @@ ATEN_TO_TORCH: dict[Any, Translate] = {
     aten.native_layer_norm: _first(
         _fn(F.layer_norm, lambda x, shape, w, b, eps: (x, shape, w, b, eps))
     ),
+    aten.rms_norm: _fn(F.rms_norm),  # written out by canonicalize
     aten.group_norm: _fn(
         F.group_norm, lambda x, g, w=None, b=None, eps=1e-5, _=True: (x, g, w, b, eps)
     ),
@@ -389,6 +390,8 @@ ATEN_TO_TORCH: dict[Any, Translate] = {
     aten.mish: _fn(F.mish),
     aten.neg: _fn(torch.neg),
     aten.square: _fn(torch.square),
+    aten.sqrt: _fn(torch.sqrt),
+    aten.rsqrt: _fn(torch.rsqrt),
     aten._softmax: _softmax,
     aten.softmax: _softmax,
     # attention

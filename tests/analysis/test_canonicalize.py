@@ -205,6 +205,66 @@ def test_scale_only_group_norm_is_lifted_and_prunes(frontend):
         assert pruned(x).shape == (2, 5)
 
 
+class RMSNet(nn.Module):
+    """linear → RMSNorm → GELU → linear → RMSNorm (without a weight) → linear, with the norms
+    as ``nn.RMSNorm`` modules, ``F.rms_norm`` on their parameters, or a subclass calling it."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        self.form = form
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 12), nn.Linear(12, 10), nn.Linear(10, 4)
+        norm = OwnRMS if form == "subclass" else nn.RMSNorm
+        self.n1 = norm(12, eps=1e-5)
+        self.n2 = norm(10, elementwise_affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.fc1(x)
+        if self.form == "functional":
+            x = F.gelu(F.rms_norm(x, (12,), self.n1.weight, 1e-5))
+            return self.fc3(F.rms_norm(self.fc2(x), [10]))
+        return self.fc3(self.n2(self.fc2(F.gelu(self.n1(x)))))
+
+
+class OwnRMS(nn.RMSNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("form", ["module", "functional", "subclass"])
+def test_rms_norm_is_written_out_and_prunes_inexactly(form, frontend):
+    """RMSNorm in every form (and ``aten.rms_norm`` under export) becomes
+    ``x * rsqrt(mean(x², -1) + eps) * w``: the same function, channels prunable and *inexact*
+    (the statistic changes), the weight pruned with them; a pruned model keeps only the kept
+    channels' weight entries."""
+    torch.manual_seed(0)
+    model = RMSNet(form).eval()
+    with torch.no_grad():
+        model.n1.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 5, 6)
+    a = fxprune.analyze(model, x, frontend=frontend)
+    targets = [n.target for n in a.gm.graph.nodes]
+    assert F.rms_norm not in targets and torch.rms_norm not in targets
+    assert not any(isinstance(m, nn.RMSNorm) for p, m in a.gm.named_modules() if p in targets)
+    with torch.no_grad():
+        assert torch.allclose(a.gm(x), model(x), atol=1e-6)
+    for name, size in (("fc1", 12), ("fc2", 10)):
+        g = a.group(name)
+        assert g.size == size and g.prunable and g.inexact and not g.frozen, g.frozen
+    plan = fxprune.uniform_plan(a, 0.5, include_inexact=True, multiple=1)
+    kept = torch.as_tensor(plan.kept["fc1"])
+    pruned = fxprune.prune(a, plan)
+    check_planned_shapes(a, plan, pruned)
+    # the pruned model is RMSNorm over the kept channels, with their weights
+    k1, k2 = kept, torch.as_tensor(plan.kept["fc2"])
+    assert 0 < len(k1) < 12 and 0 < len(k2) < 10
+    with torch.no_grad():
+        h = F.gelu(F.rms_norm(model.fc1(x)[..., k1], (len(k1),), model.n1.weight[k1], 1e-5))
+        h = F.linear(h, model.fc2.weight[k2][:, k1], model.fc2.bias[k2])
+        want = F.linear(F.rms_norm(h, (len(k2),)), model.fc3.weight[:, k2], model.fc3.bias)
+        assert torch.allclose(pruned(x), want, atol=1e-5)
+
+
 # ---- what must not be lifted --------------------------------------------------------------------
 class CentredConv(nn.Conv2d):
     """A weight computed in the forward in a form no pass recognises (centred, not standardised
