@@ -238,13 +238,10 @@ def _reduce(target: Callable[..., Any]) -> Translate:
     keepdim])``; a ``dtype`` argument is left untranslated (it changes what is computed)."""
 
     def translate(node: fx.Node, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Translation:
-        full = len(args) == 1 or (len(args) == 2 and not isinstance(args[1], (list, tuple, int)))
-        dtype = kwargs.get("dtype", args[1] if full and len(args) > 1 else None)
-        if not full and len(args) > 3:
-            dtype = args[3]
+        dtype = args[3] if len(args) > 3 else kwargs.get("dtype")
         if dtype is not None or set(kwargs) - {"dtype", "keepdim"}:
             return None
-        if full:
+        if len(args) == 1:  # .default: over every dim
             return ("call_function", target, (args[0],), {})
         keepdim = args[2] if len(args) > 2 else kwargs.get("keepdim", False)
         return ("call_function", target, (args[0], args[1], keepdim), {})

@@ -31,8 +31,9 @@ stores a :class:`LayerLatency` in ``node.meta["fxprune.latency"]``. How:
    pays the runtime's fixed cost of one call: a session run, a compiled function's guards, a
    deterministic runtime's constant. A model pays it once, not once per layer, so with it in
    every cell a plan that removes blocks looks cheaper than it is by that much per removed
-   unit, and the budget loop chases a saving that is not there. The overhead is measured on a null module (one add on one
-   element) and taken out of every cell (down to a twentieth of the cell at most).
+   unit, and the budget loop chases a saving that is not there. The overhead is measured on a
+   null module (one add on one element) and taken out of every cell (a cell keeps at least a
+   twentieth of its figure).
 8. **The constant.** Everything not in a table (stand-alone BN, pooling, adds, reshapes, the
    runtime's per-op overhead, the one call) is ``dense whole-model latency − Σ tables at full
    width``; the predictor's calibration refines it (:mod:`fxprune.latency.predictor`).

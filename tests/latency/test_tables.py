@@ -155,6 +155,11 @@ def test_no_count_below_the_layout_block(tmp_path, floor):
 def test_interpolated_entries_match_the_backend(tmp_path):
     """Aligned counts between measured ones are interpolated exactly for a bilinear cost."""
     analysis, tables, backend = build(Tiny(), tmp_path, FakeBackend(period=8), size=16)
+    assert_cells_cost(analysis, tables, backend)
+
+
+def assert_cells_cost(analysis, tables, backend: FakeBackend) -> None:
+    """Every table entry equals what ``backend`` charges for the unit at those counts."""
     by_name = nodes(analysis)
     for name, lat in tables.layers.items():
         spec, act = unit_spec(by_name[name], analysis.gm)
@@ -226,14 +231,7 @@ def test_the_per_call_overhead_is_taken_out_of_every_cell(tmp_path, per_call):
     analysis, tables, _ = build(Tiny(blocks=2), tmp_path, CallOverhead(per_call), size=16)
     plain = FakeBackend(period=8)
     assert tables.notes["call_overhead_ms"] == pytest.approx(per_call, abs=1e-8)
-    by_name = nodes(analysis)
-    for name, lat in tables.layers.items():
-        spec, act = unit_spec(by_name[name], analysis.gm)
-        for ci in lat.in_grid:
-            for co in lat.out_grid:
-                cin = co if lat.axes == "channel" else ci
-                module, inputs = build_unit(spec, cin, co, act)
-                assert lat.cost(cin, co) == pytest.approx(plain.cost(module, inputs), rel=1e-4)
+    assert_cells_cost(analysis, tables, plain)
     dense = plain.cost(analysis.gm, analysis.example_inputs)
     assert tables.constant_ms == pytest.approx(dense + per_call - tables.full_sum())
 
