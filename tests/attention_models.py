@@ -1,7 +1,8 @@
 """Hand-written attention models, in the forms transformer code takes: a fused ``qkv`` split
 with ``unbind`` into ``F.scaled_dot_product_attention``, the explicit ``softmax(q @ kᵀ) @ v``
 with a relative-position bias, parameters applied functionally, Swin's padded and shifted
-windows, and attention over channels (XCiT), which cannot be pruned."""
+windows, attention over channels (XCiT), which cannot be pruned, and rotary position embeddings
+(both rotations)."""
 
 from __future__ import annotations
 
@@ -150,6 +151,57 @@ class UnbindChannels(nn.Module):
         return self.head(x * (a + b * c).unsqueeze(-1))
 
 
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], dim=-1)
+
+
+def _rotate_pairs(x: torch.Tensor) -> torch.Tensor:
+    return torch.stack([-x[..., 1::2], x[..., ::2]], -1).reshape(x.shape)
+
+
+class RotaryAttention(nn.Module):
+    """Rotary position embedding (RoPE) on ``q`` and ``k`` before SDPA, its ``cos`` / ``sin``
+    table computed in ``forward`` from the token positions and an inverse-frequency buffer
+    of ``D / 2`` entries. ``pairs=False``: LLaMA's and DINOv3's rotate-half (position ``p``
+    turns with ``p + D/2``, the table is ``cat([f, f])``); ``pairs=True``: timm's interleaved
+    ``rot`` (``p`` turns with its neighbour, the table is ``repeat_interleave(f, 2)``)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, pairs: bool = False) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.pairs = heads, dim // heads, pairs
+        self.embed = nn.Linear(4, dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 2)
+        half = self.head_dim // 2
+        self.register_buffer("inv_freq", 1.0 / 100.0 ** (torch.arange(half) / half))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x)
+        B, N, C = t.shape
+        qkv = self.qkv(t).reshape(B, N, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        freqs = torch.arange(N, dtype=t.dtype)[:, None] * self.inv_freq[None, :]
+        if self.pairs:
+            emb, turn = freqs.repeat_interleave(2, dim=-1), _rotate_pairs
+        else:
+            emb, turn = torch.cat([freqs, freqs], dim=-1), _rotate_half
+        cos, sin = emb.cos(), emb.sin()
+        q = q * cos + turn(q) * sin
+        k = k * cos + turn(k) * sin
+        a = F.scaled_dot_product_attention(q, k, v)
+        t = t + self.proj(a.transpose(1, 2).reshape(B, N, C))
+        return self.head(t.mean(1))
+
+
+class RotaryPairs(RotaryAttention):
+    """:class:`RotaryAttention` with timm's interleaved rotation."""
+
+    def __init__(self) -> None:
+        super().__init__(pairs=True)
+
+
 #: name -> (model class, example input shape)
 CASES = {
     "fused_vit": (FusedViT, (2, 3, 6, 6)),
@@ -158,6 +210,8 @@ CASES = {
     "shifted_windows": (ShiftedWindows, (2, 3, 5, 5)),
     "channel_attention": (ChannelAttention, (2, 5, 4)),
     "unbind_channels": (UnbindChannels, (2, 5, 4)),
+    "rotary": (RotaryAttention, (2, 5, 4)),
+    "rotary_pairs": (RotaryPairs, (2, 5, 4)),
 }
 
 

@@ -256,10 +256,22 @@ def canonicalize(gm: fx.GraphModule) -> fx.GraphModule:
 
 _RMS_SIG = (("input", _MISSING), ("normalized_shape", _MISSING), ("weight", None), ("eps", None))
 _RMS_FORM = _Form("rms_norm", _RMS_SIG, ("weight",), lambda a, s: None)
+# timm's ``rms_norm`` / ``fast_rms_norm`` (timm.layers.fast_norm, fx-wrapped: leaves of a
+# trace): F.rms_norm's signature and ops, ``eps`` defaulting to 1e-5
+_TIMM_RMS = ("timm.layers.fast_norm", ("rms_norm", "fast_rms_norm"))
+_TIMM_RMS_FORM = _Form("rms_norm", (*_RMS_SIG[:3], ("eps", 1e-5)), ("weight",), lambda a, s: None)
+
+
+def _timm_rms_norm(target: Any) -> bool:
+    return (
+        getattr(target, "__module__", None) == _TIMM_RMS[0]
+        and getattr(target, "__name__", None) in _TIMM_RMS[1]
+    )
 
 
 def _write_out_rms_norms(gm: fx.GraphModule) -> int:
-    """``F.rms_norm`` / ``torch.rms_norm`` / ``nn.RMSNorm`` over the last dim, written out as
+    """``F.rms_norm`` / ``torch.rms_norm`` / ``nn.RMSNorm`` / timm's ``rms_norm`` over the last
+    dim, written out as
     ``x * rsqrt(mean(x², -1) + eps) * w``; the count.
 
     Written out, every op is one the channel rules know: the mean over channels marks the
@@ -307,15 +319,17 @@ def _write_out_rms_norms(gm: fx.GraphModule) -> int:
 
 def _rms_call(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, Any, Any] | None:
     """``(input, weight, eps)`` of an RMSNorm call over the last dim that can be written out
-    (weight: a ``get_attr`` node, a parameter path for a module, or None), else None."""
-    if node.op == "call_function" and node.target in (F.rms_norm, torch.rms_norm):
-        bound = _bind(node, _RMS_FORM)
+    (weight: a ``get_attr`` node, maybe cast, a parameter path for a module, or None), else
+    None."""
+    timm_form = node.op == "call_function" and _timm_rms_norm(node.target)
+    if node.op == "call_function" and (timm_form or node.target in (F.rms_norm, torch.rms_norm)):
+        bound = _bind(node, _TIMM_RMS_FORM if timm_form else _RMS_FORM)
         if bound is None:
             return None
         x, normalized, weight, eps = (
             bound[k] for k in ("input", "normalized_shape", "weight", "eps")
         )
-        if weight is not None and not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
+        if weight is not None and not _state_read(weight):
             return None
     elif node.op == "call_module" and not node.kwargs and len(node.args) == 1:
         m = gm.get_submodule(str(node.target))
@@ -332,6 +346,16 @@ def _rms_call(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, Any, Any] | N
     if not isinstance(eps, (float, int, type(None))):
         return None
     return x, weight, eps
+
+
+def _state_read(node: Any) -> bool:
+    """A ``get_attr``, or one cast to another float dtype (timm's ``self.weight.float()``)."""
+    if isinstance(node, fx.Node) and node.op == "call_method" and node.target in _CASTS:
+        node = node.args[0]
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+_CASTS = ("float", "double", "half", "bfloat16", "to")
 
 
 def _meta_of(shape: tuple[int, ...], dtype: torch.dtype) -> Any:

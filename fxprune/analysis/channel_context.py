@@ -219,8 +219,9 @@ class ChannelContext:
         output's channel dim are joined position-wise; broadcast ones are left alone (their
         value is shared by every channel, so nothing of theirs is pruned here).
 
-        An input broadcast along the output's channel dim that has channels of its own along
-        another dim is frozen: the output's map follows one dim only, so it could not say that
+        The output's channel dim is one where a full-size input has channels, if any does, else
+        one where any input has (the longest). An input broadcast along it that has channels
+        of its own along another dim is frozen: the output's map follows one dim only, so it could not say that
         pruning those channels shrinks the output along theirs. (An input with no channel dim,
         such as a one-channel slice, is recorded in ``lone``: ``channel_groups`` freezes it
         where its group could prune it.)"""
@@ -238,7 +239,10 @@ class ChannelContext:
             f"{describe(node, self.gm)} broadcasts a tensor of one channel of this group: "
             "pruning that channel would leave nothing to broadcast"
         )
-        dims = sorted({d for u, _ in items for d in varying_dims(u)})
+        # the channel dim: one where an operand of the output's full shape has channels, when
+        # one has (a broadcast table cannot move them: q's heads times a rotary table over D)
+        full = {d for u, s in items if s == tuple(out_shape) for d in varying_dims(u)}
+        dims = sorted(full or {d for u, _ in items for d in varying_dims(u)})
         if not dims:
             covering = [u for u, s in items if s == tuple(out_shape)]
             self.lone.extend((int(u.flat[0]), lone) for u, s in items if s != tuple(out_shape))

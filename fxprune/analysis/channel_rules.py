@@ -173,6 +173,8 @@ _UNARY_FUNCTIONS: list[Any] = [
     torch.sigmoid,
     torch.tanh,
     torch.exp,
+    torch.sin,
+    torch.cos,
     torch.abs,
     torch.sqrt,
     torch.rsqrt,
@@ -191,6 +193,8 @@ register_method_rule(
     "sigmoid_",
     "tanh",
     "exp",
+    "sin",
+    "cos",
     "abs",
     "sqrt",
     "rsqrt",
@@ -830,11 +834,18 @@ def head_dim(ctx: ChannelContext, node: fx.Node, u: np.ndarray) -> int | None:
 
 
 def _carries_to_a_batch_dim(ctx: ChannelContext, node: fx.Node, dim: int, depth: int) -> bool:
-    """Whether every use of ``node`` carries its dim ``dim`` to an attention batch dim."""
-    users = list(node.users)
+    """Whether every use of ``node`` carries its dim ``dim`` to an attention batch dim (a read
+    of its size carries no data: the sizes pass checks where the size goes)."""
+    users = [u for u in node.users if not _reads_size(u)]
     if not users or depth > _FOLLOW_DEPTH:
         return False
     return all(_user_carries(ctx, node, user, dim, depth) for user in users)
+
+
+def _reads_size(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    return node.op == "call_function" and node.target is getattr and node.args[1] == "shape"
 
 
 def _user_carries(ctx: ChannelContext, src: fx.Node, user: fx.Node, dim: int, depth: int) -> bool:
@@ -870,6 +881,16 @@ def _user_carries(ctx: ChannelContext, src: fx.Node, user: fx.Node, dim: int, de
                 for p in user.users
             )
         return _carries_to_a_batch_dim(ctx, user, moved, depth + 1)
+    if user.op != "call_module" and name in _ALONG:
+        moved = _moved_along(ctx, src, user, name, dim)
+        if moved == _PIECES:  # chunk / split: each piece is taken by a getitem
+            return bool(user.users) and all(
+                p.op == "call_function"
+                and p.target is operator.getitem
+                and _carries_to_a_batch_dim(ctx, p, dim, depth + 1)
+                for p in user.users
+            )
+        return moved is not None and _carries_to_a_batch_dim(ctx, user, moved, depth + 1)
     entry = entry_for(user, ctx.gm, lambda e: e.rule is not None)
     rule = entry.rule if entry is not None else None
     per_element = (
@@ -885,6 +906,52 @@ def _user_carries(ctx: ChannelContext, src: fx.Node, user: fx.Node, dim: int, de
         return False
     moved = dim + len(out) - nd
     return out[moved] == shape[dim] and _carries_to_a_batch_dim(ctx, user, moved, depth + 1)
+
+
+#: ops that keep a dim they do not act along (rotary embeddings take them between the head
+#: split and attention: a slice of the tokens, ``chunk`` / ``cat`` or strided slices,
+#: ``stack`` and ``reshape`` of the last dim)
+_ALONG = ("getitem", "cat", "concat", "stack", "chunk", "split", "tensor_split", "reshape", "view")
+_PIECES = -1
+
+
+def _moved_along(
+    ctx: ChannelContext, src: fx.Node, user: fx.Node, name: str, dim: int
+) -> int | None:
+    """Where ``user`` (one of :data:`_ALONG`) puts ``src``'s dim ``dim`` untouched: its dim in
+    the output, :data:`_PIECES` for each piece of a chunk / split, or None (it acts on it)."""
+    shape = ctx.shape(src)
+    nd = len(shape)
+    if name == "getitem":  # basic indexing: the dim must be taken whole
+        if user.args[0] is not src:
+            return None
+        index = user.args[1] if isinstance(user.args[1], tuple) else (user.args[1],)
+        if not all(i is None or i is Ellipsis or isinstance(i, (int, slice)) for i in index):
+            return None
+        out, d = 0, 0
+        for i in expand_index(index, nd):
+            if i is None:
+                out += 1
+                continue
+            if d == dim:
+                return out if i == slice(None) else None
+            out, d = out + isinstance(i, slice), d + 1
+        return None
+    if name in ("cat", "concat", "stack"):
+        tensors = user.args[0] if user.args else user.kwargs.get("tensors")
+        if not isinstance(tensors, (list, tuple)) or src not in tensors:
+            return None
+        d = arg(user, 1, "dim", 0) % (nd + (name == "stack"))
+        if name == "stack":
+            return dim + (d <= dim)
+        return None if d == dim else dim
+    if user.args[0] is not src:
+        return None
+    if name in ("chunk", "split", "tensor_split"):
+        return None if arg(user, 2, "dim", 0) % nd == dim else _PIECES
+    out_shape = ctx.shape(user)  # reshape / view: the dims up to this one stay as they were
+    ok = out_shape is not None and tuple(out_shape[: dim + 1]) == tuple(shape[: dim + 1])
+    return dim if ok else None
 
 
 def _last_only(ctx: ChannelContext, node: fx.Node) -> bool:

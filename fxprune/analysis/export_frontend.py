@@ -389,6 +389,9 @@ ATEN_TO_TORCH: dict[Any, Translate] = {
     aten.square: _fn(torch.square),
     aten.sqrt: _fn(torch.sqrt),
     aten.rsqrt: _fn(torch.rsqrt),
+    aten.exp: _fn(torch.exp),
+    aten.sin: _fn(torch.sin),
+    aten.cos: _fn(torch.cos),
     aten._softmax: _softmax,
     aten.softmax: _softmax,
     # attention

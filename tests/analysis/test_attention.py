@@ -128,3 +128,37 @@ def test_timm_vit_and_swin_are_prunable_and_exact():
         assert not [g for g in a.groups if g.frozen and not g.name.startswith("head")], name
         plan = fxprune.analysis.plans.random_plan(a, seed=1)
         check_plan(a, plan, x)
+
+
+def test_rotary_ties_the_positions_that_turn_together():
+    _, x, a = _analysis("rotary")
+    # the table is built in forward from an inverse-frequency buffer of D/2 entries (folded
+    # with its reshape into one constant): cos and sin are elementwise, so its entries join
+    # the head-dim group, and each index is the two positions that rotate into each other
+    # (p and p + D/2) and their frequency
+    qkv = a.group("qkv")
+    assert qkv.prunable and not qkv.frozen and not qkv.inexact
+    (table,) = [r for r in qkv.roots if r != "qkv"]
+    assert qkv.size == 4 and tuple(a.gm.get_buffer(table).shape)[-1] == 4
+    plan = fxprune.Plan(kept={"qkv": np.array([1, 3])})
+    pruned = check_plan(a, plan, x)
+    assert pruned.get_submodule("qkv").out_features == 3 * 2 * 4  # q, k, v × 2 heads × 4 kept
+    assert tuple(pruned.get_buffer(table).shape)[-1] == 2
+
+
+def test_interleaved_rotary_freezes_head_dims_and_names_the_strided_slice():
+    # x[..., 1::2] takes every other channel: the rewrite cannot re-derive that slice
+    _, _, a = _analysis("rotary_pairs")
+    assert a.group("qkv").frozen
+    assert "picks single channels" in _frozen_reasons(a)
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+@pytest.mark.parametrize("name", ["rotary", "rotary_pairs"])
+def test_rotary_attention_prunes_whole_heads(name, frontend):
+    # the split's head dim is followed through the rotation (slices of the tokens, chunk /
+    # strided slices, cat / stack, a reshape of the last dim, the table broadcast over heads)
+    _, x, a = analysed(name, frontend, attention="heads")
+    qkv = a.group("qkv")
+    assert qkv.prunable and not qkv.inexact and qkv.size == 2
+    check_random_plans(a, x, max_examples=6)

@@ -207,12 +207,17 @@ def test_scale_only_group_norm_is_lifted_and_prunes(frontend):
 
 class RMSNet(nn.Module):
     """linear → RMSNorm → GELU → linear → RMSNorm (without a weight) → linear, with the norms
-    as ``nn.RMSNorm`` modules, ``F.rms_norm`` on their parameters, or a subclass calling it."""
+    as ``nn.RMSNorm`` modules, ``F.rms_norm`` on their parameters, a subclass calling it, or
+    timm's ``RmsNormFp32``."""
 
     def __init__(self, form: str) -> None:
         super().__init__()
         self.form = form
         self.fc1, self.fc2, self.fc3 = nn.Linear(6, 12), nn.Linear(12, 10), nn.Linear(10, 4)
+        if form == "timm":  # timm's float32 RMSNorm: its fx-wrapped rms_norm on weight.float()
+            norm = pytest.importorskip("timm.layers.norm").RmsNormFp32
+            self.n1, self.n2 = norm(12, eps=1e-5), norm(10, eps=1e-5, affine=False)
+            return
         norm = OwnRMS if form == "subclass" else nn.RMSNorm
         self.n1 = norm(12, eps=1e-5)
         self.n2 = norm(10, elementwise_affine=False)
@@ -231,7 +236,7 @@ class OwnRMS(nn.RMSNorm):
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
-@pytest.mark.parametrize("form", ["module", "functional", "subclass"])
+@pytest.mark.parametrize("form", ["module", "functional", "subclass", "timm"])
 def test_rms_norm_is_written_out_and_prunes_inexactly(form, frontend):
     """RMSNorm in every form (and ``aten.rms_norm`` under export) becomes
     ``x * rsqrt(mean(x², -1) + eps) * w``: the same function, channels prunable and *inexact*
@@ -245,6 +250,7 @@ def test_rms_norm_is_written_out_and_prunes_inexactly(form, frontend):
     a = fxprune.analyze(model, x, frontend=frontend)
     targets = [n.target for n in a.gm.graph.nodes]
     assert F.rms_norm not in targets and torch.rms_norm not in targets
+    assert "rms_norm" not in {getattr(t, "__name__", None) for t in targets}
     assert not any(isinstance(m, nn.RMSNorm) for p, m in a.gm.named_modules() if p in targets)
     with torch.no_grad():
         assert torch.allclose(a.gm(x), model(x), atol=1e-6)
@@ -261,7 +267,8 @@ def test_rms_norm_is_written_out_and_prunes_inexactly(form, frontend):
     with torch.no_grad():
         h = F.gelu(F.rms_norm(model.fc1(x)[..., k1], (len(k1),), model.n1.weight[k1], 1e-5))
         h = F.linear(h, model.fc2.weight[k2][:, k1], model.fc2.bias[k2])
-        want = F.linear(F.rms_norm(h, (len(k2),)), model.fc3.weight[:, k2], model.fc3.bias)
+        h = F.rms_norm(h, (len(k2),), eps=model.n2.eps if form == "timm" else None)
+        want = F.linear(h, model.fc3.weight[:, k2], model.fc3.bias)
         assert torch.allclose(pruned(x), want, atol=1e-5)
 
 
