@@ -15,13 +15,20 @@ Runtime CPU latency at batch 8, measured side by side) the teacher is pruned by:
 
 Every pruned model is evaluated as delivered, after re-estimating its BatchNorm statistics on
 the same 8 batches, and after identical fine-tuning (``fxprune.finetune``: the same epochs,
-schedule, seed and distillation from the teacher). Mean and spread are over seeds. The UPSCALE
-comparison prunes each teacher post-training (no fine-tuning) at equal per-layer sparsity with
+schedule, seed and distillation from the teacher): the full schedule (``--epochs``) and, from
+the same start, a short one (``--short-epochs``): after the full one every plan is near the
+teacher's ceiling on digits, the short one shows how much each plan still needs. Mean and spread
+are over seeds.
+
+The UPSCALE comparison prunes each teacher post-training (no fine-tuning) by L2 magnitude, with
 unconstrained masks (each consumer its own best inputs) and with constrained ones (every
-consumer of a tensor the same channels), by L2 magnitude.
+consumer of a tensor the same channels): at equal per-layer sparsity, and at equal parameters
+(unconstrained masks keep more of them at one sparsity), each side at its own sparsity and the
+other's sparsity bisected until the parameter counts match.
 
 Stages (``--stage``): ``teachers`` (train, no timing), ``prune`` (all timing happens here: run
-it on a quiet machine), ``finetune`` (no timing), ``report``; ``all`` runs them in order.
+it on a quiet machine; it also adds the UPSCALE rows a seed lacks), ``upscale`` (redo the
+UPSCALE rows, no timing), ``finetune`` (no timing), ``report``; ``all`` runs them in order.
 Teachers, pruned models and measurements are kept in ``--work`` so a stage can be re-run alone.
 Writes ``bench/results/accuracy.json`` / ``.md`` and ``accuracy.png``.
 """
@@ -56,7 +63,9 @@ BATCH = 8  # the latency batch
 CALIB_BATCHES = 8
 TEACHER_EPOCHS = 15
 EPOCHS = 8
+SHORT_EPOCHS = 2  # the short fine-tuning beside the full one (0: none)
 MATCH = 0.02
+UPSCALE_SPARSITIES = [0.3, 0.5]
 #: the objective options the study compares (CompileConfig fields)
 VARIANTS: dict[str, dict] = {
     "fxprune": {},
@@ -263,24 +272,57 @@ def prune_case(teacher, arch, seed, budget, calib, methods, variants, work, back
     return case
 
 
-def upscale_case(teacher, arch, seed, data, calib, sparsities) -> list[dict]:
-    """UPSCALE's post-training comparison: unconstrained vs constrained masks, no training."""
-    from fxprune.unconstrained.masks import magnitude_masks
+def _masked(analysis, sparsity: float, pool: float | None):
+    """The teacher pruned post-training with per-layer L2 input masks (``pool=0``: constrained)."""
+    masks = fxprune.magnitude_masks(analysis, sparsity, pool=pool)
+    return fxprune.prune(analysis, fxprune.unconstrained_plan(analysis, masks)), masks
 
-    x = _x()
+
+def _post_training(model, masks, sparsity, data, calib) -> dict:
+    """Accuracy as pruned and after re-estimating BatchNorm statistics, with its size."""
     _, _, xte, yte = data
-    analysis = fxprune.analyze(teacher, x)
+    row = {"sparsity": sparsity, "accuracy": accuracy(model, xte, yte), "params": params(model)}
+    fxprune.recalibrate_norms(model, calib, max_batches=CALIB_BATCHES)
+    row["accuracy_recalibrated"] = accuracy(model, xte, yte)
+    row["inputs_kept"] = sum(int(np.sum(m)) for m in masks.values())
+    return row
+
+
+def _at_params(analysis, pool, target: int, steps: int = 14):
+    """The sparsity whose pruned model's parameter count is nearest ``target`` (bisected)."""
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(steps):
+        s = (lo + hi) / 2
+        model, masks = _masked(analysis, s, pool)
+        n = params(model)
+        if best is None or abs(n - target) < abs(best[2] - target):
+            best = (model, masks, n, s)
+        if n > target:
+            lo = s
+        else:
+            hi = s
+    return best[0], best[1], best[3]
+
+
+def upscale_case(teacher, arch, seed, data, calib, sparsities) -> list[dict]:
+    """UPSCALE's post-training comparison: unconstrained vs constrained masks, no training.
+
+    At equal per-layer sparsity unconstrained masks keep more parameters (a tensor's producer
+    keeps the union of what its consumers read), so each side is also compared at the other's
+    parameter count: the other's sparsity bisected until the counts match.
+    """
+    analysis = fxprune.analyze(teacher, _x())
     rows = []
     for s in sparsities:
         row: dict = {"arch": arch, "seed": seed, "sparsity": s}
         for name, pool in (("unconstrained", None), ("constrained", 0.0)):
-            masks = magnitude_masks(analysis, s, pool=pool)
-            model = fxprune.prune(analysis, fxprune.unconstrained_plan(analysis, masks))
-            kept = sum(int(np.sum(m)) for m in masks.values())
-            row[name] = {"accuracy": accuracy(model, xte, yte), "params": params(model)}
-            fxprune.recalibrate_norms(model, calib, max_batches=CALIB_BATCHES)
-            row[name]["accuracy_recalibrated"] = accuracy(model, xte, yte)
-            row[name]["inputs_kept"] = kept
+            row[name] = _post_training(*_masked(analysis, s, pool), s, data, calib)
+        for name, pool, other in (
+            ("constrained_at_unconstrained_params", 0.0, "unconstrained"),
+            ("unconstrained_at_constrained_params", None, "constrained"),
+        ):
+            model, masks, s_eq = _at_params(analysis, pool, row[other]["params"])
+            row[name] = _post_training(model, masks, s_eq, data, calib)
         rows.append(row)
     return rows
 
@@ -288,25 +330,31 @@ def upscale_case(teacher, arch, seed, data, calib, sparsities) -> list[dict]:
 # -- fine-tuning (no timing) --------------------------------------------------------------
 
 
-def finetune_case(case, teacher, data, calib, work, epochs: int) -> None:
+def finetune_case(case, teacher, data, calib, work, epochs: int, short: int) -> None:
+    """Fine-tune each pruned model of ``case`` for ``epochs`` and, from the same start, for
+    ``short`` epochs (a whole one-cycle schedule each): after a long schedule on digits every
+    plan reaches the teacher's ceiling, the short one shows how far from it each plan starts."""
     xtr, ytr, xte, yte = data
     arch, seed, budget = case["arch"], case["seed"], case["budget"]
     for name, m in case["methods"].items():
-        if "finetuned" in m:
-            continue
-        model = torch.load(work / f"pruned_{arch}_s{seed}_b{budget}_{name}.pt", weights_only=False)
-        m["delivered"] = accuracy(model, xte, yte)
-        fxprune.recalibrate_norms(model, calib, max_batches=CALIB_BATCHES)
-        m["recalibrated"] = accuracy(model, xte, yte)
-        cfg = fxprune.FinetuneConfig(epochs=epochs, lr=0.05, seed=seed, progress=False)
-        start = time.perf_counter()
-        fxprune.finetune(model, Loader(xtr, ytr, 64, train=True), teacher=teacher, config=cfg)
-        m["finetuned"] = accuracy(model, xte, yte)
-        m["finetune_seconds"] = time.perf_counter() - start
-        logger.info(
-            "%s s%d %.2f %s: %.1f → %.1f → %.1f %%", arch, seed, budget, name,
-            100 * m["delivered"], 100 * m["recalibrated"], 100 * m["finetuned"],
-        )  # fmt: skip
+        path = work / f"pruned_{arch}_s{seed}_b{budget}_{name}.pt"
+        for key, n in (("finetuned", epochs), ("finetuned_short", short)):
+            if key in m or n <= 0:
+                continue
+            model = torch.load(path, weights_only=False)
+            m["delivered"] = accuracy(model, xte, yte)
+            fxprune.recalibrate_norms(model, calib, max_batches=CALIB_BATCHES)
+            m["recalibrated"] = accuracy(model, xte, yte)
+            cfg = fxprune.FinetuneConfig(epochs=n, lr=0.05, seed=seed, progress=False)
+            start = time.perf_counter()
+            fxprune.finetune(model, Loader(xtr, ytr, 64, train=True), teacher=teacher, config=cfg)
+            m[key] = accuracy(model, xte, yte)
+            m[f"{key}_epochs"] = n
+            m[f"{key}_seconds"] = time.perf_counter() - start
+            logger.info(
+                "%s s%d %.2f %s: %.1f → %.1f → %.1f %% (%d epochs)", arch, seed, budget, name,
+                100 * m["delivered"], 100 * m["recalibrated"], 100 * m[key], n,
+            )  # fmt: skip
 
 
 # -- report -------------------------------------------------------------------------------
@@ -324,21 +372,23 @@ def _teachers(out: dict) -> dict[str, list[float]]:
     return by
 
 
-def _paired(out: dict, against: str = "torch_pruning") -> list[str]:
-    """Per arch and budget, each fxprune variant's fine-tuned accuracy minus ``against``'s,
+def _paired(
+    out: dict, against: str = "torch_pruning", key: str = "finetuned", what: str = "Fine-tuned"
+) -> list[str]:
+    """Per arch and budget, each fxprune variant's ``key`` accuracy minus ``against``'s,
     paired by seed (the same teacher): mean ± sd of the differences, in points."""
     diffs: dict = {}
     for c in out["cases"]:
-        base = c["methods"].get(against, {}).get("finetuned")
+        base = c["methods"].get(against, {}).get(key)
         if base is None:
             continue
         for name, m in c["methods"].items():
-            if name != against and "finetuned" in m:
-                key = (c["arch"], c["budget"], name)
-                diffs.setdefault(key, []).append(100 * (m["finetuned"] - base))
+            if name != against and key in m:
+                cell = (c["arch"], c["budget"], name)
+                diffs.setdefault(cell, []).append(100 * (m[key] - base))
     if not diffs:
         return []
-    lines = ["", f"## Fine-tuned accuracy minus {against}'s, paired by seed (points)", "",
+    lines = ["", f"## {what} accuracy minus {against}'s, paired by seed (points)", "",
              "| arch | budget | method | mean ± sd | per seed |", "|---|---|---|---|---|"]  # fmt: skip
     for (arch, budget, name), d in sorted(diffs.items(), key=lambda kv: (kv[0][0], -kv[0][1])):
         sd = np.std(d, ddof=1) if len(d) > 1 else 0.0
@@ -357,8 +407,9 @@ def render(out: dict) -> str:
         f"(KD from the teacher, T=4, one-cycle); mean ± sd over seeds, %.",
         "",
         "| arch | budget | method | measured ratio | min width | blocks/convs gone | params | "
-        "delivered | BN re-estimated | fine-tuned |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"delivered | BN re-estimated | fine-tuned {out['epochs']} ep | "
+        f"fine-tuned {out.get('short_epochs', '—')} ep |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by: dict = {}
     for c in out["cases"]:
@@ -375,9 +426,13 @@ def render(out: dict) -> str:
             f"{np.mean([m['params'] for m in ms]) / 1e3:.0f}k | "
             f"{_mean_sd([m['delivered'] for m in ms])} | "
             f"{_mean_sd([m['recalibrated'] for m in ms])} | "
-            f"{_mean_sd([m['finetuned'] for m in ms])} |"
-        )
+            f"{_mean_sd([m['finetuned'] for m in ms])} | "
+            + (_mean_sd([m["finetuned_short"] for m in ms])
+               if all("finetuned_short" in m for m in ms) else "—") + " |"
+        )  # fmt: skip
     lines += _paired(out)
+    short = out.get("short_epochs")
+    lines += _paired(out, key="finetuned_short", what=f"Fine-tuned ({short} epochs)")
     lines += ["", "Teachers (dense test accuracy, %): " + ", ".join(
         f"{k} {_mean_sd(v)}" for k, v in sorted(_teachers(out).items())
     ), "", "## UPSCALE: post-training, equal per-layer sparsity (L2), no fine-tuning", "",
@@ -397,7 +452,47 @@ def render(out: dict) -> str:
             f"{np.mean([v['params'] for v in u]) / 1e3:.0f}k / "
             f"{np.mean([v['params'] for v in c]) / 1e3:.0f}k |"
         )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _upscale_equal_params(out["upscale"])) + "\n"
+
+
+def _upscale_equal_params(upscale: list[dict]) -> list[str]:
+    """UPSCALE's comparison at equal parameter counts, each side anchored at its own sparsity."""
+    lines = [
+        "",
+        "## UPSCALE at equal parameters: post-training, BN re-estimated, no fine-tuning",
+        "",
+        "Each side at its own sparsity, the other's bisected until the parameter counts match.",
+        "",
+        "| arch | anchor | params u / c | unconstrained (sparsity) | constrained (sparsity) | "
+        "u − c, paired by seed (points) |",
+        "|---|---|---|---|---|---|",
+    ]
+    anchors = (
+        ("unconstrained", "constrained_at_unconstrained_params", "unconstrained"),
+        ("constrained", "constrained", "unconstrained_at_constrained_params"),
+    )
+    by: dict = {}
+    for row in upscale:
+        if "constrained_at_unconstrained_params" in row:  # rows of runs before the matching
+            by.setdefault((row["arch"], row["sparsity"]), []).append(row)
+    for (arch, s), rows in sorted(by.items()):
+        for anchor, c_key, u_key in anchors:
+            u = [r[u_key] for r in rows]
+            c = [r[c_key] for r in rows]
+            diff = [100 * (a["accuracy_recalibrated"] - b["accuracy_recalibrated"])
+                    for a, b in zip(u, c, strict=True)]  # fmt: skip
+            lines.append(
+                f"| {arch} | {anchor} at {s} | "
+                f"{np.mean([v['params'] for v in u]) / 1e3:.0f}k / "
+                f"{np.mean([v['params'] for v in c]) / 1e3:.0f}k | "
+                f"{_mean_sd([v['accuracy_recalibrated'] for v in u])} "
+                f"({np.mean([v['sparsity'] for v in u]):.2f}) | "
+                f"{_mean_sd([v['accuracy_recalibrated'] for v in c])} "
+                f"({np.mean([v['sparsity'] for v in c]):.2f}) | "
+                f"{np.mean(diff):+.1f} ± {np.std(diff):.1f} "
+                f"({', '.join(f'{d:+.1f}' for d in diff)}) |"
+            )
+    return lines
 
 
 def plot(out: dict, path: Path) -> None:
@@ -436,8 +531,9 @@ def main(argv=None) -> int:
     p.add_argument("--methods", nargs="*", default=METHODS)
     p.add_argument("--variants", nargs="*", default=["fxprune"], choices=list(VARIANTS))
     p.add_argument("--epochs", type=int, default=EPOCHS)
+    p.add_argument("--short-epochs", type=int, default=SHORT_EPOCHS, help="0: none")
     p.add_argument("--teacher-epochs", type=int, default=TEACHER_EPOCHS)
-    p.add_argument("--stage", choices=("all", "teachers", "prune", "finetune", "report"),
+    p.add_argument("--stage", choices=("all", "teachers", "prune", "upscale", "finetune", "report"),
                    default="all")  # fmt: skip
     p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "fxprune" / "accuracy")
     args = p.parse_args(argv)
@@ -449,7 +545,9 @@ def main(argv=None) -> int:
     variants = ["fxprune", *[v for v in args.variants if v != "fxprune"]]
     state_path = args.work / "cases.json"
     out = json.loads(state_path.read_text()) if state_path.exists() else {}
-    out.update(commit=commit(), seeds=args.seeds, epochs=args.epochs)
+    out.update(
+        commit=commit(), seeds=args.seeds, epochs=args.epochs, short_epochs=args.short_epochs
+    )
     out.setdefault("cases", [])
     out.setdefault("upscale", [])
     out.setdefault("teachers", {})
@@ -468,7 +566,7 @@ def main(argv=None) -> int:
 
     for arch in args.archs:
         for seed in args.seeds:
-            if not set(stages) & {"teachers", "prune", "finetune"}:
+            if not set(stages) & {"teachers", "prune", "upscale", "finetune"}:
                 continue
             teacher = train_teacher(arch, seed, data, args.teacher_epochs, args.work)
             out["teachers"][f"{arch}/{seed}"] = accuracy(teacher, xte, yte)
@@ -482,17 +580,19 @@ def main(argv=None) -> int:
                         out["cases"].remove(old)
                     out["cases"].append(case)
                     write_json(state_path, out)
-            if "prune" in stages and not any(
-                r["arch"] == arch and r["seed"] == seed for r in out["upscale"]
-            ):
-                out["upscale"] += upscale_case(teacher, arch, seed, data, calib, [0.3, 0.5])
+            done = any(r["arch"] == arch and r["seed"] == seed for r in out["upscale"])
+            if ("prune" in stages and not done) or "upscale" in stages:  # the latter: redo
+                out["upscale"] = [
+                    r for r in out["upscale"] if (r["arch"], r["seed"]) != (arch, seed)
+                ] + upscale_case(teacher, arch, seed, data, calib, UPSCALE_SPARSITIES)
                 write_json(state_path, out)
             for budget in args.budgets if "finetune" in stages else ():
                 case = find(arch, seed, budget)
                 if case is not None:
-                    finetune_case(case, teacher, data, calib, args.work, args.epochs)
+                    finetune_case(case, teacher, data, calib, args.work, args.epochs,
+                                  args.short_epochs)  # fmt: skip
                     write_json(state_path, out)
-    if "report" in stages or args.stage == "all" or "finetune" in stages:
+    if set(stages) & {"report", "finetune", "upscale"}:
         write_results(args.out, out, render(out))
         plot(out, args.out.with_suffix(".png"))
     return 0
