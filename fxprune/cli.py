@@ -303,9 +303,10 @@ def _parser() -> argparse.ArgumentParser:
     co.add_argument(
         "--attention",
         default="head_dim",
-        choices=["head_dim", "heads"],
+        choices=["head_dim", "heads", "auto"],  # ATTENTION, spelt out: --help stays light
         help="what a multi-head split offers: positions within every head (head_dim, the "
-        "default) or whole heads (heads)",
+        "default), whole heads (heads), or positions and whole heads where positions cannot "
+        "be pruned (auto)",
     )
     co.add_argument(
         "--also",

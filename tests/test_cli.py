@@ -462,6 +462,16 @@ def test_unreachable_limit_exits_2_naming_the_flag(fake, tmp_path, capsys):
     assert "Traceback" not in err and not (tmp_path / "run").exists()
 
 
+def test_attention_choices_are_the_analysis_modes(capsys):
+    # the CLI spells ATTENTION out to keep --help light; they must not drift apart
+    from fxprune.analysis.channel_rules import ATTENTION
+
+    with pytest.raises(SystemExit):
+        main(["compile", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--attention {" + ",".join(ATTENTION) + "}" in help_text
+
+
 def test_attention_heads_offers_whole_heads(fake, tmp_path, forget_modules):
     """--attention heads: the split's group indexes 4 heads (not 16 positions per head), and
     the projections keep whole heads (on the fake backend the solver keeps all 4 here)."""

@@ -51,7 +51,7 @@ class Analysis:
     example_inputs: tuple[torch.Tensor, ...]
     #: the front end that captured the graph: ``"fx"`` or ``"export"``
     frontend: str = "fx"
-    #: what multi-head attention offers as indices: ``"head_dim"`` or ``"heads"``
+    #: what multi-head attention offers as indices: ``"head_dim"``, ``"heads"`` or ``"auto"``
     attention: str = "head_dim"
 
     def __repr__(self) -> str:
@@ -166,7 +166,9 @@ def analyze(
             dim as for any reshape (``D``: each position tied across all heads and across q,
             k, v; heads where ``H > D``), or ``"heads"``, the ``H`` whole heads (each head's
             q, k, v rows, its columns of the output projection, its slice of a per-head bias
-            table). One or the other: a tensor has one channel dim.
+            table). One or the other per split: a tensor has one channel dim. ``"auto"``:
+            positions, and whole heads at the splits whose positions freeze (an interleaved
+            rotary embedding ``x[..., ::2]`` picks single positions) where heads do not.
 
     Raises:
         TraceError: the model cannot be captured; under ``"auto"``, why under both front ends.

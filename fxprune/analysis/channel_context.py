@@ -76,15 +76,22 @@ class ChannelContext:
         gm: fx.GraphModule,
         attention: str = "head_dim",
         no_heads: frozenset[str] = frozenset(),
+        heads_at: frozenset[str] = frozenset(),
     ) -> None:
         self.gm = gm
-        #: what a multi-head split offers: ``"head_dim"`` (positions within every head) or
-        #: ``"heads"`` (whole heads); see :data:`fxprune.analysis.channel_rules.ATTENTION`
+        #: what a multi-head split offers: ``"head_dim"`` (positions within every head),
+        #: ``"heads"`` (whole heads) or ``"auto"`` (positions, whole heads where positions
+        #: froze); see :data:`fxprune.analysis.channel_rules.ATTENTION`
         self.attention = attention
         #: reshapes split by their longest dim even under ``"heads"`` (their heads froze)
         self.no_heads = no_heads
+        #: under ``"auto"``, the reshapes split into whole heads (their positions froze)
+        self.heads_at = heads_at
         #: reshape node -> its output units, for every split collapsed onto its head dim
         self.head_splits: dict[str, np.ndarray] = {}
+        #: under ``"auto"``, reshape node -> its output units, for every multi-head split
+        #: still split by its longest dim
+        self.position_splits: dict[str, np.ndarray] = {}
         self.table = UnitTable()
         self.roots: list[RootRecord] = []
         self.layers: list[LayerRecord] = []
@@ -95,6 +102,12 @@ class ChannelContext:
         self.lone: list[tuple[int, str]] = []
         self._module_units: dict[tuple[str, str], np.ndarray] = {}
         self._weight_owner: dict[int, str] = {}
+
+    def whole_heads(self, name: str) -> bool:
+        """Whether the multi-head split at reshape ``name`` is cut into whole heads."""
+        if name in self.no_heads:
+            return False
+        return self.attention == "heads" or (self.attention == "auto" and name in self.heads_at)
 
     def key(self, node: fx.Node, module: torch.nn.Module) -> str:
         """Sharing key of a layer: modules that share a weight tensor (tied weights) share units,

@@ -15,6 +15,7 @@ for every int computed from shape reads, and a :class:`ChannelSpaces`.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -34,6 +35,8 @@ from fxprune.analysis.ops import traits_of
 from fxprune.analysis.sizes import check_size_uses, size_value
 from fxprune.core.channel_units import varying_dims
 from fxprune.core.meta import CHANNELS, SIZES, TENSOR_META
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ChannelSpaces", "Group", "analyze_channels"]
 
@@ -165,23 +168,41 @@ def analyze_channels(gm: fx.GraphModule, attention: str = "head_dim") -> Channel
     Under ``"heads"``, a split whose heads end in a frozen group (Swin's and LeViT's bias tables
     gathered by index are added to the scores with no channels to drop per head) is split by its
     longest dim instead, and the pass runs again: heads where they can be pruned, head-dim
-    positions elsewhere. Each run gives up at least one split, so this ends.
+    positions elsewhere. Under ``"auto"`` it goes the other way: positions first, and a split
+    whose positions end in a frozen group (an interleaved rotary embedding picks every other
+    position, which no consistent subset survives) is cut into whole heads and the pass runs
+    again; should its heads freeze too, it goes back to positions for good. Each run settles at
+    least one split, so this ends.
     """
     no_heads: frozenset[str] = frozenset()
+    heads_at: frozenset[str] = frozenset()
     while True:
-        spaces = _analyze_once(gm, attention, no_heads)
-        frozen = {
-            name
-            for name, units in spaces.ctx.head_splits.items()
-            if any(spaces.groups[g].frozen for g in spaces.groups_of(units.reshape(-1)))
-        }
+        spaces = _analyze_once(gm, attention, no_heads, heads_at)
+        ctx = spaces.ctx
+        frozen = _frozen_splits(spaces, ctx.head_splits)
+        if frozen:
+            no_heads |= frozen
+            continue
+        frozen = _frozen_splits(spaces, ctx.position_splits) - no_heads - heads_at
         if not frozen:
             return spaces
-        no_heads |= frozen
+        log.debug("multi-head splits cut into whole heads, as their positions froze: %s", frozen)
+        heads_at |= frozen
 
 
-def _analyze_once(gm: fx.GraphModule, attention: str, no_heads: frozenset[str]) -> ChannelSpaces:
-    ctx = ChannelContext(gm, attention, no_heads)
+def _frozen_splits(spaces: ChannelSpaces, splits: dict[str, np.ndarray]) -> set[str]:
+    """The splits some of whose output units are in a frozen group."""
+    return {
+        name
+        for name, units in splits.items()
+        if any(spaces.groups[g].frozen for g in spaces.groups_of(units.reshape(-1)))
+    }
+
+
+def _analyze_once(
+    gm: fx.GraphModule, attention: str, no_heads: frozenset[str], heads_at: frozenset[str]
+) -> ChannelSpaces:
+    ctx = ChannelContext(gm, attention, no_heads, heads_at)
     for node in gm.graph.nodes:
         node.meta.pop(CHANNELS, None)  # a parameter may wait for a later node (below)
     for node in gm.graph.nodes:

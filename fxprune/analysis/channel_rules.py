@@ -434,18 +434,23 @@ def reshape(ctx: ChannelContext, node: fx.Node, *_: Any) -> np.ndarray:
     A reshape that splits the channel dim over several dims keeps one of them: the longest
     (a multi-head split ``(B, N, H, D)`` then ties the same position ``d`` of every head), or,
     under ``attention="heads"``, the head dim when :func:`head_dim` finds one (then the ``D``
-    positions of each head, and of ``q``, ``k`` and ``v``, are tied into one index per head).
+    positions of each head, and of ``q``, ``k`` and ``v``, are tied into one index per head);
+    under ``"auto"``, the head dim only at the splits :func:`analyze_channels` chose.
     """
     x = ctx.tensor_args(node)[0]
     u, in_shape, out_shape = ctx.map(x), ctx.shape(x), ctx.shape(node)
     full = np.broadcast_to(u.reshape((1,) * (len(in_shape) - u.ndim) + u.shape), in_shape)
     out = full.reshape(out_shape)
-    if ctx.attention != "heads" or node.name in ctx.no_heads:
+    if ctx.attention == "head_dim":
         return ctx.normalize(out)
     cdim = head_dim(ctx, node, out)
+    if cdim is None or not ctx.whole_heads(node.name):
+        result = ctx.normalize(out)
+        if cdim is not None and ctx.attention == "auto":
+            ctx.position_splits[node.name] = result
+        return result
     result = ctx.normalize(out, cdim)
-    if cdim is not None:
-        ctx.head_splits[node.name] = result
+    ctx.head_splits[node.name] = result
     return result
 
 
@@ -809,8 +814,9 @@ def scaled_dot_product_attention(ctx: ChannelContext, node: fx.Node) -> np.ndarr
 
 
 # ---- whole heads (attention="heads") ------------------------------------------------------------
-#: what a multi-head split offers as indices: positions within every head, or whole heads
-ATTENTION = ("head_dim", "heads")
+#: what a multi-head split offers as indices: positions within every head, whole heads, or
+#: positions except where they freeze and whole heads do not
+ATTENTION = ("head_dim", "heads", "auto")
 
 _MOVES = ("permute", "transpose", "swapaxes", "unbind", "unsqueeze")
 _FOLLOW_DEPTH = 32

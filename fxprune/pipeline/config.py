@@ -234,8 +234,10 @@ class CompileConfig:
             (symbolic tracing), ``"export"`` (``torch.export``) or ``"auto"`` (the first that
             works).
         attention: what a multi-head split offers the plan: ``"head_dim"`` (positions
-            within every head) or ``"heads"`` (whole heads, as MDP prunes DeiT; see
-            :func:`fxprune.analyze`). Recorded in the plan's notes; ``rebuild`` reads it.
+            within every head), ``"heads"`` (whole heads, as MDP prunes DeiT) or ``"auto"``
+            (positions, and whole heads at the splits whose positions cannot be pruned, e.g.
+            under an interleaved rotary embedding); see :func:`fxprune.analyze`. Recorded in
+            the plan's notes; ``rebuild`` reads it.
         max_params, max_macs: limits on the pruned model's parameters and conv/linear
             multiply-accumulates, besides the latency budget: each is one more linear row in
             the solver (exact in the kept counts), checked again on the pruned model; None:

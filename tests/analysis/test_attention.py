@@ -162,3 +162,29 @@ def test_rotary_attention_prunes_whole_heads(name, frontend):
     qkv = a.group("qkv")
     assert qkv.prunable and not qkv.inexact and qkv.size == 2
     check_random_plans(a, x, max_examples=6)
+
+
+def _shapes(a: fxprune.Analysis) -> dict[str, tuple[int, bool]]:
+    return {g.name: (g.size, g.prunable) for g in a.groups}
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_auto_cuts_whole_heads_where_positions_freeze(frontend):
+    # interleaved rotary: positions freeze ("picks single channels"), whole heads do not, so
+    # "auto" ends as "heads" does on that split, and stays exact
+    _, x, auto = analysed("rotary_pairs", frontend, attention="auto")
+    _, _, heads = analysed("rotary_pairs", frontend, attention="heads")
+    qkv = auto.group("qkv")
+    assert qkv.prunable and not qkv.inexact and qkv.size == 2
+    assert _shapes(auto) == _shapes(heads)
+    assert "picks single channels" not in _frozen_reasons(auto)
+    check_random_plans(auto, x, max_examples=6)
+
+
+@pytest.mark.parametrize("name", sorted(set(CASES) - {"rotary_pairs"}))
+def test_auto_keeps_positions_where_they_prune(name):
+    # no split's positions freeze in these: "auto" is "head_dim", group for group
+    _, x, auto = analysed(name, attention="auto")
+    _, _, positions = analysed(name)
+    assert _shapes(auto) == _shapes(positions)
+    check_random_plans(auto, x, max_examples=4)

@@ -843,3 +843,25 @@ def test_a_vit_compiles_with_its_attention_priced_by_heads(tmp_path):
     result = fxprune.compile(model, 0.8, example_inputs=x, backend=FakeBackend(), config=config)
     assert result.budget_met
     assert any(n.startswith("scaled_dot_product_attention") for n in result.tables.layers)
+
+
+def test_auto_attention_compiles_interleaved_rotary_by_heads_and_rebuilds(tmp_path):
+    """attention="auto" on an interleaved rotary embedding (positions cannot be pruned):
+    the split is cut into whole heads, the compile meets its budget, the plan records "auto"
+    and ``rebuild`` re-derives the same groups from it."""
+    from attention_models import RotaryPairs
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 4)
+    model = make_sensitive(RotaryPairs().eval(), x)
+    config = CompileConfig(
+        cache=tmp_path / "cache", progress=False, latency=QUIET, attention="auto"
+    )
+    result = fxprune.compile(model, 0.95, example_inputs=x, backend=FakeBackend(), config=config)
+    assert result.budget_met and result.plan.notes["attention"] == "auto"
+    assert result.analysis.group("qkv").size == 2 and result.analysis.group("qkv").prunable
+    check_planned_shapes(result.analysis, result.plan, result.model)
+    rebuilt = fxprune.rebuild(model, x, result.plan, result.model.state_dict())
+    with torch.no_grad():
+        want = fxprune.masked_forward(result.analysis, result.plan, x)
+        assert rel_err(rebuilt(x), want) < 1e-4 and rel_err(result.model(x), want) < 1e-4

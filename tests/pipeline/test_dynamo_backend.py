@@ -18,7 +18,7 @@ import pytest
 import torch
 import torchvision
 from fake_backend import FakeBackend
-from helpers import make_sensitive
+from helpers import make_sensitive, rel_err
 from torch import fx, nn
 
 import fxprune
@@ -121,7 +121,9 @@ def _compile_and_check(model: nn.Module, x: torch.Tensor, be: FxpruneBackend) ->
         assert record.status == "pruned", record
         want = _eager(record, x)
         dense = model(x)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    # relative to the output's scale: inductor reorders float32 reductions, so an element
+    # near zero can differ from eager by more than 1e-4 of itself (seen: 2e-5 on 0.04)
+    assert rel_err(got, want) < 1e-4
     assert not torch.allclose(got, dense, atol=1e-3)  # what ran is the pruned graph
     assert record.params[1] < record.params[0]
     assert _conv_channels(record.result.model) < _conv_channels(model)
