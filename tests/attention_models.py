@@ -187,7 +187,7 @@ class RotaryAttention(nn.Module):
             emb, turn = freqs.repeat_interleave(2, dim=-1), _rotate_pairs
         else:
             emb, turn = torch.cat([freqs, freqs], dim=-1), _rotate_half
-        cos, sin = emb.cos(), emb.sin()
+        cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)  # timm casts to q's dtype
         q = q * cos + turn(q) * sin
         k = k * cos + turn(k) * sin
         a = F.scaled_dot_product_attention(q, k, v)

@@ -848,10 +848,16 @@ def _carries_to_a_batch_dim(ctx: ChannelContext, node: fx.Node, dim: int, depth:
     return all(_user_carries(ctx, node, user, dim, depth) for user in users)
 
 
+#: what reading a tensor attribute gives that is not its data (a size, a dtype, a device)
+_METADATA = ("shape", "dtype", "device", "ndim")
+
+
 def _reads_size(node: fx.Node) -> bool:
+    """Whether ``node`` reads a size or other metadata of its input (``x.shape``,
+    ``x.size()``, ``x.dtype`` for a cast), which carries none of its data."""
     if node.op == "call_method":
         return node.target in ("size", "dim")
-    return node.op == "call_function" and node.target is getattr and node.args[1] == "shape"
+    return node.op == "call_function" and node.target is getattr and node.args[1] in _METADATA
 
 
 def _user_carries(ctx: ChannelContext, src: fx.Node, user: fx.Node, dim: int, depth: int) -> bool:
