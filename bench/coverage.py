@@ -128,12 +128,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--jobs", type=int, default=1, help="timm models run at once (each in its own child)"
     )
+    p.add_argument(
+        "--attention",
+        choices=("head_dim", "heads", "auto"),
+        default="head_dim",
+        help="what multi-head splits offer (timm only; fxprune.analyze's attention=)",
+    )
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     if args.zoo == "timm":
         from bench.coverage_timm import run_zoo
 
-        return run_zoo(args.models, args.plans, args.timeout, args.out, args.jobs)
+        return run_zoo(args.models, args.plans, args.timeout, args.out, args.jobs, args.attention)
     names = args.models or torchvision.models.list_models(module=torchvision.models)
     rows = []
     console = Console(stderr=True)

@@ -70,10 +70,11 @@ def _stopping_reasons(a: Any) -> list[tuple[str, int]]:
     return weight.most_common(5)
 
 
-def _analyze(model: torch.nn.Module, x: torch.Tensor) -> Any:
+def _analyze(model: torch.nn.Module, x: torch.Tensor, attention: str = "head_dim") -> Any:
+    options = {"attention": attention} if attention != "head_dim" else {}  # older commits
     if "frontend" in inspect.signature(fxprune.analyze).parameters:
-        return fxprune.analyze(model, x, frontend="auto")
-    return fxprune.analyze(model, x)
+        return fxprune.analyze(model, x, frontend="auto", **options)
+    return fxprune.analyze(model, x, **options)
 
 
 def _oracle(a: Any, plan: Any, pruned: torch.nn.Module, x: torch.Tensor) -> float:
@@ -82,17 +83,20 @@ def _oracle(a: Any, plan: Any, pruned: torch.nn.Module, x: torch.Tensor) -> floa
         return rel_err(pruned(x), fxprune.masked_forward(a, plan, x))
 
 
-def _oracle_f64(model: torch.nn.Module, x: torch.Tensor, plans: list[Any]) -> float:
+def _oracle_f64(
+    model: torch.nn.Module, x: torch.Tensor, plans: list[Any], attention: str = "head_dim"
+) -> float:
     """The largest oracle error of ``plans`` on a float64 copy of ``model``."""
     import copy
 
     m64, x64 = copy.deepcopy(model).double(), x.double()
-    a64 = _analyze(m64, x64)
+    a64 = _analyze(m64, x64, attention)
     return max(_oracle(a64, plan, fxprune.prune(a64, plan), x64) for plan in plans)
 
 
-def run_model(name: str, family: str, n_plans: int) -> dict:
-    """Every check of one timm model; errors are recorded in the row, never raised."""
+def run_model(name: str, family: str, n_plans: int, attention: str = "head_dim") -> dict:
+    """Every check of one timm model; errors are recorded in the row, never raised.
+    ``attention``: what multi-head splits offer (:func:`fxprune.analyze`)."""
     row: dict = {"model": name, "family": family, "kind": kind_of(family)}
     t0 = time.perf_counter()
     torch.manual_seed(0)
@@ -108,7 +112,7 @@ def run_model(name: str, family: str, n_plans: int) -> dict:
     all_weights = sum(p.numel() for p in model.parameters() if p.ndim >= 2)
     try:
         t = time.perf_counter()
-        a = _analyze(model, x)
+        a = _analyze(model, x, attention)
         row["analyze_s"] = time.perf_counter() - t
         row.update(traced=True, frontend=getattr(a, "frontend", "fx"))
     except Exception as exc:
@@ -139,19 +143,20 @@ def run_model(name: str, family: str, n_plans: int) -> dict:
         row["oracle_max_rel_err"] = max(errs) if errs else 0.0
         row["oracle_equal"] = all(e <= TOLERANCE for e in errs)
         if not row["oracle_equal"]:
-            row["oracle_f64_rel_err"] = _oracle_f64(model, x, plans)
+            row["oracle_f64_rel_err"] = _oracle_f64(model, x, plans, attention)
             row["oracle_equal"] = row["oracle_f64_rel_err"] <= TOLERANCE_F64
     except Exception as exc:
         row.update(oracle_equal=False, oracle_error=_first_line(exc))
         traceback.print_exc()
     try:
         t = time.perf_counter()
-        res = fxprune.compile(model, 0.5, example_inputs=x, backend=MacsBackend())
+        config = fxprune.CompileConfig(attention=attention) if attention != "head_dim" else None
+        res = fxprune.compile(model, 0.5, example_inputs=x, backend=MacsBackend(), config=config)
         row["compile_s"] = time.perf_counter() - t
         res.plan.validate(res.analysis)
         err = _oracle(res.analysis, res.plan, res.model, x)
         if err > TOLERANCE:
-            row["compile_oracle_f64_rel_err"] = _oracle_f64(model, x, [res.plan])
+            row["compile_oracle_f64_rel_err"] = _oracle_f64(model, x, [res.plan], attention)
         equal = err <= TOLERANCE or row.get("compile_oracle_f64_rel_err", 1.0) <= TOLERANCE_F64
         inexact = inexact_pruned(res.analysis, res.plan)
         if not equal and inexact:
@@ -176,11 +181,13 @@ def run_model(name: str, family: str, n_plans: int) -> dict:
     return row
 
 
-def _child(name: str, family: str, n_plans: int, threads: int | None, queue: Any) -> None:
+def _child(
+    name: str, family: str, n_plans: int, threads: int | None, queue: Any, attention: str
+) -> None:
     try:
         if threads is not None:
             torch.set_num_threads(threads)
-        queue.put(run_model(name, family, n_plans))
+        queue.put(run_model(name, family, n_plans, attention))
     except BaseException as exc:  # keep the parent informed whatever happens
         queue.put({"model": name, "family": family, "traced": False, "error": _first_line(exc)})
 
@@ -197,7 +204,11 @@ def _failed_row(name: str, family: str, proc: Any, timeout: float) -> dict:
 
 
 def run_isolated(
-    pairs: list[tuple[str, str]], n_plans: int, timeout: float, jobs: int = 1
+    pairs: list[tuple[str, str]],
+    n_plans: int,
+    timeout: float,
+    jobs: int = 1,
+    attention: str = "head_dim",
 ) -> Iterator[tuple[int, dict]]:
     """``run_model`` per ``(name, family)`` in forked children, ``jobs`` at a time.
 
@@ -215,7 +226,9 @@ def run_isolated(
         while todo and len(running) < jobs:
             i, (name, family) = todo.pop(0)
             queue = ctx.Queue()
-            proc = ctx.Process(target=_child, args=(name, family, n_plans, threads, queue))
+            proc = ctx.Process(
+                target=_child, args=(name, family, n_plans, threads, queue, attention)
+            )
             proc.start()
             running[i] = (proc, queue, time.monotonic() + timeout)
         time.sleep(0.2)
@@ -326,7 +339,14 @@ def to_markdown(rows: list[dict], env: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_zoo(names: list[str] | None, n_plans: int, timeout: float, out: Path, jobs: int = 1) -> int:
+def run_zoo(
+    names: list[str] | None,
+    n_plans: int,
+    timeout: float,
+    out: Path,
+    jobs: int = 1,
+    attention: str = "head_dim",
+) -> int:
     """Run the timm coverage over ``names`` (default: :func:`bench._timm.select_models`)."""
     import timm
 
@@ -338,6 +358,7 @@ def run_zoo(names: list[str] | None, n_plans: int, timeout: float, out: Path, jo
         "plans_per_model": n_plans,
         "timeout_s": timeout,
         "jobs": jobs,
+        "attention": attention,
         "selection": [n for n, _ in pairs],
     }
     done: dict[int, dict] = {}
@@ -345,7 +366,7 @@ def run_zoo(names: list[str] | None, n_plans: int, timeout: float, out: Path, jo
     name = "coverage_timm" if not names else "coverage_timm_subset"
     with progress_bar(console) as progress:
         task = progress.add_task("timm", total=len(pairs))
-        for i, row in run_isolated(pairs, n_plans, timeout, jobs):
+        for i, row in run_isolated(pairs, n_plans, timeout, jobs, attention):
             done[i] = row
             gc.collect()
             progress.update(task, description=f"timm: {row['model']}", advance=1)
