@@ -202,6 +202,39 @@ class RotaryPairs(RotaryAttention):
         super().__init__(pairs=True)
 
 
+class RotaryProjections(nn.Module):
+    """LLaMA's layout: separate ``q`` / ``k`` / ``v`` projections, each split into heads, an
+    interleaved rotary embedding on ``q`` and ``k`` only (so ``v``'s head-dim positions could
+    prune, ``q``'s and ``k``'s cannot)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.embed = nn.Linear(4, dim)
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.head = nn.Linear(dim, 2)
+        half = self.head_dim // 2
+        self.register_buffer("inv_freq", 1.0 / 100.0 ** (torch.arange(half) / half))
+
+    def _split(self, t: torch.Tensor) -> torch.Tensor:
+        B, N, _ = t.shape
+        return t.view(B, N, self.heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x)
+        B, N, C = t.shape
+        q, k, v = self._split(self.q(t)), self._split(self.k(t)), self._split(self.v(t))
+        freqs = torch.arange(N, dtype=t.dtype)[:, None] * self.inv_freq[None, :]
+        emb = freqs.repeat_interleave(2, dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        q = q * cos + _rotate_pairs(q) * sin
+        k = k * cos + _rotate_pairs(k) * sin
+        a = F.scaled_dot_product_attention(q, k, v)
+        t = t + self.proj(a.transpose(1, 2).reshape(B, N, C))
+        return self.head(t.mean(1))
+
+
 #: name -> (model class, example input shape)
 CASES = {
     "fused_vit": (FusedViT, (2, 3, 6, 6)),
@@ -212,6 +245,7 @@ CASES = {
     "unbind_channels": (UnbindChannels, (2, 5, 4)),
     "rotary": (RotaryAttention, (2, 5, 4)),
     "rotary_pairs": (RotaryPairs, (2, 5, 4)),
+    "rotary_projections": (RotaryProjections, (2, 5, 4)),
 }
 
 

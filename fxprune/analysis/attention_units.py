@@ -9,6 +9,7 @@ channels its operands carry (the channel rule, ``channel_rules.scaled_dot_produc
   (one variable, like a depthwise conv); separate ``q``/``k``/``v`` projections may make two.
 * ``attention="heads"``: ``q``, ``k``, ``v`` and the output carry the same head units on one
   batch dim (``_batch_channels``): one variable, the kept head count.
+* ``attention="auto"``: each call is one of the two, as its splits were cut.
 
 :func:`attention_layers` turns each such call into a :class:`AttentionRecord` — a
 :class:`~fxprune.analysis.channel_context.LayerRecord` of kind ``"attention"`` whose

@@ -171,23 +171,27 @@ def analyze_channels(gm: fx.GraphModule, attention: str = "head_dim") -> Channel
     positions elsewhere. Under ``"auto"`` it goes the other way: positions first, and a split
     whose positions end in a frozen group (an interleaved rotary embedding picks every other
     position, which no consistent subset survives) is cut into whole heads and the pass runs
-    again; should its heads freeze too, it goes back to positions for good. Each run settles at
-    least one split, so this ends.
+    again, splits not yet tried as heads before any gives up (q's heads freeze v's positions
+    through attention until v's split is cut into heads too); a split whose heads still freeze
+    then goes back to positions for good. Each run settles at least one split, so this ends.
     """
     no_heads: frozenset[str] = frozenset()
     heads_at: frozenset[str] = frozenset()
     while True:
         spaces = _analyze_once(gm, attention, no_heads, heads_at)
         ctx = spaces.ctx
-        frozen = _frozen_splits(spaces, ctx.head_splits)
-        if frozen:
-            no_heads |= frozen
-            continue
+        # under "auto", splits not yet tried as heads go first: when q and k are cut into
+        # heads and v is not, attention ties q's heads to v's positions and freezes both, so
+        # v's split (frozen only now) must be tried as heads before q's and k's give up
         frozen = _frozen_splits(spaces, ctx.position_splits) - no_heads - heads_at
+        if frozen:
+            log.debug("multi-head splits cut into whole heads, their positions froze: %s", frozen)
+            heads_at |= frozen
+            continue
+        frozen = _frozen_splits(spaces, ctx.head_splits)
         if not frozen:
             return spaces
-        log.debug("multi-head splits cut into whole heads, as their positions froze: %s", frozen)
-        heads_at |= frozen
+        no_heads |= frozen
 
 
 def _frozen_splits(spaces: ChannelSpaces, splits: dict[str, np.ndarray]) -> set[str]:

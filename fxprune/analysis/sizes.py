@@ -26,7 +26,8 @@ that reads channels:
   for the same reason: the reshape rule joins the units at one position of every head
   (:func:`fxprune.core.channel_units.normalize`), so every count the group can take keeps
   ``h`` heads of equal width and ``C // h`` never has to divide unevenly. Under
-  ``attention="heads"`` the rule joins the positions of one head instead: the planned sizes
+  ``attention="heads"`` (and at the splits ``"auto"`` cuts into heads) the rule joins the
+  positions of one head instead: the planned sizes
   are the kept head count and the unchanged width (``h`` and ``C // h`` are written as those
   literals where they would compute other values).
 - anything else (a comparison, ``arange``, a scale, a slice bound, a true division, an op

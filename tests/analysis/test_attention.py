@@ -169,19 +169,22 @@ def _shapes(a: fxprune.Analysis) -> dict[str, tuple[int, bool]]:
 
 
 @pytest.mark.parametrize("frontend", ["fx", "export"])
-def test_auto_cuts_whole_heads_where_positions_freeze(frontend):
+@pytest.mark.parametrize(("name", "split"), [("rotary_pairs", "qkv"), ("rotary_projections", "q")])
+def test_auto_cuts_whole_heads_where_positions_freeze(name, split, frontend):
     # interleaved rotary: positions freeze ("picks single channels"), whole heads do not, so
-    # "auto" ends as "heads" does on that split, and stays exact
-    _, x, auto = analysed("rotary_pairs", frontend, attention="auto")
-    _, _, heads = analysed("rotary_pairs", frontend, attention="heads")
-    qkv = auto.group("qkv")
+    # "auto" ends as "heads" does on that split, and stays exact; with separate projections
+    # and rotary on q and k only, v's split (whose positions alone would prune) is cut into
+    # heads too, as attention ties its heads to q's
+    _, x, auto = analysed(name, frontend, attention="auto")
+    _, _, heads = analysed(name, frontend, attention="heads")
+    qkv = auto.group(split)
     assert qkv.prunable and not qkv.inexact and qkv.size == 2
     assert _shapes(auto) == _shapes(heads)
     assert "picks single channels" not in _frozen_reasons(auto)
     check_random_plans(auto, x, max_examples=6)
 
 
-@pytest.mark.parametrize("name", sorted(set(CASES) - {"rotary_pairs"}))
+@pytest.mark.parametrize("name", sorted(set(CASES) - {"rotary_pairs", "rotary_projections"}))
 def test_auto_keeps_positions_where_they_prune(name):
     # no split's positions freeze in these: "auto" is "head_dim", group for group
     _, x, auto = analysed(name, attention="auto")
