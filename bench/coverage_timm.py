@@ -275,7 +275,8 @@ def summary(rows: list[dict]) -> dict[str, Any]:
 def to_markdown(rows: list[dict], env: dict) -> str:
     s = summary(rows)
     lines = [
-        f"# Coverage over timm ({env['timm']}, torch {env['torch']}, commit {env['commit']})",
+        f"# Coverage over timm ({env['timm']}, torch {env['torch']}, commit {env['commit']}, "
+        f"attention={env.get('attention', 'head_dim')})",
         "",
         f"- analysed and oracle-exact: {_pct(s['analysed_and_oracle_exact'], s['models'])}",
         f"- CNN models with ≥ 90 % prunable weights: {_pct(s['cnn_prunable_ge_0.9'], s['cnn_models'])}"
@@ -364,6 +365,8 @@ def run_zoo(
     done: dict[int, dict] = {}
     console = Console(stderr=True)
     name = "coverage_timm" if not names else "coverage_timm_subset"
+    if attention != "head_dim":  # beside the default's results, not over them
+        name += f"_{attention}"
     with progress_bar(console) as progress:
         task = progress.add_task("timm", total=len(pairs))
         for i, row in run_isolated(pairs, n_plans, timeout, jobs, attention):
