@@ -449,6 +449,10 @@ def _build(problem: Problem, budget: float | None, objective: str) -> _Milp:
     _check(problem)
     m = Model("fxprune")
     m.hideOutput()
+    # SCIP's inequality simplification (scale to integers, divide by the gcd, round) cut off
+    # the optimum of a derived group's rows whose coefficients were near-integers (63.001):
+    # found by tests/test_solver.py::test_minlp_matches_brute_force; kept off for any row
+    m.setParam("constraints/linear/simplifyinequalities", False)
     milp = _Milp(m, {}, {}, [])
     _choice_vars(milp, problem)
     for g in problem.groups:
@@ -518,18 +522,23 @@ def _choice_vars(milp: _Milp, problem: Problem) -> None:
 def _derived_constraints(m, problem: Problem, g: GroupSpec, y: Mapping[str, list]) -> None:
     """Pin a derived group's option to the smallest count covering its members' total.
 
-    ``counts[k-1] < total ≤ counts[k]``  ⇔  ``Σ (counts[k-1]+1)·y_k ≤ total ≤ Σ counts[k]·y_k``.
+    ``counts[k-1] < total ≤ counts[k]``  ⇔  ``Σ (counts[k-1]+δ)·y_k ≤ total ≤ Σ counts[k]·y_k``,
+    with ``δ = 1`` when every share is a whole number (the total is one too: exact, and the row
+    keeps integer coefficients) and a small ``δ`` otherwise.
     """
     from pyscipopt import quicksum
 
-    total = g.offset + quicksum(
-        share(problem, member, coef, k) * v
+    shares = [
+        (share(problem, member, coef, k), v)
         for member, coef in g.sum_of
         for k, v in enumerate(y[member])
-    )
+    ]
+    total = g.offset + quicksum(s * v for s, v in shares)
+    integral = float(g.offset).is_integer() and all(float(s).is_integer() for s, _ in shares)
+    step = 1.0 if integral else 1e-3
     ys = y[g.name]
     m.addCons(quicksum(c * v for c, v in zip(g.counts, ys, strict=True)) >= total - 1e-6)
-    lower = [0.0, *(c + 1e-3 for c in g.counts[:-1])]
+    lower = [0.0, *(c + step for c in g.counts[:-1])]
     m.addCons(quicksum(c * v for c, v in zip(lower, ys, strict=True)) <= total)
 
 

@@ -456,3 +456,36 @@ def test_peak_limit_binds_through_a_removed_block_and_an_unreachable_one_names_i
     with pytest.raises(InfeasibleLimit) as info:
         solve_uniform(tiny, budget=100.0)
     assert info.value.minimum == pytest.approx(16.0)
+
+
+def test_minlp_keeps_the_optimum_where_a_derived_group_takes_its_top_count():
+    """Found by hypothesis: SCIP's inequality simplification cut the optimum off (g2 at 32,
+    so the concatenation's 7 + 25 + 32 = 64 is its top count) and reported a worse plan as
+    optimal; brute force and SCIP must agree on it."""
+    blocked = np.zeros((2, 3))
+    blocked[:, 1:] = [[0.34, 1.62], [1.08, 3.97]]
+    problem = Problem(
+        (
+            GroupSpec("g0", (6, 25), (0.509, 1.417)),
+            GroupSpec("g1", (0, 1, 13), (0.0, 0.059, 0.482), block="b0"),
+            GroupSpec("g2", (31, 32), (0.175, 0.529)),
+            GroupSpec(
+                "cat", (3, 9, 63, 64), (0.0,) * 4, sum_of=(("g0", 1.0), ("g2", 1.0)), offset=7
+            ),
+        ),
+        (
+            OpCost("op0", "g0", "g1", blocked, "b0"),
+            OpCost("op1", "g1", "g2", np.array([[0.0, 0.0], [0.80, 0.75], [4.37, 4.47]]), "b0"),
+            OpCost("dw", "g0", None, np.array([[0.904], [0.208]]), "b0"),
+            OpCost("const_in_block", None, None, np.array([[0.7]]), "b0"),
+            OpCost("reader", "cat", None, np.array([[0.843], [0.283], [0.571], [0.849]])),
+        ),
+        (BlockSpec("b0"),),
+        const=1.0,
+    )
+    budget = 0.25 * evaluate(problem, _full(problem), set())[1]
+    want = brute_force(problem, budget)
+    got = solve_minlp(problem, budget, gap=0.0)
+    assert want.choice == {"g0": 1, "g1": 0, "g2": 1} and want.removed == {"b0"}
+    assert got.objective == pytest.approx(want.objective, rel=1e-9)
+    assert complete(problem, got.choice)["cat"] == 3
