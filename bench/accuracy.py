@@ -552,6 +552,9 @@ def main(argv=None) -> int:
     p.add_argument("--teacher-epochs", type=int, default=TEACHER_EPOCHS)
     p.add_argument("--stage", choices=("all", "teachers", "prune", "upscale", "finetune", "report"),
                    default="all")  # fmt: skip
+    p.add_argument(
+        "--redo", action="store_true", help="prune cases again even where every method is kept"
+    )
     p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "fxprune" / "accuracy")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -590,6 +593,7 @@ def main(argv=None) -> int:
             for budget in args.budgets if "prune" in stages else ():
                 old = find(arch, seed, budget)
                 done = old and all(v in old["methods"] for v in [*variants, *args.methods[1:]])
+                done = done and not args.redo  # e.g. to replay one case, its rounds kept
                 if not done:
                     case = prune_case(teacher, arch, seed, budget, calib, args.methods,
                                       variants, args.work, backend, train)  # fmt: skip
