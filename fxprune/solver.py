@@ -449,15 +449,14 @@ def _build(problem: Problem, budget: float | None, objective: str) -> _Milp:
     _check(problem)
     m = Model("fxprune")
     m.hideOutput()
-    # SCIP's inequality simplification (scale to integers, divide by the gcd, round) cut off
-    # the optimum of a derived group's rows whose coefficients were near-integers (63.001):
-    # found by tests/test_solver.py::test_minlp_matches_brute_force; kept off for any row
-    m.setParam("constraints/linear/simplifyinequalities", False)
     milp = _Milp(m, {}, {}, [])
     _choice_vars(milp, problem)
-    for g in problem.groups:
-        if g.sum_of:
-            _derived_constraints(m, problem, g, milp.y)
+    exact = [_derived_constraints(m, problem, g, milp.y) for g in problem.groups if g.sum_of]
+    if not all(exact):
+        # SCIP's inequality simplification (scale to integers, divide by the gcd, round) cut
+        # off the optimum of a derived group's rows with near-integer coefficients (63.001,
+        # tests/test_solver.py): off where a row has them; it speeds up the integral rest
+        m.setParam("constraints/linear/simplifyinequalities", False)
     terms = []
     for o, op in enumerate(problem.ops):
         terms.extend(_op_terms(milp, problem, o, op))
@@ -519,12 +518,12 @@ def _choice_vars(milp: _Milp, problem: Problem) -> None:
             m.addCons(milp.y[g.name][0] == milp.z[g.block])
 
 
-def _derived_constraints(m, problem: Problem, g: GroupSpec, y: Mapping[str, list]) -> None:
+def _derived_constraints(m, problem: Problem, g: GroupSpec, y: Mapping[str, list]) -> bool:
     """Pin a derived group's option to the smallest count covering its members' total.
 
     ``counts[k-1] < total ≤ counts[k]``  ⇔  ``Σ (counts[k-1]+δ)·y_k ≤ total ≤ Σ counts[k]·y_k``,
     with ``δ = 1`` when every share is a whole number (the total is one too: exact, and the row
-    keeps integer coefficients) and a small ``δ`` otherwise.
+    keeps integer coefficients) and a small ``δ`` otherwise. Returns whether ``δ = 1``.
     """
     from pyscipopt import quicksum
 
@@ -540,6 +539,7 @@ def _derived_constraints(m, problem: Problem, g: GroupSpec, y: Mapping[str, list
     m.addCons(quicksum(c * v for c, v in zip(g.counts, ys, strict=True)) >= total - 1e-6)
     lower = [0.0, *(c + step for c in g.counts[:-1])]
     m.addCons(quicksum(c * v for c, v in zip(lower, ys, strict=True)) <= total)
+    return integral
 
 
 def _op_terms(milp: _Milp, problem: Problem, o: int, op: OpCost, row: str = "") -> list:
