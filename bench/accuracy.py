@@ -344,12 +344,12 @@ def finetune_case(case, teacher, data, calib, work, epochs: int, short: int) -> 
             if key in m or n <= 0:
                 continue
             model = torch.load(path, weights_only=False)
-            if "recalibrated" not in m:  # the same figures for every schedule
+            first = "recalibrated" not in m  # the same figures for every schedule
+            if first:
                 m["delivered"] = accuracy(model, xte, yte)
-                fxprune.recalibrate_norms(model, calib, max_batches=CALIB_BATCHES)
+            fxprune.recalibrate_norms(model, calib, max_batches=CALIB_BATCHES)
+            if first:
                 m["recalibrated"] = accuracy(model, xte, yte)
-            else:
-                fxprune.recalibrate_norms(model, calib, max_batches=CALIB_BATCHES)
             cfg = fxprune.FinetuneConfig(epochs=n, lr=0.05, seed=seed, progress=False)
             start = time.perf_counter()
             fxprune.finetune(model, Loader(xtr, ytr, 64, train=True), teacher=teacher, config=cfg)

@@ -441,7 +441,7 @@ def reshape(ctx: ChannelContext, node: fx.Node, *_: Any) -> np.ndarray:
     u, in_shape, out_shape = ctx.map(x), ctx.shape(x), ctx.shape(node)
     full = np.broadcast_to(u.reshape((1,) * (len(in_shape) - u.ndim) + u.shape), in_shape)
     out = full.reshape(out_shape)
-    if ctx.attention == "head_dim":
+    if ctx.attention == "head_dim" or node.name in ctx.no_heads:  # settled: positions
         return ctx.normalize(out)
     cdim = head_dim(ctx, node, out)
     if cdim is None or not ctx.whole_heads(node.name):
