@@ -28,6 +28,7 @@ ROUND_KEYS = (
     "status",
     "gap",
     "solve_s",
+    "measurements",
 )
 
 

@@ -360,6 +360,8 @@ def test_limit_flags_reach_the_config(monkeypatch):
     ]
     plain = _config_of(monkeypatch)  # no flag: no limit, the library's defaults
     assert plain.limits() == {} and plain.also == () and plain.attention == "head_dim"
+    # the CLI spells --max-rounds' default out to keep --help light: it is the library's
+    assert plain.loop == fxprune.LoopConfig()
 
 
 def _parsed(text):

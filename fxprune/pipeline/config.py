@@ -164,22 +164,30 @@ class LoopConfig:
         tolerance: a measured latency up to ``budget·(1 + tolerance)`` meets the budget.
         margin: the solver aims at ``budget·(1 − margin)`` to leave room for noise.
         slack: a plan measured under ``budget·(1 − slack)`` is loosened in a further round.
-        max_rounds: solve–measure rounds at most.
+        max_rounds: solve–measure rounds at most. A latency model fitted on one or two measured
+            plans often lands the next plan far on the other side of the budget; the secant
+            between the bracketing plans then needs a few more rounds to close in.
         sessions: how many runtime sessions each round's pruned and dense models are timed in
             (side by side, per session as :class:`~fxprune.MeasureConfig` says).
+        confirm: a plan measured over the budget but within the tolerance is measured once
+            more, side by side again, and judged on the mean of the two paired ratios. The loop
+            accepts a plan on its measurement, so without it a plan a little over the budget
+            passes whenever one noisy draw comes out low.
     """
 
     tolerance: float = 0.02
     margin: float = 0.02
     slack: float = 0.05
-    max_rounds: int = 4
+    max_rounds: int = 6
     sessions: int = 1
+    confirm: bool = True
 
     def __post_init__(self) -> None:
         for name in ("tolerance", "margin", "slack"):
             _number("LoopConfig", name, getattr(self, name), 0.0, 1.0)
         _count("LoopConfig", "max_rounds", self.max_rounds)
         _count("LoopConfig", "sessions", self.sessions)
+        _flag("LoopConfig", "confirm", self.confirm)
 
 
 @dataclass(frozen=True)

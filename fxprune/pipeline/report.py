@@ -186,6 +186,12 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _confirmed(r: Mapping[str, Any]) -> str:
+    """A note on a round measured more than once (its figure is their mean)."""
+    n = r.get("measurements", 1)  # reports from before the confirming measurement lack it
+    return f" (mean of {n})" if n > 1 else ""
+
+
 def rounds_markdown(rounds: Sequence[Mapping[str, Any]]) -> str:
     """The budget rounds of a compile report (``report["rounds"]``) as a Markdown table."""
     export = any("export" in r for r in rounds)
@@ -196,7 +202,8 @@ def rounds_markdown(rounds: Sequence[Mapping[str, Any]]) -> str:
     for r in rounds:
         row = (
             f"| {r['round']} | {r['target_ms']:.3f} | {r['predicted_ms']:.3f} | "
-            f"{r['measured_ms']:.3f} | {r['dense_ms']:.3f} | {r['budget_ms']:.3f} | {r['met']} |"
+            f"{r['measured_ms']:.3f}{_confirmed(r)} | {r['dense_ms']:.3f} | {r['budget_ms']:.3f} | "
+            f"{r['met']} |"
         )
         if export:
             e = r.get("export", {})

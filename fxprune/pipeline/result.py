@@ -136,6 +136,9 @@ class Round:
     #: per further backend (``CompileConfig.also``): ``target_ms``, ``predicted_ms``,
     #: ``measured_ms`` and ``dense_ms`` (measured side by side there), ``budget_ms``, ``met``
     also: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: side-by-side measurements the figures average (2: confirmed near the budget,
+    #: ``LoopConfig.confirm``)
+    measurements: int = 1
 
     @property
     def measured_over_budget(self) -> float:
@@ -164,6 +167,7 @@ class Round:
             "status": self.status,
             "gap": self.gap,
             "solve_s": self.solve_s,
+            "measurements": self.measurements,
         }
         if self.export is not None:
             out["export"] = self.export.to_dict()

@@ -111,6 +111,42 @@ def test_budget_loop_recalibrates_after_a_miss(resnet, tmp_path):
     assert [r.round for r in result.rounds] == list(range(len(result.rounds)))
 
 
+class Scripted(FakeBackend):
+    """The dense model (``dense``) measures ``dense_ms``; every other model the next figure
+    of ``pruned_ms``, in turn (one noisy draw after another)."""
+
+    def __init__(self, dense: nn.Module, dense_ms: float, pruned_ms: list[float]) -> None:
+        super().__init__(runtime="scripted")
+        self.dense, self.dense_ms, self.pruned_ms = dense, dense_ms, list(pruned_ms)
+
+    def cost(self, module, inputs):
+        return self.dense_ms if module is self.dense else self.pruned_ms.pop(0)
+
+
+@pytest.mark.parametrize(
+    ("draws", "confirm", "measurements", "measured"),
+    [
+        ([5.08, 4.96], True, 2, 5.02),  # within the tolerance over: measured again, the mean
+        ([5.08, 5.16], True, 2, 5.12),  # … and the mean misses
+        ([5.08], False, 1, 5.08),  # not confirmed: one draw decides
+        ([4.90], True, 1, 4.90),  # under the budget: once
+        ([5.30], True, 1, 5.30),  # beyond the tolerance: once
+    ],
+)
+def test_a_plan_just_over_the_budget_is_measured_again(draws, confirm, measurements, measured):
+    from fxprune.pipeline.compile import _Log, _measure_round, _Run
+
+    dense, pruned = nn.Linear(4, 4), nn.Linear(4, 2)
+    config = CompileConfig(loop=LoopConfig(confirm=confirm), progress=False)
+    backend = Scripted(dense, 10.0, draws)
+    run = _Run(config, backend, Budget.parse(0.5), _Log(False))
+    analysis = type("A", (), {"gm": dense, "example_inputs": (torch.randn(1, 4),)})()
+    figures = _measure_round(run, pruned, analysis, 0)
+    assert figures.measurements == measurements and not backend.pruned_ms  # every draw used
+    assert figures.measured_ms == pytest.approx(measured)
+    assert figures.dense_ms == 10.0 and figures.budget_ms == pytest.approx(5.0)
+
+
 class BlockOverhead(FakeBackend):
     """Every residual add of a whole model costs ``per_add`` ms more than the units see: the
     non-unit ops of a block live in the tables' constant, so a plan that removes blocks

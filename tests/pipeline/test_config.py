@@ -31,7 +31,9 @@ def test_defaults_are_compiles_defaults():
     """The values compile's keyword arguments defaulted to, now in one place."""
     c = CompileConfig()
     assert c.solve == SolveConfig("minlp", 30.0, 1e-3)
-    assert c.loop == LoopConfig(tolerance=0.02, margin=0.02, slack=0.05, max_rounds=4, sessions=1)
+    assert c.loop == LoopConfig(
+        tolerance=0.02, margin=0.02, slack=0.05, max_rounds=6, sessions=1, confirm=True
+    )
     assert c.unconstrained is None and c.coupling == "constrained"
     assert c.measure == MeasureConfig(warmup=5, repeats=30, min_seconds=1.5)
     assert c.latency is None and c.tables_config() == LatencyConfig(progress=True)
@@ -60,6 +62,7 @@ BAD = [
     (lambda: LoopConfig(max_rounds=0), "LoopConfig.max_rounds", "integer ≥ 1"),
     (lambda: LoopConfig(max_rounds=2.5), "LoopConfig.max_rounds", "integer ≥ 1"),
     (lambda: LoopConfig(sessions=0), "LoopConfig.sessions", "integer ≥ 1"),
+    (lambda: LoopConfig(confirm=1), "LoopConfig.confirm", "True or False"),
     (lambda: UnconstrainedConfig(reads="fast"), "UnconstrainedConfig.reads", "'measure'"),
     (lambda: CompileConfig(solve="minlp"), "CompileConfig.solve", "a SolveConfig"),
     (lambda: CompileConfig(loop=None), "CompileConfig.loop", "a LoopConfig"),
