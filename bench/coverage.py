@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--attention",
         choices=("head_dim", "heads", "auto"),
-        default="head_dim",
+        default="auto",
         help="what multi-head splits offer (timm only; fxprune.analyze's attention=)",
     )
     p.add_argument("--out", type=Path, default=RESULTS)

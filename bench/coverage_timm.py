@@ -44,6 +44,9 @@ from fxprune.rewrite.shapes import check_planned_shapes
 __all__ = ["run_isolated", "run_model", "run_zoo"]
 
 TOLERANCE = 1e-4  # relative error pruned vs oracle in float32
+#: the attention mode whose results take the plain file name: fxprune's default
+#: (``DEFAULT_ATTENTION``, spelt out so the bench still runs on commits from before it)
+DEFAULT = "auto"
 TOLERANCE_F64 = 1e-9  # the same in float64, where float32 rounding is amplified past TOLERANCE
 
 
@@ -70,8 +73,13 @@ def _stopping_reasons(a: Any) -> list[tuple[str, int]]:
     return weight.most_common(5)
 
 
-def _analyze(model: torch.nn.Module, x: torch.Tensor, attention: str = "head_dim") -> Any:
-    options = {"attention": attention} if attention != "head_dim" else {}  # older commits
+def _takes_attention() -> bool:
+    """Whether this fxprune takes ``attention=`` (commits before it analysed as head_dim)."""
+    return "attention" in inspect.signature(fxprune.analyze).parameters
+
+
+def _analyze(model: torch.nn.Module, x: torch.Tensor, attention: str = DEFAULT) -> Any:
+    options = {"attention": attention} if _takes_attention() else {}  # older commits
     if "frontend" in inspect.signature(fxprune.analyze).parameters:
         return fxprune.analyze(model, x, frontend="auto", **options)
     return fxprune.analyze(model, x, **options)
@@ -84,7 +92,7 @@ def _oracle(a: Any, plan: Any, pruned: torch.nn.Module, x: torch.Tensor) -> floa
 
 
 def _oracle_f64(
-    model: torch.nn.Module, x: torch.Tensor, plans: list[Any], attention: str = "head_dim"
+    model: torch.nn.Module, x: torch.Tensor, plans: list[Any], attention: str = DEFAULT
 ) -> float:
     """The largest oracle error of ``plans`` on a float64 copy of ``model``."""
     import copy
@@ -94,7 +102,7 @@ def _oracle_f64(
     return max(_oracle(a64, plan, fxprune.prune(a64, plan), x64) for plan in plans)
 
 
-def run_model(name: str, family: str, n_plans: int, attention: str = "head_dim") -> dict:
+def run_model(name: str, family: str, n_plans: int, attention: str = DEFAULT) -> dict:
     """Every check of one timm model; errors are recorded in the row, never raised.
     ``attention``: what multi-head splits offer (:func:`fxprune.analyze`)."""
     row: dict = {"model": name, "family": family, "kind": kind_of(family)}
@@ -150,7 +158,7 @@ def run_model(name: str, family: str, n_plans: int, attention: str = "head_dim")
         traceback.print_exc()
     try:
         t = time.perf_counter()
-        config = fxprune.CompileConfig(attention=attention) if attention != "head_dim" else None
+        config = fxprune.CompileConfig(attention=attention) if _takes_attention() else None
         res = fxprune.compile(model, 0.5, example_inputs=x, backend=MacsBackend(), config=config)
         row["compile_s"] = time.perf_counter() - t
         res.plan.validate(res.analysis)
@@ -208,7 +216,7 @@ def run_isolated(
     n_plans: int,
     timeout: float,
     jobs: int = 1,
-    attention: str = "head_dim",
+    attention: str = DEFAULT,
 ) -> Iterator[tuple[int, dict]]:
     """``run_model`` per ``(name, family)`` in forked children, ``jobs`` at a time.
 
@@ -346,7 +354,7 @@ def run_zoo(
     timeout: float,
     out: Path,
     jobs: int = 1,
-    attention: str = "head_dim",
+    attention: str = DEFAULT,
 ) -> int:
     """Run the timm coverage over ``names`` (default: :func:`bench._timm.select_models`)."""
     import timm
@@ -365,7 +373,7 @@ def run_zoo(
     done: dict[int, dict] = {}
     console = Console(stderr=True)
     name = "coverage_timm" if not names else "coverage_timm_subset"
-    if attention != "head_dim":  # beside the default's results, not over them
+    if attention != DEFAULT:  # beside the default's results, not over them
         name += f"_{attention}"
     with progress_bar(console) as progress:
         task = progress.add_task("timm", total=len(pairs))

@@ -359,7 +359,8 @@ def test_limit_flags_reach_the_config(monkeypatch):
         ("torch", str(_parsed("25ms"))),
     ]
     plain = _config_of(monkeypatch)  # no flag: no limit, the library's defaults
-    assert plain.limits() == {} and plain.also == () and plain.attention == "head_dim"
+    assert plain.limits() == {} and plain.also == () and plain.attention == "auto"
+    assert plain.attention == fxprune.CompileConfig().attention
     # the CLI spells --max-rounds' default out to keep --help light: it is the library's
     assert plain.loop == fxprune.LoopConfig()
 

@@ -22,7 +22,7 @@ from fxprune.analysis.attention_units import (
 from fxprune.analysis.blocks import Block, find_blocks, to_networkx
 from fxprune.analysis.canonicalize import canonicalize
 from fxprune.analysis.channel_groups import ChannelSpaces, Group, analyze_channels
-from fxprune.analysis.channel_rules import ATTENTION
+from fxprune.analysis.channel_rules import ATTENTION, DEFAULT_ATTENTION
 from fxprune.analysis.consumers import Consumer, find_consumers
 from fxprune.analysis.expand_attention import expand_attention
 from fxprune.analysis.export_frontend import capture, from_exported
@@ -52,7 +52,7 @@ class Analysis:
     #: the front end that captured the graph: ``"fx"`` or ``"export"``
     frontend: str = "fx"
     #: what multi-head attention offers as indices: ``"head_dim"``, ``"heads"`` or ``"auto"``
-    attention: str = "head_dim"
+    attention: str = DEFAULT_ATTENTION
 
     def __repr__(self) -> str:
         """One line: the model, its groups and blocks, the input shapes, the signature."""
@@ -145,7 +145,7 @@ def analyze(
     *,
     leaf_modules: Iterable[type | str] | None = None,
     frontend: str = "auto",
-    attention: str = "head_dim",
+    attention: str = DEFAULT_ATTENTION,
 ) -> Analysis:
     """Capture ``model`` (a copy; the original is untouched) and analyse its prunable structure.
 
@@ -166,9 +166,10 @@ def analyze(
             dim as for any reshape (``D``: each position tied across all heads and across q,
             k, v; heads where ``H > D``), or ``"heads"``, the ``H`` whole heads (each head's
             q, k, v rows, its columns of the output projection, its slice of a per-head bias
-            table). One or the other per split: a tensor has one channel dim. ``"auto"``:
-            positions, and whole heads at the splits whose positions freeze (an interleaved
-            rotary embedding ``x[..., ::2]`` picks single positions) where heads do not.
+            table). One or the other per split: a tensor has one channel dim. ``"auto"`` (the
+            default): positions, and whole heads at the splits whose positions freeze (an
+            interleaved rotary embedding ``x[..., ::2]`` picks single positions) where heads
+            do not; on a model where no split's positions freeze it is ``"head_dim"``.
 
     Raises:
         TraceError: the model cannot be captured; under ``"auto"``, why under both front ends.

@@ -74,7 +74,7 @@ class ChannelContext:
     def __init__(
         self,
         gm: fx.GraphModule,
-        attention: str = "head_dim",
+        attention: str,
         no_heads: frozenset[str] = frozenset(),
         heads_at: frozenset[str] = frozenset(),
     ) -> None:

@@ -30,7 +30,7 @@ from fxprune.analysis.channel_context import (
     describe,
     is_tensor_node,
 )
-from fxprune.analysis.channel_rules import lookup_rule
+from fxprune.analysis.channel_rules import DEFAULT_ATTENTION, lookup_rule
 from fxprune.analysis.ops import traits_of
 from fxprune.analysis.sizes import check_size_uses, size_value
 from fxprune.core.channel_units import varying_dims
@@ -161,7 +161,7 @@ def _waits_for_a_user(ctx: ChannelContext, node: fx.Node) -> bool:
     return False
 
 
-def analyze_channels(gm: fx.GraphModule, attention: str = "head_dim") -> ChannelSpaces:
+def analyze_channels(gm: fx.GraphModule, attention: str = DEFAULT_ATTENTION) -> ChannelSpaces:
     """Run the channel-space pass on a traced GraphModule with ``tensor_meta`` set.
 
     ``attention`` is what a multi-head split offers (:data:`~fxprune.analysis.channel_rules.ATTENTION`).

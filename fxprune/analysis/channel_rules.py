@@ -817,6 +817,9 @@ def scaled_dot_product_attention(ctx: ChannelContext, node: fx.Node) -> np.ndarr
 #: what a multi-head split offers as indices: positions within every head, whole heads, or
 #: positions except where they freeze and whole heads do not
 ATTENTION = ("head_dim", "heads", "auto")
+#: the default: on every model where positions prune, ``"auto"`` is ``"head_dim"``; where a
+#: split's positions freeze (interleaved rotary embeddings) it still prunes whole heads
+DEFAULT_ATTENTION = "auto"
 
 _MOVES = ("permute", "transpose", "swapaxes", "unbind", "unsqueeze")
 _FOLLOW_DEPTH = 32

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fxprune.analysis.analyze import FRONTENDS
-from fxprune.analysis.channel_rules import ATTENTION
+from fxprune.analysis.channel_rules import ATTENTION, DEFAULT_ATTENTION
 from fxprune.analysis.importance import IMPORTANCE_METHODS, NORMALIZATIONS
 from fxprune.backends import LatencyCache, MeasureConfig
 from fxprune.core.errors import ConfigError
@@ -243,8 +243,8 @@ class CompileConfig:
             works).
         attention: what a multi-head split offers the plan: ``"head_dim"`` (positions
             within every head), ``"heads"`` (whole heads, as MDP prunes DeiT) or ``"auto"``
-            (positions, and whole heads at the splits whose positions cannot be pruned, e.g.
-            under an interleaved rotary embedding); see :func:`fxprune.analyze`. Recorded in
+            (the default: positions, and whole heads at the splits whose positions cannot be
+            pruned, e.g. under an interleaved rotary embedding); see :func:`fxprune.analyze`. Recorded in
             the plan's notes; ``rebuild`` reads it.
         max_params, max_macs: limits on the pruned model's parameters and conv/linear
             multiply-accumulates, besides the latency budget: each is one more linear row in
@@ -278,7 +278,7 @@ class CompileConfig:
     progress: bool = True
     recalibrate: bool = True
     frontend: str = "auto"
-    attention: str = "head_dim"
+    attention: str = DEFAULT_ATTENTION
     max_params: int | None = None
     max_macs: int | None = None
     max_activation_bytes: int | None = None

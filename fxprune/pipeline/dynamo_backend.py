@@ -62,6 +62,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxprune.analysis import Analysis, analyze
+from fxprune.analysis.channel_rules import DEFAULT_ATTENTION
 from fxprune.backends import Backend
 from fxprune.core.errors import ConfigError
 from fxprune.core.plan import Plan
@@ -370,7 +371,7 @@ class FxpruneBackend:
         options = self.options
         config = options.config
         leaf = config.leaf_modules if config is not None else None
-        attention = config.attention if config is not None else "head_dim"
+        attention = config.attention if config is not None else DEFAULT_ATTENTION
         if options.plan is not None:  # what the plan's groups index
             attention = options.plan.notes.get("attention", attention)
         analysis = analyze(lifted.gm, inputs, leaf_modules=leaf, attention=attention)

@@ -53,10 +53,10 @@ def test_a_fused_qkv_split_offers_its_heads(frontend):
     assert idx == [h for _ in range(3) for h in (0, 1) for _ in range(8)]
 
 
-def test_head_dim_stays_the_default():
+def test_auto_is_the_default_and_prunes_positions_where_they_prune():
     cls, shape = CASES["fused_vit"]
     a = fxprune.analyze(cls().eval(), torch.randn(shape))
-    assert a.attention == "head_dim" and a.group("qkv").size == 8
+    assert a.attention == "auto" and a.group("qkv").size == 8  # positions, as head_dim
 
 
 def test_an_unknown_attention_option_is_refused():
@@ -105,7 +105,7 @@ def test_models_without_a_head_split_are_analysed_as_before():
         torch.manual_seed(0)
         x = torch.randn(shape)
         heads = fxprune.analyze(cls().eval(), x, attention="heads")
-        head_dim = fxprune.analyze(cls().eval(), x)
+        head_dim = fxprune.analyze(cls().eval(), x, attention="head_dim")
         assert heads.signature == head_dim.signature, name
         assert [g.frozen for g in heads.groups] == [g.frozen for g in head_dim.groups], name
 
@@ -284,7 +284,7 @@ def test_a_split_whose_heads_freeze_keeps_its_head_dim():
     x = torch.randn(2, 5, 4)
     model = make_sensitive(_GatheredBias().eval())
     heads = fxprune.analyze(model, x, attention="heads")
-    head_dim = fxprune.analyze(model, x)
+    head_dim = fxprune.analyze(model, x, attention="head_dim")
     assert heads.signature == head_dim.signature
     (g,) = [g for g in heads.groups if "qkv" in g.roots]
     assert g.size == 4 and g.prunable and not g.inexact
