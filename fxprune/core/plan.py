@@ -68,6 +68,13 @@ class Plan:
         """True when some consumer keeps its own input channels (a version-2 plan)."""
         return bool(self.consumers)
 
+    @property
+    def attention(self) -> str:
+        """What the plan's attention groups index (``analyze(attention=)``), as compile noted
+        it; a plan without the note predates the option, when every split offered positions
+        (``"head_dim"``), whatever the default is now."""
+        return str(self.notes.get("attention", "head_dim"))
+
     # ---- construction ------------------------------------------------------------------
     @classmethod
     def empty(cls, analysis: Analysis) -> Plan:

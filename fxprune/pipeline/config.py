@@ -244,8 +244,8 @@ class CompileConfig:
         attention: what a multi-head split offers the plan: ``"head_dim"`` (positions
             within every head), ``"heads"`` (whole heads, as MDP prunes DeiT) or ``"auto"``
             (the default: positions, and whole heads at the splits whose positions cannot be
-            pruned, e.g. under an interleaved rotary embedding); see :func:`fxprune.analyze`. Recorded in
-            the plan's notes; ``rebuild`` reads it.
+            pruned, e.g. under an interleaved rotary embedding); see :func:`fxprune.analyze`.
+            Recorded in the plan's notes (``Plan.attention``); ``rebuild`` reads it.
         max_params, max_macs: limits on the pruned model's parameters and conv/linear
             multiply-accumulates, besides the latency budget: each is one more linear row in
             the solver (exact in the kept counts), checked again on the pruned model; None:

@@ -373,7 +373,7 @@ class FxpruneBackend:
         leaf = config.leaf_modules if config is not None else None
         attention = config.attention if config is not None else DEFAULT_ATTENTION
         if options.plan is not None:  # what the plan's groups index
-            attention = options.plan.notes.get("attention", attention)
+            attention = options.plan.attention
         analysis = analyze(lifted.gm, inputs, leaf_modules=leaf, attention=attention)
         base = {
             "index": index,

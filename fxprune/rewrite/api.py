@@ -130,8 +130,7 @@ def rebuild(
     if not isinstance(plan, Plan):
         plan = Plan.load(plan)
     options = ExportSpec.from_notes(plan.notes).options()  # the export compile measured
-    attention = plan.notes.get("attention", "head_dim")  # what the plan's groups index
-    pruned = apply_plan(analyze(model, example_inputs, attention=attention), plan, **options)
+    pruned = apply_plan(analyze(model, example_inputs, attention=plan.attention), plan, **options)
     if state_dict is not None:
         if not isinstance(state_dict, dict):
             state_dict = torch.load(Path(state_dict), map_location="cpu", weights_only=True)

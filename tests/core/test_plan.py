@@ -220,3 +220,10 @@ def test_committed_plan_loads_unchanged(path):
     plan = fxprune.Plan.load(path)
     assert plan.to_dict() == json.loads(path.read_text(encoding="utf-8"))
     assert plan.kept or plan.removed_blocks
+
+
+def test_a_plan_without_the_attention_note_indexes_head_dim_positions():
+    # compile notes analyze(attention=); a plan from before the option indexed positions,
+    # whatever the default is now
+    assert fxprune.Plan(kept={}).attention == "head_dim"
+    assert fxprune.Plan(kept={}, notes={"attention": "auto"}).attention == "auto"
