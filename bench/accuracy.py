@@ -31,7 +31,8 @@ it on a quiet machine; it also adds the UPSCALE rows a seed lacks), ``upscale`` 
 UPSCALE rows, no timing), ``finetune`` (no timing), ``report``; ``all`` runs teachers, prune,
 finetune and report in order (UPSCALE rows a seed already has are kept as they are: rows from
 before the equal-parameter comparison lack it and are left out of that table until redone).
-Teachers, pruned models and measurements are kept in ``--work`` so a stage can be re-run alone.
+Teachers, pruned models and measurements are kept in ``--work`` so a stage can be re-run alone;
+``prune`` adds to a kept case only the methods it lacks (``--redo``: all of them, afresh).
 Writes ``bench/results/accuracy.json`` / ``.md`` and ``accuracy.png``.
 
 ``--train-per-class N`` is the low-data split (N training images per class, every other image
@@ -222,10 +223,15 @@ def _progressive(teacher, budget, x, train, work, backend, seed):
     )  # fmt: skip
 
 
-def prune_case(teacher, arch, seed, budget, calib, methods, variants, work, backend, train):
-    """Every method's pruned model at ``budget`` (saved in ``work``) and its measured ratio."""
+def prune_case(
+    teacher, arch, seed, budget, calib, methods, variants, work, backend, train, case=None
+):
+    """Every method's pruned model at ``budget`` (saved in ``work``) and its measured ratio.
+
+    ``case``: a kept case to add to (its methods are kept; the baselines match the latency of
+    its fxprune model unless fxprune is pruned again)."""
     x = _x()
-    case: dict = {"arch": arch, "seed": seed, "budget": budget, "methods": {}}
+    case = case or {"arch": arch, "seed": seed, "budget": budget, "methods": {}}
     dense_gm = fxprune.analyze(teacher, x).gm
 
     def keep(name, model, info):
@@ -600,6 +606,13 @@ def main(argv=None) -> int:
                 return c
         return None
 
+    def todo(old, names):
+        """What of ``names`` a case must prune: all of them without a kept case or with
+        --redo; else the ones it lacks."""
+        return list(names) if old is None or args.redo else [
+            n for n in names if n not in old["methods"]
+        ]  # fmt: skip
+
     for arch in args.archs:
         for seed in args.seeds:
             if not set(stages) & {"teachers", "prune", "upscale", "finetune"}:
@@ -608,14 +621,16 @@ def main(argv=None) -> int:
             out["teachers"][f"{arch}/{seed}"] = accuracy(teacher, xte, yte)
             for budget in args.budgets if "prune" in stages else ():
                 old = find(arch, seed, budget)
-                done = old and all(v in old["methods"] for v in [*variants, *args.methods[1:]])
-                done = done and not args.redo  # e.g. to replay one case, its rounds kept
-                if not done:
-                    case = prune_case(teacher, arch, seed, budget, calib, args.methods,
-                                      variants, args.work, backend, train)  # fmt: skip
-                    if old:
-                        out["cases"].remove(old)
-                    out["cases"].append(case)
+                baselines = [m for m in args.methods if m != "fxprune"]  # fxprune: variants
+                methods, todo_variants = todo(old, baselines), todo(old, variants)
+                if methods or todo_variants:  # a kept case gains only what it lacks
+                    case = prune_case(teacher, arch, seed, budget, calib, methods,
+                                      todo_variants, args.work, backend, train,
+                                      None if args.redo else old)  # fmt: skip
+                    if case is not old:  # a new case (or --redo's), not the kept one grown
+                        if old:
+                            out["cases"].remove(old)
+                        out["cases"].append(case)
                     write_json(state_path, out)
             done = any(r["arch"] == arch and r["seed"] == seed for r in out["upscale"])
             if ("prune" in stages and not done) or "upscale" in stages:  # the latter: redo
