@@ -210,6 +210,15 @@ def _compile_config(work: Path, **options) -> fxprune.CompileConfig:
     )
 
 
+def compile_teacher(teacher, budget: float, calib, backend, config) -> fxprune.CompileResult:
+    """``fxprune.compile`` as this bench runs it: Taylor importance on the calibration
+    batches, at the latency batch."""
+    return fxprune.compile(
+        teacher, budget, example_inputs=_x(), data=calib, loss_fn=F.cross_entropy,
+        max_batches=CALIB_BATCHES, backend=backend, config=config,
+    )  # fmt: skip
+
+
 def _progressive(teacher, budget, x, train, work, backend, seed):
     schedule = fxprune.ProgressiveConfig(
         steps=PROGRESSIVE["steps"],
@@ -241,11 +250,9 @@ def prune_case(
 
     for name in variants:
         start = time.perf_counter()
-        res = fxprune.compile(
-            teacher, budget, example_inputs=x, data=calib, loss_fn=F.cross_entropy,
-            max_batches=CALIB_BATCHES, backend=backend,
-            config=_compile_config(work, **VARIANTS[name]),
-        )  # fmt: skip
+        res = compile_teacher(
+            teacher, budget, calib, backend, _compile_config(work, **VARIANTS[name])
+        )
         keep(name, res.model, {
             "ratio": _ratio(backend, res.model, dense_gm, x),
             "compile_ratio": res.summary()["measured_ms"] / res.summary()["dense_ms"],
@@ -262,11 +269,8 @@ def prune_case(
         })  # fmt: skip
     target = case["methods"]["fxprune"]["ratio"]
     if "unconstrained" in methods:
-        res = fxprune.compile(
-            teacher, budget, example_inputs=x, data=calib, loss_fn=F.cross_entropy,
-            max_batches=CALIB_BATCHES, backend=backend,
-            config=_compile_config(work, unconstrained=fxprune.UnconstrainedConfig()),
-        )  # fmt: skip
+        config = _compile_config(work, unconstrained=fxprune.UnconstrainedConfig())
+        res = compile_teacher(teacher, budget, calib, backend, config)
         keep("unconstrained", res.model, {"ratio": _ratio(backend, res.model, dense_gm, x)})
     if "uniform" in methods:
         analysis = fxprune.analyze(teacher, x)

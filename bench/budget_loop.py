@@ -18,7 +18,6 @@ import logging
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 import fxprune
 from bench import accuracy as A
@@ -42,10 +41,7 @@ def returned(rounds: list[dict], k: int) -> dict:
 
 
 def case(teacher, budget: float, calib, backend, config: fxprune.CompileConfig) -> dict:
-    res = fxprune.compile(
-        teacher, budget, example_inputs=A._x(), data=calib, loss_fn=F.cross_entropy,
-        max_batches=A.CALIB_BATCHES, backend=backend, config=config,
-    )  # fmt: skip
+    res = A.compile_teacher(teacher, budget, calib, backend, config)
     return {"budget": budget, "rounds": [r.to_dict() for r in res.rounds]}
 
 

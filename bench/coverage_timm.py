@@ -73,14 +73,14 @@ def _stopping_reasons(a: Any) -> list[tuple[str, int]]:
     return weight.most_common(5)
 
 
-def _takes_attention() -> bool:
-    """Whether this fxprune takes ``attention=`` (commits before it analysed as head_dim)."""
-    return "attention" in inspect.signature(fxprune.analyze).parameters
+#: what this fxprune's ``analyze`` takes (the bench also runs on older commits: before
+#: ``attention=`` every split analysed as head_dim, before ``frontend=`` fx only)
+_ANALYZE_TAKES = frozenset(inspect.signature(fxprune.analyze).parameters)
 
 
 def _analyze(model: torch.nn.Module, x: torch.Tensor, attention: str = DEFAULT) -> Any:
-    options = {"attention": attention} if _takes_attention() else {}  # older commits
-    if "frontend" in inspect.signature(fxprune.analyze).parameters:
+    options = {"attention": attention} if "attention" in _ANALYZE_TAKES else {}
+    if "frontend" in _ANALYZE_TAKES:
         return fxprune.analyze(model, x, frontend="auto", **options)
     return fxprune.analyze(model, x, **options)
 
@@ -158,7 +158,9 @@ def run_model(name: str, family: str, n_plans: int, attention: str = DEFAULT) ->
         traceback.print_exc()
     try:
         t = time.perf_counter()
-        config = fxprune.CompileConfig(attention=attention) if _takes_attention() else None
+        config = (
+            fxprune.CompileConfig(attention=attention) if "attention" in _ANALYZE_TAKES else None
+        )
         res = fxprune.compile(model, 0.5, example_inputs=x, backend=MacsBackend(), config=config)
         row["compile_s"] = time.perf_counter() - t
         res.plan.validate(res.analysis)
